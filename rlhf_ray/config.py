@@ -129,6 +129,8 @@ class TrainStageConfig:
     checkpoint_every: int = 100
     max_failures: int = 1  # Ray Train FailureConfig: restarts from the last checkpoint
     resume_from: Optional[str] = None  # an explicit Ray Train checkpoint folder
+    use_gpu: Optional[bool] = None  # Ray Train workers on GPUs (one each); None: when the cluster has GPUs
+    cpus_per_worker: float = 1.0  # Ray CPUs each Ray Train worker asks for
 
 
 @dataclass
@@ -179,6 +181,10 @@ class PPOConfig:
     reward_function_mode: Literal["add", "replace"] = "add"
     reward_http_timeout_s: float = 10.0
     reward_http_retries: int = 2
+    # Reference / reward scorers: 0 = a full replica per rank, 3 = ZeRO-3 partitions across the role's ranks;
+    # None: 3 when the model's weight files exceed scorer_replica_max_gib (and the role has > 1 rank), else 0.
+    scorer_zero_stage: Optional[Literal[0, 3]] = None
+    scorer_replica_max_gib: float = 4.0
 
 
 @dataclass
@@ -197,6 +203,28 @@ class PlacementConfig:
     generator: RoleResources = field(default_factory=RoleResources)  # per tensor-parallel worker
     colocate_actor_reference: bool = False
     colocate_critic_reward: bool = False
+
+
+@dataclass
+class ClusterConfig:
+    """The cluster `rlhf-ray plan` checks a run against: shape, memory, speeds and assumed efficiencies.
+
+    Planning only; Ray's own resource counts decide where things really run. gpus_per_node 0 means CPU nodes.
+    """
+
+    nodes: int = 1
+    gpus_per_node: int = 0
+    gpu_memory_gib: float = 80.0
+    cpu_memory_gib: float = 24.0  # host memory per node
+    gpu_tflops: float = 312.0  # dense bf16 peak per GPU (A100: 312, H100 SXM: 989)
+    gpu_memory_bandwidth_gbs: float = 2039.0  # HBM GB/s per GPU (A100-80GB: 2039, H100 SXM: 3350)
+    cpu_tflops: float = 0.1  # CPU nodes: peak fp32 TFLOPS of the whole node
+    cpu_memory_bandwidth_gbs: float = 20.0  # CPU nodes: DRAM GB/s
+    intra_node_gbs: float = 300.0  # GPU-to-GPU within a node, GB/s per GPU (NVLink 3: 300)
+    inter_node_gbs: float = 25.0  # network per node, GB/s (one 200 Gb/s InfiniBand NIC: 25; DGX A100, 8 NICs: 200)
+    pcie_gbs: float = 25.0  # GPU-host copies (offload), GB/s per GPU
+    mfu: float = 0.4  # assumed model-FLOPs utilisation: training, forward passes, prefill
+    mbu: float = 0.6  # assumed memory-bandwidth utilisation: decoding
 
 
 @dataclass
@@ -228,6 +256,7 @@ class Config:
     placement: PlacementConfig = field(default_factory=PlacementConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
 
 # ------------------------------------------------------------------------------------ typed construction
@@ -383,6 +412,16 @@ def validate(cfg: Config) -> Config:
     need(p.ptx_coef >= 0, "ppo.ptx_coef must be >= 0")
     need(p.ptx_coef == 0 or cfg.data.ptx, "ppo.ptx_coef > 0 needs pretraining data in data.ptx")
     need(p.rollout_batch_size >= 1 and p.mini_batch_size >= 1, "ppo.rollout_batch_size and ppo.mini_batch_size must be >= 1")
+    for learner in ("actor", "critic") if p.advantage_estimator == "gae" else ("actor",):
+        micro, ranks = getattr(p, learner).deepspeed.micro_batch_size, getattr(cfg.placement, learner).num_workers
+        need(p.mini_batch_size % (micro * ranks) == 0,
+             f"ppo.mini_batch_size ({p.mini_batch_size}) must be a multiple of ppo.{learner}.deepspeed.micro_batch_size "
+             f"({micro}) x placement.{learner}.num_workers ({ranks})")
+    need(p.scorer_replica_max_gib > 0, "ppo.scorer_replica_max_gib must be > 0")
+    need(p.reward_http_timeout_s > 0 and p.reward_http_retries >= 0,
+         "ppo.reward_http_timeout_s must be > 0 and ppo.reward_http_retries >= 0")
+    need(p.reward_function_mode == "add" or bool(p.reward_functions),
+         "ppo.reward_function_mode 'replace' needs ppo.reward_functions")
     if p.advantage_estimator in ("grpo", "rloo"):
         need(g.n_samples_per_prompt >= 2,
              f"ppo.advantage_estimator={p.advantage_estimator} needs generation.n_samples_per_prompt >= 2")
@@ -423,6 +462,12 @@ def _validate_stage(s: TrainStageConfig, name: str, placement: PlacementConfig, 
     need(s.optim.grad_clip >= 0, f"{name}.optim.grad_clip must be >= 0")
     need(s.lora.dim >= 0, f"{name}.lora.dim must be >= 0")
     need(s.lora.dim == 0 or bool(s.lora.module_names), f"{name}.lora.module_names is empty while lora.dim > 0")
+    need(s.epochs >= 1 and (s.max_steps == -1 or s.max_steps >= 1), f"{name}: epochs must be >= 1, max_steps -1 or >= 1")
+    need(s.log_every >= 1, f"{name}.log_every must be >= 1")
+    need(s.eval_every >= 0 and s.checkpoint_every >= 0, f"{name}.eval_every and checkpoint_every must be >= 0 (0: only at the end)")
+    need(s.max_failures >= -1, f"{name}.max_failures must be >= -1 (-1: unlimited)")
+    need(s.cpus_per_worker > 0, f"{name}.cpus_per_worker must be > 0")
+    need(s.optim.warmup_steps >= 0 and s.optim.weight_decay >= 0, f"{name}.optim: warmup_steps and weight_decay must be >= 0")
 
 
 # ------------------------------------------------------------------------------------------- loading

@@ -26,7 +26,8 @@ class Sample:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def sampling_params(gen: GenerationConfig, *, greedy: bool = False, seed: Optional[int] = None, n: Optional[int] = None):
+def sampling_params(gen: GenerationConfig, *, greedy: bool = False, seed: Optional[int] = None,
+                    n: Optional[int] = None, ignore_eos: bool = False):
     from vllm import SamplingParams
 
     return SamplingParams(
@@ -38,6 +39,7 @@ def sampling_params(gen: GenerationConfig, *, greedy: bool = False, seed: Option
         stop=gen.stop or None,
         logprobs=0,  # the sampled token's own log-prob
         seed=seed,
+        ignore_eos=ignore_eos,  # exactly max_new_tokens: fixed-length comparisons and benchmarks
     )
 
 
@@ -61,10 +63,11 @@ class VLLMEngine:
                 "omp_bind": os.environ.get("VLLM_CPU_OMP_THREADS_BIND")}
 
     def generate(self, prompt_token_ids: list[list[int]], greedy: bool = False,
-                 seeds: Optional[list[Optional[int]]] = None, n: Optional[int] = None) -> list[Sample]:
+                 seeds: Optional[list[Optional[int]]] = None, n: Optional[int] = None,
+                 ignore_eos: bool = False) -> list[Sample]:
         """Generate for token-id prompts; one Sample per (prompt, sample), in prompt order."""
         seeds = seeds or [None] * len(prompt_token_ids)
-        params = [sampling_params(self.gen, greedy=greedy, seed=s, n=n) for s in seeds]
+        params = [sampling_params(self.gen, greedy=greedy, seed=s, n=n, ignore_eos=ignore_eos) for s in seeds]
         outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompt_token_ids], params, use_tqdm=False)
         samples = []
         for index, out in enumerate(outputs):

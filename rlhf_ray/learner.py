@@ -1,0 +1,627 @@
+"""PPO learners: the actor (policy) and the critic, each a DeepSpeed ZeRO engine per rank of a ModelGroup.
+
+    actor = PolicyGroup(cfg, placement=plan["actor"])
+    old_logprobs = actor.logprobs(batch)                 # (B, T-1)
+    stats = actor.train(experience)                      # ppo_epochs over mini-batches, micro-batch accumulation
+    refs = actor.export_params(bucket_bytes=256 << 20)   # [(hf_name, full tensor), ...] buckets for weight sync
+    critic = CriticGroup(cfg, placement=plan["critic"])
+    values = critic.values(batch); critic.train(experience)
+
+Batch format and ALIGNMENT CONVENTION (every per-token tensor here is (B, T-1)):
+    input_ids (B, T), attention_mask (B, T)   prompt + response tokens; padding anywhere (left-padded prompts,
+                                              right-padded responses); position ids come from the mask.
+    Per-token column t refers to the ACTION input_ids[:, t+1], predicted from the prefix input_ids[:, :t+1]:
+        logprobs[:, t]  = log pi(input_ids[:, t+1] | input_ids[:, :t+1])
+        values[:, t]    = V(prefix input_ids[:, :t+1]), the critic's value at token t (the state before the action)
+        action_mask[:, t] = 1 where input_ids[:, t+1] is a generated response token (not prompt, not padding)
+    PPO fields, same (B, T-1) layout: old_logprobs, advantages, returns, old_values (ref_logprobs for the
+    controller's reward shaping). Advantages arrive final (whitened or not) from the controller.
+    `logprobs` and `values` are 0 where attention_mask[:, 1:] is 0.
+
+DeepSpeed configuration comes from TrainStageConfig (ppo.actor / ppo.critic): ZeRO stage, precision ('auto':
+bf16 on GPU, fp32 on CPU), optimizer/parameter offload (GPU only: ignored with a warning on CPU), gradient
+checkpointing, LoRA (peft), gradient clipping, micro-batch size. The optimizer-step batch of a PPO learner is
+ppo.mini_batch_size samples across ranks: gradient accumulation = mini_batch / (micro_batch x ranks).
+Optimizer: torch AdamW on CPU (no JIT build), FusedAdam on GPU, DeepSpeedCPUAdam with optimizer offload.
+
+Options (DeepSpeed-Chat): ppo.ema_decay keeps an exponential moving average of the trainable weights
+(partitioned like the weights under ZeRO-3), exported with ema=True; ppo.ptx_coef mixes a language-modelling
+loss on a pretraining batch into every micro-step (train(experience, ptx=batch)).
+"""
+from __future__ import annotations
+
+import abc
+import inspect
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+
+from rlhf_ray import rl
+from rlhf_ray.config import Config, DeepSpeedConfig, ModelConfig, PPOConfig, TrainStageConfig
+from rlhf_ray.groups import Batch, DistributedWorker, ModelGroup, RolePlacement, batch_rows, mean_stats, shard_batch
+from rlhf_ray.models.loading import resolve_model_path
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BUCKET_BYTES = 256 << 20
+LORA_ADAPTER = "default"
+
+
+# --------------------------------------------------------------------------------------- DeepSpeed config
+def resolve_precision(ds: DeepSpeedConfig, cuda: bool) -> str:
+    if ds.precision == "auto":
+        return "bf16" if cuda else "fp32"
+    if ds.precision == "fp16" and not cuda:
+        raise ValueError("deepspeed.precision 'fp16' needs a GPU; use 'fp32' or 'bf16' on CPU")
+    return ds.precision
+
+
+def deepspeed_config(stage: TrainStageConfig, world_size: int, train_batch_size: int, cuda: bool) -> dict:
+    """The DeepSpeed config dict of one learner (or, with the optimizer parts unused, a scorer)."""
+    ds = stage.deepspeed
+    micro = ds.micro_batch_size
+    if train_batch_size % (micro * world_size):
+        raise ValueError(f"optimizer batch {train_batch_size} is not a multiple of micro_batch_size {micro} x "
+                         f"{world_size} ranks")
+    precision = resolve_precision(ds, cuda)
+    zero: dict[str, Any] = {"stage": ds.zero_stage}
+    if (ds.offload_optimizer or ds.offload_params) and not cuda:
+        log.warning("deepspeed offload_optimizer/offload_params are GPU-only options; ignored on CPU")
+    if cuda and ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if cuda and ds.offload_params and ds.zero_stage == 3:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    return {
+        "train_batch_size": train_batch_size,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": train_batch_size // (micro * world_size),
+        "gradient_clipping": stage.optim.grad_clip,  # 0 disables clipping
+        "zero_optimization": zero,
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16"},
+        "zero_allow_untested_optimizer": True,  # torch.optim.AdamW as the client optimizer on CPU
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def ppo_total_steps(cfg: Config) -> int:
+    """Optimizer steps of a whole PPO run (what a decaying LR schedule spans)."""
+    samples = cfg.ppo.rollout_batch_size * cfg.generation.n_samples_per_prompt
+    return max(1, cfg.ppo.num_iterations * cfg.ppo.ppo_epochs * math.ceil(samples / cfg.ppo.mini_batch_size))
+
+
+def zero_dropout_config(path: str, trust_remote_code: bool = False):
+    """The model's config with every dropout probability set to 0 (DeepSpeed-Chat's --disable_*_dropout)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    for key, value in list(vars(config).items()):
+        if "dropout" in key and isinstance(value, float):
+            setattr(config, key, 0.0)
+    return config
+
+
+def hf_param_name(name: str) -> str:
+    """Module parameter name -> the Hugging Face model's own name (peft wrappers removed)."""
+    return name.replace("base_model.model.", "", 1).replace(".base_layer.", ".")
+
+
+def is_lora_layer(module: torch.nn.Module) -> bool:
+    return hasattr(module, "lora_A") and hasattr(module, "base_layer")
+
+
+def _numel(p: torch.nn.Parameter) -> int:
+    return p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+
+
+def takes_position_ids(model: torch.nn.Module) -> bool:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "position_ids" in inspect.signature(base.forward).parameters
+
+
+def causal_logprobs(model: Callable, batch: Batch, position_ids: bool,
+                    entropy: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(B, T-1) log-probs of input_ids[:, 1:] (0 where that target is padding), and optionally the entropies.
+    Position ids come from the attention mask, so left-padded rows score like unpadded ones."""
+    from rlhf_ray.models.value_head import position_ids_from_mask
+
+    input_ids, mask = batch["input_ids"], batch["attention_mask"]
+    kwargs = {"position_ids": position_ids_from_mask(mask)} if position_ids else {}
+    logits = model(input_ids=input_ids, attention_mask=mask, use_cache=False, **kwargs).logits[:, :-1]
+    target_mask = mask[:, 1:]
+    logprobs = rl.logprobs_from_logits(logits, input_ids[:, 1:], mask=target_mask)
+    return logprobs, rl.entropy_from_logits(logits, mask=target_mask) if entropy else None
+
+
+def to_device(batch: Batch, device) -> Batch:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def micro_batches(batch: Batch, size: int) -> Iterator[Batch]:
+    n = batch_rows(batch)
+    for start in range(0, n, size):
+        yield {k: v[start:start + size] if isinstance(v, (torch.Tensor, list)) else v for k, v in batch.items()}
+
+
+# ------------------------------------------------------------------------------------------ worker body
+class EngineWorker(DistributedWorker, abc.ABC):
+    """One rank of a DeepSpeed learner: engine, optional EMA, export, checkpoints. Subclasses build the model."""
+
+    def __init__(self, role: str, rank: int, world_size: int, placement_group_id: Optional[str] = None, *,
+                 model: ModelConfig, stage: TrainStageConfig, ppo: PPOConfig, total_steps: int = 1, seed: int = 0):
+        super().__init__(role, rank, world_size, placement_group_id)
+        self.model_cfg, self.stage, self.ppo = model, stage, ppo
+        self.total_steps, self.seed = total_steps, seed
+        self.engine = None
+        self.ema: Optional[dict[str, torch.Tensor]] = None
+
+    # -- construction
+    @abc.abstractmethod
+    def build_model(self) -> torch.nn.Module:
+        """The fp32 model this learner trains (loaded while ZeRO-3's HfDeepSpeedConfig is alive)."""
+
+    def lora_target(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model
+
+    def setup(self) -> None:
+        import deepspeed
+
+        from rlhf_ray.env import has_cuda
+
+        torch.manual_seed(self.seed)
+        self.cuda = has_cuda()
+        ds = self.stage.deepspeed
+        self.zero3 = ds.zero_stage == 3
+        self.ds_config = deepspeed_config(self.stage, self.world_size, self.ppo.mini_batch_size, self.cuda)
+        hf_ds = None
+        if self.zero3:  # transformers loads the weights straight into ZeRO-3 partitions while this object lives
+            from transformers.integrations import HfDeepSpeedConfig
+
+            hf_ds = HfDeepSpeedConfig(self.ds_config)
+        model = self.build_model()
+        del hf_ds
+        if self.stage.disable_dropout:
+            for module in model.modules():
+                if isinstance(module, torch.nn.Dropout):
+                    module.p = 0.0
+        if ds.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if self.stage.lora.dim > 0:
+            model = self.apply_lora(model)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optim = self.stage.optim
+        optimizer = self.make_optimizer(params)
+        from transformers import get_scheduler
+
+        schedule = {"constant": "constant_with_warmup"}.get(optim.lr_schedule, optim.lr_schedule)
+        scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=optim.warmup_steps,
+                                  num_training_steps=self.total_steps)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config)
+        self.device = self.engine.device
+        if self.ppo.ema_decay is not None:
+            self.ema = {name: self._local(p).detach().float().clone() for name, p in self._trainable()}
+
+    def make_optimizer(self, params):
+        optim = self.stage.optim
+        kwargs = dict(lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay)
+        if not self.cuda:
+            return torch.optim.AdamW(params, **kwargs)
+        if self.stage.deepspeed.offload_optimizer:
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            return DeepSpeedCPUAdam(params, adamw_mode=True, **kwargs)
+        from deepspeed.ops.adam import FusedAdam
+
+        return FusedAdam(params, adam_w_mode=True, **kwargs)
+
+    def apply_lora(self, model: torch.nn.Module) -> torch.nn.Module:
+        """peft LoRA on `lora_target(model)`'s listed modules; with only_optimize_lora everything else is frozen."""
+        from peft import LoraConfig, get_peft_model
+
+        lora = self.stage.lora
+        target = self.lora_target(model)
+        peft_model = get_peft_model(target, LoraConfig(r=lora.dim, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                                       target_modules=list(lora.module_names)))
+        if not lora.only_optimize_lora:
+            for p in peft_model.parameters():
+                p.requires_grad_(True)
+        return self.replace_lora_target(model, peft_model)
+
+    def replace_lora_target(self, model, peft_model):
+        return peft_model
+
+    # -- helpers
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.engine.module
+
+    def _trainable(self) -> list[tuple[str, torch.nn.Parameter]]:
+        return [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
+
+    def _local(self, p: torch.nn.Parameter) -> torch.Tensor:
+        """What this rank holds of a parameter: its ZeRO-3 partition, or the whole tensor below ZeRO-3."""
+        return p.ds_tensor if self.zero3 else p.data
+
+    def _optimizer_step_taken(self, steps_before: int) -> bool:
+        if self.engine.global_steps == steps_before:
+            return False
+        if self.ema is not None:
+            names, params = zip(*self._trainable())
+            rl.ema_update([self.ema[n] for n in names], [self._local(p) for p in params], self.ppo.ema_decay)
+        return True
+
+    def _finish_stats(self, sums: dict[str, float], count: int, steps: int) -> dict[str, float]:
+        stats = {k: v / max(count, 1) for k, v in sums.items()}
+        stats["optimizer_steps"] = float(steps)
+        stats["lr"] = float(self.scheduler.get_last_lr()[0])
+        norm = self.engine.get_global_grad_norm()
+        if norm is not None:
+            stats["grad_norm"] = float(norm)
+        return stats
+
+    def _train_loop(self, experience: Batch, micro_loss: Callable[[Batch, int], tuple[torch.Tensor, dict]]) -> dict:
+        """ppo_epochs passes over this rank's rows in micro-batches; DeepSpeed steps the optimizer every
+        gradient_accumulation_steps micro-batches (one mini-batch of ppo.mini_batch_size samples over all ranks)."""
+        rows = batch_rows(experience)
+        per_rank_mini = self.ppo.mini_batch_size // self.world_size
+        if rows % per_rank_mini:
+            raise ValueError(f"{self.role} rank {self.rank}: {rows} rows is not a whole number of mini-batches of "
+                             f"{per_rank_mini} per rank (ppo.mini_batch_size {self.ppo.mini_batch_size} over "
+                             f"{self.world_size} ranks)")
+        self.engine.train()
+        sums: dict[str, float] = {}
+        count = steps = 0
+        for _ in range(self.ppo.ppo_epochs):
+            for micro in micro_batches(experience, self.stage.deepspeed.micro_batch_size):
+                loss, stats = micro_loss(to_device(micro, self.device), count)
+                self.engine.backward(loss)
+                steps_before = self.engine.global_steps
+                self.engine.step()
+                steps += self._optimizer_step_taken(steps_before)
+                for k, v in stats.items():
+                    sums[k] = sums.get(k, 0.0) + float(v)
+                count += 1
+        return self._finish_stats(sums, count, steps)
+
+    # -- parameter export (weight broadcast, HF export)
+    def _export_units(self) -> list[list[tuple[str, torch.nn.Parameter]]]:
+        """Parameters in model order, grouped so a LoRA layer's base weight and adapters gather together."""
+        owner: dict[int, str] = {}
+        lora_params: dict[str, list[tuple[str, torch.nn.Parameter]]] = {}
+        for mod_name, mod in self.module.named_modules():
+            if is_lora_layer(mod):
+                lora_params[mod_name] = [(f"{mod_name}.{n}", p) for n, p in mod.named_parameters()]
+                owner.update({id(p): mod_name for _, p in lora_params[mod_name]})
+        units, emitted = [], set()
+        for name, p in self.module.named_parameters():
+            mod_name = owner.get(id(p))
+            if mod_name is None:
+                units.append([(name, p)])
+            elif mod_name not in emitted:
+                emitted.add(mod_name)
+                units.append(lora_params[mod_name])
+        return units
+
+    def _merge_lora(self, tensors: dict[str, torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
+        """Module-named full tensors -> HF-named ones, LoRA adapters folded into their base weights."""
+        out = []
+        for name, tensor in tensors.items():
+            if ".lora_" in name:
+                continue
+            if ".base_layer." in name and name.endswith(".weight"):
+                mod_name = name[: -len(".base_layer.weight")]
+                mod = self.module.get_submodule(mod_name)
+                extra = [k for k in tensors if k.startswith(mod_name + ".lora_")
+                         and not k.startswith((f"{mod_name}.lora_A.", f"{mod_name}.lora_B."))]
+                if extra:
+                    raise ValueError(f"cannot merge LoRA layer {mod_name}: unsupported adapter tensors {extra}")
+                a = tensors[f"{mod_name}.lora_A.{LORA_ADAPTER}.weight"].float()
+                b = tensors[f"{mod_name}.lora_B.{LORA_ADAPTER}.weight"].float()
+                delta = b @ a
+                if getattr(mod, "fan_in_fan_out", False):
+                    delta = delta.T
+                tensor = (tensor.float() + delta * mod.scaling[LORA_ADAPTER]).to(tensor.dtype)
+            out.append((hf_param_name(name), tensor))
+        return out
+
+    def _gather_ema(self, name: str, p: torch.nn.Parameter, keep: bool) -> Optional[torch.Tensor]:
+        shard = self.ema[name]
+        if not self.zero3:
+            return shard.to(p.dtype) if keep else None
+        import torch.distributed as dist
+
+        shard = shard.to(self.device)
+        parts = [torch.empty_like(shard) for _ in range(self.world_size)]
+        dist.all_gather(parts, shard)
+        return torch.cat(parts)[: p.ds_numel].view(p.ds_shape).to(p.dtype).cpu() if keep else None
+
+    def iter_param_buckets(self, bucket_bytes: int = DEFAULT_BUCKET_BYTES, ema: bool = False,
+                           to_cpu: bool = True) -> Iterator[list[tuple[str, torch.Tensor]]]:
+        """Yield buckets of (HF name, full tensor), about `bucket_bytes` each, in model order. Every rank must
+        iterate together (ZeRO-3 shards are gathered a bucket at a time); rank 0 gets the tensors, the others
+        empty buckets. LoRA is merged into the base weights; names are the Hugging Face model's."""
+        import deepspeed
+
+        if ema and self.ema is None:
+            raise ValueError(f"{self.role}: no EMA weights (set ppo.ema_decay)")
+        keep = self.rank == 0
+        bucket: list[list[tuple[str, torch.nn.Parameter]]] = []
+        size = 0
+        units = self._export_units()
+        for i, unit in enumerate(units):
+            bucket.append(unit)
+            size += sum(_numel(p) * p.element_size() for _, p in unit)
+            if size < bucket_bytes and i + 1 < len(units):
+                continue
+            params = [p for u in bucket for _, p in u]
+            tensors: dict[str, torch.Tensor] = {}
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+                for name, p in (item for u in bucket for item in u):
+                    if ema and name in self.ema:
+                        t = self._gather_ema(name, p, keep)
+                    else:
+                        t = p.data.detach().clone() if keep else None
+                    if keep:
+                        tensors[name] = t.cpu() if to_cpu else t
+            yield self._merge_lora(tensors) if keep else []
+            bucket, size = [], 0
+
+    def export_params(self, bucket_bytes: int = DEFAULT_BUCKET_BYTES, ema: bool = False,
+                      callback: Optional[Callable[[list[tuple[str, torch.Tensor]]], None]] = None,
+                      to_cpu: bool = True) -> list:
+        """All ranks call this together. On rank 0 each bucket goes to `callback(bucket)` (a transport), or, without
+        one, into the Ray object store: returns rank 0's list of ObjectRefs, one per bucket (others return [])."""
+        import ray
+
+        refs = []
+        for bucket in self.iter_param_buckets(bucket_bytes, ema=ema, to_cpu=to_cpu):
+            if self.rank != 0:
+                continue
+            if callback is not None:
+                callback(bucket)
+            else:
+                refs.append(ray.put(bucket))
+        return refs
+
+    def save_pretrained(self, path: str, ema: bool = False) -> Optional[str]:
+        """Hugging Face folder of the (merged) weights, written by rank 0 (all ranks gather together)."""
+        state: dict[str, torch.Tensor] = {}
+        for bucket in self.iter_param_buckets(ema=ema):
+            state.update(bucket)
+        if self.rank != 0:
+            return None
+        self.write_pretrained(path, state)
+        return path
+
+    @abc.abstractmethod
+    def write_pretrained(self, path: str, state: dict[str, torch.Tensor]) -> None:
+        """Write a Hugging Face style folder from full, HF-named tensors (rank 0 only)."""
+
+    # -- checkpoints (DeepSpeed: model, optimizer, scheduler; plus this rank's EMA partition)
+    def save_checkpoint(self, ckpt_dir: str, tag: Optional[str] = None) -> str:
+        tag = tag or f"global_step{self.engine.global_steps}"
+        self.engine.save_checkpoint(ckpt_dir, tag=tag)
+        if self.ema is not None:
+            torch.save(self.ema, Path(ckpt_dir) / tag / f"ema_rank{self.rank}.pt")
+        return tag
+
+    def load_checkpoint(self, ckpt_dir: str, tag: Optional[str] = None) -> str:
+        if tag is None:
+            latest = Path(ckpt_dir) / "latest"
+            if not latest.is_file():
+                raise FileNotFoundError(f"{self.role}: no DeepSpeed checkpoint in {ckpt_dir} (no 'latest' file)")
+            tag = latest.read_text().strip()
+        load_path, _ = self.engine.load_checkpoint(ckpt_dir, tag=tag, load_optimizer_states=True,
+                                                   load_lr_scheduler_states=True)
+        if load_path is None:
+            raise FileNotFoundError(f"{self.role}: could not load checkpoint {ckpt_dir}/{tag}")
+        if self.ema is not None:
+            ema_file = Path(ckpt_dir) / tag / f"ema_rank{self.rank}.pt"
+            if not ema_file.is_file():
+                raise FileNotFoundError(f"{self.role}: {ema_file} missing (checkpoint saved without ppo.ema_decay?)")
+            self.ema = torch.load(ema_file, map_location="cpu")
+        return tag
+
+    def optimizer_state(self) -> dict:
+        """This rank's optimizer state tensors (for checks that a restore is exact)."""
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)
+        return {f"{i}.{k}": v.detach().cpu().clone() for i, s in inner.state_dict()["state"].items()
+                for k, v in s.items() if isinstance(v, torch.Tensor)}
+
+    def global_steps(self) -> int:
+        return int(self.engine.global_steps)
+
+
+class PolicyLearner(EngineWorker):
+    """The PPO actor: a causal LM. logprobs / train / lm_loss / export."""
+
+    def build_model(self):
+        from rlhf_ray.models.loading import load_causal_lm
+
+        path = resolve_model_path(self.model_cfg.path)
+        kwargs = {}
+        if self.stage.disable_dropout and not self.model_cfg.gguf_file:
+            kwargs["config"] = zero_dropout_config(path, self.model_cfg.trust_remote_code)
+        return load_causal_lm(self.model_cfg, dtype=torch.float32, **kwargs)  # fp32 master; DeepSpeed casts
+
+    def setup(self) -> None:
+        super().setup()
+        self._position_ids = takes_position_ids(self.module)
+
+    def _forward(self, batch: Batch, entropy: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        return causal_logprobs(self.engine, batch, self._position_ids, entropy)
+
+    @torch.no_grad()
+    def logprobs(self, batch: Batch) -> torch.Tensor:
+        """(B, T-1) log-probs of input_ids[:, 1:]; 0 where the target is padding."""
+        self.engine.eval()
+        out = [self._forward(to_device(mb, self.device))[0].float().cpu()
+               for mb in micro_batches(batch, self.stage.deepspeed.micro_batch_size)]
+        return torch.cat(out)
+
+    def _lm_loss(self, batch: Batch) -> torch.Tensor:
+        from rlhf_ray.models.value_head import position_ids_from_mask
+
+        input_ids, mask = batch["input_ids"], batch["attention_mask"]
+        kwargs = {"position_ids": position_ids_from_mask(mask)} if self._position_ids else {}
+        labels = input_ids.masked_fill(mask == 0, -100)
+        return self.engine(input_ids=input_ids, attention_mask=mask, labels=labels, use_cache=False, **kwargs).loss
+
+    @torch.no_grad()
+    def lm_loss(self, batch: Batch) -> float:
+        """Next-token cross-entropy over the real tokens of `batch` (whole batch, every rank: call on all)."""
+        self.engine.eval()
+        return float(self._lm_loss(to_device(batch, self.device)))
+
+    def train(self, experience: Batch, ptx: Optional[Batch] = None) -> dict:
+        """PPO on this rank's rows: ppo_epochs x mini-batches, clipped surrogate (+ entropy bonus, + PTX)."""
+        p = self.ppo
+        ptx_shard = None
+        if ptx is not None and p.ptx_coef > 0:
+            ptx_shard, _ = shard_batch(ptx, self.rank, self.world_size, pad=True)
+        micro_size = self.stage.deepspeed.micro_batch_size
+
+        def micro_loss(mb: Batch, index: int):
+            logprobs, entropy = self._forward(mb, entropy=p.entropy_coef > 0)
+            mask = mb["action_mask"]
+            loss, stats = rl.policy_loss(logprobs, mb["old_logprobs"], mb["advantages"], mask,
+                                         clip_ratio=p.clip_ratio, dual_clip=p.dual_clip,
+                                         aggregation=p.loss_aggregation)
+            stats = {"policy_loss": loss.detach(), **stats}
+            if entropy is not None:
+                loss = loss + rl.entropy_bonus(entropy, mask, p.entropy_coef, p.loss_aggregation)
+                stats["entropy"] = rl.masked_mean(entropy.detach(), mask)
+            if ptx_shard is not None:  # the next micro-batch of pretraining rows, cycling
+                rows = torch.arange(index * micro_size, (index + 1) * micro_size) % batch_rows(ptx_shard)
+                ptx_mb = to_device({k: v[rows] for k, v in ptx_shard.items() if isinstance(v, torch.Tensor)},
+                               self.device)
+                ptx_loss = self._lm_loss(ptx_mb)
+                loss = rl.mix_ptx_loss(loss, ptx_loss, p.ptx_coef)
+                stats["ptx_loss"] = ptx_loss.detach()
+            return loss, stats
+
+        return self._train_loop(experience, micro_loss)
+
+    def write_pretrained(self, path: str, state: dict[str, torch.Tensor]) -> None:
+        from rlhf_ray.io import atomic_directory
+        from rlhf_ray.models.loading import load_tokenizer
+
+        base = self.module.get_base_model() if hasattr(self.module, "get_base_model") else self.module
+        with atomic_directory(path) as tmp:
+            base.save_pretrained(tmp, state_dict=state)
+            try:
+                load_tokenizer(self.model_cfg).save_pretrained(tmp)
+            except (OSError, ValueError) as e:
+                log.warning("no tokenizer saved with %s: %s", path, e)
+
+
+class CriticLearner(EngineWorker):
+    """The PPO critic: a value-head model initialised from the reward model's folder (DeepSpeed-Chat)."""
+
+    def build_model(self):
+        from rlhf_ray.models.value_head import ValueHeadModel
+
+        path = resolve_model_path(self.model_cfg.path)
+        kwargs = {}
+        if self.stage.disable_dropout:
+            kwargs["config"] = zero_dropout_config(path, self.model_cfg.trust_remote_code)
+        return ValueHeadModel.from_pretrained(path, dtype=torch.float32, **kwargs)
+
+    def lora_target(self, model):
+        return model.backbone
+
+    def replace_lora_target(self, model, peft_model):
+        model.backbone = peft_model  # the value head stays trainable beside the adapters
+        return model
+
+    def _values(self, batch: Batch) -> torch.Tensor:
+        mask = batch["attention_mask"]
+        values = self.engine(input_ids=batch["input_ids"], attention_mask=mask)[:, :-1]
+        return torch.where(mask[:, 1:].bool(), values, torch.zeros((), dtype=values.dtype, device=values.device))
+
+    @torch.no_grad()
+    def values(self, batch: Batch) -> torch.Tensor:
+        """(B, T-1): values[:, t] = V(input_ids[:, :t+1]); 0 where attention_mask[:, 1:] is 0."""
+        self.engine.eval()
+        return torch.cat([self._values(to_device(mb, self.device)).float().cpu()
+                          for mb in micro_batches(batch, self.stage.deepspeed.micro_batch_size)])
+
+    def train(self, experience: Batch) -> dict:
+        p = self.ppo
+
+        def micro_loss(mb: Batch, index: int):
+            loss, stats = rl.value_loss(self._values(mb), mb["old_values"], mb["returns"], mb["action_mask"],
+                                        value_clip=p.value_clip, aggregation=p.loss_aggregation)
+            return loss, {"value_loss": loss.detach(), "value_clip_fraction": stats["clip_fraction"]}
+
+        return self._train_loop(experience, micro_loss)
+
+    def write_pretrained(self, path: str, state: dict[str, torch.Tensor]) -> None:
+        from rlhf_ray.models.value_head import ValueHeadModel
+
+        backbone = self.module.backbone
+        if hasattr(backbone, "get_base_model"):  # LoRA: the merged weights in `state` belong to the plain backbone
+            backbone = backbone.get_base_model()
+        # A fresh head is created only to reach the format's one writer; its weights come from `state`.
+        ValueHeadModel(backbone).save_pretrained(path, state_dict=state)
+
+
+# ------------------------------------------------------------------------------------------ driver side
+class _LearnerGroup(ModelGroup):
+    def save_checkpoint(self, ckpt_dir: str, tag: Optional[str] = None) -> str:
+        os.makedirs(ckpt_dir, exist_ok=True)
+        return self.run("save_checkpoint", ckpt_dir, tag)[0]
+
+    def load_checkpoint(self, ckpt_dir: str, tag: Optional[str] = None) -> str:
+        return self.run("load_checkpoint", ckpt_dir, tag)[0]
+
+    def save_pretrained(self, path: str, ema: bool = False) -> str:
+        return self.run("save_pretrained", path, ema)[0]
+
+    def export_params(self, bucket_bytes: int = DEFAULT_BUCKET_BYTES, ema: bool = False) -> list:
+        """ObjectRefs of the weight buckets (lists of (hf_name, tensor)), put by rank 0; all ranks gather."""
+        return self.run("export_params", bucket_bytes, ema)[0]
+
+
+class PolicyGroup(_LearnerGroup):
+    """Driver handle of the PPO actor's ranks (ppo.actor stage config, placement.actor resources)."""
+
+    def __init__(self, cfg: Config, placement: Optional[RolePlacement] = None, model: Optional[ModelConfig] = None,
+                 **group_kwargs):
+        super().__init__("actor", PolicyLearner, cfg.placement.actor.num_workers, resources=cfg.placement.actor,
+                         placement=placement, placement_timeout_s=cfg.ray.placement_timeout_s,
+                         worker_kwargs=dict(model=model or cfg.models.actor, stage=cfg.ppo.actor, ppo=cfg.ppo,
+                                            total_steps=ppo_total_steps(cfg), seed=cfg.run.seed), **group_kwargs)
+
+    def logprobs(self, batch, as_ref: bool = False):
+        return self.run_sharded("logprobs", batch, as_ref=as_ref)
+
+    def train(self, experience, ptx: Optional[Batch] = None) -> dict[str, float]:
+        return mean_stats(self.run_sharded_each("train", experience, ptx=ptx))
+
+    def lm_loss(self, batch: Batch) -> float:
+        return self.run("lm_loss", batch)[0]
+
+
+class CriticGroup(_LearnerGroup):
+    """Driver handle of the PPO critic's ranks, initialised from models.critic or else the reward model."""
+
+    def __init__(self, cfg: Config, placement: Optional[RolePlacement] = None, model: Optional[ModelConfig] = None,
+                 **group_kwargs):
+        super().__init__("critic", CriticLearner, cfg.placement.critic.num_workers, resources=cfg.placement.critic,
+                         placement=placement, placement_timeout_s=cfg.ray.placement_timeout_s,
+                         worker_kwargs=dict(model=model or cfg.models.critic or cfg.models.reward,
+                                            stage=cfg.ppo.critic, ppo=cfg.ppo, total_steps=ppo_total_steps(cfg),
+                                            seed=cfg.run.seed), **group_kwargs)
+
+    def values(self, batch, as_ref: bool = False):
+        return self.run_sharded("values", batch, as_ref=as_ref)
+
+    def train(self, experience) -> dict[str, float]:
+        return mean_stats(self.run_sharded_each("train", experience))

@@ -1,0 +1,819 @@
+"""`rlhf-ray plan CONFIG`: will this run fit its cluster, where does every role go, how long is one PPO iteration?
+
+Pure arithmetic on model config.json files (parameter counts from the architecture, nothing downloaded: hub names
+resolve to the configs shipped in rlhf_ray/model_configs/, or give a local folder holding a config.json). No Ray,
+torch or GPU is touched, so a 175B plan is checkable on a laptop.
+
+Memory per GPU, per process (Psi parameters, N ranks of the role; ZeRO, Rajbhandari et al. 2020):
+    mixed precision Adam (bf16/fp16): weights 2, gradients 2, optimizer 12 (fp32 master + m + v) bytes per parameter
+    fp32 Adam:                         weights 4, gradients 4, optimizer 8 (m + v)
+    stage 0 keeps all three whole; stage 1 partitions the optimizer over N, stage 2 also the gradients,
+    stage 3 also the weights: 16*Psi/N under stage 3, 2*Psi + 14*Psi/N under stage 2.
+  + ZeRO-3 gather working set (two layers gathered at once), activations (Korthikanti et al. 2022, 34*s*b*h bytes
+    per layer at 16 bit, attention without the s^2 term; 2*s*b*h per layer with gradient checkpointing), logits,
+    vLLM's claim (gpu_memory_utilization x GPU memory: weights / TP + KV cache), weight-sync buffers (the largest
+    tensor, gathered / received whole), and a per-process CUDA context.
+Where the roles go is simulated the way Ray places the groups of resources.ppo_layout: each group in order,
+STRICT_PACK groups (one generator engine) on one node, PACK groups on one node when one has room, else spread;
+whole-GPU bundles take free GPUs, fractional bundles share a GPU (Ray packs fractions onto the same device).
+Time per PPO iteration: generation (prefill by FLOPs, decode by memory bandwidth), experience forward passes,
+PPO training (FLOPs plus ZeRO collectives), weight sync; the assumed MFU, bandwidths and interconnect are printed.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from rlhf_ray.config import ClusterConfig, Config, ConfigError, TrainStageConfig, load_config
+from rlhf_ray.resources import RoleLayout, ppo_layout
+
+GIB = 1024**3
+MODEL_CONFIGS = Path(__file__).parent / "model_configs"
+BUILTIN_CONFIGS = {"builtin:smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+
+# Stated assumptions (printed with every plan).
+GPU_CONTEXT_GIB = 1.0  # per process on a GPU: CUDA context, NCCL buffers, allocator slack
+HOST_GIB_PER_GPU_PROCESS = 4.0  # host memory of a process driving a GPU (torch, CUDA, Ray worker)
+HOST_GIB_PER_CPU_PROCESS = 1.0  # CPU nodes, apart from model state (STACK.md measured 0.5-1.7 GiB)
+RAY_HEAD_GIB = 1.5  # GCS, raylet, dashboard on the head node (STACK.md: 1.3-1.6 GB idle)
+ENGINE_WORKSPACE_GIB = 1.0  # vLLM activations / sampler inside its claim on a GPU
+CPU_ENGINE_WORKSPACE_GIB = 0.5
+VLLM_MAX_NUM_SEQS = 256  # vLLM's default cap on sequences decoded at once
+COLLECTIVE_LATENCY_S = 10e-6  # per TP all-reduce while decoding
+CPU_GLOO_GBS = 1.3  # CPU ranks: gloo broadcast between processes (STACK.md: 380 MB in ~0.3 s)
+
+
+# ----------------------------------------------------------------------------------------- model shapes
+@dataclass(frozen=True)
+class ModelShape:
+    """What the planner needs of a causal LM, derived from its config.json."""
+
+    name: str
+    family: str
+    params: int
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    max_positions: Optional[int]
+    layer_params: int
+    largest_tensor: int  # parameters in the largest single tensor (sent whole during weight sync)
+    lm_head_params: int  # an untied output projection (dropped by value-head models)
+    linears: tuple[tuple[str, int, int], ...]  # per-layer linear modules: (path inside a layer, in, out)
+
+    def kv_bytes_per_token(self, dtype_bytes: int) -> int:
+        return 2 * self.layers * self.kv_heads * self.head_dim * dtype_bytes
+
+    def lora_params(self, dim: int, module_names: list[str]) -> int:
+        """LoRA A and B matrices (dim x in + out x dim) on every matching linear of every layer (peft matches a
+        target name against the end of the module path)."""
+        if dim == 0:
+            return 0
+        hits = [(i, o) for path, i, o in self.linears
+                if any(path == m or path.endswith("." + m) for m in module_names)]
+        if not hits:
+            raise ConfigError(f"lora.module_names {module_names} match no linear layer of {self.name} "
+                              f"(its layers have: {', '.join(p for p, _, _ in self.linears)})")
+        return self.layers * sum(dim * (i + o) for i, o in hits)
+
+    def value_model(self) -> "ModelShape":
+        """The same backbone with a scalar value head instead of the LM head (reward model, critic)."""
+        return ModelShape(**{**self.__dict__, "params": self.params - self.lm_head_params + self.hidden,
+                             "lm_head_params": 0})
+
+
+def _get(cfg: dict, *keys: str, default: Any = None) -> Any:
+    for k in keys:
+        if cfg.get(k) is not None:
+            return cfg[k]
+    return default
+
+
+def shape_from_config(cfg: dict, name: str) -> ModelShape:
+    """Count parameters exactly as transformers builds the model (checked against meta-device models in tests)."""
+    family = cfg.get("model_type")
+    try:
+        h = int(_get(cfg, "hidden_size", "n_embed", "n_embd", "d_model"))
+        layers = int(_get(cfg, "num_hidden_layers", "n_layer"))
+        heads = int(_get(cfg, "num_attention_heads", "n_head"))
+        vocab = int(cfg["vocab_size"])
+    except (TypeError, KeyError) as e:
+        raise ConfigError(f"{name}: config.json lacks a size field ({e}); cannot plan model_type {family!r}") from None
+    tied = bool(cfg.get("tie_word_embeddings", family != "llama"))
+    if family == "opt":
+        ffn, proj = cfg["ffn_dim"], cfg.get("word_embed_proj_dim") or h
+        max_pos = cfg["max_position_embeddings"]
+        linears = (("self_attn.q_proj", h, h), ("self_attn.k_proj", h, h), ("self_attn.v_proj", h, h),
+                   ("self_attn.out_proj", h, h), ("fc1", h, ffn), ("fc2", ffn, h))
+        layer = 4 * (h * h + h) + (h * ffn + ffn) + (ffn * h + h) + 4 * h
+        final_norm = 2 * h if cfg.get("do_layer_norm_before", True) and not cfg.get("_remove_final_layer_norm") else 0
+        embed, pos = vocab * proj, (max_pos + 2) * h  # OPT's learned positions carry an offset of 2
+        head = 0 if tied else vocab * proj
+        params = embed + pos + (2 * h * proj if proj != h else 0) + layers * layer + final_norm + head
+        kv_heads, head_dim, largest = heads, h // heads, max(embed, pos, h * ffn)
+    elif family == "bloom":
+        max_pos = cfg.get("seq_length")  # ALiBi: no learned positions
+        linears = (("self_attention.query_key_value", h, 3 * h), ("self_attention.dense", h, h),
+                   ("mlp.dense_h_to_4h", h, 4 * h), ("mlp.dense_4h_to_h", 4 * h, h))
+        layer = 12 * h * h + 13 * h
+        embed = vocab * h
+        head = 0 if tied else embed
+        params = embed + 2 * h + layers * layer + 2 * h + head
+        kv_heads, head_dim, largest = heads, h // heads, max(embed, 4 * h * h)
+    elif family == "llama":
+        ffn, max_pos = cfg["intermediate_size"], cfg.get("max_position_embeddings")
+        kv_heads = int(cfg.get("num_key_value_heads") or heads)
+        head_dim = int(cfg.get("head_dim") or h // heads)
+        q, kv = heads * head_dim, kv_heads * head_dim
+        linears = (("self_attn.q_proj", h, q), ("self_attn.k_proj", h, kv), ("self_attn.v_proj", h, kv),
+                   ("self_attn.o_proj", q, h), ("mlp.gate_proj", h, ffn), ("mlp.up_proj", h, ffn),
+                   ("mlp.down_proj", ffn, h))
+        layer = sum(i * o for _, i, o in linears) + 2 * h
+        if cfg.get("attention_bias"):
+            layer += q + 2 * kv + h
+        if cfg.get("mlp_bias"):
+            layer += 2 * ffn + h
+        embed = vocab * h
+        head = 0 if tied else embed
+        params = embed + layers * layer + h + head
+        largest = max(embed, h * ffn)
+    elif family == "gpt2":
+        inner, max_pos = cfg.get("n_inner") or 4 * h, cfg.get("n_positions")
+        linears = (("attn.c_attn", h, 3 * h), ("attn.c_proj", h, h), ("mlp.c_fc", h, inner), ("mlp.c_proj", inner, h))
+        layer = 4 * h + (3 * h * h + 3 * h) + (h * h + h) + (h * inner + inner) + (inner * h + h)
+        embed = vocab * h
+        head = 0 if tied else embed
+        params = embed + max_pos * h + layers * layer + 2 * h + head
+        kv_heads, head_dim, largest = heads, h // heads, max(embed, h * inner)
+    else:
+        raise ConfigError(f"{name}: model_type {family!r} is not known to the planner (opt, bloom, llama, gpt2)")
+    return ModelShape(name, family, params, layers, h, heads, kv_heads, head_dim, vocab, max_pos, layer,
+                      largest, head, linears)
+
+
+@functools.lru_cache(maxsize=None)
+def model_shape(path: str) -> ModelShape:
+    """A model's shape from a local folder's config.json, a shipped config (hub name), or a builtin: name."""
+    if path.startswith("builtin:tiny-"):
+        from rlhf_ray.models.tiny import tiny_model_path  # built once and cached, offline
+
+        return model_shape(str(tiny_model_path(path[len("builtin:tiny-"):])))
+    name = BUILTIN_CONFIGS.get(path, path)
+    local = Path(name).expanduser()
+    candidates = [local / "config.json", local] if local.exists() else []
+    candidates.append(MODEL_CONFIGS / name.replace("/", "--") / "config.json")
+    for file in candidates:
+        if file.is_file():
+            try:
+                return shape_from_config(json.loads(file.read_text()), path)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{file}: not valid JSON: {e}") from None
+    shipped = sorted(p.name.replace("--", "/") for p in MODEL_CONFIGS.iterdir() if (p / "config.json").is_file())
+    raise ConfigError(f"model {path!r}: no config.json found (not a local folder with one, and not a shipped config: "
+                      f"{', '.join(shipped)}); nothing is downloaded, so point the path at a local folder")
+
+
+# ------------------------------------------------------------------------------------- memory formulas
+def adam_bytes(mixed: bool) -> tuple[int, int, int]:
+    """Bytes per parameter of weights, gradients and Adam states."""
+    return (2, 2, 12) if mixed else (4, 4, 8)
+
+
+def zero_model_state_bytes(params: float, stage: int, ranks: int, mixed: bool = True,
+                           trainable: Optional[float] = None) -> dict[str, float]:
+    """Per-GPU model states under ZeRO `stage` with `ranks` data-parallel ranks (the ZeRO paper's accounting)."""
+    trainable = params if trainable is None else trainable
+    wb, gb, ob = adam_bytes(mixed)
+    return {"weights": params * wb / (ranks if stage >= 3 else 1),
+            "grads": trainable * gb / (ranks if stage >= 2 else 1),
+            "optimizer": trainable * ob / (ranks if stage >= 1 else 1)}
+
+
+def activation_bytes(shape: ModelShape, micro: int, seq: int, act_bytes: int, checkpointing: bool,
+                     lm_logits: bool, training: bool = True) -> float:
+    sbh = seq * micro * shape.hidden
+    full_layer = 17 * sbh * act_bytes  # 34*s*b*h bytes at 16 bit
+    if not training:
+        stored = full_layer  # one layer's working set at a time
+    elif checkpointing:
+        stored = shape.layers * sbh * act_bytes + full_layer  # layer inputs + one layer recomputed
+    else:
+        stored = shape.layers * full_layer
+    logits = seq * micro * shape.vocab * (act_bytes + (8 if training else 4)) if lm_logits else 0  # fp32 log-softmax
+    return stored + logits
+
+
+@dataclass
+class Memory:
+    """One process's memory on its device (a GPU, or host memory for CPU processes), in bytes."""
+
+    weights: float = 0.0
+    grads: float = 0.0
+    optimizer: float = 0.0
+    activations: float = 0.0
+    gather: float = 0.0  # ZeRO-3: gathered layers beyond the local shard
+    kv_cache: float = 0.0  # vLLM: its claim beyond the weights (KV blocks + workspace)
+    sync: float = 0.0  # weight-sync buffer (not at the same time as training activations)
+    overhead: float = 0.0
+    offloaded: float = 0.0  # host memory: offloaded optimizer states / parameters
+
+    @property
+    def peak(self) -> float:
+        return (self.weights + self.grads + self.optimizer + self.kv_cache + self.overhead
+                + max(self.activations + self.gather, self.sync))
+
+
+# --------------------------------------------------------------------------------------------- the plan
+@dataclass
+class Proc:
+    """One process of a role: a learner rank, a frozen-model rank, or one tensor-parallel worker of an engine."""
+
+    role: str
+    rank: int
+    group: int  # index into Plan.groups
+    bundle: int
+    gpu_fraction: float
+    memory: Memory
+    node: int = -1
+    gpus: tuple[int, ...] = ()
+
+
+@dataclass
+class Plan:
+    cluster: ClusterConfig
+    models: dict[str, ModelShape]
+    groups: list[RoleLayout]
+    procs: list[Proc]
+    gpu_used: dict[tuple[int, int], float] = field(default_factory=dict)  # (node, gpu) -> bytes
+    host_used: dict[int, float] = field(default_factory=dict)  # node -> bytes
+    problems: list[str] = field(default_factory=list)
+    times: dict[str, float] = field(default_factory=dict)
+    stages: dict[str, tuple[int, float, bool]] = field(default_factory=dict)  # SFT/RM: ranks, GiB per rank, fits
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def fits(self) -> bool:
+        return not self.problems
+
+    def role_peak_gib(self, role: str) -> float:
+        """The largest per-process memory of a role (GiB)."""
+        return max(p.memory.peak for p in self.procs if p.role == role) / GIB
+
+    def max_gpu_gib(self) -> float:
+        return max(self.gpu_used.values(), default=0.0) / GIB
+
+    def max_host_gib(self) -> float:
+        return max(self.host_used.values(), default=0.0) / GIB
+
+
+def _precision_mixed(stage_cfg: TrainStageConfig, on_gpu: bool) -> bool:
+    p = stage_cfg.deepspeed.precision
+    return p in ("bf16", "fp16") or (p == "auto" and on_gpu)
+
+
+def _dtype_bytes(dtype: str, on_gpu: bool) -> int:
+    return 4 if dtype == "float32" or (dtype == "auto" and not on_gpu) else 2
+
+
+def _learner_memory(shape: ModelShape, s: TrainStageConfig, ranks: int, seq: int, on_gpu: bool, lm: bool,
+                    sends_weights: bool, micro: Optional[int] = None) -> Memory:
+    ds = s.deepspeed
+    mixed = _precision_mixed(s, on_gpu)
+    lora = shape.lora_params(s.lora.dim, s.lora.module_names)
+    total = shape.params + lora
+    trainable = lora if (lora and s.lora.only_optimize_lora) else total
+    states = zero_model_state_bytes(total, ds.zero_stage, ranks, mixed, trainable)
+    wb = adam_bytes(mixed)[0]
+    m = Memory(**states)
+    gathered = min(2 * shape.layer_params, total) * wb
+    if ds.zero_stage == 3:
+        m.gather = gathered * (1 - 1 / ranks)
+        m.sync = shape.largest_tensor * wb * (1 - 1 / ranks) if sends_weights else 0.0
+    if ds.offload_optimizer and on_gpu:
+        m.offloaded += m.optimizer + trainable * 4 / (ranks if ds.zero_stage >= 1 else 1)  # + fp32 grad copy
+        m.optimizer = 0.0
+    if ds.offload_params and ds.zero_stage == 3 and on_gpu:
+        m.offloaded += m.weights
+        m.weights, m.gather = 0.0, gathered  # only the gathered layers live on the GPU
+        m.sync = shape.largest_tensor * wb if sends_weights else 0.0
+    m.activations = activation_bytes(shape, micro or ds.micro_batch_size, seq, wb, ds.gradient_checkpointing, lm)
+    m.overhead = (GPU_CONTEXT_GIB if on_gpu else HOST_GIB_PER_CPU_PROCESS) * GIB
+    return m
+
+
+def _frozen_memory(shape: ModelShape, dtype: str, ranks: int, sharded: bool, micro: int, seq: int,
+                   on_gpu: bool, lm: bool) -> Memory:
+    """Reference / reward model: weights only (ZeRO-3-sharded over its ranks when its learner uses stage 3)."""
+    wb = _dtype_bytes(dtype, on_gpu)
+    n = ranks if sharded else 1
+    m = Memory(weights=shape.params * wb / n)
+    if sharded and ranks > 1:
+        m.gather = min(2 * shape.layer_params, shape.params) * wb * (1 - 1 / ranks)
+    m.activations = activation_bytes(shape, micro, seq, wb, False, lm, training=False)
+    m.overhead = (GPU_CONTEXT_GIB if on_gpu else HOST_GIB_PER_CPU_PROCESS) * GIB
+    return m
+
+
+def _engine_memory(cfg: Config, shape: ModelShape, on_gpu: bool, problems: list[str]) -> Memory:
+    gen = cfg.generation
+    tp = gen.tensor_parallel_size
+    wb = _dtype_bytes(cfg.models.actor.dtype, on_gpu)
+    weights = shape.params * wb / tp
+    seq = cfg.data.max_prompt_len + gen.max_new_tokens
+    one_seq = seq * shape.kv_bytes_per_token(wb) / tp
+    if on_gpu:
+        claim = gen.gpu_memory_utilization * cfg.cluster.gpu_memory_gib * GIB
+        if weights > claim:
+            problems.append(f"generator: weights {weights / GIB:.1f} GiB per GPU exceed vLLM's claim "
+                            f"(generation.gpu_memory_utilization {gen.gpu_memory_utilization} x "
+                            f"{cfg.cluster.gpu_memory_gib:g} GiB = {claim / GIB:.1f} GiB); raise "
+                            f"generation.tensor_parallel_size or gpu_memory_utilization")
+        kv = max(0.0, claim - weights)
+        kv_blocks = kv - ENGINE_WORKSPACE_GIB * GIB
+        overhead = GPU_CONTEXT_GIB * GIB
+        weights_fit = weights <= claim
+    else:
+        kv_blocks = max(1, round(gen.kv_cache_gib)) * GIB  # VLLM_CPU_KVCACHE_SPACE (generator.engine_env)
+        kv = kv_blocks + CPU_ENGINE_WORKSPACE_GIB * GIB
+        overhead = HOST_GIB_PER_CPU_PROCESS * GIB
+        weights_fit = True
+    if weights_fit and kv_blocks < one_seq:
+        problems.append(f"generator: KV cache {max(kv_blocks, 0) / GIB:.2f} GiB per GPU holds less than one "
+                        f"{seq}-token sequence ({one_seq / GIB:.2f} GiB); raise generation.gpu_memory_utilization "
+                        f"or tensor_parallel_size")
+    return Memory(weights=weights, kv_cache=kv, sync=shape.largest_tensor * wb, overhead=overhead)
+
+
+def _role_models(cfg: Config) -> dict[str, ModelShape]:
+    m = cfg.models
+    actor = model_shape(m.actor.path)
+    reward = model_shape(m.reward.path).value_model()
+    critic = model_shape(m.critic.path).value_model() if m.critic else reward
+    reference = model_shape(m.reference.path) if m.reference else actor
+    return {"actor": actor, "critic": critic, "reference": reference, "reward": reward, "generator": actor}
+
+
+def _check_cluster(c: ClusterConfig) -> None:
+    for key in ("nodes",):
+        if getattr(c, key) < 1:
+            raise ConfigError(f"cluster.{key} must be >= 1")
+    if c.gpus_per_node < 0:
+        raise ConfigError("cluster.gpus_per_node must be >= 0")
+    for key in ("gpu_memory_gib", "cpu_memory_gib", "gpu_tflops", "gpu_memory_bandwidth_gbs", "cpu_tflops",
+                "cpu_memory_bandwidth_gbs", "intra_node_gbs", "inter_node_gbs", "pcie_gbs"):
+        if getattr(c, key) <= 0:
+            raise ConfigError(f"cluster.{key} must be > 0")
+    if not (0 < c.mfu <= 1 and 0 < c.mbu <= 1):
+        raise ConfigError("cluster.mfu and cluster.mbu must be in (0, 1]")
+
+
+def _role_procs(cfg: Config, models: dict[str, ModelShape], layout: list[RoleLayout], on_gpu: dict[str, bool],
+                problems: list[str]) -> list[Proc]:
+    """Every process of the layout with its memory, assigned to a group and bundle."""
+    p, ppo, gen = cfg.placement, cfg.ppo, cfg.generation
+    seq = cfg.data.max_prompt_len + gen.max_new_tokens
+    procs: list[Proc] = []
+    for gi, group in enumerate(layout):
+        n_bundles = len(group.bundles)
+        gpu = group.bundles[0].get("GPU", 0.0)
+        for role in group.role.split("+"):
+            base = role.split("[")[0]
+            if base == "generator":
+                mem = _engine_memory(cfg, models["actor"], on_gpu[group.role], problems)
+                procs += [Proc(group.role, t, gi, t, gpu, copy.copy(mem)) for t in range(n_bundles)]
+                continue
+            ranks = getattr(p, base).num_workers
+            g = on_gpu[group.role]
+            if base in ("actor", "critic"):
+                s = ppo.actor if base == "actor" else ppo.critic
+                mem = _learner_memory(models[base], s, ranks, seq, g, lm=base == "actor", sends_weights=base == "actor")
+            else:
+                learner = ppo.actor if base == "reference" else ppo.critic
+                dtype = (cfg.models.reference or cfg.models.actor).dtype if base == "reference" else cfg.models.reward.dtype
+                mem = _frozen_memory(models[base], dtype, ranks, learner.deepspeed.zero_stage == 3,
+                                     learner.deepspeed.micro_batch_size, seq, g, lm=base == "reference")
+            procs += [Proc(base, r, gi, r % n_bundles, gpu, copy.copy(mem)) for r in range(ranks)]
+    return procs
+
+
+def _place(plan: Plan, layout: list[RoleLayout]) -> None:
+    """Simulate Ray's placement of the groups, in order, onto nodes x GPUs; fill in node and GPU ids."""
+    c = plan.cluster
+    free = {(n, g): 1.0 for n in range(c.nodes) for g in range(c.gpus_per_node)}
+    eps = 1e-9
+
+    def fit_bundle(node: int, need: float, state: dict) -> Optional[tuple[int, ...]]:
+        if need <= 0:
+            return ()
+        gpus = [g for g in range(c.gpus_per_node)]
+        if need >= 1:
+            whole = [g for g in gpus if state[(node, g)] >= 1 - eps][:int(round(need))]
+            return tuple(whole) if len(whole) == int(round(need)) else None
+        usable = [g for g in gpus if state[(node, g)] >= need - eps]  # best fit: the fullest GPU that still fits
+        return (min(usable, key=lambda g: (state[(node, g)], g)),) if usable else None
+
+    def take(node: int, bundles: list[float], state: dict) -> Optional[list[tuple[int, ...]]]:
+        trial, out = dict(state), []
+        for need in bundles:
+            ids = fit_bundle(node, need, trial)
+            if ids is None:
+                return None
+            for g in ids:
+                trial[(node, g)] -= min(need, 1.0)
+            out.append(ids)
+        state.update(trial)
+        return out
+
+    placed: dict[int, list[tuple[int, tuple[int, ...]]]] = {}
+    for gi, group in enumerate(layout):
+        needs = [b.get("GPU", 0.0) if c.gpus_per_node else 0.0 for b in group.bundles]
+        where = None
+        for node in range(c.nodes):  # one node holding the whole group first (PACK and STRICT_PACK)
+            ids = take(node, needs, free)
+            if ids is not None:
+                where = [(node, i) for i in ids]
+                break
+        if where is None and group.strategy != "STRICT_PACK":  # PACK spreads when no single node has room
+            trial, where = dict(free), []
+            for need in needs:
+                spot = next(((n, ids) for n in range(c.nodes) if (ids := fit_bundle(n, need, trial)) is not None), None)
+                if spot is None:
+                    where = None
+                    break
+                for g in spot[1]:
+                    trial[(spot[0], g)] -= min(need, 1.0)
+                where.append(spot)
+            if where is not None:
+                free.update(trial)
+        if where is None:
+            total = sum(needs)
+            plan.problems.append(
+                f"placement group '{group.role}' ({len(needs)} bundle(s), {total:g} GPU(s), {group.strategy}) does "
+                f"not fit the GPUs left on {c.nodes} node(s) x {c.gpus_per_node} GPU(s)")
+            where = [(-1, ())] * len(needs)
+        placed[gi] = where
+    for proc in plan.procs:
+        proc.node, proc.gpus = placed[proc.group][proc.bundle]
+
+
+def _account(plan: Plan) -> None:
+    """Sum process memory per GPU and host memory per node; record what does not fit."""
+    c = plan.cluster
+    plan.host_used = {n: 0.0 for n in range(c.nodes)}
+    plan.host_used[0] += RAY_HEAD_GIB * GIB
+    for proc in plan.procs:
+        if proc.node < 0:
+            continue
+        m = proc.memory
+        if proc.gpus:
+            for g in proc.gpus:  # a rank with one GPU (multi-GPU ranks are rejected before)
+                plan.gpu_used[(proc.node, g)] = plan.gpu_used.get((proc.node, g), 0.0) + m.peak
+            plan.host_used[proc.node] += HOST_GIB_PER_GPU_PROCESS * GIB + m.offloaded
+        else:
+            plan.host_used[proc.node] += m.peak + m.offloaded
+    cap = c.gpu_memory_gib * GIB
+    for (node, gpu), used in sorted(plan.gpu_used.items()):
+        if used > cap:
+            roles = sorted({p.role for p in plan.procs if p.node == node and gpu in p.gpus})
+            plan.problems.append(f"node {node} GPU {gpu}: {used / GIB:.1f} GiB needed > {c.gpu_memory_gib:g} GiB "
+                                 f"({', '.join(roles)})")
+    for node, used in plan.host_used.items():
+        if used > c.cpu_memory_gib * GIB:
+            plan.problems.append(f"node {node} host memory: {used / GIB:.1f} GiB needed > {c.cpu_memory_gib:g} GiB "
+                                 f"(cluster.cpu_memory_gib)")
+
+
+def _stage_plans(cfg: Config, plan: Plan) -> None:
+    """SFT and reward-model training (Ray Train): every worker takes one GPU when the cluster has GPUs."""
+    c = cfg.cluster
+    on_gpu = c.gpus_per_node > 0
+    seq = cfg.data.max_prompt_len + cfg.data.max_answer_len
+    for name, s, shape, lm, pairs in (("sft", cfg.sft, model_shape(cfg.models.actor.path), True, 1),
+                                      ("rm", cfg.rm, model_shape(cfg.models.reward.path).value_model(), False, 2)):
+        stage_gpu = on_gpu if s.use_gpu is None else s.use_gpu and on_gpu
+        mem = _learner_memory(shape, s, s.num_workers, seq, stage_gpu, lm, False,
+                              micro=s.deepspeed.micro_batch_size * pairs)  # RM: chosen + rejected
+        if stage_gpu:
+            per_node_host = HOST_GIB_PER_GPU_PROCESS * GIB + mem.offloaded
+            fits = (mem.peak <= c.gpu_memory_gib * GIB and s.num_workers <= c.nodes * c.gpus_per_node
+                    and per_node_host * min(s.num_workers, c.gpus_per_node) <= c.cpu_memory_gib * GIB)
+        else:
+            fits = (mem.peak + mem.offloaded) * math.ceil(s.num_workers / c.nodes) <= c.cpu_memory_gib * GIB
+        plan.stages[name] = (s.num_workers, mem.peak / GIB, fits)
+        if not fits:
+            plan.problems.append(f"{name}: {s.num_workers} worker(s) of {mem.peak / GIB:.1f} GiB each do not fit "
+                                 f"the cluster ({name}.num_workers, {name}.deepspeed.*)")
+
+
+# --------------------------------------------------------------------------------------------- timing
+def _rates(c: ClusterConfig, on_gpu: bool) -> tuple[float, float]:
+    """(FLOP/s, memory bytes/s) one process of a role achieves."""
+    if on_gpu:
+        return c.gpu_tflops * 1e12 * c.mfu, c.gpu_memory_bandwidth_gbs * 1e9 * c.mbu
+    return c.cpu_tflops * 1e12 * c.mfu, c.cpu_memory_bandwidth_gbs * 1e9 * c.mbu
+
+
+def _link_gbs(plan: Plan, procs: list[Proc]) -> float:
+    """Bytes/s per rank for a collective among `procs`: NVLink within a node, the node's network share across."""
+    c = plan.cluster
+    nodes = {p.node for p in procs}
+    if not any(p.gpus for p in procs):
+        return min(CPU_GLOO_GBS, c.inter_node_gbs if len(nodes) > 1 else CPU_GLOO_GBS) * 1e9
+    if len(nodes) <= 1:
+        return c.intra_node_gbs * 1e9
+    return min(c.intra_node_gbs, c.inter_node_gbs / max(1, c.gpus_per_node)) * 1e9
+
+
+def _parallel(procs: list[Proc]) -> int:
+    """How many processes compute at once: every GPU rank, but CPU ranks on one node share its cores."""
+    return len(procs) if procs[0].gpus else len({p.node for p in procs})
+
+
+def _estimate_time(cfg: Config, plan: Plan) -> None:
+    c, gen, ppo = cfg.cluster, cfg.generation, cfg.ppo
+    by_role = {r: [p for p in plan.procs if p.role == r] for r in {p.role for p in plan.procs}}
+    actor = plan.models["actor"]
+    seqs = ppo.rollout_batch_size * gen.n_samples_per_prompt
+    prompt, new = cfg.data.max_prompt_len, gen.max_new_tokens
+    ctx = prompt + new
+    tokens = seqs * ctx
+
+    # Generation: prefill is compute bound, decoding reads every weight (and the KV cache) once per step.
+    engines = [r for r in by_role if r.startswith("generator")]
+    eng = by_role[engines[0]][0]
+    flops, hbm = _rates(c, bool(eng.gpus))
+    tp, wb = gen.tensor_parallel_size, (2 if eng.gpus else 4)
+    kv_token = actor.kv_bytes_per_token(wb) / tp
+    per_engine = math.ceil(seqs / len(engines))
+    workspace = (ENGINE_WORKSPACE_GIB if eng.gpus else CPU_ENGINE_WORKSPACE_GIB) * GIB
+    kv_free = max(eng.memory.kv_cache - workspace, kv_token * ctx)
+    concurrent = max(1, min(per_engine, VLLM_MAX_NUM_SEQS, int(kv_free // (kv_token * ctx))))
+    waves = math.ceil(per_engine / concurrent)
+    step = max((actor.params * wb / tp + concurrent * (prompt + new / 2) * kv_token) / hbm,
+               2 * actor.params / tp * concurrent / flops)
+    if tp > 1:
+        step += 2 * actor.layers * (concurrent * actor.hidden * wb * 2 * (tp - 1) / tp / (c.intra_node_gbs * 1e9)
+                                    + COLLECTIVE_LATENCY_S)
+    plan.times["generation"] = per_engine * prompt * 2 * actor.params / (tp * flops) + waves * new * step
+
+    # Experience: forward passes of actor (old log-probs), reference, critic (values), reward over every token.
+    def forward(role: str, stage3: bool, micro: int) -> float:
+        procs = by_role.get(role, [])
+        if not procs:
+            return 0.0
+        shape, n = plan.models[role], len(procs)
+        f, _ = _rates(c, bool(procs[0].gpus))
+        t = 2 * shape.params * tokens / (_parallel(procs) * f)
+        if stage3 and n > 1:
+            t += math.ceil(seqs / (n * micro)) * shape.params * 2 * (n - 1) / n / _link_gbs(plan, procs)
+        return t
+
+    a, cr = ppo.actor.deepspeed, ppo.critic.deepspeed
+    plan.times["experience"] = (forward("actor", a.zero_stage == 3, a.micro_batch_size)
+                                + forward("reference", a.zero_stage == 3, a.micro_batch_size)
+                                + forward("critic", cr.zero_stage == 3, cr.micro_batch_size)
+                                + forward("reward", cr.zero_stage == 3, cr.micro_batch_size))
+
+    # Training: forward + backward (+ recompute) FLOPs and the ZeRO collectives, per PPO epoch.
+    def train(role: str, s: TrainStageConfig) -> float:
+        procs = by_role.get(role, [])
+        if not procs:
+            return 0.0
+        shape, n, ds = plan.models[role], len(procs), s.deepspeed
+        f, _ = _rates(c, bool(procs[0].gpus))
+        lora = shape.lora_params(s.lora.dim, s.lora.module_names)
+        trainable = lora if (lora and s.lora.only_optimize_lora) else shape.params + lora
+        per_token = 4 * shape.params + 2 * trainable + (2 * shape.params if ds.gradient_checkpointing else 0)
+        t = ppo.ppo_epochs * tokens * per_token / (_parallel(procs) * f)
+        steps = ppo.ppo_epochs * math.ceil(seqs / ds.global_batch_size)
+        micro_steps = ds.global_batch_size // (ds.micro_batch_size * n)
+        wb = 2 if procs[0].gpus else 4
+        if n > 1:
+            volume = (micro_steps * 2 * shape.params * wb if ds.zero_stage == 3 else 0) + 2 * trainable * wb
+            t += steps * volume * (n - 1) / n / _link_gbs(plan, procs)
+        if ds.offload_optimizer and procs[0].gpus:  # gradients down, updated weights up, every step
+            t += steps * trainable * (4 + wb) / n / (c.pcie_gbs * 1e9)
+        return t
+
+    plan.times["training"] = train("actor", ppo.actor) + train("critic", ppo.critic)
+
+    # Weight sync: gather (ZeRO-3) on the actor, then one broadcast from actor rank 0 to every engine.
+    actors = by_role["actor"]
+    wb = 2 if actors[0].gpus else 4
+    t = actor.params * wb * (1 - 1 / len(actors)) / _link_gbs(plan, actors) if a.zero_stage == 3 else 0.0
+    engine_procs = [p for r in engines for p in by_role[r]]
+    t += actor.params * wb / _link_gbs(plan, [actors[0]] + engine_procs)
+    plan.times["weight_sync"] = t
+    plan.times["total"] = sum(plan.times.values())
+
+
+# ------------------------------------------------------------------------------------------- planning
+def plan(cfg: Config) -> Plan:
+    """Memory per process and per GPU, placement, fit and time per PPO iteration for `cfg` on `cfg.cluster`."""
+    c = cfg.cluster
+    _check_cluster(c)
+    models = _role_models(cfg)
+    layout = ppo_layout(cfg)
+    out = Plan(c, models, layout, [])
+    on_gpu = {}
+    for group in layout:
+        gpu = group.bundles[0].get("GPU", 0.0)
+        base = group.role.split("+")[0].split("[")[0]
+        if gpu > 1:
+            out.problems.append(f"placement.{base}.gpus_per_worker={gpu:g}: a process uses one GPU; use "
+                                f"num_workers (learners) or generation.tensor_parallel_size (engines) instead")
+        if gpu > 0 and c.gpus_per_node == 0:
+            out.problems.append(f"placement.{base}.gpus_per_worker={gpu:g} but cluster.gpus_per_node is 0")
+        on_gpu[group.role] = gpu > 0 and c.gpus_per_node > 0
+    tp = cfg.generation.tensor_parallel_size
+    actor = models["actor"]
+    if actor.heads % tp or actor.kv_heads % tp and tp % actor.kv_heads:
+        out.problems.append(f"generation.tensor_parallel_size={tp} does not divide {actor.name}'s "
+                            f"{actor.heads} attention heads")
+    seq = cfg.data.max_prompt_len + cfg.generation.max_new_tokens
+    limit = cfg.generation.max_model_len or actor.max_positions
+    if limit and seq > limit:
+        out.problems.append(f"data.max_prompt_len + generation.max_new_tokens = {seq} exceeds {actor.name}'s "
+                            f"context of {limit} tokens")
+    out.procs = _role_procs(cfg, models, layout, on_gpu, out.problems)
+    _place(out, layout)
+    _account(out)
+    _stage_plans(cfg, out)
+    _estimate_time(cfg, out)
+    return out
+
+
+def _with(cfg: Config, overrides: dict[str, Any]) -> Config:
+    new = copy.deepcopy(cfg)
+    for dotted, value in overrides.items():
+        *parents, leaf = dotted.split(".")
+        node = new
+        for part in parents:
+            node = getattr(node, part)
+        setattr(node, leaf, value)
+    return new
+
+
+def _divides(s: TrainStageConfig, ranks: int) -> bool:
+    return s.deepspeed.global_batch_size % (s.deepspeed.micro_batch_size * ranks) == 0
+
+
+def placement_given(cfg: Config) -> bool:
+    """A GPU placement is given when some role asks for GPUs (or the cluster has none to place)."""
+    p = cfg.placement
+    return cfg.cluster.gpus_per_node == 0 or any(
+        getattr(p, r).gpus_per_worker > 0 for r in ("actor", "critic", "reference", "reward", "generator"))
+
+
+def suggest_placement(cfg: Config) -> tuple[dict[str, Any], Plan]:
+    """Search GPU splits (actor, critic, engines x TP; reference with the actor, reward with the critic) and return
+    the overrides of the fastest layout that fits, or of the least overfull one, with its plan. The candidates
+    depend on the cluster shape only, never on its memory."""
+    c = cfg.cluster
+    total = c.nodes * c.gpus_per_node
+    if total == 0:
+        raise ConfigError("cluster.gpus_per_node is 0: nothing to place (CPU plans use the configured placement)")
+    critic = cfg.ppo.advantage_estimator == "gae"
+    heads = model_shape(cfg.models.actor.path).heads
+    candidates: list[dict[str, Any]] = []
+    if total == 1:  # everything shares one GPU: fractions decide how Ray packs, memory decides the fit
+        for util in (0.2, 0.3, 0.4, 0.5):
+            rest = round(1 - util, 2)
+            for share in (0.5, 0.6, 0.7):
+                a = round(rest * share if critic else rest, 2)
+                cand = {"generation.num_engines": 1, "generation.tensor_parallel_size": 1,
+                        "generation.gpu_memory_utilization": util, "placement.generator.gpus_per_worker": util,
+                        "placement.actor.num_workers": 1, "placement.actor.gpus_per_worker": a,
+                        "placement.reference.num_workers": 1, "placement.colocate_actor_reference": True,
+                        "placement.critic.num_workers": 1, "placement.reward.num_workers": 1}
+                if critic:
+                    cand |= {"placement.critic.gpus_per_worker": round(rest - a, 2),
+                             "placement.colocate_critic_reward": True}
+                candidates.append(cand)
+    else:
+        sizes = sorted({2**i for i in range(12) if 2**i <= total}
+                       | {k * c.gpus_per_node for k in range(1, c.nodes + 1)})
+        tps = [t for t in (1, 2, 4, 8) if t <= c.gpus_per_node and heads % t == 0]
+        for a in sizes:
+            for cr in sizes:  # critic + reward, or the reward model alone (GRPO, RLOO, ...)
+                for tp in tps:
+                    engines = (total - a - cr) // tp
+                    if engines < 1 or not _divides(cfg.ppo.actor, a) or critic and not _divides(cfg.ppo.critic, cr):
+                        continue
+                    cand = {"generation.num_engines": engines, "generation.tensor_parallel_size": tp,
+                            "generation.gpu_memory_utilization": 0.9, "placement.generator.gpus_per_worker": 1.0,
+                            "placement.actor.num_workers": a, "placement.actor.gpus_per_worker": 1.0,
+                            "placement.reference.num_workers": a, "placement.colocate_actor_reference": True}
+                    if critic:  # the reward model shares the critic's GPUs
+                        cand |= {"placement.critic.num_workers": cr, "placement.critic.gpus_per_worker": 1.0,
+                                 "placement.reward.num_workers": cr, "placement.colocate_critic_reward": True}
+                    else:
+                        cand |= {"placement.reward.num_workers": cr, "placement.reward.gpus_per_worker": 1.0}
+                    candidates.append(cand)
+    if not candidates:
+        raise ConfigError(f"no GPU split of {total} GPU(s) keeps ppo.actor/ppo.critic global_batch_size a multiple "
+                          f"of micro_batch_size x ranks; adjust the batch sizes")
+    best = None
+    for cand in candidates:
+        p = plan(_with(cfg, cand))
+        overfull = max(p.max_gpu_gib() / c.gpu_memory_gib, p.max_host_gib() / c.cpu_memory_gib)
+        key = (not p.fits, p.times["total"] if p.fits else overfull)
+        if best is None or key < best[0]:
+            best = (key, cand, p)
+    return best[1], best[2]
+
+
+# -------------------------------------------------------------------------------------------- report
+def _gpu_list(procs: list[Proc]) -> str:
+    by_node: dict[int, list[int]] = {}
+    for p in procs:
+        by_node.setdefault(p.node, []).extend(p.gpus)
+    parts = []
+    for node, gpus in sorted(by_node.items()):
+        if node < 0:
+            parts.append("unplaced")
+            continue
+        ids = sorted(set(gpus))
+        if not ids:
+            parts.append(f"n{node}:cpu")
+            continue
+        runs, start = [], ids[0]
+        for prev, cur in zip(ids, ids[1:] + [None]):
+            if cur != prev + 1:
+                runs.append(f"{start}" if start == prev else f"{start}-{prev}")
+                start = cur
+        parts.append(f"n{node}:g{','.join(runs)}")
+    return " ".join(parts)
+
+
+def format_plan(cfg: Config, p: Plan, source: str = "") -> str:
+    c = p.cluster
+    gib = lambda b: f"{b / GIB:7.1f}"  # noqa: E731
+    device = (f"{c.nodes} node(s) x {c.gpus_per_node} GPU(s) x {c.gpu_memory_gib:g} GiB, {c.cpu_memory_gib:g} GiB host "
+              f"per node" if c.gpus_per_node else f"{c.nodes} CPU node(s) x {c.cpu_memory_gib:g} GiB (no GPU)")
+    lines = [f"plan{' for ' + source if source else ''}: {device}"]
+    seen = {}
+    for role, shape in p.models.items():
+        seen.setdefault(shape.name, []).append(role)
+    lines.append("models: " + "; ".join(f"{'/'.join(r)} {name} {p.models[r[0]].params / 1e9:.2f}B params"
+                                        for name, r in seen.items()))
+    lines.append(f"GiB per process   {'procs':>5}{'weights':>8}{'grads':>8}{'optim':>8}{'activ':>8}{'gather':>8}"
+                 f"{'kv':>8}{'sync':>8}{'proc':>8}{'peak':>8}{'offload':>8}  GPUs (node:gpu)")
+    roles = []
+    for proc in p.procs:
+        if proc.role not in roles:
+            roles.append(proc.role)
+    for role in roles:
+        procs = [q for q in p.procs if q.role == role]
+        m = max((q.memory for q in procs), key=lambda x: x.peak)
+        lines.append(f"{role:<18}{len(procs):>5} {gib(m.weights)}{gib(m.grads)}{gib(m.optimizer)}"
+                     f"{gib(m.activations)}{gib(m.gather)}{gib(m.kv_cache)}{gib(m.sync)}{gib(m.overhead)}"
+                     f"{gib(m.peak)}{gib(m.offloaded)}  {_gpu_list(procs)}")
+    if p.gpu_used:
+        worst = max(p.gpu_used, key=p.gpu_used.get)
+        lines.append(f"busiest GPU: node {worst[0]} GPU {worst[1]} {p.gpu_used[worst] / GIB:.1f} of "
+                     f"{c.gpu_memory_gib:g} GiB; GPUs used {len(p.gpu_used)} of {c.nodes * c.gpus_per_node}")
+    lines.append(f"busiest host: {p.max_host_gib():.1f} of {c.cpu_memory_gib:g} GiB per node")
+    for name, (ranks, peak, ok) in p.stages.items():
+        lines.append(f"{name} stage: {ranks} worker(s), {peak:.1f} GiB each: {'fits' if ok else 'DOES NOT FIT'}")
+    t = p.times
+    lines.append(f"time per PPO iteration ~{t['total']:.1f} s: generation {t['generation']:.1f} s, experience "
+                 f"{t['experience']:.1f} s, training {t['training']:.1f} s, weight sync {t['weight_sync']:.1f} s "
+                 f"({cfg.ppo.rollout_batch_size} prompts x {cfg.generation.n_samples_per_prompt} samples, "
+                 f"{cfg.data.max_prompt_len}+{cfg.generation.max_new_tokens} tokens)")
+    lines.append(f"assumptions: MFU {c.mfu:g}, decode bandwidth use {c.mbu:g}, "
+                 + (f"{c.gpu_tflops:g} TFLOPS and {c.gpu_memory_bandwidth_gbs:g} GB/s HBM per GPU, NVLink "
+                    f"{c.intra_node_gbs:g} GB/s per GPU, network {c.inter_node_gbs:g} GB/s per node, PCIe "
+                    f"{c.pcie_gbs:g} GB/s; " if c.gpus_per_node else
+                    f"{c.cpu_tflops:g} TFLOPS and {c.cpu_memory_bandwidth_gbs:g} GB/s per CPU node; ")
+                 + f"CUDA context {GPU_CONTEXT_GIB:g} GiB per GPU process, host {HOST_GIB_PER_GPU_PROCESS:g} GiB per "
+                   f"GPU process, vLLM workspace {ENGINE_WORKSPACE_GIB:g} GiB; answers run to max_new_tokens; "
+                   f"activations per Korthikanti et al. 2022 with memory-efficient attention")
+    lines += [f"note: {n}" for n in p.notes]
+    lines.append("FITS" if p.fits else "DOES NOT FIT:\n  " + "\n  ".join(p.problems))
+    return "\n".join(lines)
+
+
+def overrides_as_flags(overrides: dict[str, Any]) -> str:
+    return " ".join(f"--{k} {str(v).lower() if isinstance(v, bool) else v}" for k, v in overrides.items())
+
+
+def cmd_plan(args) -> int:
+    """`rlhf-ray plan [--suggest] CONFIG [overrides]`: exit 0 when the run fits, 1 when it does not."""
+    cfg = load_config(args.config, args.overrides)
+    if getattr(args, "suggest", False) or not placement_given(cfg):
+        overrides, result = suggest_placement(cfg)
+        print(f"suggested placement for {cfg.cluster.nodes * cfg.cluster.gpus_per_node} GPU(s) "
+              f"(append to the command line, or put into the YAML):\n  {overrides_as_flags(overrides)}\n")
+        cfg = _with(cfg, overrides)
+    else:
+        result = plan(cfg)
+    print(format_plan(cfg, result, str(args.config)))
+    return 0 if result.fits else 1

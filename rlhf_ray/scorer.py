@@ -1,0 +1,329 @@
+"""Frozen scorers of PPO: the reference policy's log-probs and the reward model's scores, plus reward functions.
+
+    reference = ReferenceGroup(cfg, placement=plan["reference"])
+    ref_logprobs = reference.logprobs(batch)          # (B, T-1), same alignment as learner.py
+    reward = RewardGroup(cfg, placement=plan["reward"])
+    scores = reward.scores(batch)                     # (B,) float32
+
+Inference only. Each rank holds either a plain replica of the model (ZeRO stage 0) or a ZeRO-3 partition of it
+(DeepSpeed engine without an optimizer, as DeepSpeed-Chat's reference model): `ppo.scorer_zero_stage`, or by size
+when unset — models whose weight files exceed `ppo.scorer_replica_max_gib` are partitioned across the role's
+ranks. Precision and micro-batch size follow the matching learner (reference: ppo.actor, reward: ppo.critic).
+
+The reward model's score is its value at the last real token of each row (found from attention_mask, so left and
+right padding give the same score). Reward functions (`ppo.reward_functions`) add to it
+(`reward_function_mode: add`) or replace it (`replace`: the reward model is then not loaded). Each entry is
+    a dotted path   "my_pkg.rewards:exact_match" (or "my_pkg.rewards.exact_match"), importable by the actors;
+    an HTTP URL     "http://host:port/score", POSTed JSON {"prompts": [...], "responses": [...], <list fields>}
+                    and answering {"rewards": [float, ...]}; ppo.reward_http_timeout_s per attempt,
+                    ppo.reward_http_retries more attempts, then a RewardFunctionError naming the URL and the cause.
+Both are called as fn(prompts, responses, **fields) -> one float per row, where `fields` are the batch's other
+per-row lists (for example reference answers under "labels"). The texts are decoded from the batch with the
+actor's tokenizer unless the batch carries "prompts" and "responses" itself.
+"""
+from __future__ import annotations
+
+import abc
+import importlib
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+
+from rlhf_ray.config import Config, DeepSpeedConfig, ModelConfig, PPOConfig
+from rlhf_ray.groups import Batch, DistributedWorker, ModelGroup, RolePlacement
+from rlhf_ray.learner import micro_batches, to_device, causal_logprobs, resolve_precision, takes_position_ids
+from rlhf_ray.models.loading import resolve_model_path
+
+log = logging.getLogger(__name__)
+
+TEXT_FIELDS = ("prompts", "responses")
+
+
+# ----------------------------------------------------------------------------------------- reward functions
+class RewardFunctionError(RuntimeError):
+    """A reward function could not be loaded, failed, or answered something that is not one score per row."""
+
+
+def check_rewards(values: Any, n: int, source: str) -> list[float]:
+    if isinstance(values, torch.Tensor):
+        values = values.tolist()
+    if not isinstance(values, (list, tuple)) or len(values) != n:
+        got = f"{len(values)} values" if isinstance(values, (list, tuple)) else repr(values)[:200]
+        raise RewardFunctionError(f"reward function {source}: expected a list of {n} numbers, got {got}")
+    out = []
+    for i, v in enumerate(values):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise RewardFunctionError(f"reward function {source}: row {i} is {v!r}, not a finite number")
+        out.append(float(v))
+    return out
+
+
+class HttpRewardFunction:
+    """A remote reward: POST JSON, read {"rewards": [...]}; `retries` more attempts after a failure."""
+
+    def __init__(self, url: str, timeout_s: float = 10.0, retries: int = 2, backoff_s: float = 0.2):
+        self.url, self.timeout_s, self.retries, self.backoff_s = url, timeout_s, retries, backoff_s
+
+    def __call__(self, prompts: list[str], responses: list[str], **fields) -> list[float]:
+        import requests
+
+        payload = {"prompts": list(prompts), "responses": list(responses), **{k: list(v) for k, v in fields.items()}}
+        last_error = ""
+        for attempt in range(1 + self.retries):
+            if attempt:
+                time.sleep(self.backoff_s * 2 ** (attempt - 1))
+            try:
+                reply = requests.post(self.url, json=payload, timeout=self.timeout_s)
+            except requests.Timeout:
+                last_error = f"no answer within {self.timeout_s}s"
+                continue
+            except requests.RequestException as e:
+                last_error = f"{type(e).__name__}: {e}"
+                continue
+            if reply.status_code != 200:
+                last_error = f"HTTP {reply.status_code}: {reply.text[:200]!r}"
+                continue
+            try:
+                body = reply.json()
+            except ValueError:
+                last_error = f"answer is not JSON: {reply.text[:200]!r}"
+                continue
+            if not isinstance(body, dict) or "rewards" not in body:
+                last_error = f"answer has no 'rewards' list: {json.dumps(body)[:200]}"
+                continue
+            try:
+                return check_rewards(body["rewards"], len(prompts), self.url)
+            except RewardFunctionError as e:
+                last_error = str(e)
+        raise RewardFunctionError(f"reward endpoint {self.url} failed after {1 + self.retries} attempt(s): {last_error}")
+
+
+def import_callable(spec: str) -> Callable:
+    """'pkg.module:function' or 'pkg.module.function' -> the function."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep:
+        module_name, _, attr = spec.rpartition(".")
+    if not module_name or not attr:
+        raise RewardFunctionError(f"reward function {spec!r}: expected 'package.module:function'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise RewardFunctionError(f"reward function {spec!r}: cannot import module {module_name!r} ({e}); it must be "
+                                  f"importable by the Ray actors (installed, or in the job's working_dir)") from None
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise RewardFunctionError(f"reward function {spec!r}: {module_name} has no callable {attr!r}")
+    return fn
+
+
+def load_reward_function(spec: str, timeout_s: float = 10.0, retries: int = 2) -> Callable:
+    if spec.startswith(("http://", "https://")):
+        return HttpRewardFunction(spec, timeout_s, retries)
+    return import_callable(spec)
+
+
+def batch_texts(batch: Batch, tokenizer) -> tuple[list[str], list[str]]:
+    """Prompt and response texts of each row: given in the batch, or decoded (response = the action_mask tokens,
+    prompt = the other real tokens; see learner.py for the alignment)."""
+    if all(k in batch for k in TEXT_FIELDS):
+        return list(batch["prompts"]), list(batch["responses"])
+    if "action_mask" not in batch:
+        raise KeyError("reward functions need 'prompts'/'responses' in the batch, or an 'action_mask' to split the "
+                       "tokens into prompt and response")
+    response = torch.zeros_like(batch["attention_mask"], dtype=torch.bool)
+    response[:, 1:] = batch["action_mask"].bool()
+    prompt = batch["attention_mask"].bool() & ~response
+    ids = batch["input_ids"]
+    prompts = [tokenizer.decode(ids[i][prompt[i]].tolist(), skip_special_tokens=True) for i in range(len(ids))]
+    responses = [tokenizer.decode(ids[i][response[i]].tolist(), skip_special_tokens=True) for i in range(len(ids))]
+    return prompts, responses
+
+
+# ----------------------------------------------------------------------------------------------- workers
+def weights_gib(path: str) -> Optional[float]:
+    """Size of a local folder's weight files, or None for a hub name (not known before download)."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return None
+    files = [f for pattern in ("*.safetensors", "*.bin", "*.gguf") for f in folder.glob(pattern)]
+    return sum(f.stat().st_size for f in files) / 2**30
+
+
+class ScorerWorker(DistributedWorker, abc.ABC):
+    """One rank of a frozen model: a plain replica (ZeRO 0) or a ZeRO-3 partition (DeepSpeed engine, no optimizer)."""
+
+    def __init__(self, role: str, rank: int, world_size: int, placement_group_id: Optional[str] = None, *,
+                 model: Optional[ModelConfig], deepspeed: DeepSpeedConfig, zero_stage: Optional[int] = None,
+                 replica_max_gib: float = 4.0, seed: int = 0):
+        super().__init__(role, rank, world_size, placement_group_id)
+        self.model_cfg, self.ds, self.seed = model, deepspeed, seed
+        self.requested_stage, self.replica_max_gib = zero_stage, replica_max_gib
+        self.model: Any = None
+        self.zero_stage: Optional[int] = None
+
+    def choose_zero_stage(self, path: str) -> int:
+        if self.requested_stage is not None:
+            return self.requested_stage
+        size = weights_gib(path)
+        return 3 if self.world_size > 1 and size is not None and size > self.replica_max_gib else 0
+
+    @abc.abstractmethod
+    def load(self, path: str) -> torch.nn.Module:
+        """The fp32 model from `path` (loaded while ZeRO-3's HfDeepSpeedConfig is alive)."""
+
+    def setup(self) -> None:
+        import deepspeed
+
+        from rlhf_ray.env import has_cuda
+
+        torch.manual_seed(self.seed)
+        if self.model_cfg is None:
+            return
+        cuda = has_cuda()
+        precision = resolve_precision(self.ds, cuda)
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+        path = resolve_model_path(self.model_cfg.path)
+        self.zero_stage = self.choose_zero_stage(path)
+        if self.zero_stage == 3:
+            from transformers.integrations import HfDeepSpeedConfig
+
+            micro = self.ds.micro_batch_size
+            config = {"train_batch_size": micro * self.world_size, "train_micro_batch_size_per_gpu": micro,
+                      "zero_optimization": {"stage": 3}, "bf16": {"enabled": precision == "bf16"},
+                      "fp16": {"enabled": precision == "fp16"}, "steps_per_print": 10**9}
+            hf_ds = HfDeepSpeedConfig(config)  # load straight into partitions
+            module = self.load(path).to(dtype)
+            del hf_ds
+            module.requires_grad_(False)
+            self.model, *_ = deepspeed.initialize(model=module, config=config)
+            self.device = self.model.device
+        else:
+            self.device = torch.device("cuda", 0) if cuda else torch.device("cpu")
+            self.model = self.load(path).to(self.device, dtype).requires_grad_(False)
+        self.model.eval()
+
+    def zero_stage_used(self) -> int:
+        return self.zero_stage
+
+
+class ReferenceScorer(ScorerWorker):
+    """The frozen reference policy (the actor's initial weights unless models.reference is set)."""
+
+    def load(self, path: str) -> torch.nn.Module:
+        from rlhf_ray.models.loading import load_causal_lm
+
+        return load_causal_lm(self.model_cfg, dtype=torch.float32)
+
+    def setup(self) -> None:
+        super().setup()
+        module = self.model.module if hasattr(self.model, "module") else self.model
+        self._position_ids = takes_position_ids(module)
+
+    @torch.no_grad()
+    def logprobs(self, batch: Batch) -> torch.Tensor:
+        """(B, T-1) log-probs of input_ids[:, 1:] under the reference model (0 where the target is padding)."""
+        return torch.cat([causal_logprobs(self.model, to_device(mb, self.device), self._position_ids)[0].float().cpu()
+                          for mb in micro_batches(batch, self.ds.micro_batch_size)])
+
+
+class RewardScorer(ScorerWorker):
+    """The frozen reward model (a value-head folder) and the configured reward functions."""
+
+    def __init__(self, role: str, rank: int, world_size: int, placement_group_id: Optional[str] = None, *,
+                 model: Optional[ModelConfig], tokenizer: Optional[ModelConfig] = None,
+                 functions: Sequence[str] = (), mode: str = "add", http_timeout_s: float = 10.0,
+                 http_retries: int = 2, **kwargs):
+        if mode not in ("add", "replace"):
+            raise ValueError(f"reward_function_mode must be 'add' or 'replace', got {mode!r}")
+        if mode == "replace" and not functions:
+            raise ValueError("reward_function_mode 'replace' needs ppo.reward_functions")
+        if model is None and not functions:
+            raise ValueError("the reward scorer needs a reward model (models.reward.path) or ppo.reward_functions")
+        use_model = model is not None and bool(model.path) and not (mode == "replace")
+        super().__init__(role, rank, world_size, placement_group_id, model=model if use_model else None, **kwargs)
+        self.tokenizer_cfg = tokenizer
+        self.function_specs, self.mode = list(functions), mode
+        # Loaded now, so a bad dotted path fails at start-up with its name, not at the first batch.
+        self.functions = [load_reward_function(s, http_timeout_s, http_retries) for s in self.function_specs]
+        self.tokenizer = None
+
+    def load(self, path: str) -> torch.nn.Module:
+        from rlhf_ray.models.value_head import ValueHeadModel
+
+        return ValueHeadModel.from_pretrained(path, dtype=torch.float32)
+
+    def _model_scores(self, batch: Batch) -> torch.Tensor:
+        from rlhf_ray.models.value_head import last_token_index
+
+        out = []
+        for mb in micro_batches(batch, self.ds.micro_batch_size):
+            mb = to_device(mb, self.device)
+            values = self.model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"])
+            out.append(values.gather(1, last_token_index(mb["attention_mask"]).unsqueeze(1)).squeeze(1).float().cpu())
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def scores(self, batch: Batch, details: bool = False):
+        """(B,) scores; with details=True a dict of the total ("score") and every component by source."""
+        n = len(batch["input_ids"])
+        parts: dict[str, torch.Tensor] = {}
+        if self.model is not None:
+            parts["model"] = self._model_scores(batch)
+        if self.functions:
+            if self.tokenizer is None and not all(k in batch for k in TEXT_FIELDS):
+                from rlhf_ray.models.loading import load_tokenizer
+
+                if self.tokenizer_cfg is None:
+                    raise ValueError("reward functions need a tokenizer to decode the batch (models.actor)")
+                self.tokenizer = load_tokenizer(self.tokenizer_cfg)
+            prompts, responses = batch_texts(batch, self.tokenizer)
+            fields = {k: v for k, v in batch.items()
+                      if k not in TEXT_FIELDS and isinstance(v, (list, tuple)) and len(v) == n}
+            for spec, fn in zip(self.function_specs, self.functions):
+                parts[spec] = torch.tensor(check_rewards(fn(prompts, responses, **fields), n, spec))
+        total = torch.stack(list(parts.values())).sum(0)
+        return {"score": total, **parts} if details else total
+
+
+# ------------------------------------------------------------------------------------------ driver side
+def _scorer_kwargs(cfg: Config, ds: DeepSpeedConfig) -> dict:
+    return dict(deepspeed=ds, zero_stage=cfg.ppo.scorer_zero_stage, replica_max_gib=cfg.ppo.scorer_replica_max_gib,
+                seed=cfg.run.seed)
+
+
+class ReferenceGroup(ModelGroup):
+    """Driver handle of the reference scorer's ranks (placement.reference; precision of ppo.actor)."""
+
+    def __init__(self, cfg: Config, placement: Optional[RolePlacement] = None, model: Optional[ModelConfig] = None,
+                 **group_kwargs):
+        super().__init__("reference", ReferenceScorer, cfg.placement.reference.num_workers,
+                         resources=cfg.placement.reference, placement=placement,
+                         placement_timeout_s=cfg.ray.placement_timeout_s,
+                         worker_kwargs=dict(model=model or cfg.models.reference or cfg.models.actor,
+                                            **_scorer_kwargs(cfg, cfg.ppo.actor.deepspeed)), **group_kwargs)
+
+    def logprobs(self, batch, as_ref: bool = False):
+        return self.run_sharded("logprobs", batch, as_ref=as_ref)
+
+
+class RewardGroup(ModelGroup):
+    """Driver handle of the reward scorer's ranks (placement.reward; precision of ppo.critic)."""
+
+    def __init__(self, cfg: Config, placement: Optional[RolePlacement] = None, model: Optional[ModelConfig] = None,
+                 **group_kwargs):
+        p: PPOConfig = cfg.ppo
+        model = model or cfg.models.reward
+        super().__init__("reward", RewardScorer, cfg.placement.reward.num_workers, resources=cfg.placement.reward,
+                         placement=placement, placement_timeout_s=cfg.ray.placement_timeout_s,
+                         worker_kwargs=dict(model=model if model.path else None, tokenizer=cfg.models.actor,
+                                            functions=p.reward_functions, mode=p.reward_function_mode,
+                                            http_timeout_s=p.reward_http_timeout_s, http_retries=p.reward_http_retries,
+                                            **_scorer_kwargs(cfg, cfg.ppo.critic.deepspeed)), **group_kwargs)
+
+    def scores(self, batch, details: bool = False, as_ref: bool = False):
+        return self.run_sharded("scores", batch, details=details, as_ref=as_ref)

@@ -1,0 +1,318 @@
+"""`rlhf-ray plan`: ZeRO memory arithmetic, published layouts that fit, named layouts that must not, monotonicity,
+every launcher config, every planning option, and the parameter counts of the shipped model configs."""
+from __future__ import annotations
+
+import itertools
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from rlhf_ray.cli import main
+from rlhf_ray.config import ConfigError, load_config
+from rlhf_ray.plan import (GIB, MODEL_CONFIGS, _with, model_shape, placement_given, plan, shape_from_config,
+                           suggest_placement, zero_model_state_bytes)
+
+LAUNCHERS = sorted(Path(__file__).resolve().parents[1].glob("launchers/*.yaml"))
+DEEPSPEED_CHAT = ["opt1.3b_1gpu", "opt13b_1node", "opt66b_8x8", "bloom176b_multinode"]
+
+
+def launcher(name: str, overrides=None):
+    return load_config(Path(LAUNCHERS[0]).parent / f"{name}.yaml", overrides)
+
+
+# --------------------------------------------------------------------------------------------- ZeRO paper
+def test_zero_paper_model_states_7_5b_on_64_gpus():
+    """ZeRO paper, Figure 1: Psi = 7.5B, N_d = 64, mixed-precision Adam (K = 12): 120, 31.4, 16.6 and 1.9 GB."""
+    psi, n = 7.5e9, 64
+    per_gpu = {stage: sum(zero_model_state_bytes(psi, stage, n).values()) for stage in range(4)}
+    assert per_gpu[0] == 16 * psi == 120e9
+    assert per_gpu[1] == 4 * psi + 12 * psi / n and round(per_gpu[1] / 1e9, 1) == 31.4
+    assert per_gpu[2] == 2 * psi + 14 * psi / n and round(per_gpu[2] / 1e9, 1) == 16.6
+    assert per_gpu[3] == 16 * psi / n and round(per_gpu[3] / 1e9, 1) == 1.9
+    fp32 = zero_model_state_bytes(psi, 3, n, mixed=False)
+    assert fp32 == {"weights": 4 * psi / n, "grads": 4 * psi / n, "optimizer": 8 * psi / n}
+
+
+def test_planner_uses_zero_formula_for_the_actor():
+    cfg = launcher("opt13b_1node")
+    p = plan(cfg)
+    actor = next(x for x in p.procs if x.role == "actor").memory
+    psi = model_shape("facebook/opt-13b").params
+    assert actor.weights + actor.grads + actor.optimizer == pytest.approx(16 * psi / 4)
+    p2 = plan(_with(cfg, {"ppo.actor.deepspeed.zero_stage": 2}))
+    a2 = next(x for x in p2.procs if x.role == "actor").memory
+    assert a2.weights + a2.grads + a2.optimizer == pytest.approx(2 * psi + 14 * psi / 4)
+
+
+# --------------------------------------------------------------------------------------- shipped configs
+PUBLISHED_PARAMS = {  # parameter counts published with the models
+    "facebook/opt-1.3b": 1_315_758_080,
+    "meta-llama/Llama-2-70b-hf": 68_976_648_192,
+    "bigscience/bloom": 176_247_271_424,
+}
+
+
+def test_shipped_configs_counts_match_published_and_transformers():
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    for name, count in PUBLISHED_PARAMS.items():
+        assert model_shape(name).params == count
+    for folder in sorted(MODEL_CONFIGS.iterdir()):
+        with torch.device("meta"):  # builds the real architecture without allocating a byte
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
+        shape = model_shape(folder.name.replace("--", "/"))
+        assert shape.params == sum(p.numel() for p in model.parameters()), folder.name
+        assert shape.largest_tensor == max(p.numel() for p in model.parameters()), folder.name
+
+
+@pytest.mark.parametrize("family", ["llama", "opt", "gpt2"])
+def test_local_folder_config_and_untied_heads(tmp_path, family):
+    """A local folder's config.json is read (the tiny fixtures: untied heads, GPT-2's learned positions)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from rlhf_ray.models.tiny import tiny_config
+
+    config = tiny_config(family, 512, 2, 0, 1)
+    (tmp_path / "config.json").write_text(config.to_json_string())
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    assert model_shape(str(tmp_path)).params == sum(p.numel() for p in model.parameters())
+
+
+def test_unknown_model_and_bad_lora_names_are_clear():
+    with pytest.raises(ConfigError, match="no config.json found.*facebook/opt-13b"):
+        model_shape("someone/unknown-model")
+    with pytest.raises(ConfigError, match="lora.module_names.*match no linear layer.*fc1"):
+        model_shape("facebook/opt-13b").lora_params(8, ["not_a_layer"])
+    with pytest.raises(ConfigError, match="model_type 'mamba'"):
+        shape_from_config({"model_type": "mamba", "hidden_size": 8, "num_hidden_layers": 1,
+                           "num_attention_heads": 1, "vocab_size": 8}, "x")
+
+
+# ------------------------------------------------------------------------------------------ what fits
+@pytest.mark.parametrize("path", LAUNCHERS, ids=lambda p: p.stem)
+def test_every_launcher_passes_config_show_and_plan(path, capsys):
+    assert main(["config", "show", str(path)]) == 0
+    assert "cluster:" in capsys.readouterr().out
+    assert main(["plan", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert out.rstrip().endswith("FITS") and "time per PPO iteration" in out and "assumptions: MFU" in out
+
+
+@pytest.mark.parametrize("name", DEEPSPEED_CHAT)
+def test_deepspeed_chat_scenarios_fit_as_configured(name):
+    cfg = launcher(name)
+    p = plan(cfg)
+    assert p.fits, p.problems
+    c = cfg.cluster
+    assert len(p.gpu_used) <= c.nodes * c.gpus_per_node and p.max_gpu_gib() <= c.gpu_memory_gib
+    for proc in p.procs:  # every engine's tensor-parallel workers share one node
+        if proc.role.startswith("generator"):
+            assert {q.node for q in p.procs if q.role == proc.role} == {proc.node}
+
+
+def test_openrlhf_70b_layout_on_32_gpus_fits():
+    cfg = launcher("llama2_70b_openrlhf")
+    assert (cfg.generation.num_engines, cfg.generation.tensor_parallel_size) == (4, 2)
+    assert [getattr(cfg.placement, r).num_workers for r in ("actor", "critic", "reward", "reference")] == [8, 8, 4, 4]
+    assert cfg.ppo.actor.deepspeed.zero_stage == 3 and cfg.ppo.actor.deepspeed.offload_optimizer
+    p = plan(cfg)
+    assert p.fits, p.problems
+    assert len(p.gpu_used) == 32 == cfg.cluster.nodes * cfg.cluster.gpus_per_node
+    actor = next(x for x in p.procs if x.role == "actor").memory
+    assert actor.optimizer == 0 and actor.offloaded > 100 * GIB  # Adam states live in host memory
+
+
+def test_13b_full_finetune_zero0_on_one_40gb_gpu_does_not_fit():
+    cfg = launcher("opt1.3b_1gpu", ["--models.actor.path", "facebook/opt-13b", "--cluster.gpu_memory_gib", "40",
+                                    "--ppo.actor.deepspeed.zero_stage", "0", "--ppo.actor.lora.dim", "0"])
+    p = plan(cfg)
+    assert not p.fits
+    assert p.role_peak_gib("actor") > 16 * 12.85e9 / GIB  # 16 bytes per parameter, not partitioned
+    assert any("GPU 0" in msg and "actor" in msg for msg in p.problems)
+
+
+def test_175b_zero3_learners_without_offload_on_one_8x80_node_do_not_fit():
+    # Every role squeezed onto one 8 x 80 GB node (fractional GPUs), ZeRO-3 over 8 ranks, no offload.
+    cfg = launcher("bloom176b_multinode", [
+        "--cluster.nodes", "1", "--placement.actor.num_workers", "8", "--placement.actor.gpus_per_worker", "0.5",
+        "--placement.reference.num_workers", "8", "--placement.critic.num_workers", "8",
+        "--placement.critic.gpus_per_worker", "0.25", "--placement.reward.num_workers", "8",
+        "--generation.num_engines", "1", "--placement.generator.gpus_per_worker", "0.25",
+        "--sft.num_workers", "8", "--rm.num_workers", "8", "--ppo.actor.deepspeed.global_batch_size", "8",
+        "--ppo.critic.deepspeed.global_batch_size", "32", "--sft.deepspeed.global_batch_size", "8",
+        "--rm.deepspeed.global_batch_size", "32"])
+    assert not cfg.ppo.actor.deepspeed.offload_optimizer and cfg.ppo.actor.deepspeed.zero_stage == 3
+    p = plan(cfg)
+    assert not p.fits
+    assert p.role_peak_gib("actor") > 80  # 16 * 176B / 8 = 328 GiB of model states per GPU alone
+    assert any("GiB needed > 80 GiB" in msg and "actor" in msg for msg in p.problems)
+    assert not any("placement group" in msg for msg in p.problems)  # it is memory, not GPU count
+
+
+def test_placement_problems_are_named():
+    p = plan(launcher("bloom176b_multinode", ["--cluster.nodes", "8"]))
+    assert any("placement group 'generator[" in msg and "STRICT_PACK" in msg for msg in p.problems)
+    p = plan(launcher("opt13b_1node", ["--generation.tensor_parallel_size", "3"]))
+    assert any("does not divide" in msg for msg in p.problems)
+    p = plan(launcher("opt13b_1node", ["--generation.max_new_tokens", "2000"]))
+    assert any("context of 2048" in msg for msg in p.problems)
+    p = plan(launcher("opt13b_1node", ["--generation.gpu_memory_utilization", "0.25"]))
+    assert any("exceed vLLM's claim" in msg for msg in p.problems)
+    p = plan(launcher("opt13b_1node", ["--generation.gpu_memory_utilization", "0.315"]))
+    assert any("holds less than one" in msg for msg in p.problems)
+    p = plan(launcher("opt13b_1node", ["--cluster.gpus_per_node", "0"]))
+    assert any("cluster.gpus_per_node is 0" in msg for msg in p.problems)
+
+
+def test_cli_exit_code_and_overrides(capsys):
+    assert main(["plan", str(LAUNCHERS[0].parent / "opt13b_1node.yaml"), "--cluster.gpu_memory_gib", "40"]) == 1
+    assert "DOES NOT FIT" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------- monotonicity
+def _grid():
+    rng = random.Random(0)
+    for name in ["opt1.3b_1gpu", "opt13b_1node", "opt66b_8x8", "llama2_70b_openrlhf", "bloom176b_multinode"]:
+        base = launcher(name)
+        for _ in range(6):
+            yield _with(base, {"cluster.gpu_memory_gib": rng.choice([24.0, 40.0, 48.0, 80.0, 141.0]),
+                               "ppo.actor.deepspeed.micro_batch_size": rng.choice([1, 2, 4]),
+                               "ppo.actor.deepspeed.gradient_checkpointing": rng.random() < 0.5,
+                               "generation.max_new_tokens": rng.choice([64, 256, 512])})
+
+
+def test_halving_gpu_memory_never_turns_a_misfit_into_a_fit():
+    seen = set()
+    for cfg in _grid():
+        mem = cfg.cluster.gpu_memory_gib
+        while mem >= 5:
+            fits, half = plan(_with(cfg, {"cluster.gpu_memory_gib": mem})).fits, mem / 2
+            seen.add(fits)
+            assert fits or not plan(_with(cfg, {"cluster.gpu_memory_gib": half})).fits
+            mem = half
+    assert seen == {True, False}  # the grid crosses the boundary
+
+
+def _per_gpu(p) -> dict:
+    return {key: used for key, used in p.gpu_used.items()}
+
+
+def test_raising_zero_stage_or_offload_never_raises_memory_per_gpu():
+    for cfg in itertools.islice(_grid(), 0, None, 3):
+        for role in ("actor", "critic"):
+            prev = None
+            for stage in range(4):
+                p = plan(_with(cfg, {f"ppo.{role}.deepspeed.zero_stage": stage,
+                                     f"ppo.{role}.deepspeed.offload_optimizer": False}))
+                if prev is not None:
+                    assert all(p.gpu_used[k] <= prev.gpu_used[k] + 1 for k in prev.gpu_used), (role, stage)
+                prev = p
+                off = plan(_with(cfg, {f"ppo.{role}.deepspeed.zero_stage": stage,
+                                       f"ppo.{role}.deepspeed.offload_optimizer": True}))
+                assert all(off.gpu_used[k] <= p.gpu_used[k] + 1 for k in p.gpu_used), (role, stage)
+                if stage == 3:
+                    both = plan(_with(cfg, {f"ppo.{role}.deepspeed.zero_stage": 3,
+                                            f"ppo.{role}.deepspeed.offload_optimizer": True,
+                                            f"ppo.{role}.deepspeed.offload_params": True}))
+                    assert all(both.gpu_used[k] <= off.gpu_used[k] + 1 for k in off.gpu_used)
+
+
+# ------------------------------------------------------------------------------ every option is read
+def _actor(p):
+    return next(x for x in p.procs if x.role == "actor").memory
+
+
+def _engine(p):
+    return next(x for x in p.procs if x.role.startswith("generator")).memory
+
+
+OPTIONS = [  # (overrides, metric, direction): the metric must move that way when the option changes
+    ({"ppo.actor.deepspeed.zero_stage": 2}, lambda p: _actor(p).peak, +1),
+    ({"ppo.actor.deepspeed.offload_optimizer": True}, lambda p: _actor(p).optimizer, -1),
+    ({"ppo.actor.deepspeed.offload_optimizer": True}, lambda p: p.max_host_gib(), +1),
+    ({"ppo.actor.deepspeed.offload_params": True}, lambda p: _actor(p).weights, -1),
+    ({"ppo.actor.lora.dim": 16, "ppo.actor.lora.module_names": ["q_proj", "v_proj"]}, lambda p: _actor(p).optimizer, -1),
+    ({"ppo.actor.lora.dim": 16, "ppo.actor.lora.module_names": ["q_proj", "v_proj"],
+      "ppo.actor.lora.only_optimize_lora": False}, lambda p: _actor(p).optimizer, +1),
+    ({"ppo.actor.deepspeed.gradient_checkpointing": False}, lambda p: _actor(p).activations, +1),
+    ({"ppo.actor.deepspeed.micro_batch_size": 8}, lambda p: _actor(p).activations, +1),
+    ({"data.max_prompt_len": 512}, lambda p: _actor(p).activations, +1),
+    ({"generation.max_new_tokens": 512}, lambda p: p.times["generation"], +1),
+    ({"generation.tensor_parallel_size": 2, "generation.num_engines": 1}, lambda p: _engine(p).weights, -1),
+    ({"generation.gpu_memory_utilization": 0.6}, lambda p: _engine(p).kv_cache, -1),
+    ({"generation.n_samples_per_prompt": 4}, lambda p: p.times["generation"], +1),
+    ({"ppo.rollout_batch_size": 192}, lambda p: p.times["training"], +1),
+    ({"ppo.ppo_epochs": 2}, lambda p: p.times["training"], +1),
+    ({"placement.actor.num_workers": 2, "placement.reference.num_workers": 2}, lambda p: _actor(p).optimizer, +1),
+    ({"placement.colocate_actor_reference": False, "placement.reference.num_workers": 2,  # actor's GPU 0 alone
+      "placement.reference.gpus_per_worker": 1, "generation.num_engines": 1}, lambda p: p.gpu_used[(0, 0)], -1),
+    ({"cluster.gpu_memory_gib": 40}, lambda p: p.fits, -1),
+    ({"cluster.cpu_memory_gib": 40}, lambda p: p.fits, -1),
+    ({"cluster.gpus_per_node": 4}, lambda p: p.fits, -1),
+    ({"cluster.nodes": 2}, lambda p: len({x.node for x in p.procs}), 0),  # same layout still packs on one node
+    ({"cluster.mfu": 0.2}, lambda p: p.times["training"], +1),
+    ({"cluster.mbu": 0.3}, lambda p: p.times["generation"], +1),
+    ({"cluster.gpu_tflops": 989.0}, lambda p: p.times["training"], -1),
+    ({"cluster.gpu_memory_bandwidth_gbs": 1000.0}, lambda p: p.times["generation"], +1),
+    ({"cluster.intra_node_gbs": 30.0}, lambda p: p.times["experience"], +1),
+    ({"cluster.pcie_gbs": 5.0, "ppo.actor.deepspeed.offload_optimizer": True}, lambda p: p.times["training"], +1),
+]
+
+
+@pytest.mark.parametrize("overrides,metric,direction", OPTIONS, ids=lambda x: ",".join(x) if isinstance(x, dict) else "")
+def test_option_changes_the_plan(overrides, metric, direction):
+    base = launcher("opt13b_1node")
+    before, after = metric(plan(base)), metric(plan(_with(base, overrides)))
+    if direction == 0:
+        assert after == before
+    else:
+        assert (after - before) * direction > 0, (before, after)
+
+
+def test_network_and_cpu_options_change_time():
+    multi = launcher("opt66b_8x8")
+    assert plan(_with(multi, {"cluster.inter_node_gbs": 25.0})).times["weight_sync"] > plan(multi).times["weight_sync"]
+    cpu = load_config(LAUNCHERS[0].parent / "cpu_demo.yaml")
+    for key, value in (("cluster.cpu_tflops", 0.05), ("cluster.cpu_memory_bandwidth_gbs", 5.0)):
+        assert plan(_with(cpu, {key: value})).times["total"] > plan(cpu).times["total"]
+    assert plan(_with(cpu, {"generation.kv_cache_gib": 4.0})).max_host_gib() > plan(cpu).max_host_gib()
+
+
+def test_cpu_demo_plans_on_host_memory():
+    cfg = load_config(LAUNCHERS[0].parent / "cpu_demo.yaml")
+    p = plan(cfg)
+    assert p.fits and not p.gpu_used and all(not x.gpus for x in p.procs)
+    assert 5 < p.max_host_gib() <= cfg.cluster.cpu_memory_gib
+    assert not plan(_with(cfg, {"cluster.cpu_memory_gib": 8.0})).fits
+
+
+# ------------------------------------------------------------------------------------------ suggestion
+def test_suggests_a_placement_when_none_is_given(capsys):
+    demo = LAUNCHERS[0].parent / "cpu_demo.yaml"
+    flags = ["--cluster.gpus_per_node", "8", "--cluster.cpu_memory_gib", "512"]
+    cfg = load_config(demo, flags)
+    assert not placement_given(cfg)
+    overrides, p = suggest_placement(cfg)
+    assert p.fits and overrides["placement.actor.gpus_per_worker"] == 1.0
+    # The suggestion is a valid config and plans the same as the returned plan.
+    again = load_config(demo, flags + [f"--{k}={json.dumps(v)}" for k, v in overrides.items()])
+    assert placement_given(again) and plan(again).times == p.times
+    assert main(["plan", str(demo)] + flags) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("suggested placement for 8 GPU(s)") and "--placement.actor.num_workers" in out
+
+
+def test_suggestion_for_one_gpu_and_for_too_small_clusters():
+    cfg = launcher("opt1.3b_1gpu")
+    overrides, p = suggest_placement(cfg)
+    assert p.fits and len(p.gpu_used) == 1
+    assert sum(v for k, v in overrides.items() if k.endswith("gpus_per_worker")) <= 1.0
+    overrides, p = suggest_placement(launcher("bloom176b_multinode", ["--cluster.nodes", "1"]))
+    assert not p.fits  # nothing on one node holds 175B without offload
+    with pytest.raises(ConfigError, match="gpus_per_node is 0"):
+        suggest_placement(load_config(LAUNCHERS[0].parent / "cpu_demo.yaml"))
