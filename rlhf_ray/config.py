@@ -61,10 +61,14 @@ class ModelsConfig:
 
 @dataclass
 class DatasetSource:
-    path: str = ""  # hub name, local file (json/jsonl/parquet/arrow) or a save_to_disk folder
-    format: str = "auto"  # adapter name, or "auto" to detect from columns
-    weight: float = 1.0  # mixing weight among several data sets
-    split: str = "train"
+    # Hub name, local file (json/jsonl/parquet/arrow/csv/txt, globs allowed), a folder of such files, a
+    # save_to_disk folder, or builtin:tasks / builtin:text (generated in rlhf_ray/data/builtin.py).
+    path: str = ""
+    # Adapter (rlhf_ray/data/adapters.py), or "auto" to detect from columns (logged).
+    format: Literal["auto", "rm-static", "pairwise", "hh-rlhf", "webgpt", "shp", "chat", "prompt", "sft",
+                    "text"] = "auto"
+    weight: float = 1.0  # row multiplier when mixing: 0.5 = a seeded half of its rows, 2.0 = every row twice
+    split: str = "train"  # the source's split; slices like "train[:1000]" work for hub names and files
 
 
 @dataclass
@@ -73,10 +77,13 @@ class DataConfig:
     sft_only: list[DatasetSource] = field(default_factory=list)  # single-response data, never fed to RM/PPO
     ptx: list[DatasetSource] = field(default_factory=list)  # plain-text pretraining data for the PTX loss
     data_split: str = "2,4,4"  # SFT,RM,PPO shares of one data set (DeepSpeed-Chat)
-    eval_fraction: float = 0.1
-    max_prompt_len: int = 256
-    max_answer_len: int = 256
+    eval_fraction: float = 0.1  # of each stage's part, held out as its eval split
+    seed: int = 1234  # data_split, eval split and mixing are seeded by this alone
+    max_prompt_len: int = 256  # tokens, chat template included
+    max_answer_len: int = 256  # tokens, EOS included; PTX blocks are max_prompt_len + max_answer_len long
     long_prompt: Literal["truncate_left", "drop"] = "truncate_left"
+    long_answer: Literal["truncate", "drop"] = "truncate"  # truncate keeps the answer's first tokens
+    use_chat_template: bool = True  # when the tokenizer has one; else "\n\nHuman: ...\n\nAssistant:" text
     max_bad_fraction: float = 0.5  # fail when a data set loses more than this fraction of rows
     cache_dir: str = "~/.cache/rlhf_ray/data"
     rebuild_cache: bool = False
@@ -443,6 +450,7 @@ def validate(cfg: Config) -> Config:
          f"data.data_split must be three non-negative numbers like '2,4,4', got '{d.data_split}'")
     need(0 <= d.eval_fraction < 1, "data.eval_fraction must be in [0, 1)")
     need(0 <= d.max_bad_fraction <= 1, "data.max_bad_fraction must be in [0, 1]")
+    need(d.max_prompt_len >= 1 and d.max_answer_len >= 1, "data.max_prompt_len and data.max_answer_len must be >= 1")
     for i, src in enumerate(d.datasets + d.sft_only + d.ptx):
         need(bool(src.path), f"data: dataset entry {i} has an empty 'path'")
         need(src.weight > 0, f"data: dataset '{src.path}' needs weight > 0")

@@ -1,0 +1,107 @@
+"""The built-in data set: generated in code (seeded), no hub, covering SFT, RM, PPO and PTX.
+
+Task: every prompt has one checkable answer, the `reference`.
+
+* Echo (80% of rows): "<context> Say the word dog." -> "dog". The word is one of ECHO_WORDS; the context
+  sentence names three other nouns and only makes every prompt unique.
+* Addition (20%): "What is 12 plus 30?" -> "The answer is 42." (operands 1..50).
+
+Rows have the columns `prompt`, `chosen` (the right answer), `rejected` (a wrong one: another echo word, or a
+sum off by 1..10) and `reference` (the bare answer: "dog", "42"), so the "pairwise" adapter reads them: SFT
+learns `chosen`, the RM ranks chosen over rejected, PPO scores with `rule_reward`.
+
+`rule_reward` is 1.0 when the response contains the reference as a whole word (case-insensitive), else 0.0.
+A tiny random-weight model (rlhf_ray/models/tiny.py) hits it ~3-5% of the time by sampling; because one of
+four words is enough on echo prompts, a policy gradient finds it within a few dozen iterations, while
+addition stays out of its reach (so ~0.8 is the ceiling for a tiny model). The reward only checks
+containment: a response listing every echo word scores on every echo prompt. It is a pipeline test signal,
+not a measure of alignment. SmolLM2-135M-Instruct answers both kinds of prompt sensibly.
+
+`builtin:text` is plain text in the same domain for the PTX loss.
+"""
+from __future__ import annotations
+
+import random
+import re
+
+BUILTIN_SEED = 0  # the data set itself is fixed; data.seed only decides how it is split
+NUM_ROWS = 4000
+ECHO_SHARE = 0.8
+ECHO_WORDS = ("cat", "dog", "red", "blue")
+ECHO_TEMPLATES = ("Say the word {word}.", "Please say {word}.", "Reply with the word {word}.")
+_CONTEXT_NOUNS = ("apple", "orange", "water", "fire", "earth", "wind", "sun", "moon", "star", "river",
+                  "mountain", "city", "country", "bird")
+
+
+def _echo_row(rng: random.Random) -> dict:
+    word = rng.choice(ECHO_WORDS)
+    x, y, z = rng.sample(_CONTEXT_NOUNS, 3)
+    prompt = f"We saw the {x}, the {y} and the {z}. " + rng.choice(ECHO_TEMPLATES).format(word=word)
+    wrong = rng.choice([w for w in ECHO_WORDS if w != word])
+    return {"prompt": prompt, "chosen": word, "rejected": wrong, "reference": word}
+
+
+def _addition_row(rng: random.Random) -> dict:
+    a, b = rng.randint(1, 50), rng.randint(1, 50)
+    wrong = a + b + rng.choice([d for d in range(-10, 11) if d != 0])
+    return {"prompt": f"What is {a} plus {b}?", "chosen": f"The answer is {a + b}.",
+            "rejected": f"The answer is {wrong}.", "reference": str(a + b)}
+
+
+def task_rows(n: int = NUM_ROWS, seed: int = BUILTIN_SEED) -> list[dict]:
+    """`n` rows with unique prompts, ~ECHO_SHARE echo and the rest addition, in a seeded order."""
+    rng = random.Random(seed)
+    rows, seen = [], set()
+    n_echo = round(n * ECHO_SHARE)
+    for make, count in ((_echo_row, n_echo), (_addition_row, n - n_echo)):
+        made = 0
+        while made < count:
+            row = make(rng)
+            if row["prompt"] not in seen:
+                seen.add(row["prompt"])
+                rows.append(row)
+                made += 1
+    rng.shuffle(rows)
+    return rows
+
+
+def text_rows(n: int = 1000, seed: int = BUILTIN_SEED) -> list[dict]:
+    """Plain sentences in the task's domain (a `text` column) for the PTX loss."""
+    rng = random.Random(seed + 1)
+    rows = []
+    for i in range(n):
+        if i % 2:
+            a, b = rng.randint(1, 50), rng.randint(1, 50)
+            rows.append({"text": f"What is {a} plus {b}? The answer is {a + b}."})
+        else:
+            word = rng.choice(ECHO_WORDS)
+            rows.append({"text": f"Say the word {word}. {word.capitalize()}."})
+    return rows
+
+
+def builtin_dataset(name: str):
+    """`builtin:tasks` or `builtin:text` as an in-memory datasets.Dataset."""
+    import datasets
+
+    makers = {"tasks": task_rows, "text": text_rows}
+    if name not in makers:
+        raise ValueError(f"unknown built-in data set 'builtin:{name}'; choose builtin:tasks or builtin:text")
+    return datasets.Dataset.from_list(makers[name]())
+
+
+def rule_reward(prompts: list[str], responses: list[str], references: list[str]) -> list[float]:
+    """1.0 where the response contains the reference as a whole word (case-insensitive), else 0.0.
+
+    An empty reference scores 0.0 (nothing to check). Usable as `ppo.reward_functions:
+    ["rlhf_ray.data.builtin.rule_reward"]`.
+    """
+    if not len(prompts) == len(responses) == len(references):
+        raise ValueError(f"rule_reward: got {len(prompts)} prompts, {len(responses)} responses and "
+                         f"{len(references)} references; they must match one to one")
+    scores = []
+    for response, reference in zip(responses, references):
+        reference = reference.strip()
+        hit = bool(reference) and re.search(rf"(?<![0-9A-Za-z]){re.escape(reference)}(?![0-9A-Za-z])",
+                                            response, flags=re.IGNORECASE)
+        scores.append(1.0 if hit else 0.0)
+    return scores

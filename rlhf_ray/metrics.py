@@ -1,0 +1,102 @@
+"""Per-iteration metrics: console (tqdm with ETA), metrics.jsonl, TensorBoard, W&B when configured, and a PNG.
+
+One `MetricsLogger.log(step, metrics)` call fans out to every sink. The JSONL file is the record the tests and
+the plots read; TensorBoard and W&B are for people watching a run.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Optional
+
+log = logging.getLogger(__name__)
+
+
+class MetricsLogger:
+    def __init__(self, out_dir: str | Path, *, filename: str = "metrics.jsonl", tensorboard: bool = True,
+                 wandb_project: Optional[str] = None, run_name: str = "rlhf", config: Optional[dict] = None,
+                 total_steps: Optional[int] = None, initial_step: int = 0, append: bool = False):
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.out_dir / filename
+        if not append and self.path.exists():
+            self.path.unlink()
+        self.tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(log_dir=str(self.out_dir / "tensorboard"))
+        self.wandb = None
+        if wandb_project:
+            import wandb  # optional: only when logging.wandb_project is set
+
+            self.wandb = wandb.init(project=wandb_project, name=run_name, config=config or {}, resume="allow")
+        self.bar = None
+        if total_steps:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=initial_step, desc=run_name, unit="iter", dynamic_ncols=True)
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        record = {"iteration": step, **{k: _plain(v) for k, v in metrics.items()}}
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        numeric = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "iteration"}
+        if self.tb is not None:
+            for key, value in numeric.items():
+                self.tb.add_scalar(key, value, step)
+            self.tb.flush()
+        if self.wandb is not None:
+            self.wandb.log(numeric, step=step)
+        summary = {k: numeric[k] for k in ("reward/mean", "kl/mean", "loss/policy", "time/iteration_s") if k in numeric}
+        if self.bar is not None:
+            self.bar.set_postfix({k.split("/")[0] if k != "time/iteration_s" else "s": f"{v:.3g}"
+                                  for k, v in summary.items()})
+            self.bar.update(1)
+        else:
+            log.info("iteration %d: %s", step, ", ".join(f"{k}={v:.4g}" for k, v in summary.items()))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def _plain(value):
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no nan/inf; keep the fact visible
+    return value
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def plot_curves(metrics_path: str | Path, out_png: str | Path,
+                keys: tuple[str, ...] = ("reward/mean", "kl/mean")) -> Path:
+    """A PNG with one panel per key against the iteration (reward and KL by default)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(metrics_path)
+    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.5))
+    for ax, key in zip([axes] if len(keys) == 1 else axes, keys):
+        points = [(r["iteration"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+        if points:
+            ax.plot(*zip(*points), marker="o")
+        ax.set_title(key)
+        ax.set_xlabel("iteration")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+    return Path(out_png)

@@ -1,0 +1,344 @@
+"""Step 3: the PPO controller. One process drives every group; the loop reads like DeepSpeed-Chat's pseudocode:
+
+    for iteration in range(start, num_iterations):
+        prompts    = next prompt batch (data position checkpointed)
+        rollout    = generators.generate(prompts)                       # vLLM engines, weight version recorded
+        experience = make_experience(rollout)                           # reference / reward / critic / old log-probs
+        advantages = rl.* (GAE with critic | GRPO | RLOO | REINFORCE++)  # pure torch, rlhf_ray/rl.py
+        actor.train(experience); critic.train(experience)               # DeepSpeed ZeRO groups
+        generators.sync_weights(actor)                                  # broadcast + verify, version += 1
+        log metrics; checkpoint every N iterations
+
+Tensor layout (learner.py's convention): a batch holds prompt + response rows, prompts LEFT-padded to a common
+length P and responses RIGHT-padded, so every row's response starts at column P. Per-token tensors are (B, T-1),
+column t scoring token t+1; the response tokens are columns P-1 .. T-2. The RL math runs on that response slice
+[:, P-1:], which is right-padded exactly as rlhf_ray/rl.py expects, and the results are put back into (B, T-1).
+The scored batch and the experience travel to the groups as Ray object references.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from rlhf_ray import rl
+from rlhf_ray.config import Config, PPOConfig
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------- pure pieces
+def request_seed(run_seed: int, iteration: int, row: int) -> int:
+    """A per-request sampling seed: the same (seed, iteration, row) samples the same tokens, resumed or not."""
+    digest = hashlib.blake2b(f"{run_seed}:{iteration}:{row}".encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "little") & 0x7FFFFFFF
+
+
+def build_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> dict[str, Any]:
+    """Rows = prompt (left-padded to P) + response (right-padded to R). Returns input_ids, attention_mask (B, P+R),
+    action_mask (B, P+R-1: 1 where column t+1 is a response token) and prompt_width P."""
+    P = max(len(p) for p in prompts)
+    R = max(1, max(len(r) for r in responses))
+    B = len(prompts)
+    input_ids = torch.full((B, P + R), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((B, P + R), dtype=torch.long)
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        input_ids[i, P - len(p):P] = torch.tensor(p, dtype=torch.long)
+        attention_mask[i, P - len(p):P] = 1
+        if r:
+            input_ids[i, P:P + len(r)] = torch.tensor(r, dtype=torch.long)
+            attention_mask[i, P:P + len(r)] = 1
+    action_mask = torch.zeros((B, P + R - 1), dtype=torch.float32)
+    action_mask[:, P - 1:] = attention_mask[:, P:].float()
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "action_mask": action_mask, "prompt_width": P}
+
+
+def response_slice(per_token: torch.Tensor, prompt_width: int) -> torch.Tensor:
+    """(B, T-1) -> (B, R): the columns that score response tokens."""
+    return per_token[:, prompt_width - 1:]
+
+
+def full_width(response: torch.Tensor, prompt_width: int) -> torch.Tensor:
+    """(B, R) -> (B, T-1) with zeros over the prompt columns (what the learners consume)."""
+    return torch.cat([response.new_zeros(response.shape[0], prompt_width - 1), response], dim=1)
+
+
+@dataclass
+class Advantages:
+    advantages: torch.Tensor  # (B, R)
+    returns: Optional[torch.Tensor]  # (B, R), critic targets (GAE only)
+    rewards: torch.Tensor  # (B, R) per-token rewards after shaping
+    kl: torch.Tensor  # (B, R) per-token KL estimate to the reference
+    sequence_rewards: torch.Tensor  # (B,) what a sequence earned in total (for logging)
+
+
+def compute_advantages(p: PPOConfig, kl_coef: float, scores: torch.Tensor, logprobs: torch.Tensor,
+                       ref_logprobs: torch.Tensor, mask: torch.Tensor, group_size: int,
+                       values: Optional[torch.Tensor] = None) -> Advantages:
+    """Rewards and advantages on the response slice (B, R), by ppo.advantage_estimator.
+
+    gae          per-token r = -kl_coef * KL, + clip(score) on the last token (InstructGPT); GAE with the critic.
+    reinforce_pp the same shaped rewards; discounted returns, group baseline when n > 1, global whitening.
+    grpo / rloo  sequence reward = clip(score) - kl_coef * sum_t KL (TRL's RLOO), normalised within each prompt's
+                 group of n samples (GRPO: mean/std; RLOO: leave-one-out mean), broadcast over the tokens.
+    """
+    rewards, kl = rl.shape_rewards(scores, logprobs, ref_logprobs, mask, kl_coef=kl_coef,
+                                   reward_clip=p.reward_clip, kl_estimator=p.kl_estimator)
+    returns = None
+    if p.advantage_estimator == "gae":
+        advantages, returns = rl.gae_advantages(rewards, values, mask, gamma=p.gamma, lam=p.lam)
+        if p.whiten_advantages:
+            advantages = rl.masked_whiten(advantages, mask)
+    elif p.advantage_estimator == "reinforce_pp":
+        advantages = rl.reinforce_pp_advantages(rewards, mask, gamma=p.gamma,
+                                                group_size=group_size if group_size > 1 else None)
+    else:
+        sequence = scores.clamp(-p.reward_clip, p.reward_clip) - kl_coef * (kl * mask).sum(dim=1)
+        if p.advantage_estimator == "grpo":
+            advantages = rl.grpo_advantages(sequence, group_size, mask)
+        else:
+            advantages = rl.rloo_advantages(sequence, group_size, mask)
+    return Advantages(advantages * mask, returns, rewards, kl, (rewards * mask).sum(dim=1))
+
+
+class PromptStream:
+    """The PPO prompts in a seeded order, reshuffled every epoch; `position` is checkpointed for resume."""
+
+    def __init__(self, rows: list[dict], seed: int, position: int = 0):
+        if not rows:
+            raise ValueError("the PPO prompt data set is empty")
+        self.rows, self.seed, self.position = rows, seed, position
+        self._epoch, self._order_cache = -1, []
+
+    def _order(self, epoch: int) -> list[int]:
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(self.seed + epoch)
+            self._epoch, self._order_cache = epoch, torch.randperm(len(self.rows), generator=g).tolist()
+        return self._order_cache
+
+    def take(self, n: int) -> list[dict]:
+        out = []
+        for _ in range(n):
+            epoch, index = divmod(self.position, len(self.rows))
+            out.append(self.rows[self._order(epoch)[index]])
+            self.position += 1
+        return out
+
+
+# ------------------------------------------------------------------------------------------ the controller
+class PPOTrainer:
+    """Builds every group from the config, then `run()` iterates. Groups live in their own placement groups."""
+
+    def __init__(self, cfg: Config):
+        from rlhf_ray.data import load_stage_dataset
+        from rlhf_ray.generator import GeneratorGroup
+        from rlhf_ray.groups import placement_plan
+        from rlhf_ray.learner import CriticGroup, PolicyGroup
+        from rlhf_ray.models.loading import load_tokenizer, resolve_model_path
+        from rlhf_ray.resources import init_ray
+        from rlhf_ray.scorer import ReferenceGroup, RewardGroup
+
+        self.cfg, p = cfg, cfg.ppo
+        self.out_dir = Path(cfg.run.output_dir) / "ppo"
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.tokenizer = load_tokenizer(cfg.models.actor)
+        rows = load_stage_dataset(cfg, "ppo", self.tokenizer, split="train")
+        self.prompts = PromptStream([{"prompt_input_ids": r["prompt_input_ids"], "prompt": r["prompt"],
+                                      "reference": r.get("reference", "")} for r in rows], seed=cfg.run.seed)
+        self.ptx_rows = load_stage_dataset(cfg, "ptx", self.tokenizer) if p.ptx_coef > 0 else None
+        self.kl_ctl = (rl.AdaptiveKLController(p.kl_coef, p.kl_target, p.kl_horizon) if p.adaptive_kl
+                       else rl.FixedKLController(p.kl_coef))
+        self.iteration = 0
+        init_ray(cfg)
+        self.uses_critic = p.advantage_estimator == "gae"
+        plan = placement_plan(cfg)
+        started = time.time()
+        self.actor = PolicyGroup(cfg, placement=plan["actor"])
+        self.reference = ReferenceGroup(cfg, placement=plan["reference"])
+        self.reward = RewardGroup(cfg, placement=plan["reward"])
+        self.critic = CriticGroup(cfg, placement=plan["critic"]) if self.uses_critic else None
+        self.generators = GeneratorGroup(cfg, resolve_model_path(cfg.models.actor.path))
+        log.info("groups up in %.1fs: actor x%d, reference x%d, reward x%d, critic x%s, %d engine(s) x TP%d",
+                 time.time() - started, cfg.placement.actor.num_workers, cfg.placement.reference.num_workers,
+                 cfg.placement.reward.num_workers, cfg.placement.critic.num_workers if self.critic else 0,
+                 cfg.generation.num_engines, cfg.generation.tensor_parallel_size)
+        self.checkpoints = None
+        if cfg.checkpoint.every or cfg.checkpoint.resume:
+            from rlhf_ray.checkpoint import CheckpointManager
+
+            self.checkpoints = CheckpointManager(self.out_dir / "checkpoints", cfg.checkpoint.keep_last)
+        if cfg.checkpoint.resume:
+            self.resume()
+
+    # -- one iteration, in the order of the module docstring
+    def generate(self, batch_rows: list[dict]) -> tuple[dict, dict]:
+        g = self.cfg.generation
+        prompt_ids = [r["prompt_input_ids"] for r in batch_rows]
+        seeds = [request_seed(self.cfg.run.seed, self.iteration, i) for i in range(len(prompt_ids))]
+        rollout = self.generators.generate(prompt_ids, seeds=seeds)
+        samples = sorted(rollout.samples, key=lambda s: (s.prompt_index, s.sample_index))
+        rows = [batch_rows[s.prompt_index] for s in samples]
+        batch = build_batch([r["prompt_input_ids"] for r in rows], [s.token_ids for s in samples],
+                            self.tokenizer.pad_token_id)
+        batch.update(prompts=[r["prompt"] for r in rows], references=[r["reference"] for r in rows],
+                     responses=[self.tokenizer.decode(s.token_ids, skip_special_tokens=True) for s in samples])
+        vllm_logprobs = torch.zeros(len(samples), batch["input_ids"].shape[1] - batch["prompt_width"])
+        for i, s in enumerate(samples):
+            vllm_logprobs[i, :len(s.logprobs)] = torch.tensor(s.logprobs)
+        info = {"weight_versions": sorted({s.weight_version for s in samples}), "vllm_logprobs": vllm_logprobs,
+                "generated_tokens": sum(len(s.token_ids) for s in samples),
+                "redispatched": getattr(rollout, "redispatched", 0), "group_size": g.n_samples_per_prompt}
+        return batch, info
+
+    def make_experience(self, batch: dict, info: dict) -> tuple[dict, dict]:
+        import ray
+
+        ref = ray.put(batch)  # every group reads the rollout from the object store
+        futures = {"old": self.actor.logprobs(ref, as_ref=True), "ref": self.reference.logprobs(ref, as_ref=True),
+                   "scores": self.reward.scores(ref, as_ref=True)}
+        if self.critic is not None:
+            futures["values"] = self.critic.values(ref, as_ref=True)
+        got = dict(zip(futures, ray.get(list(futures.values()))))
+        P, mask = batch["prompt_width"], response_slice(batch["action_mask"], batch["prompt_width"])
+        old, ref_lp = response_slice(got["old"], P), response_slice(got["ref"], P)
+        values = response_slice(got["values"], P) if self.critic is not None else None
+        adv = compute_advantages(self.cfg.ppo, self.kl_ctl.value, got["scores"].float(), old, ref_lp, mask,
+                                 info["group_size"], values)
+        experience = {k: batch[k] for k in ("input_ids", "attention_mask", "action_mask")}
+        experience.update(old_logprobs=got["old"], advantages=full_width(adv.advantages, P))
+        if self.critic is not None:
+            experience.update(old_values=got["values"], returns=full_width(adv.returns, P))
+        n_tokens = mask.sum().clamp(min=1)
+        stats = {
+            "reward/mean": got["scores"].float().mean().item(), "reward/std": got["scores"].float().std().item(),
+            "reward/shaped_mean": adv.sequence_rewards.mean().item(),
+            "kl/mean": (adv.kl * mask).sum(dim=1).mean().item(), "kl/coef": self.kl_ctl.value,
+            "response/length_mean": mask.sum(dim=1).mean().item(),
+            "logprob_gap/vllm_vs_learner": ((info["vllm_logprobs"] - old).abs() * mask).sum().item() / n_tokens.item(),
+        }
+        return experience, stats
+
+    def train(self, experience: dict) -> dict:
+        import ray
+
+        ref = ray.put(experience)
+        ptx = self._ptx_batch() if self.ptx_rows is not None else None
+        actor_stats = self.actor.train(ref, ptx=ptx)
+        stats = {"loss/policy": actor_stats.get("policy_loss", float("nan")),
+                 "policy/clip_fraction": actor_stats.get("clip_fraction", float("nan")),
+                 "policy/approx_kl": actor_stats.get("approx_kl", float("nan")),
+                 "entropy/mean": actor_stats.get("entropy", float("nan"))}
+        if "ptx_loss" in actor_stats:
+            stats["loss/ptx"] = actor_stats["ptx_loss"]
+        if self.critic is not None:
+            critic_stats = self.critic.train(ref)
+            stats.update({"loss/value": critic_stats["value_loss"],
+                          "value/clip_fraction": critic_stats.get("value_clip_fraction", float("nan"))})
+        return stats
+
+    def _ptx_batch(self) -> dict:
+        from rlhf_ray.data import pad_batch
+
+        n = self.cfg.ppo.rollout_batch_size * self.cfg.generation.n_samples_per_prompt
+        start = (self.iteration * n) % len(self.ptx_rows)
+        rows = [self.ptx_rows[(start + i) % len(self.ptx_rows)]["input_ids"] for i in range(n)]
+        input_ids, attention_mask = pad_batch(rows, self.tokenizer.pad_token_id)
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+    def step(self) -> dict:
+        p, started = self.cfg.ppo, time.time()
+        timings = {}
+        t = time.time()
+        batch, info = self.generate(self.prompts.take(p.rollout_batch_size))
+        timings["time/generate_s"] = time.time() - t
+        t = time.time()
+        experience, stats = self.make_experience(batch, info)
+        timings["time/score_s"] = time.time() - t
+        t = time.time()
+        stats.update(self.train(experience))
+        timings["time/train_s"] = time.time() - t
+        t = time.time()
+        version = self.generators.sync_weights(self.actor)
+        timings["time/sync_s"] = time.time() - t
+        self.kl_ctl.update(stats["kl/mean"], len(batch["input_ids"]))
+        stats.update(timings)
+        stats.update({"time/iteration_s": time.time() - started, "weight_version": version,
+                      "rollout/weight_version": max(info["weight_versions"]),
+                      "rollout/redispatched": info["redispatched"],
+                      "throughput/tokens_per_s": info["generated_tokens"] / max(timings["time/generate_s"], 1e-9)})
+        return stats
+
+    def run(self) -> Path:
+        from rlhf_ray.metrics import MetricsLogger, plot_curves
+
+        cfg = self.cfg
+        logger = MetricsLogger(self.out_dir, filename=cfg.logging.metrics_file, tensorboard=cfg.logging.tensorboard,
+                               wandb_project=cfg.logging.wandb_project, run_name=cfg.run.name,
+                               total_steps=cfg.ppo.num_iterations, initial_step=self.iteration,
+                               append=self.iteration > 0)
+        try:
+            while self.iteration < cfg.ppo.num_iterations:
+                stats = self.step()
+                self.iteration += 1
+                logger.log(self.iteration, stats)
+                if self.checkpoints is not None and cfg.checkpoint.every and self.iteration % cfg.checkpoint.every == 0:
+                    self.save_checkpoint()
+        finally:
+            logger.close()
+        final = self.out_dir / "actor"
+        self.actor.save_pretrained(str(final))
+        plot_curves(logger.path, self.out_dir / "reward_kl.png")
+        return final
+
+    # -- checkpoint / resume
+    def save_checkpoint(self) -> Path:
+        from rlhf_ray.checkpoint import rng_state
+
+        def write(folder: Path) -> None:
+            self.actor.save_checkpoint(str(folder / "actor"))
+            if self.critic is not None:
+                self.critic.save_checkpoint(str(folder / "critic"))
+            torch.save({"iteration": self.iteration, "prompt_position": self.prompts.position,
+                        "kl_controller": self.kl_ctl.state_dict(), "rng": rng_state(),
+                        "weight_version": self.generators.weight_version}, folder / "controller.pt")
+
+        path = self.checkpoints.save(self.iteration, write)
+        log.info("checkpoint %s", path)
+        return path
+
+    def resume(self) -> None:
+        from rlhf_ray.checkpoint import set_rng_state
+
+        latest = self.checkpoints.latest()
+        if latest is None:
+            log.info("checkpoint.resume: no checkpoint under %s, starting fresh", self.checkpoints.root)
+            return
+        state = torch.load(latest / "controller.pt", weights_only=False)
+        self.actor.load_checkpoint(str(latest / "actor"))
+        if self.critic is not None:
+            self.critic.load_checkpoint(str(latest / "critic"))
+        self.iteration, self.prompts.position = state["iteration"], state["prompt_position"]
+        self.kl_ctl.load_state_dict(state["kl_controller"])
+        set_rng_state(state["rng"])
+        self.generators.sync_weights(self.actor, version=state["weight_version"])
+        log.info("resumed from %s at iteration %d", latest, self.iteration)
+
+    def shutdown(self) -> None:
+        for group in (self.generators, self.actor, self.reference, self.reward, self.critic):
+            if group is not None:
+                group.shutdown()
+
+
+def run_ppo(cfg: Config) -> Path:
+    """`rlhf-ray ppo CONFIG`: PPO from the configured actor and reward model; returns the final actor folder."""
+    trainer = PPOTrainer(cfg)
+    try:
+        return trainer.run()
+    finally:
+        trainer.shutdown()

@@ -1,0 +1,155 @@
+"""ModelGroup: placement groups per role (and colocated), one torch.distributed world per group, batch split by
+data-parallel rank and gathered in order. Real Ray; light workers (no models) so this file stays fast."""
+from __future__ import annotations
+
+import sys
+
+import pytest
+import ray.cloudpickle
+import torch
+
+from rlhf_ray.config import RoleResources, load_config
+from rlhf_ray.groups import (DistributedWorker, ModelGroup, concat_results, placement_plan, remove_placement,
+                             shard_batch)
+from rlhf_ray.resources import PlacementError, ppo_layout
+
+
+# Ray workers cannot import test modules: ship this module's classes and functions by value.
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+class EchoWorker(DistributedWorker):
+    """Reports what it received, which rank it is, and the world it is in."""
+
+    def rows(self, shard: dict, scale: float = 1.0) -> torch.Tensor:
+        return torch.stack([shard["x"] * scale, torch.full_like(shard["x"], float(self.rank))], dim=1)
+
+    def texts(self, shard: dict) -> list[str]:
+        return [f"{t}@{self.rank}" for t in shard["text"]]
+
+
+def world_facts(worker: DistributedWorker) -> dict:
+    import os
+
+    import ray
+    import torch.distributed as dist
+
+    total = torch.tensor([float(worker.rank + 1)])
+    dist.all_reduce(total)
+    return {"rank": dist.get_rank(), "world": dist.get_world_size(), "backend": dist.get_backend(),
+            "sum": float(total), "port": os.environ["MASTER_PORT"],
+            "pg": ray.util.get_current_placement_group().id.hex(),
+            "cpus": ray.get_runtime_context().get_assigned_resources().get("CPU")}
+
+
+# ---------------------------------------------------------------------------------------------- pure logic
+def test_shard_batch_pads_to_equal_rows_and_concat_drops_padding():
+    batch = {"x": torch.arange(5.0), "text": list("abcde"), "temperature": 0.7}
+    shards = [shard_batch(batch, r, 2) for r in range(2)]
+    assert [s["x"].tolist() for s, _ in shards] == [[0, 1, 2], [3, 4, 4]]  # last row repeated for rank 1
+    assert shards[1][0]["text"] == ["d", "e", "e"] and shards[1][0]["temperature"] == 0.7
+    assert all(n == 5 for _, n in shards)
+    assert concat_results([s["x"] for s, _ in shards], 5).tolist() == [0, 1, 2, 3, 4]
+    assert concat_results([{"a": s["text"]} for s, _ in shards], 5) == {"a": list("abcde")}
+    with pytest.raises(ValueError, match="does not split evenly over 2"):
+        shard_batch(batch, 0, 2, pad=False)
+
+
+def test_colocated_layout_shares_placement_groups(base_config):
+    cfg = load_config(None, {"ray.address": "local", "placement.colocate_actor_reference": True,
+                             "placement.colocate_critic_reward": True})
+    names = [lay.role for lay in ppo_layout(cfg)]
+    assert "actor+reference" in names and "critic+reward" in names and "reference" not in names
+
+
+# ---------------------------------------------------------------------------------------------- on Ray
+def test_full_ppo_layout_is_ready_on_this_machine(ray_cluster, base_config):
+    """Every placement group of a default PPO layout (one per role) is placed on the 2-core machine."""
+    from ray.util import placement_group_table
+
+    plan = placement_plan(base_config)
+    try:
+        assert set(plan) == {"actor", "reference", "critic", "reward", "generator[0]"}
+        assert len({id(p.placement_group) for p in plan.values()}) == 5  # separate groups by default
+        for role, rp in plan.items():
+            assert placement_group_table(rp.placement_group)["state"] == "CREATED", role
+            assert rp.share == 1.0
+    finally:
+        remove_placement(plan)
+
+
+def test_group_is_one_world_and_ranks_sit_in_their_placement_group(ray_cluster):
+    res = RoleResources(num_workers=2, cpus_per_worker=0.25)
+    a = ModelGroup("probe_a", EchoWorker, 2, resources=res)
+    b = ModelGroup("probe_b", EchoWorker, 2, resources=res)
+    try:
+        facts = a.apply(world_facts)
+        assert [f["rank"] for f in facts] == [0, 1]
+        assert all(f["world"] == 2 and f["backend"] == "gloo" and f["sum"] == 3.0 for f in facts)
+        assert {f["pg"] for f in facts} == {a.placement.placement_group.id.hex()}
+        other = b.apply(world_facts)
+        assert other[0]["port"] != facts[0]["port"]  # each group's rank 0 picked its own free port
+        assert other[0]["pg"] != facts[0]["pg"]
+    finally:
+        a.shutdown()
+        b.shutdown()
+
+
+def test_worker_refuses_a_placement_group_that_is_not_its_roles(ray_cluster):
+    import ray
+    from ray.exceptions import RayActorError
+
+    with pytest.raises(RayActorError, match="expected to run in placement group"):
+        ray.get(ray.remote(EchoWorker).options(num_cpus=0).remote(
+            role="actor", rank=0, world_size=1, placement_group_id="ff" * 18).current_placement_group_id.remote())
+
+
+def test_run_sharded_splits_by_rank_and_gathers_in_order(ray_cluster):
+    import ray
+
+    group = ModelGroup("probe", EchoWorker, 2, resources=RoleResources(num_workers=2, cpus_per_worker=0.25))
+    try:
+        batch = {"x": torch.arange(5.0), "text": list("abcde")}
+        out = group.run_sharded("rows", batch, scale=2.0)
+        assert out[:, 0].tolist() == [0, 2, 4, 6, 8]  # rows in order, padding dropped
+        assert out[:, 1].tolist() == [0, 0, 0, 1, 1]  # rows 0-2 on rank 0, 3-4 on rank 1
+        assert group.run_sharded("texts", batch) == ["a@0", "b@0", "c@0", "d@1", "e@1"]
+        # ObjectRefs in and out: the batch and the gathered result never pass through the driver.
+        ref = group.run_sharded("rows", ray.put(batch), as_ref=True)
+        assert isinstance(ref, ray.ObjectRef) and torch.equal(ray.get(ref), group.run_sharded("rows", batch))
+    finally:
+        group.shutdown()
+
+
+def test_colocated_roles_share_one_placement_group(ray_cluster):
+    cfg = load_config(None, {"ray.address": "local", "placement.colocate_actor_reference": True,
+                             "placement.colocate_critic_reward": True, "placement.actor.cpus_per_worker": 0.5,
+                             "placement.actor.num_workers": 2, "placement.critic.cpus_per_worker": 0.5,
+                             "placement.critic.num_workers": 2})
+    plan = placement_plan(cfg, roles=["actor", "reference", "critic", "reward"])
+    groups = []
+    try:
+        assert plan["actor"].placement_group is plan["reference"].placement_group
+        assert plan["critic"].placement_group is plan["reward"].placement_group
+        assert plan["actor"].placement_group is not plan["critic"].placement_group
+        for role in ("actor", "reference", "critic", "reward"):
+            res = getattr(cfg.placement, role)
+            groups.append(ModelGroup(role, EchoWorker, res.num_workers, resources=res, placement=plan[role]))
+        facts = {g.role: g.apply(world_facts) for g in groups}
+        pg_ids = {role: {f["pg"] for f in fs} for role, fs in facts.items()}
+        assert pg_ids["actor"] == pg_ids["reference"] == {plan["actor"].placement_group.id.hex()}
+        assert pg_ids["critic"] == pg_ids["reward"] == {plan["critic"].placement_group.id.hex()}
+        # Each colocated role takes half of every bundle it sits in.
+        assert [f["cpus"] for f in facts["actor"]] == [0.25, 0.25] and facts["reference"][0]["cpus"] == 0.25
+        assert facts["actor"][0]["sum"] == 3.0 and facts["reference"][0]["world"] == 1  # separate worlds
+    finally:
+        for g in groups:
+            g.shutdown()
+        remove_placement(plan)
+
+
+def test_unplaceable_role_fails_fast_naming_role_and_resources(ray_cluster):
+    cfg = load_config(None, {"ray.address": "local", "ray.placement_timeout_s": 2,
+                             "placement.critic.cpus_per_worker": 1000})
+    with pytest.raises(PlacementError, match=r"role 'critic'.*'CPU': 2000\.0"):
+        placement_plan(cfg, roles=["critic"])

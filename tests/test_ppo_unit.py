@@ -1,0 +1,87 @@
+"""The PPO controller's pure pieces: batch layout, advantage dispatch, seeds, prompt order (no Ray)."""
+import pytest
+import torch
+
+from rlhf_ray import rl
+from rlhf_ray.config import load_config
+from rlhf_ray.ppo import (PromptStream, build_batch, compute_advantages, full_width, request_seed,
+                          response_slice)
+
+
+def test_build_batch_left_pads_prompts_right_pads_responses():
+    b = build_batch([[5, 6], [7, 8, 9]], [[1, 2, 3], [4]], pad_id=0)
+    assert b["prompt_width"] == 3
+    assert b["input_ids"].tolist() == [[0, 5, 6, 1, 2, 3], [7, 8, 9, 4, 0, 0]]
+    assert b["attention_mask"].tolist() == [[0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]]
+    # column t scores token t+1: response tokens are columns 2..4
+    assert b["action_mask"].tolist() == [[0, 0, 1, 1, 1], [0, 0, 1, 0, 0]]
+    per_token = torch.arange(10.0).view(2, 5)
+    resp = response_slice(per_token, 3)
+    assert resp.tolist() == [[2, 3, 4], [7, 8, 9]]
+    assert full_width(resp, 3).tolist() == [[0, 0, 2, 3, 4], [0, 0, 7, 8, 9]]
+
+
+def test_empty_response_keeps_a_column_and_no_action():
+    b = build_batch([[5]], [[]], pad_id=0)
+    assert b["input_ids"].shape == (1, 2) and b["action_mask"].sum() == 0
+
+
+def _inputs():
+    torch.manual_seed(0)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]], dtype=torch.float32)
+    lp, ref = torch.randn(4, 4) * mask, torch.randn(4, 4) * mask
+    values = torch.randn(4, 4) * mask
+    scores = torch.tensor([1.0, -2.0, 7.0, 0.5])
+    return scores, lp, ref, mask, values
+
+
+def test_gae_estimator_matches_the_rl_module_and_uses_kl_coef():
+    p = load_config().ppo
+    scores, lp, ref, mask, values = _inputs()
+    out = compute_advantages(p, 0.1, scores, lp, ref, mask, 1, values)
+    rewards, _ = rl.shape_rewards(scores, lp, ref, mask, kl_coef=0.1, reward_clip=p.reward_clip)
+    adv, ret = rl.gae_advantages(rewards, values, mask, gamma=p.gamma, lam=p.lam)
+    assert torch.allclose(out.advantages, rl.masked_whiten(adv, mask) * mask)
+    assert torch.allclose(out.returns, ret)
+    other = compute_advantages(p, 0.5, scores, lp, ref, mask, 1, values)
+    assert not torch.allclose(other.returns, out.returns)  # kl_coef reaches the rewards
+    unwhitened = compute_advantages(load_config(None, {"ppo.whiten_advantages": False}).ppo, 0.1, scores, lp, ref,
+                                    mask, 1, values)
+    assert torch.allclose(unwhitened.advantages, adv * mask)
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "rloo"])
+def test_group_estimators_center_each_group_and_penalise_kl(estimator):
+    p = load_config(None, {"ppo.advantage_estimator": estimator, "generation.n_samples_per_prompt": 2}).ppo
+    scores, lp, ref, mask, _ = _inputs()
+    out = compute_advantages(p, 0.1, scores, lp, ref, mask, 2)
+    per_seq = torch.stack([out.advantages[i][mask[i].bool()][0] for i in range(4)])
+    assert per_seq[0] + per_seq[1] == pytest.approx(0, abs=1e-5) and per_seq[2] + per_seq[3] == pytest.approx(0, abs=1e-5)
+    assert out.returns is None
+    # one group of 4: the KL penalty changes the sequence rewards' spread, so the advantages move with kl_coef
+    with_kl = compute_advantages(p, 0.5, scores, lp, ref, mask, 4)
+    no_kl = compute_advantages(p, 0.0, scores, lp, ref, mask, 4)
+    assert not torch.allclose(no_kl.advantages, with_kl.advantages)
+
+
+def test_reinforce_pp_uses_group_baseline_only_with_groups():
+    p = load_config(None, {"ppo.advantage_estimator": "reinforce_pp"}).ppo
+    scores, lp, ref, mask, _ = _inputs()
+    single = compute_advantages(p, 0.1, scores, lp, ref, mask, 1)
+    grouped = compute_advantages(p, 0.1, scores, lp, ref, mask, 2)
+    assert not torch.allclose(single.advantages, grouped.advantages)
+
+
+def test_request_seeds_are_deterministic_and_distinct():
+    assert request_seed(1, 3, 0) == request_seed(1, 3, 0)
+    assert len({request_seed(1, it, row) for it in range(5) for row in range(8)}) == 40
+
+
+def test_prompt_stream_resumes_at_its_position():
+    rows = [{"i": i} for i in range(5)]
+    full = PromptStream(rows, seed=3)
+    first = [r["i"] for r in full.take(7)]  # crosses an epoch boundary
+    assert sorted(first[:5]) == list(range(5))
+    resumed = PromptStream(rows, seed=3, position=4)
+    assert [r["i"] for r in resumed.take(3)] == first[4:7]
+    assert [r["i"] for r in PromptStream(rows, seed=4).take(5)] != first[:5]  # the seed matters
