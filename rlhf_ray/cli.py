@@ -105,6 +105,37 @@ def cmd_train_stage(args) -> int:
     return 0
 
 
+def _stage_overrides(args) -> list[str]:
+    """Overrides, with --resume accepted after CONFIG too (argparse leaves it among the dotted overrides)."""
+    resume = args.resume or "--resume" in args.overrides
+    return [o for o in args.overrides if o != "--resume"] + (["--checkpoint.resume", "true"] if resume else [])
+
+
+def cmd_ppo(args) -> int:
+    from rlhf_ray.ppo import run_ppo
+
+    overrides = _stage_overrides(args)
+    print(run_ppo(load_config(args.config, overrides)))
+    return 0
+
+
+def cmd_pipeline(args) -> int:
+    from rlhf_ray.pipeline import run_pipeline
+
+    overrides = _stage_overrides(args)
+    outputs = run_pipeline(load_config(args.config, overrides),
+                           redo=tuple(s for s in (args.redo or "").split(",") if s))
+    for stage, path in outputs.items():
+        print(f"{stage}: {path}")
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from rlhf_ray.chat import cmd_chat as run_chat
+
+    return run_chat(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlhf-ray", description=(
         "Ray-distributed RLHF (SFT -> reward model -> PPO) with DeepSpeed ZeRO learners and vLLM generators."))
@@ -127,6 +158,25 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(stage, help=f"{what}: one Ray Train job with DeepSpeed ZeRO (current or local cluster)")
         _add_config_args(p)
         p.set_defaults(func=cmd_train_stage, stage=stage)
+
+    p = sub.add_parser("ppo", help="step 3: PPO from models.actor and models.reward (vLLM + DeepSpeed groups on Ray)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint of this run")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_ppo)
+
+    p = sub.add_parser("pipeline", help="SFT -> reward model -> PPO in one command; finished stages are skipped")
+    p.add_argument("--redo", help="comma-separated stages to run again even if their output exists: sft,rm,ppo")
+    p.add_argument("--resume", action="store_true", help="PPO continues from its latest checkpoint")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_pipeline)
+
+    p = sub.add_parser("chat", help="multi-turn chat with a checkpoint through vLLM (its chat template)")
+    p.add_argument("--path", required=True, help="a Hugging Face folder (e.g. <run>/ppo/actor), hub name or builtin:*")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--message", action="append", help="scripted user turns instead of the terminal (repeatable)")
+    p.add_argument("--transcript", help="also write the conversation to this file")
+    p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("models", help="build local model folders (nothing is downloaded)")
     models_sub = p.add_subparsers(dest="models_command", required=True, metavar="MODEL")

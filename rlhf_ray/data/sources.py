@@ -68,19 +68,19 @@ def load_source(src: DatasetSource, hf_cache_dir: str | None = None) -> datasets
         raise DataError(f"{path}: could not be read as {BUILDERS[files[0].suffix]}: {e}") from e
 
 
-def source_fingerprint(src: DatasetSource) -> str:
+def source_fingerprint(src: DatasetSource, hf_cache_dir: str | None = None) -> str:
     """Changes when the source's data changes: file names, sizes and mtimes for local data; the hub name,
     split and the loaded data set's own fingerprint for hub data; the generator version for built-ins."""
     path = src.path
     if path.startswith(BUILTIN_PREFIX):
         from rlhf_ray.data import builtin
 
-        state = [path, builtin.BUILTIN_SEED, builtin.NUM_ROWS, builtin.__doc__]
+        state = [path, builtin.BUILTIN_VERSION, builtin.BUILTIN_SEED, builtin.NUM_ROWS]
     elif _looks_local(path):
         state = [path, src.split]
         for f in _local_files(path):
             members = sorted(p for p in f.rglob("*") if p.is_file()) if f.is_dir() else [f]
             state += [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in members]
     else:
-        state = [path, src.split, load_source(src)._fingerprint]
+        state = [path, src.split, load_source(src, hf_cache_dir)._fingerprint]
     return hashlib.sha256(json.dumps(state, default=str).encode()).hexdigest()[:16]

@@ -1,0 +1,77 @@
+"""`rlhf-ray pipeline CONFIG`: SFT -> reward model -> PPO in one command (DeepSpeed-Chat's train.py).
+
+    sft  trains models.actor            -> <run.output_dir>/sft   (causal-LM folder)
+    rm   trains models.reward backbone  -> <run.output_dir>/rm    (value-head folder)
+    ppo  actor + reference from sft, reward + critic from rm -> <run.output_dir>/ppo (actor folder, metrics, PNG)
+A stage whose output folder already exists (complete: outputs are written atomically) is skipped unless named in
+`redo`. The run ends with a short chat transcript of the PPO actor on the built-in prompts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+from rlhf_ray.config import Config
+
+log = logging.getLogger(__name__)
+
+STAGES = ("sft", "rm", "ppo")
+TRANSCRIPT_PROMPTS = ("What is 12 plus 30?", "What is the capital of France?")
+
+
+def _done(folder: Path, marker: str) -> bool:
+    return (folder / marker).is_file()
+
+
+def run_pipeline(cfg: Config, redo: tuple[str, ...] = ()) -> dict[str, Path]:
+    from rlhf_ray.ppo import run_ppo
+    from rlhf_ray.train.common import stage_output_dir
+    from rlhf_ray.train.rm import run_rm
+    from rlhf_ray.train.sft import run_sft
+
+    unknown = set(redo) - set(STAGES)
+    if unknown:
+        raise ValueError(f"--redo: unknown stage(s) {sorted(unknown)}; choose from {', '.join(STAGES)}")
+    out: dict[str, Path] = {}
+    out["sft"] = stage_output_dir(cfg, "sft")
+    if _done(out["sft"], "config.json") and "sft" not in redo:
+        log.info("sft: %s exists, skipped (--redo sft to train again)", out["sft"])
+    else:
+        out["sft"] = run_sft(cfg).output_dir
+    out["rm"] = stage_output_dir(cfg, "rm")
+    if _done(out["rm"], "value_head.json") and "rm" not in redo:
+        log.info("rm: %s exists, skipped (--redo rm to train again)", out["rm"])
+    else:
+        out["rm"] = run_rm(cfg).output_dir
+    ppo_cfg = ppo_config_from_stages(cfg, out["sft"], out["rm"])
+    final = Path(ppo_cfg.run.output_dir) / "ppo" / "actor"
+    if _done(final, "config.json") and "ppo" not in redo:
+        log.info("ppo: %s exists, skipped (--redo ppo to train again)", final)
+        out["ppo"] = final
+    else:
+        out["ppo"] = run_ppo(ppo_cfg)
+    out["transcript"] = write_transcript(out["ppo"], Path(ppo_cfg.run.output_dir) / "ppo" / "chat_transcript.txt")
+    return out
+
+
+def ppo_config_from_stages(cfg: Config, sft_dir: Path, rm_dir: Path) -> Config:
+    """The PPO config with each stage's output as its models: actor/reference <- SFT, reward/critic <- RM."""
+    actor = dataclasses.replace(cfg.models.actor, path=str(sft_dir), tokenizer=None, gguf_file=None)
+    reward = dataclasses.replace(cfg.models.reward, path=str(rm_dir), tokenizer=None, gguf_file=None)
+    models = dataclasses.replace(cfg.models, actor=actor, reward=reward, reference=None, critic=None)
+    return dataclasses.replace(cfg, models=models)
+
+
+def write_transcript(model_dir: Path, path: Path, max_new_tokens: int = 48) -> Path:
+    """A short scripted chat with the trained actor (the pipeline's last artefact, next to the PNG)."""
+    from rlhf_ray.chat import ChatSession
+
+    session = ChatSession(str(model_dir), max_new_tokens=max_new_tokens)
+    lines = []
+    for prompt in TRANSCRIPT_PROMPTS:  # independent questions: a fresh conversation each
+        session.clear()
+        lines += [f"User: {prompt}", f"Assistant: {session.reply(prompt)}", ""]
+    path.write_text("\n".join(lines))
+    log.info("chat transcript: %s", path)
+    return path
