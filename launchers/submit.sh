@@ -102,11 +102,20 @@ Submitted $SUBMISSION_ID to $ADDRESS.
   dashboard:        ${ADDRESS%/} (through the same tunnel; outputs land in run.output_dir on the cluster)
 EOF
 }
-if [[ $WAIT == 1 ]]; then
-  status=0
-  "${CMD[@]}" || status=$?
+# A cluster that has just started may not have its head node's job agent up yet: Ray then answers "No available
+# agent to submit job, please try again later" before anything is submitted, so retrying is safe.
+LOG="$(mktemp)"
+trap 'rm -f "$LOG"' EXIT
+for attempt in 1 2 3 4 5; do
+  set +e
+  "${CMD[@]}" 2>&1 | tee "$LOG"
+  status=${PIPESTATUS[0]}
+  set -e
+  grep -q "No available agent to submit job" "$LOG" || break
+  echo "submit.sh: the cluster's job agent is not up yet (attempt $attempt of 5); retrying in 10 s" >&2
+  sleep 10
+done
+if [[ $status == 0 || $WAIT == 1 ]] && ! grep -q "No available agent to submit job" "$LOG"; then
   follow
-  exit $status
 fi
-"${CMD[@]}"
-follow
+exit "$status"

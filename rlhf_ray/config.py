@@ -154,8 +154,19 @@ class GenerationConfig:
     kv_cache_gib: float = 1.0  # CPU: VLLM_CPU_KVCACHE_SPACE; GPU: turned into gpu_memory_utilization
     gpu_memory_utilization: float = 0.5
     enforce_eager: bool = True
-    long_prompt: Literal["error", "skip"] = "error"
+    long_prompt: Literal["error", "skip"] = "error"  # a prompt >= max_model_len: fail naming it, or skip and count
     enable_sleep_mode: bool = False  # GPU only: frees KV cache while learners train on the same GPUs
+    stop_token_ids: list[int] = field(default_factory=list)  # besides EOS (which stops unless ignored)
+    cpu_cores: list[str] = field(default_factory=list)  # CPU: per engine VLLM_CPU_OMP_THREADS_BIND ("0", "0|1",
+    # "nobind"); empty: engine i's TP workers on cores i*tp .. i*tp+tp-1 of its node
+    max_restarts: int = 3  # Ray restarts of a dead engine actor (re-synced before it takes work)
+    # Weight sync learner -> engines (rlhf_ray/weight_sync.py). auto: nccl on GPU, gloo on CPU.
+    sync_transport: Literal["auto", "object_store", "gloo", "nccl", "ipc"] = "auto"
+    sync_bucket_mb: float = 256.0  # tensors per transfer; bounds the extra memory a sync needs
+    sync_timeout_s: float = 600.0
+    verify_weights: bool = True  # after each sync: live-parameter checksums and probe log-probs vs the learner's
+    verify_probe_len: int = 16  # tokens of the fixed probe sequence
+    verify_probe_atol: Optional[float] = None  # max |engine - learner| probe log-prob; None: 1e-3 fp32, 0.1 16-bit
 
 
 @dataclass
@@ -409,6 +420,14 @@ def validate(cfg: Config) -> Config:
     need(g.n_samples_per_prompt >= 1, "generation.n_samples_per_prompt must be >= 1")
     need(g.kv_cache_gib > 0, "generation.kv_cache_gib must be > 0")
     need(0 < g.gpu_memory_utilization <= 1, "generation.gpu_memory_utilization must be in (0, 1]")
+    need(not g.cpu_cores or len(g.cpu_cores) == g.num_engines,
+         f"generation.cpu_cores lists {len(g.cpu_cores)} bindings for {g.num_engines} engine(s) (generation.num_engines)")
+    need(all(c == "nobind" or len(c.split("|")) == g.tensor_parallel_size for c in g.cpu_cores),
+         "generation.cpu_cores: each entry needs one core list per TP worker, '|'-separated (or 'nobind')")
+    need(g.max_restarts >= 0, "generation.max_restarts must be >= 0")
+    need(g.sync_bucket_mb > 0 and g.sync_timeout_s > 0, "generation.sync_bucket_mb and sync_timeout_s must be > 0")
+    need(g.verify_probe_len >= 2, "generation.verify_probe_len must be >= 2")
+    need(g.verify_probe_atol is None or g.verify_probe_atol >= 0, "generation.verify_probe_atol must be >= 0")
     p = cfg.ppo
     need(p.kl_coef >= 0, "ppo.kl_coef must be >= 0")
     need(p.clip_ratio > 0, "ppo.clip_ratio must be > 0")

@@ -1,17 +1,47 @@
-"""Rollout generation: a vLLM engine hosted by a Ray actor in its own placement group.
+"""Rollout generation: N vLLM engines (each tensor_parallel_size workers) hosted by Ray actors, one placement
+group per engine, and the learner -> engine weight broadcast (rlhf_ray/weight_sync.py).
 
-The engine runs in-process inside the actor (VLLM_ENABLE_V1_MULTIPROCESSING=0, set by rlhf_ray.env): it starts
-faster, uses less memory, and tensors handed to `collective_rpc` reach the worker by reference. On CPU each
-engine is bound to its own cores through VLLM_CPU_OMP_THREADS_BIND (vLLM otherwise pins every engine to core 0)
-and its KV cache is sized by VLLM_CPU_KVCACHE_SPACE; on GPU the bundle's GPU and gpu_memory_utilization do it.
+    generators = GeneratorGroup(cfg, model_path)
+    rollout = generators.generate(prompt_ids)               # samples with token ids, log-probs, finish reasons
+    version = generators.sync_weights(policy_group)         # bucketed broadcast, verified in every engine
+
+Engines run in-process inside their actor (VLLM_ENABLE_V1_MULTIPROCESSING=0, set by rlhf_ray.env): faster start,
+less memory, and tensors handed to `collective_rpc` reach the worker by reference. On CPU each engine is bound to
+its own cores through VLLM_CPU_OMP_THREADS_BIND (vLLM otherwise pins every engine to core 0) and its KV cache is
+sized by VLLM_CPU_KVCACHE_SPACE; on GPU the bundle's GPU and gpu_memory_utilization do it.
+
+Dispatch: the prompts of a call are split into one contiguous chunk per live engine and each chunk goes to the
+engine with the least outstanding work (prompt tokens + n x max_new_tokens of everything it has in flight, this
+call's and earlier asynchronous calls'), not round-robin. Every call passes the group's weight version; an engine
+holding another version refuses the work.
+
+Health: engine actors are created with max_restarts. A call that fails because its engine died is noticed here;
+the group waits for Ray to restart the actor, re-syncs it from the last source (re-exported, and checked against
+the version's recorded checksums: the source must still hold that version) and verifies it before it takes work,
+then re-dispatches the lost prompts and counts them in `Rollout.redispatched`. An engine that cannot be restarted
+is dropped; the call fails only when no engine is left.
 """
 from __future__ import annotations
 
+import logging
 import os
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass, field, replace
 from typing import Any, Optional
 
-from rlhf_ray.config import GenerationConfig
+from rlhf_ray.config import Config, GenerationConfig, RoleResources
+
+log = logging.getLogger(__name__)
+
+WORKER_EXTENSION = "rlhf_ray.vllm_worker_ext.WorkerExtension"
+
+
+class StaleWeightsError(RuntimeError):
+    """An engine was asked to generate with a weight version it does not hold (e.g. it was just restarted)."""
+
+
+class PromptTooLongError(ValueError):
+    """A prompt leaves no room for one new token within the engines' max_model_len."""
 
 
 @dataclass
@@ -24,58 +54,227 @@ class Sample:
     finish_reason: Optional[str]
     weight_version: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    sample_index: int = 0  # which of the prompt's n samples
+    engine: int = -1  # index of the engine that generated it
 
 
-def sampling_params(gen: GenerationConfig, *, greedy: bool = False, seed: Optional[int] = None,
-                    n: Optional[int] = None, ignore_eos: bool = False):
-    from vllm import SamplingParams
+@dataclass
+class Sampling:
+    """How to sample; `Sampling.from_config(cfg.generation, temperature=0.0)` for greedy."""
 
-    return SamplingParams(
-        n=n or gen.n_samples_per_prompt,
-        temperature=0.0 if greedy else gen.temperature,
-        top_p=1.0 if greedy else gen.top_p,
-        top_k=-1 if greedy else gen.top_k,
-        max_tokens=gen.max_new_tokens,
-        stop=gen.stop or None,
-        logprobs=0,  # the sampled token's own log-prob
-        seed=seed,
-        ignore_eos=ignore_eos,  # exactly max_new_tokens: fixed-length comparisons and benchmarks
-    )
+    n: int = 1
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False  # exactly max_new_tokens: fixed-length comparisons and benchmarks
+    seed: Optional[int] = None  # per-prompt seed = seed + the prompt's index in the call: reproducible anywhere
+
+    @classmethod
+    def from_config(cls, gen: GenerationConfig, **overrides) -> "Sampling":
+        return replace(cls(n=gen.n_samples_per_prompt, max_new_tokens=gen.max_new_tokens, temperature=gen.temperature,
+                           top_p=gen.top_p, top_k=gen.top_k, stop=list(gen.stop),
+                           stop_token_ids=list(gen.stop_token_ids)), **overrides)
+
+    def to_vllm(self, seed: Optional[int] = None):
+        from vllm import SamplingParams
+
+        greedy = self.temperature == 0
+        return SamplingParams(n=self.n, temperature=self.temperature, top_p=1.0 if greedy else self.top_p,
+                              top_k=-1 if greedy else self.top_k, max_tokens=self.max_new_tokens,
+                              stop=self.stop or None, stop_token_ids=self.stop_token_ids or None,
+                              ignore_eos=self.ignore_eos, logprobs=0, seed=seed)  # logprobs=0: the sampled token's
+
+    def work(self, prompt_len: int) -> int:
+        return prompt_len + self.n * self.max_new_tokens
 
 
+@dataclass
+class Rollout:
+    """The result of one `generate` call."""
+
+    samples: list[Sample]  # prompt order, then sample order; skipped prompts have none
+    weight_version: int
+    redispatched: int = 0  # prompts re-sent to another (or the restarted) engine after their engine died
+    skipped: list[int] = field(default_factory=list)  # prompts too long for the engines (generation.long_prompt: skip)
+    engine_prompts: dict[int, int] = field(default_factory=dict)  # engine index -> prompts it answered
+    seconds: float = 0.0
+
+
+@dataclass
+class SyncReport:
+    version: int
+    transport: str
+    seconds: float
+    bytes: int
+    buckets: int
+    max_bucket_bytes: int
+    verified: bool
+    engines: list[dict] = field(default_factory=list)  # per engine: load / verify seconds, probe difference
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.bytes / 1e6 / max(self.seconds, 1e-9)
+
+
+# --------------------------------------------------------------------------------------------- the actor
 class VLLMEngine:
-    """Body of the generator actor: one vLLM engine (tensor_parallel_size workers)."""
+    """Body of one generator actor: a vLLM engine of tensor_parallel_size workers, plus the weight-update steps."""
 
     def __init__(self, model_path: str, gen: GenerationConfig, dtype: str = "float32", seed: int = 0,
-                 tokenizer: Optional[str] = None):
+                 tokenizer: Optional[str] = None, engine_index: int = 0):
         from vllm import LLM
 
-        self.gen = gen
+        from rlhf_ray.weight_sync import resolve_transport
+
+        self.gen, self.engine_index, self.dtype = gen, engine_index, dtype
         self.weight_version = 0
+        cuda = _cuda()
+        self.sleep_enabled = gen.enable_sleep_mode and cuda  # vLLM sleep/wake frees nothing on CPU
+        kwargs: dict[str, Any] = {}
+        transport = resolve_transport(gen.sync_transport, cuda)
+        if transport in ("nccl", "ipc"):  # vLLM's own weight-transfer engine on every worker
+            kwargs["weight_transfer_config"] = {"backend": transport}
+        if cuda and gen.tensor_parallel_size > 1:
+            kwargs["distributed_executor_backend"] = "ray"  # workers in this engine's placement-group bundles
         self.llm = LLM(model=model_path, tokenizer=tokenizer or model_path, dtype=dtype,
                        tensor_parallel_size=gen.tensor_parallel_size, max_model_len=gen.max_model_len,
-                       enforce_eager=gen.enforce_eager, seed=seed,
-                       gpu_memory_utilization=gen.gpu_memory_utilization,
-                       enable_sleep_mode=gen.enable_sleep_mode and _cuda())
+                       enforce_eager=gen.enforce_eager, seed=seed, gpu_memory_utilization=gen.gpu_memory_utilization,
+                       enable_sleep_mode=self.sleep_enabled, worker_extension_cls=WORKER_EXTENSION, **kwargs)
+        model_config = self.llm.llm_engine.model_config
+        self.max_model_len, self.vocab_size = model_config.max_model_len, model_config.get_vocab_size()
 
     def ready(self) -> dict:
-        return {"pid": os.getpid(), "weight_version": self.weight_version,
-                "omp_bind": os.environ.get("VLLM_CPU_OMP_THREADS_BIND")}
+        return {"pid": os.getpid(), "weight_version": self.weight_version, "engine": self.engine_index,
+                "omp_bind": os.environ.get("VLLM_CPU_OMP_THREADS_BIND"), "max_model_len": self.max_model_len,
+                "vocab_size": self.vocab_size, "dtype": self.dtype, "sleep_enabled": self.sleep_enabled}
 
-    def generate(self, prompt_token_ids: list[list[int]], greedy: bool = False,
-                 seeds: Optional[list[Optional[int]]] = None, n: Optional[int] = None,
+    # -- generation
+    def generate(self, prompt_token_ids: list[list[int]], sampling: Optional[Sampling] = None, *,
+                 prompt_indices: Optional[list[int]] = None, seeds: Optional[list[Optional[int]]] = None,
+                 expected_version: Optional[int] = None, greedy: bool = False, n: Optional[int] = None,
                  ignore_eos: bool = False) -> list[Sample]:
-        """Generate for token-id prompts; one Sample per (prompt, sample), in prompt order."""
-        seeds = seeds or [None] * len(prompt_token_ids)
-        params = [sampling_params(self.gen, greedy=greedy, seed=s, n=n, ignore_eos=ignore_eos) for s in seeds]
+        """One Sample per (prompt, sample), in prompt order. Without `sampling`, generation.* with the given
+        overrides. With `expected_version`, refuses (StaleWeightsError) unless it holds that weight version."""
+        if expected_version is not None and expected_version != self.weight_version:
+            raise StaleWeightsError(f"engine {self.engine_index} (pid {os.getpid()}) holds weight version "
+                                    f"{self.weight_version}, asked for {expected_version}")
+        if sampling is None:
+            sampling = Sampling.from_config(self.gen, ignore_eos=ignore_eos, **({"n": n} if n else {}),
+                                            **({"temperature": 0.0} if greedy else {}))
+        indices = prompt_indices if prompt_indices is not None else list(range(len(prompt_token_ids)))
+        seeds = seeds or [None if sampling.seed is None else sampling.seed + i for i in indices]
+        params = [sampling.to_vllm(seed) for seed in seeds]
         outputs = self.llm.generate([{"prompt_token_ids": ids} for ids in prompt_token_ids], params, use_tqdm=False)
         samples = []
-        for index, out in enumerate(outputs):
-            for completion in out.outputs:
+        for index, out in zip(indices, outputs):
+            for j, completion in enumerate(out.outputs):
                 logprobs = [entry[tok].logprob for tok, entry in zip(completion.token_ids, completion.logprobs or [])]
                 samples.append(Sample(index, list(completion.token_ids), logprobs, completion.finish_reason,
-                                      self.weight_version))
+                                      self.weight_version, sample_index=j, engine=self.engine_index))
         return samples
+
+    def probe_logprobs(self, token_ids: list[int]) -> list[float]:
+        """log p(token_ids[t+1] | token_ids[:t+1]) under the live weights (vLLM's prompt log-probs)."""
+        from vllm import SamplingParams
+
+        [out] = self.llm.generate([{"prompt_token_ids": token_ids}],
+                                  SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False),
+                                  use_tqdm=False)
+        return [entry[tok].logprob for tok, entry in zip(token_ids[1:], out.prompt_logprobs[1:])]
+
+    # -- weight update (see weight_sync.py for the order of the steps)
+    def begin_weight_update(self) -> None:
+        self.weight_version = -1  # unknown until finish_weight_update verifies the new weights
+        self.llm.collective_rpc("rlhf_begin_update")
+
+    def receive_bucket(self, payload: list) -> int:
+        """Object-store transport: one bucket of (name, numpy array, dtype name), loaded into every worker."""
+        from rlhf_ray.weight_sync import from_numpy
+
+        bucket = [(name, from_numpy(arr, dtype)) for name, arr, dtype in payload]
+        self.llm.collective_rpc("rlhf_load_bucket", args=(bucket,))
+        return len(bucket)
+
+    def receive_weights_gloo(self, plan, rank_offset: int) -> int:
+        self.begin_weight_update()
+        return self.llm.collective_rpc("rlhf_receive_gloo", args=(plan, rank_offset))[0]
+
+    def init_weight_transfer(self, plan, rank_offset: int) -> None:
+        """GPU transports: vLLM's weight-transfer engine on every worker (NCCL joins the sender's group here)."""
+        self.weight_version = -1
+        if plan.transport == "nccl":
+            info = {"master_address": plan.host, "master_port": plan.port, "rank_offset": rank_offset,
+                    "world_size": plan.world_size}
+        else:
+            info = {}
+        self.llm.collective_rpc("init_weight_transfer_engine", args=(info,))
+        self.llm.collective_rpc("start_weight_update")
+
+    def update_weights(self, update_info: dict) -> None:
+        self.llm.collective_rpc("update_weights", args=(update_info,))
+
+    def finish_weight_update(self, version: int, transport: str, expected: Optional[dict],
+                             probe: Optional[tuple]) -> dict:
+        started = time.perf_counter()
+        if transport in ("nccl", "ipc"):
+            self.llm.collective_rpc("finish_weight_update")
+            self.llm.collective_rpc("shutdown_weight_transfer_engine")
+        else:
+            self.llm.collective_rpc("rlhf_finish_update")
+        self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
+        report = {"engine": self.engine_index, "finish_s": time.perf_counter() - started}
+        if expected is not None:
+            report.update(self.verify_weights(version, expected, probe))
+        self.weight_version = version
+        return report
+
+    def verify_weights(self, version: int, expected: dict, probe: Optional[tuple]) -> dict:
+        """Checksum of the live parameters (HF names) == the sender's, and probe log-probs within tolerance."""
+        from rlhf_ray.weight_sync import WeightSyncError, compare_checksums
+
+        where = f"engine {self.engine_index} (pid {os.getpid()}), weight version {version}"
+        started = time.perf_counter()
+        try:
+            compare_checksums(expected, self.checksums(), where)
+            diff = 0.0
+            if probe is not None:
+                token_ids, reference, atol = probe
+                mine = self.probe_logprobs(token_ids)
+                diffs = [abs(a - b) for a, b in zip(mine, reference)]
+                diff = max(diffs)
+                if len(mine) != len(reference) or diff > atol:
+                    at = diffs.index(diff)
+                    raise WeightSyncError(f"{where}: probe log-probs differ from the learner's by {diff:.3g} at "
+                                          f"position {at + 1} (tolerance {atol:g})")
+        except WeightSyncError:
+            self.weight_version = -1
+            raise
+        return {"verify_s": time.perf_counter() - started, "probe_max_diff": diff}
+
+    def checksums(self) -> dict:
+        from rlhf_ray.weight_sync import combine_pieces
+
+        return combine_pieces(p for worker in self.llm.collective_rpc("rlhf_checksum_pieces") for p in worker)
+
+    # -- misc
+    def collective_rpc(self, method, args: tuple = (), kwargs: Optional[dict] = None) -> list:
+        return self.llm.collective_rpc(method, args=args, kwargs=kwargs)
+
+    def sleep(self, level: int = 1) -> bool:
+        """GPU: free weights / KV cache while learners use the GPU. CPU: nothing to free, returns False."""
+        if not self.sleep_enabled:
+            return False
+        self.llm.sleep(level=level)
+        return True
+
+    def wake_up(self) -> bool:
+        if not self.sleep_enabled:
+            return False
+        self.llm.wake_up()
+        return True
 
 
 def _cuda() -> bool:
@@ -84,29 +283,328 @@ def _cuda() -> bool:
     return has_cuda()
 
 
-def engine_env(gen: GenerationConfig, cpu_cores: Optional[str] = None) -> dict[str, str]:
+def engine_cores(gen: GenerationConfig, engine_index: int, ncpu: Optional[int] = None) -> str:
+    """VLLM_CPU_OMP_THREADS_BIND for one engine: generation.cpu_cores[i], else its TP ranks on cores
+    i*tp .. i*tp+tp-1 (modulo the node's cores), "|" between ranks."""
+    if gen.cpu_cores:
+        return gen.cpu_cores[engine_index]
+    ncpu = ncpu or os.cpu_count() or 1
+    tp = gen.tensor_parallel_size
+    return "|".join(str((engine_index * tp + rank) % ncpu) for rank in range(tp))
+
+
+def engine_env(gen: GenerationConfig, cpu_cores: Optional[str] = None, engine_index: int = 0) -> dict[str, str]:
     """Per-engine environment: KV cache size and, on CPU, which cores its OpenMP threads are bound to."""
-    env = {"VLLM_CPU_KVCACHE_SPACE": str(max(1, round(gen.kv_cache_gib)))}
-    if gen.tensor_parallel_size > 1 and cpu_cores is None:
-        cpu_cores = "|".join(str(i % (os.cpu_count() or 1)) for i in range(gen.tensor_parallel_size))
-    env["VLLM_CPU_OMP_THREADS_BIND"] = cpu_cores or "nobind"
-    return env
+    return {"VLLM_CPU_KVCACHE_SPACE": str(max(1, round(gen.kv_cache_gib))),
+            "VLLM_CPU_OMP_THREADS_BIND": cpu_cores or engine_cores(gen, engine_index)}
 
 
-def start_engine(model_path: str, gen: GenerationConfig, *, placement_group, bundle_index: int = 0,
-                 cpus: float = 1.0, gpus: float = 0.0, dtype: str = "float32", seed: int = 0,
-                 cpu_cores: Optional[str] = None, max_restarts: int = 0):
-    """Start one engine actor in `placement_group` and wait until its engine is up."""
+def _engine_actor(model_path: str, gen: GenerationConfig, *, placement_group, bundle_index: int = 0,
+                  cpus: float = 1.0, gpus: float = 0.0, dtype: str = "float32", seed: int = 0,
+                  cpu_cores: Optional[str] = None, max_restarts: int = 0, engine_index: int = 0,
+                  tokenizer: Optional[str] = None):
     import ray
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     from rlhf_ray.env import worker_env_vars
 
-    actor_cls = ray.remote(VLLMEngine)
-    actor = actor_cls.options(
-        num_cpus=cpus, num_gpus=gpus, max_restarts=max_restarts,
-        scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group, placement_group_bundle_index=bundle_index),
-        runtime_env={"env_vars": {**worker_env_vars(), **engine_env(gen, cpu_cores)}},
-    ).remote(model_path, gen, dtype=dtype, seed=seed)
+    if gpus and gen.tensor_parallel_size > 1:
+        gpus = 0  # vLLM's Ray executor places the TP workers on the bundles' GPUs
+    return ray.remote(VLLMEngine).options(
+        num_cpus=cpus, num_gpus=gpus, max_restarts=max_restarts, max_task_retries=0,
+        scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group, placement_group_bundle_index=bundle_index,
+                                                             placement_group_capture_child_tasks=True),
+        runtime_env={"env_vars": {**worker_env_vars(), **engine_env(gen, cpu_cores, engine_index)}},
+    ).remote(model_path, gen, dtype=dtype, seed=seed, tokenizer=tokenizer, engine_index=engine_index)
+
+
+def start_engine(model_path: str, gen: GenerationConfig, *, placement_group, bundle_index: int = 0,
+                 cpus: float = 1.0, gpus: float = 0.0, dtype: str = "float32", seed: int = 0,
+                 cpu_cores: Optional[str] = None, max_restarts: int = 0, engine_index: int = 0):
+    """Start one engine actor in `placement_group` and wait until its engine is up."""
+    import ray
+
+    actor = _engine_actor(model_path, gen, placement_group=placement_group, bundle_index=bundle_index, cpus=cpus,
+                          gpus=gpus, dtype=dtype, seed=seed, cpu_cores=cpu_cores, max_restarts=max_restarts,
+                          engine_index=engine_index)
     ray.get(actor.ready.remote())
     return actor
+
+
+# --------------------------------------------------------------------------------------------- the group
+class GeneratorGroup:
+    """N engines (generation.num_engines, each generation.tensor_parallel_size workers), each in its own placement
+    group (one bundle per TP worker, STRICT_PACK: a TP group never spans nodes). Size is independent of the
+    learners'."""
+
+    def __init__(self, cfg: Config, model_path: str, *, dtype: Optional[str] = None,
+                 placements: Optional[list] = None, start_timeout_s: float = 900.0):
+        import ray
+
+        from rlhf_ray.models.loading import resolve_dtype
+        from rlhf_ray.resources import ready_placement_group, role_bundles
+
+        self.cfg, self.gen, self.model_path = cfg, cfg.generation, model_path
+        gen, res = self.gen, cfg.placement.generator
+        self.dtype = dtype or str(resolve_dtype(cfg.models.actor.dtype)).removeprefix("torch.")
+        self.start_timeout_s = start_timeout_s
+        self._own_placements = placements is None
+        self.placements = placements or [
+            ready_placement_group(f"generator[{i}]", role_bundles(res, gen.tensor_parallel_size), "STRICT_PACK",
+                                  cfg.ray.placement_timeout_s) for i in range(gen.num_engines)]
+        self.engines = [
+            _engine_actor(model_path, gen, placement_group=pg, cpus=res.cpus_per_worker, gpus=res.gpus_per_worker,
+                          dtype=self.dtype, seed=cfg.run.seed, max_restarts=gen.max_restarts, engine_index=i,
+                          tokenizer=cfg.models.actor.tokenizer)
+            for i, pg in enumerate(self.placements)]
+        try:
+            self.info = ray.get([e.ready.remote() for e in self.engines], timeout=start_timeout_s)
+        except BaseException:
+            self.shutdown()
+            raise
+        self.alive = [True] * len(self.engines)
+        self.restarts = [0] * len(self.engines)
+        self.max_model_len = min(i["max_model_len"] for i in self.info)
+        self.weight_version = 0
+        self.last_sync: Optional[SyncReport] = None
+        self._source = None  # what the current version came from (re-syncs restarted engines)
+        self._expected: Optional[dict] = None  # the version's sender checksums
+        self._probe_ref: Optional[tuple] = None  # (probe ids, the source's log-probs, tolerance)
+        self._load = [0] * len(self.engines)  # outstanding work per engine
+        self._inflight: dict = {}  # ObjectRef -> (engine index, work)
+        from rlhf_ray.weight_sync import default_probe_atol, probe_token_ids
+
+        self.probe_ids = probe_token_ids(self.info[0]["vocab_size"], min(gen.verify_probe_len, self.max_model_len - 1))
+        self.probe_atol = gen.verify_probe_atol if gen.verify_probe_atol is not None else default_probe_atol(self.dtype)
+
+    @property
+    def num_engines(self) -> int:
+        return len(self.engines)
+
+    # -- generation
+    def generate(self, prompts: list[list[int]], sampling: Optional[Sampling] = None,
+                 seeds: Optional[list[int]] = None) -> Rollout:
+        """Samples for token-id prompts (generation.* sampling unless `sampling` is given; `seeds`: one per prompt)."""
+        return self.generate_async(prompts, sampling, seeds).result()
+
+    def generate_async(self, prompts: list[list[int]], sampling: Optional[Sampling] = None,
+                       seeds: Optional[list[int]] = None) -> "PendingRollout":
+        """Dispatch now, collect with `.result()`: other calls meanwhile see these engines as busy."""
+        sampling = sampling or Sampling.from_config(self.gen)
+        if seeds is not None and len(seeds) != len(prompts):
+            raise ValueError(f"generate: {len(seeds)} seeds for {len(prompts)} prompts")
+        keep, skipped = [], []
+        for i, p in enumerate(prompts):
+            if len(p) < self.max_model_len:
+                keep.append(i)
+            elif self.gen.long_prompt == "skip":
+                skipped.append(i)
+            else:
+                raise PromptTooLongError(
+                    f"prompt {i} has {len(p)} tokens; the engines hold at most {self.max_model_len} (generation."
+                    f"max_model_len) including one new token. Shorten it, raise max_model_len, or set "
+                    f"generation.long_prompt: skip")
+        if skipped:
+            log.warning("generate: skipped %d prompt(s) longer than max_model_len %d: %s", len(skipped),
+                        self.max_model_len, skipped[:10])
+        pending = PendingRollout(self, prompts, sampling, seeds, skipped)
+        live = max(1, sum(self.alive))
+        size = -(-len(keep) // live) if keep else 0
+        for start in range(0, len(keep), max(size, 1)):
+            pending.dispatch(keep[start:start + size])
+        return pending
+
+    def _pick_engine(self) -> int:
+        """The live engine with the least outstanding work (finished calls no longer count)."""
+        import ray
+
+        if self._inflight:
+            done, _ = ray.wait(list(self._inflight), num_returns=len(self._inflight), timeout=0)
+            for ref in done:
+                self._release(ref)
+        live = [i for i, ok in enumerate(self.alive) if ok]
+        if not live:
+            raise RuntimeError("generator group: every engine is dead (generation.max_restarts exhausted)")
+        return min(live, key=lambda i: self._load[i])
+
+    def _release(self, ref) -> None:
+        engine, work = self._inflight.pop(ref, (None, 0))
+        if engine is not None:
+            self._load[engine] -= work
+
+    def _recover(self, engine: int, error: BaseException) -> None:
+        """After a call failed on `engine`: wait for Ray to restart it and re-sync it, or mark it dead."""
+        import ray
+        from ray.exceptions import GetTimeoutError, RayActorError
+
+        log.warning("engine %d failed (%s: %s); waiting for its restart", engine, type(error).__name__,
+                    str(error).splitlines()[0] if str(error) else "")
+        try:
+            info = ray.get(self.engines[engine].ready.remote(), timeout=self.start_timeout_s)
+        except (RayActorError, GetTimeoutError) as e:
+            log.error("engine %d is gone for good (%s); continuing with %d engine(s)", engine, type(e).__name__,
+                      sum(self.alive) - 1)
+            self.alive[engine] = False
+            return
+        if info["pid"] != self.info[engine]["pid"]:
+            self.restarts[engine] += 1
+            self.info[engine] = info
+        if info["weight_version"] != self.weight_version:
+            if self._source is None:
+                raise RuntimeError(f"engine {engine} holds weight version {info['weight_version']}, the group "
+                                   f"{self.weight_version}, and there is no source to re-sync it from")
+            self._push(self._source, [engine], self.weight_version)
+            log.info("engine %d restarted and re-synced to weight version %d", engine, self.weight_version)
+
+    # -- weights
+    def sync_weights(self, source, version: Optional[int] = None) -> int:
+        """Broadcast the source's weights (a WeightSource, or a learner group with export_params) to every engine,
+        verify them (generation.verify_weights) and return the new weight version (default: current + 1)."""
+        from rlhf_ray.weight_sync import LearnerSource
+
+        if not hasattr(source, "push"):
+            source = LearnerSource(source)
+        version = self.weight_version + 1 if version is None else version
+        self._expected = None  # a new version: its checksums come from this export
+        self.last_sync = self._push(source, [i for i, ok in enumerate(self.alive) if ok], version)
+        self.weight_version, self._source = version, source
+        return version
+
+    def _push(self, source, targets: list[int], version: int) -> SyncReport:
+        import ray
+        import torch.distributed as dist
+
+        from rlhf_ray.env import has_cuda
+        from rlhf_ray.weight_sync import BucketSender, SyncPlan, WeightSyncError, local_ip, resolve_transport
+
+        gen, tp = self.gen, self.gen.tensor_parallel_size
+        transport = resolve_transport(gen.sync_transport, has_cuda())
+        engines = [self.engines[i] for i in targets]
+        offsets = [1 + k * tp for k in range(len(engines))]  # sender is rank 0, then each engine's TP workers
+        plan = SyncPlan(version, transport, self.dtype, int(gen.sync_bucket_mb * (1 << 20)), engines=engines,
+                        world_size=1 + tp * len(engines), timeout_s=gen.sync_timeout_s)
+        sender = BucketSender(plan, verify=gen.verify_weights)
+        started = time.perf_counter()
+        store = None
+        if transport == "gloo":  # the driver hosts the rendezvous store; it outlives the sender's last key
+            from datetime import timedelta
+
+            store = dist.TCPStore(local_ip(), 0, None, True, wait_for_workers=False,
+                                  timeout=timedelta(seconds=gen.sync_timeout_s))
+            plan.host, plan.port = local_ip(), store.port
+            receiving = [e.receive_weights_gloo.remote(plan, off) for e, off in zip(engines, offsets)]
+        elif transport == "object_store":
+            ray.get([e.begin_weight_update.remote() for e in engines])
+            receiving = []
+        else:
+            plan.host, plan.port = source.endpoint() if transport == "nccl" else ("", 0)
+            receiving = [e.init_weight_transfer.remote(plan, off) for e, off in zip(engines, offsets)]
+            if transport == "ipc":
+                ray.get(receiving)
+                receiving = []
+        stats = source.push(sender, plan.bucket_bytes)
+        ray.get(receiving)
+        del store
+        expected = None
+        probe = None
+        if gen.verify_weights:
+            expected = stats["checksums"]
+            if self._expected is not None and expected != self._expected:
+                raise WeightSyncError(f"re-sync of engines {targets} to weight version {version}: the source no "
+                                      f"longer holds that version (its checksums changed since the sync)")
+            self._expected = expected
+            probe = (self.probe_ids, source.probe_logprobs(self.probe_ids), self.probe_atol)
+        reports = ray.get([e.finish_weight_update.remote(version, transport, expected, probe) for e in engines])
+        report = SyncReport(version, transport, time.perf_counter() - started, stats["bytes"], stats["buckets"],
+                            stats["max_bucket_bytes"], gen.verify_weights, reports)
+        log.info("weight sync v%d over %s to %d engine(s): %.1f MB in %d bucket(s), %.2fs (%.0f MB/s)%s", version,
+                 transport, len(engines), report.bytes / 1e6, report.buckets, report.seconds, report.mb_per_s,
+                 ", verified" if gen.verify_weights else "")
+        self._probe_ref = probe
+        return report
+
+    def verify(self) -> list[dict]:
+        """Re-check every live engine against the current version (checksums and probe); raises WeightSyncError."""
+        import ray
+
+        if self._expected is None:
+            raise RuntimeError("verify: no verified sync yet (generation.verify_weights off, or never synced)")
+        return ray.get([self.engines[i].verify_weights.remote(self.weight_version, self._expected, self._probe_ref)
+                        for i, ok in enumerate(self.alive) if ok])
+
+    def engine_versions(self) -> list[int]:
+        import ray
+
+        return [info["weight_version"] for info in ray.get([e.ready.remote() for e in self.engines])]
+
+    # -- GPU sharing
+    def sleep(self, level: int = 1) -> list[bool]:
+        """GPU with generation.enable_sleep_mode: engines release weights / KV cache; False where nothing happened."""
+        import ray
+
+        return ray.get([e.sleep.remote(level) for e, ok in zip(self.engines, self.alive) if ok])
+
+    def wake_up(self) -> list[bool]:
+        import ray
+
+        return ray.get([e.wake_up.remote() for e, ok in zip(self.engines, self.alive) if ok])
+
+    def shutdown(self) -> None:
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        for e in getattr(self, "engines", []):
+            ray.kill(e, no_restart=True)
+        self.engines = []
+        if self._own_placements:
+            for pg in self.placements:
+                remove_placement_group(pg)
+            self.placements = []
+
+
+class PendingRollout:
+    """Chunks of one generate call in flight; `result()` waits, recovering from engine failures."""
+
+    def __init__(self, group: GeneratorGroup, prompts, sampling: Sampling, seeds, skipped: list[int]):
+        self.group, self.prompts, self.sampling, self.seeds = group, prompts, sampling, seeds
+        self.skipped, self.redispatched = skipped, 0
+        self.started = time.perf_counter()
+        self.chunks: dict = {}  # ObjectRef -> (engine, prompt indices, attempts)
+        self.samples: list[Sample] = []
+
+    def dispatch(self, indices: list[int], attempts: int = 0) -> None:
+        g, s = self.group, self.sampling
+        engine = g._pick_engine()
+        work = sum(s.work(len(self.prompts[i])) for i in indices)
+        seeds = [self.seeds[i] for i in indices] if self.seeds is not None else None
+        ref = g.engines[engine].generate.remote([self.prompts[i] for i in indices], s, prompt_indices=indices,
+                                                seeds=seeds, expected_version=g.weight_version)
+        g._inflight[ref] = (engine, work)
+        g._load[engine] += work
+        self.chunks[ref] = (engine, indices, attempts)
+
+    def result(self) -> Rollout:
+        import ray
+        from ray.exceptions import RayActorError
+
+        g = self.group
+        while self.chunks:
+            [ref], _ = ray.wait(list(self.chunks), num_returns=1)
+            engine, indices, attempts = self.chunks.pop(ref)
+            g._release(ref)
+            try:
+                self.samples += ray.get(ref)
+                continue
+            except (RayActorError, StaleWeightsError) as e:
+                if attempts > g.gen.max_restarts:
+                    raise RuntimeError(f"prompts {indices[:5]}...: engine failures on {attempts + 1} attempts") from e
+                g._recover(engine, e)
+            self.redispatched += len(indices)
+            self.dispatch(indices, attempts + 1)
+        samples = sorted(self.samples, key=lambda s: (s.prompt_index, s.sample_index))
+        served: dict[int, int] = {}
+        for s in samples:
+            if s.sample_index == 0:
+                served[s.engine] = served.get(s.engine, 0) + 1
+        return Rollout(samples, g.weight_version, self.redispatched, self.skipped, served,
+                       time.perf_counter() - self.started)

@@ -24,6 +24,7 @@ collectively: an uneven count would deadlock) and drops the padded rows from the
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import socket
@@ -56,6 +57,19 @@ class RolePlacement:
     share: float = 1.0  # 1 / number of roles sharing the group
 
 
+def unique_label(label: str) -> str:
+    """`label`, or `label#2`, `#3`, ...: Ray placement-group names (rlhf_ray:<label>) must be unique among live
+    groups, and a role may have two at once (a group rebuilt from a checkpoint, two runs on one cluster)."""
+    from ray.util import placement_group_table
+
+    taken = {pg.get("name") for pg in placement_group_table().values() if pg.get("state") != "REMOVED"}
+    n, candidate = 1, label
+    while f"rlhf_ray:{candidate}" in taken:
+        n += 1
+        candidate = f"{label}#{n}"
+    return candidate
+
+
 def placement_plan(cfg: Config, roles: Optional[list[str]] = None) -> dict[str, RolePlacement]:
     """Create (and wait for) the placement groups of the PPO layout (resources.ppo_layout); colocated roles map to
     the same group. `roles` restricts which layouts are created (by any role they hold)."""
@@ -66,7 +80,8 @@ def placement_plan(cfg: Config, roles: Optional[list[str]] = None) -> dict[str, 
         members = layout.role.split("+")
         if roles is not None and not set(members) & set(roles):
             continue
-        pg = ready_placement_group(layout.role, layout.bundles, layout.strategy, cfg.ray.placement_timeout_s)
+        pg = ready_placement_group(unique_label(layout.role), layout.bundles, layout.strategy,
+                                   cfg.ray.placement_timeout_s)
         for role in members:
             plan[role] = RolePlacement(role, layout.role, pg, layout.bundles, share=1.0 / len(members))
     return plan
@@ -84,7 +99,7 @@ def own_placement(role: str, resources: RoleResources, num_workers: int, timeout
     from rlhf_ray.resources import ready_placement_group, role_bundles
 
     bundles = role_bundles(resources, num_workers)
-    return RolePlacement(role, role, ready_placement_group(role, bundles, "PACK", timeout_s), bundles)
+    return RolePlacement(role, role, ready_placement_group(unique_label(role), bundles, "PACK", timeout_s), bundles)
 
 
 # ------------------------------------------------------------------------------------- batch sharding
@@ -136,6 +151,13 @@ def mean_stats(per_rank: list[dict[str, float]]) -> dict[str, float]:
 
 def _concat_task(n: int, *results):
     return concat_results(list(results), n)
+
+
+@functools.cache
+def _remote_concat():
+    import ray
+
+    return ray.remote(num_cpus=0)(_concat_task)  # joins rank results inside the object store
 
 
 # ------------------------------------------------------------------------------------------ worker side
@@ -265,7 +287,7 @@ class ModelGroup:
                for w in self.workers]
         n_refs, result_refs = [o[0] for o in out], [o[1] for o in out]
         if as_ref:
-            return ray.remote(num_cpus=0)(_concat_task).remote(n_refs[0], *result_refs)
+            return _remote_concat().remote(n_refs[0], *result_refs)
         return concat_results(ray.get(result_refs), ray.get(n_refs[0]))
 
     def run_sharded_each(self, method: str, batch, *args, pad: bool = False, **kwargs) -> list:
@@ -288,5 +310,7 @@ class ModelGroup:
         for w in getattr(self, "workers", []):
             ray.kill(w, no_restart=True)
         self.workers = []
-        if remove_placement_group if remove_placement_group is not None else self._owns_placement:
+        remove = remove_placement_group if remove_placement_group is not None else self._owns_placement
+        if remove and not getattr(self, "_placement_removed", False):
             remove_pg(self.placement.placement_group)
+            self._placement_removed = True

@@ -430,9 +430,10 @@ class EngineWorker(DistributedWorker, abc.ABC):
 
     def optimizer_state(self) -> dict:
         """This rank's optimizer state tensors (for checks that a restore is exact)."""
-        inner = getattr(self.optimizer, "optimizer", self.optimizer)
-        return {f"{i}.{k}": v.detach().cpu().clone() for i, s in inner.state_dict()["state"].items()
-                for k, v in s.items() if isinstance(v, torch.Tensor)}
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)  # the client optimizer over this rank's shards
+        params = [p for group in inner.param_groups for p in group["params"]]
+        return {f"{i}.{k}": v.detach().cpu().clone() for i, p in enumerate(params)
+                for k, v in inner.state.get(p, {}).items() if isinstance(v, torch.Tensor)}
 
     def global_steps(self) -> int:
         return int(self.engine.global_steps)

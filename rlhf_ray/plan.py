@@ -239,7 +239,6 @@ class Proc:
     rank: int
     group: int  # index into Plan.groups
     bundle: int
-    gpu_fraction: float
     memory: Memory
     node: int = -1
     gpus: tuple[int, ...] = ()
@@ -256,7 +255,6 @@ class Plan:
     problems: list[str] = field(default_factory=list)
     times: dict[str, float] = field(default_factory=dict)
     stages: dict[str, tuple[int, float, bool]] = field(default_factory=dict)  # SFT/RM: ranks, GiB per rank, fits
-    notes: list[str] = field(default_factory=list)
 
     @property
     def fits(self) -> bool:
@@ -361,9 +359,8 @@ def _role_models(cfg: Config) -> dict[str, ModelShape]:
 
 
 def _check_cluster(c: ClusterConfig) -> None:
-    for key in ("nodes",):
-        if getattr(c, key) < 1:
-            raise ConfigError(f"cluster.{key} must be >= 1")
+    if c.nodes < 1:
+        raise ConfigError("cluster.nodes must be >= 1")
     if c.gpus_per_node < 0:
         raise ConfigError("cluster.gpus_per_node must be >= 0")
     for key in ("gpu_memory_gib", "cpu_memory_gib", "gpu_tflops", "gpu_memory_bandwidth_gbs", "cpu_tflops",
@@ -382,12 +379,11 @@ def _role_procs(cfg: Config, models: dict[str, ModelShape], layout: list[RoleLay
     procs: list[Proc] = []
     for gi, group in enumerate(layout):
         n_bundles = len(group.bundles)
-        gpu = group.bundles[0].get("GPU", 0.0)
         for role in group.role.split("+"):
             base = role.split("[")[0]
             if base == "generator":
                 mem = _engine_memory(cfg, models["actor"], on_gpu[group.role], problems)
-                procs += [Proc(group.role, t, gi, t, gpu, copy.copy(mem)) for t in range(n_bundles)]
+                procs += [Proc(group.role, t, gi, t, copy.copy(mem)) for t in range(n_bundles)]
                 continue
             ranks = getattr(p, base).num_workers
             g = on_gpu[group.role]
@@ -399,7 +395,7 @@ def _role_procs(cfg: Config, models: dict[str, ModelShape], layout: list[RoleLay
                 dtype = (cfg.models.reference or cfg.models.actor).dtype if base == "reference" else cfg.models.reward.dtype
                 mem = _frozen_memory(models[base], dtype, ranks, learner.deepspeed.zero_stage == 3,
                                      learner.deepspeed.micro_batch_size, seq, g, lm=base == "reference")
-            procs += [Proc(base, r, gi, r % n_bundles, gpu, copy.copy(mem)) for r in range(ranks)]
+            procs += [Proc(base, r, gi, r % n_bundles, copy.copy(mem)) for r in range(ranks)]
     return procs
 
 
@@ -549,7 +545,7 @@ def _estimate_time(cfg: Config, plan: Plan) -> None:
     engines = [r for r in by_role if r.startswith("generator")]
     eng = by_role[engines[0]][0]
     flops, hbm = _rates(c, bool(eng.gpus))
-    tp, wb = gen.tensor_parallel_size, (2 if eng.gpus else 4)
+    tp, wb = gen.tensor_parallel_size, _dtype_bytes(cfg.models.actor.dtype, bool(eng.gpus))
     kv_token = actor.kv_bytes_per_token(wb) / tp
     per_engine = math.ceil(seqs / len(engines))
     workspace = (ENGINE_WORKSPACE_GIB if eng.gpus else CPU_ENGINE_WORKSPACE_GIB) * GIB
@@ -650,7 +646,7 @@ def plan(cfg: Config) -> Plan:
     return out
 
 
-def _with(cfg: Config, overrides: dict[str, Any]) -> Config:
+def with_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
     new = copy.deepcopy(cfg)
     for dotted, value in overrides.items():
         *parents, leaf = dotted.split(".")
@@ -687,15 +683,17 @@ def suggest_placement(cfg: Config) -> tuple[dict[str, Any], Plan]:
         for util in (0.2, 0.3, 0.4, 0.5):
             rest = round(1 - util, 2)
             for share in (0.5, 0.6, 0.7):
-                a = round(rest * share if critic else rest, 2)
+                a = round(rest * share, 2)
                 cand = {"generation.num_engines": 1, "generation.tensor_parallel_size": 1,
                         "generation.gpu_memory_utilization": util, "placement.generator.gpus_per_worker": util,
                         "placement.actor.num_workers": 1, "placement.actor.gpus_per_worker": a,
                         "placement.reference.num_workers": 1, "placement.colocate_actor_reference": True,
                         "placement.critic.num_workers": 1, "placement.reward.num_workers": 1}
-                if critic:
+                if critic:  # the reward model shares the critic's slice
                     cand |= {"placement.critic.gpus_per_worker": round(rest - a, 2),
                              "placement.colocate_critic_reward": True}
+                else:
+                    cand["placement.reward.gpus_per_worker"] = round(rest - a, 2)
                 candidates.append(cand)
     else:
         sizes = sorted({2**i for i in range(12) if 2**i <= total}
@@ -722,7 +720,7 @@ def suggest_placement(cfg: Config) -> tuple[dict[str, Any], Plan]:
                           f"of micro_batch_size x ranks; adjust the batch sizes")
     best = None
     for cand in candidates:
-        p = plan(_with(cfg, cand))
+        p = plan(with_overrides(cfg, cand))
         overfull = max(p.max_gpu_gib() / c.gpu_memory_gib, p.max_host_gib() / c.cpu_memory_gib)
         key = (not p.fits, p.times["total"] if p.fits else overfull)
         if best is None or key < best[0]:
@@ -759,9 +757,11 @@ def format_plan(cfg: Config, p: Plan, source: str = "") -> str:
     device = (f"{c.nodes} node(s) x {c.gpus_per_node} GPU(s) x {c.gpu_memory_gib:g} GiB, {c.cpu_memory_gib:g} GiB host "
               f"per node" if c.gpus_per_node else f"{c.nodes} CPU node(s) x {c.cpu_memory_gib:g} GiB (no GPU)")
     lines = [f"plan{' for ' + source if source else ''}: {device}"]
-    seen = {}
+    seen: dict[str, list[str]] = {}
+    present = {proc.role.split("[")[0] for proc in p.procs}
     for role, shape in p.models.items():
-        seen.setdefault(shape.name, []).append(role)
+        if role in present:
+            seen.setdefault(shape.name, []).append(role)
     lines.append("models: " + "; ".join(f"{'/'.join(r)} {name} {p.models[r[0]].params / 1e9:.2f}B params"
                                         for name, r in seen.items()))
     lines.append(f"GiB per process   {'procs':>5}{'weights':>8}{'grads':>8}{'optim':>8}{'activ':>8}{'gather':>8}"
@@ -796,7 +796,6 @@ def format_plan(cfg: Config, p: Plan, source: str = "") -> str:
                  + f"CUDA context {GPU_CONTEXT_GIB:g} GiB per GPU process, host {HOST_GIB_PER_GPU_PROCESS:g} GiB per "
                    f"GPU process, vLLM workspace {ENGINE_WORKSPACE_GIB:g} GiB; answers run to max_new_tokens; "
                    f"activations per Korthikanti et al. 2022 with memory-efficient attention")
-    lines += [f"note: {n}" for n in p.notes]
     lines.append("FITS" if p.fits else "DOES NOT FIT:\n  " + "\n  ".join(p.problems))
     return "\n".join(lines)
 
@@ -812,7 +811,7 @@ def cmd_plan(args) -> int:
         overrides, result = suggest_placement(cfg)
         print(f"suggested placement for {cfg.cluster.nodes * cfg.cluster.gpus_per_node} GPU(s) "
               f"(append to the command line, or put into the YAML):\n  {overrides_as_flags(overrides)}\n")
-        cfg = _with(cfg, overrides)
+        cfg = with_overrides(cfg, overrides)
     else:
         result = plan(cfg)
     print(format_plan(cfg, result, str(args.config)))

@@ -3,6 +3,7 @@ data-parallel rank and gathered in order. Real Ray; light workers (no models) so
 from __future__ import annotations
 
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import ray.cloudpickle
@@ -126,9 +127,12 @@ def test_colocated_roles_share_one_placement_group(ray_cluster):
         assert plan["actor"].placement_group is plan["reference"].placement_group
         assert plan["critic"].placement_group is plan["reward"].placement_group
         assert plan["actor"].placement_group is not plan["critic"].placement_group
-        for role in ("actor", "reference", "critic", "reward"):
+        def start(role: str) -> ModelGroup:
             res = getattr(cfg.placement, role)
-            groups.append(ModelGroup(role, EchoWorker, res.num_workers, resources=res, placement=plan[role]))
+            return ModelGroup(role, EchoWorker, res.num_workers, resources=res, placement=plan[role])
+
+        with ThreadPoolExecutor(4) as pool:  # the groups start side by side (each start is mostly waiting)
+            groups += pool.map(start, ("actor", "reference", "critic", "reward"))
         facts = {g.role: g.apply(world_facts) for g in groups}
         pg_ids = {role: {f["pg"] for f in fs} for role, fs in facts.items()}
         assert pg_ids["actor"] == pg_ids["reference"] == {plan["actor"].placement_group.id.hex()}

@@ -38,7 +38,9 @@ def simulate(config: str, out: str, dashboard_port: int) -> None:
     c = cfg.cluster
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 1, "num_gpus": 0, "include_dashboard": True, "dashboard_host": "127.0.0.1",
-        "dashboard_port": dashboard_port})
+        "dashboard_port": dashboard_port,
+        # not the default 52365: a Ray cluster of the test process itself may hold it
+        "dashboard_agent_listen_port": _free_port()})
     for _ in range(c.nodes):  # logical CPUs and GPUs of a DGX A100 node
         cluster.add_node(num_cpus=128, num_gpus=c.gpus_per_node, resources={"dgx": 1})
     cluster.wait_for_nodes()
@@ -67,14 +69,18 @@ def simulate(config: str, out: str, dashboard_port: int) -> None:
     Path(out).write_text(json.dumps(report))
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture(scope="module")
 def simulated(tmp_path_factory):
     """Run `simulate` in a child process with its own Ray temp dir and a fresh auth token."""
     tmp = Path(tempfile.mkdtemp(prefix="rlhfmn"))  # short: Ray's socket paths must stay under 108 bytes
     out = tmp_path_factory.mktemp("multinode") / "report.json"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_port()
     env = {**os.environ, "RAY_TMPDIR": str(tmp), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
            "RAY_ADDRESS": "", "RAY_prestart_worker_first_driver": "0", "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS")

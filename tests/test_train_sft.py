@@ -23,7 +23,7 @@ STEPS, LR, WARMUP = 8, 3e-3, 2
 def sft_config(tmp_path, model: str, **overrides):
     return load_config(None, {
         "ray.address": "local", "run.output_dir": str(tmp_path), "run.seed": 0, "models.actor.path": model,
-        "data.max_prompt_len": 64, "data.max_answer_len": 32,
+        "data.max_prompt_len": 64, "data.max_answer_len": 32, "data.cache_dir": str(tmp_path / "data_cache"),
         "sft.num_workers": 2, "sft.deepspeed.micro_batch_size": 2, "sft.deepspeed.global_batch_size": 8,
         "sft.max_steps": STEPS, "sft.optim.lr": LR, "sft.optim.warmup_steps": WARMUP, "sft.optim.lr_schedule": "cosine",
         "sft.log_every": 1, "sft.eval_every": 4, "sft.checkpoint_every": 4, **overrides})

@@ -10,6 +10,7 @@ Normalized columns:
 Formats (DatasetSource.format, or "auto": detected from columns in DETECTION order, and logged):
   rm-static  Dahoas/rm-static, Dahoas/full-hh-rlhf: prompt, response, chosen, rejected
   pairwise   Dahoas/synthetic-instruct-gptj-pairwise, yitingxie/rlhf-reward-datasets: prompt, chosen, rejected
+             (yitingxie's answers start with "Assistant:": it moves to the end of the prompt)
   hh-rlhf    Anthropic/hh-rlhf: chosen, rejected as whole "\\n\\nHuman: ...\\n\\nAssistant: ..." conversations;
              prompt = the text up to and including the last "Assistant:"
   webgpt     openai/webgpt_comparisons: question{full_text}, answer_0/1, score_0/1 (higher score is chosen)
@@ -100,15 +101,25 @@ def _row(prompt: str, chosen: str = "", rejected: str = "", row: dict | None = N
 
 
 # --------------------------------------------------------------------------------------------- formats
+_ASSISTANT = "Assistant:"
+
+
 def _pairwise(row: dict) -> dict:
-    return _row(_text(row, "prompt"), _text(row, "chosen"), _text(row, "rejected"), row)
+    prompt, chosen, rejected = _text(row, "prompt"), _text(row, "chosen"), _text(row, "rejected")
+    # yitingxie/rlhf-reward-datasets: the prompt stops before "Assistant:", which opens both answers.
+    if chosen.lstrip().startswith(_ASSISTANT) and rejected.lstrip().startswith(_ASSISTANT):
+        prompt += "" if prompt.rstrip().endswith(_ASSISTANT) else _ASSISTANT
+        chosen, rejected = (a.lstrip()[len(_ASSISTANT):] for a in (chosen, rejected))
+        if not chosen.strip() or not rejected.strip():
+            raise BadRow("empty_text")
+    return _row(prompt, chosen, rejected, row)
 
 
 def _split_last_assistant(conversation: str) -> tuple[str, str]:
-    idx = conversation.rfind("Assistant:")
+    idx = conversation.rfind(_ASSISTANT)
     if idx < 0:
         raise BadRow("no_assistant_turn")
-    cut = idx + len("Assistant:")
+    cut = idx + len(_ASSISTANT)
     return conversation[:cut], conversation[cut:]
 
 
@@ -238,6 +249,9 @@ def normalize(ds: datasets.Dataset, fmt: str, source: str, fingerprint: str
     if missing:
         raise DataError(f"{source}: format '{fmt}' needs columns {missing}, which it lacks "
                         f"(it has {sorted(ds.column_names)})")
+    if not len(ds):
+        return datasets.Dataset.from_dict({k: [] for k in NORMALIZED if k != "_bad"},
+                                          features=datasets.Features({k: v for k, v in NORMALIZED.items() if k != "_bad"})), {}, {}
     adapt = FORMATS[fmt].row
 
     def adapt_batch(batch: dict) -> dict:

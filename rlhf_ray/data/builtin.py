@@ -2,20 +2,24 @@
 
 Task: every prompt has one checkable answer, the `reference`.
 
-* Echo (80% of rows): "<context> Say the word dog." -> "dog". The word is one of ECHO_WORDS; the context
-  sentence names three other nouns and only makes every prompt unique.
-* Addition (20%): "What is 12 plus 30?" -> "The answer is 42." (operands 1..50).
+* Echo (85% of rows): "I see the moon, the city and the bird. Now say the word dog." -> "dog". The three
+  random context nouns only make every prompt unique; the word is always ECHO_WORDS[0].
+* Addition (15%): "What is 12 plus 30?" -> "The answer is 42." (operands 1..50).
 
-Rows have the columns `prompt`, `chosen` (the right answer), `rejected` (a wrong one: another echo word, or a
-sum off by 1..10) and `reference` (the bare answer: "dog", "42"), so the "pairwise" adapter reads them: SFT
+Rows have the columns `prompt`, `chosen` (the right answer), `rejected` (a wrong one: another word, or a sum
+off by 1..10) and `reference` (the bare answer: "dog", "42"), so the "pairwise" adapter reads them: SFT
 learns `chosen`, the RM ranks chosen over rejected, PPO scores with `rule_reward`.
 
 `rule_reward` is 1.0 when the response contains the reference as a whole word (case-insensitive), else 0.0.
-A tiny random-weight model (rlhf_ray/models/tiny.py) hits it ~3-5% of the time by sampling; because one of
-four words is enough on echo prompts, a policy gradient finds it within a few dozen iterations, while
-addition stays out of its reach (so ~0.8 is the ceiling for a tiny model). The reward only checks
-containment: a response listing every echo word scores on every echo prompt. It is a pipeline test signal,
-not a measure of alignment. SmolLM2-135M-Instruct answers both kinds of prompt sensibly.
+
+Why one echo word: the data must let PPO lift a tiny random-weight model (rlhf_ray/models/tiny.py) from a
+reward < 0.2 to >= 0.6 within a few dozen iterations. Such a model samples "dog" in ~1-3% of 16-token
+responses, so the signal is rare but present. With a policy-gradient proxy (REINFORCE, Adam lr 3e-3, 64
+samples of 16 tokens per iteration, tiny Llama) the mean reward went from <= 0.02 to >= 0.75 within 24
+iterations for two seeds; with two or four echo words (where the model must read the word from the prompt)
+it stayed near 0.3-0.4 after 30-40 iterations. Addition is out of a tiny model's reach, so ~0.85 is its ceiling.
+SmolLM2-135M-Instruct (greedy, 20 new tokens) said the word for 10 of 12 echo prompts and got 1 of 10 sums
+right, with arithmetic-shaped answers ("15 + 48 = 62."): room for PPO to improve.
 
 `builtin:text` is plain text in the same domain for the PTX loss.
 """
@@ -25,11 +29,15 @@ import random
 import re
 
 BUILTIN_SEED = 0  # the data set itself is fixed; data.seed only decides how it is split
-BUILTIN_VERSION = 1  # bump when the generator changes: tokenized caches are keyed by it
 NUM_ROWS = 4000
-ECHO_SHARE = 0.8
-ECHO_WORDS = ("cat", "dog", "red", "blue")
-ECHO_TEMPLATES = ("Say the word {word}.", "Please say {word}.", "Reply with the word {word}.")
+ECHO_SHARE = 0.85
+ECHO_WORDS = ("dog",)
+WRONG_WORDS = ("cat", "red", "blue", "bird")
+# Each names three context nouns (they make prompts unique). Phrasings that SmolLM2-135M-Instruct answers with
+# the word under greedy decoding; it ignores "Please say dog." or "Reply with the word dog." ones.
+ECHO_TEMPLATES = ("I see the {x}, the {y} and the {z}. Now say the word {word}.",
+                  "{X}, {y}, {z}. Say the word {word}.",
+                  "Say the word {word}. Do not say {x}, {y} or {z}.")
 _CONTEXT_NOUNS = ("apple", "orange", "water", "fire", "earth", "wind", "sun", "moon", "star", "river",
                   "mountain", "city", "country", "bird")
 
@@ -37,8 +45,8 @@ _CONTEXT_NOUNS = ("apple", "orange", "water", "fire", "earth", "wind", "sun", "m
 def _echo_row(rng: random.Random) -> dict:
     word = rng.choice(ECHO_WORDS)
     x, y, z = rng.sample(_CONTEXT_NOUNS, 3)
-    prompt = f"We saw the {x}, the {y} and the {z}. " + rng.choice(ECHO_TEMPLATES).format(word=word)
-    wrong = rng.choice([w for w in ECHO_WORDS if w != word])
+    prompt = rng.choice(ECHO_TEMPLATES).format(word=word, x=x, X=x.capitalize(), y=y, z=z)
+    wrong = rng.choice([w for w in WRONG_WORDS if w != word])
     return {"prompt": prompt, "chosen": word, "rejected": wrong, "reference": word}
 
 

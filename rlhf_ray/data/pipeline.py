@@ -31,7 +31,7 @@ from rlhf_ray.config import Config, DataConfig, DatasetSource, to_dict
 from rlhf_ray.data.adapters import FORMATS, detect_format, normalize
 from rlhf_ray.data.report import DataError, check_bad_rows
 from rlhf_ray.data.sources import load_source, source_fingerprint
-from rlhf_ray.data.tokenization import tokenize_stage
+from rlhf_ray.data.tokenization import empty_stage_dataset, tokenize_stage
 from rlhf_ray.io import atomic_directory
 
 logger = logging.getLogger("rlhf_ray.data")
@@ -59,11 +59,11 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(json.dumps(state, default=str).encode()).hexdigest()[:16]
 
 
-def cache_key(d: DataConfig, stage: str, split: str, tokenizer, sources, hf_cache: str) -> str:
+def cache_key(d: DataConfig, stage: str, split: str, tokenizer, sources) -> str:
     settings = {k: v for k, v in to_dict(d).items()
                 if k not in ("datasets", "sft_only", "ptx", "cache_dir", "rebuild_cache")}
     state = {"version": PIPELINE_VERSION, "stage": stage, "split": split, "settings": settings,
-             "sources": [(role, to_dict(s), source_fingerprint(s, hf_cache)) for role, s in sources],
+             "sources": [(role, to_dict(s), source_fingerprint(s)) for role, s in sources],
              "tokenizer": tokenizer_fingerprint(tokenizer)}
     return hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()[:20]
 
@@ -130,8 +130,12 @@ def _build(d: DataConfig, stage: str, split: str, tokenizer, sources, hf_cache: 
             logger.info("%s: stage '%s' (%s): truncated %s", src.path, stage, split, truncated)
         parts.append((src.path, src.weight, tokens))
     if not parts or not any(len(p) for _, _, p in parts):
-        raise DataError(f"stage '{stage}' ({split}) got no rows from {[s.path for _, s in sources]}: "
-                        f"check data.data_split ('{d.data_split}'), data.eval_fraction and the formats")
+        msg = (f"stage '{stage}' ({split}) got no rows from {[s.path for _, s in sources]}: "
+               f"check data.data_split ('{d.data_split}'), data.eval_fraction and the formats")
+        if split == "train":
+            raise DataError(msg)
+        logger.warning(msg)  # an empty eval split is allowed (data.eval_fraction 0, or tiny data)
+        parts = [("", 1.0, empty_stage_dataset(stage))]
     ds = mix(parts, d.seed, weighted=split == "train")
     report["rows"] = len(ds)
     return ds, report
@@ -148,7 +152,7 @@ def build_stage_dataset(cfg: Config, stage: str, tokenizer, split: str = "train"
     root = Path(d.cache_dir).expanduser()
     hf_cache = str(root / "hf")
     sources = stage_sources(d, stage)
-    key = cache_key(d, stage, split, tokenizer, sources, hf_cache)
+    key = cache_key(d, stage, split, tokenizer, sources)
     path = root / f"{stage}-{split}-{key}"
     root.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock"):
@@ -161,11 +165,13 @@ def build_stage_dataset(cfg: Config, stage: str, tokenizer, split: str = "train"
                 ds.save_to_disk(str(tmp / "data"))
                 (tmp / "report.json").write_text(json.dumps(report, indent=1))
             logger.info("data %s/%s: %d rows built into %s", stage, split, report["rows"], path)
+        # Memory-mapped, still readable if a rebuild replaces it; datasets cannot load a saved empty data set.
+        ds = datasets.load_from_disk(str(path / "data")) if report["rows"] else empty_stage_dataset(stage)
     report["cache_path"] = str(path)
-    return datasets.load_from_disk(str(path / "data")), report
+    return ds, report
 
 
 def load_stage_dataset(cfg: Config, stage: str, tokenizer, split: str = "train") -> datasets.Dataset:
-    """Tokenized rows for stage "sft" | "rm" | "ppo" | "ptx" and split "train" | "eval" (columns in README of
-    rlhf_ray/data/__init__.py)."""
+    """Tokenized rows for stage "sft" | "rm" | "ppo" | "ptx" and split "train" | "eval" (columns: see
+    rlhf_ray/data/__init__.py). The train split fails when empty; an eval split may be empty."""
     return build_stage_dataset(cfg, stage, tokenizer, split)[0]

@@ -40,12 +40,14 @@ def _is_saved_dataset(folder: Path) -> bool:
 
 
 def load_source(src: DatasetSource, hf_cache_dir: str | None = None) -> datasets.Dataset:
-    """The rows of one configured source, as a datasets.Dataset (memory-mapped where datasets does so)."""
+    """The rows of one configured source, as a datasets.Dataset (memory-mapped where datasets does so).
+
+    `hf_cache_dir` is where datasets keeps the Arrow copies of local files (hub data uses its own cache)."""
     path = src.path
     if path.startswith(BUILTIN_PREFIX):
         return builtin_dataset(path[len(BUILTIN_PREFIX):])
-    if not _looks_local(path):
-        return datasets.load_dataset(path, split=src.split, cache_dir=hf_cache_dir)
+    if not _looks_local(path):  # the Hugging Face cache: one filled beforehand works with HF_DATASETS_OFFLINE=1
+        return datasets.load_dataset(path, split=src.split)
     files = _local_files(path)
     if len(files) == 1 and files[0].is_dir():
         folder = files[0]
@@ -68,19 +70,17 @@ def load_source(src: DatasetSource, hf_cache_dir: str | None = None) -> datasets
         raise DataError(f"{path}: could not be read as {BUILDERS[files[0].suffix]}: {e}") from e
 
 
-def source_fingerprint(src: DatasetSource, hf_cache_dir: str | None = None) -> str:
+def source_fingerprint(src: DatasetSource) -> str:
     """Changes when the source's data changes: file names, sizes and mtimes for local data; the hub name,
-    split and the loaded data set's own fingerprint for hub data; the generator version for built-ins."""
+    split and the loaded data set's own fingerprint for hub data; the generated rows for built-ins."""
     path = src.path
     if path.startswith(BUILTIN_PREFIX):
-        from rlhf_ray.data import builtin
-
-        state = [path, builtin.BUILTIN_VERSION, builtin.BUILTIN_SEED, builtin.NUM_ROWS]
+        state = [path, builtin_dataset(path[len(BUILTIN_PREFIX):])._fingerprint]
     elif _looks_local(path):
         state = [path, src.split]
         for f in _local_files(path):
             members = sorted(p for p in f.rglob("*") if p.is_file()) if f.is_dir() else [f]
             state += [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in members]
     else:
-        state = [path, src.split, load_source(src, hf_cache_dir)._fingerprint]
+        state = [path, src.split, load_source(src)._fingerprint]
     return hashlib.sha256(json.dumps(state, default=str).encode()).hexdigest()[:16]

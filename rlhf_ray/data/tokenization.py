@@ -33,6 +33,11 @@ STAGE_FEATURES = {
 }
 
 
+def empty_stage_dataset(stage: str) -> datasets.Dataset:
+    return datasets.Dataset.from_dict({k: [] for k in STAGE_FEATURES[stage]},
+                                      features=datasets.Features(STAGE_FEATURES[stage]))
+
+
 def uses_chat_template(tokenizer, use_chat_template: bool = True) -> bool:
     return use_chat_template and bool(getattr(tokenizer, "chat_template", None))
 
@@ -102,6 +107,8 @@ def tokenize_stage(ds: datasets.Dataset, stage: str, tokenizer, d: DataConfig, f
     """Normalized rows -> the stage's columns: (rows, drop counts, first dropped row per reason, truncations)."""
     if stage == "ptx":
         return pack_text(ds, tokenizer, d.max_prompt_len + d.max_answer_len, fingerprint), {}, {}, {}
+    if not len(ds):
+        return empty_stage_dataset(stage), {}, {}, {}
     template = uses_chat_template(tokenizer, d.use_chat_template)
     features = datasets.Features({**STAGE_FEATURES[stage], "_bad": _STR, "_truncated": _STR})
 

@@ -1,0 +1,160 @@
+"""Methods that run inside every vLLM worker (LLM(worker_extension_cls="rlhf_ray.vllm_worker_ext.WorkerExtension")).
+
+The engine actor calls them with `llm.collective_rpc("rlhf_...")`: one call per tensor-parallel worker. Names carry
+an `rlhf_` prefix so they never shadow the Worker's own (`update_weights`, `reload_weights`, ...).
+
+Loading follows vLLM's layerwise-reload lifecycle, the same one its weight-transfer engines use: begin
+(initialize_layerwise_reload), any number of `model.load_weights(bucket)` calls with checkpoint (HF) names, finish
+(finalize_layerwise_reload). A layer is processed once all its tensors have arrived, so buckets may split a fused
+layer's q/k/v or gate/up.
+
+Checksums map the live parameters back to HF names: fused qkv_proj / gate_up_proj are split, each TP worker reports
+the slice of the HF tensor it holds (row- or column-sharded, vocab-sharded embeddings without their padding), and
+the engine actor adds the slices (rlhf_ray.weight_sync.combine_pieces). On CPU vLLM moves linear weights into
+packed oneDNN/SGL kernels and leaves an empty parameter; those are read back exactly through the layer's own
+kernel (`cpu_linear` applied to an identity matrix), so the checksum covers what the engine really computes with.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from rlhf_ray.weight_sync import SyncPlan, checksum_slice, gloo_receive
+
+_DEFAULT_PACKED = {"QKVParallelLinear": ["q_proj", "k_proj", "v_proj"],
+                   "MergedColumnParallelLinear": ["gate_proj", "up_proj"]}
+
+
+def live_tensor(module: torch.nn.Module, pname: str, param: torch.Tensor) -> torch.Tensor:
+    """The values a layer computes with. A CPU linear layer whose weight was packed into a kernel (empty parameter)
+    is read back by multiplying its kernel with the identity, a block of rows at a time: exact, one nonzero term
+    per output."""
+    if pname != "weight" or param.numel() > 0 or not hasattr(module, "cpu_linear"):
+        return param.detach()
+    k = module.input_size_per_partition
+    dtype = getattr(module, "params_dtype", param.dtype)
+    cols = []
+    with torch.no_grad():
+        for start in range(0, k, 1024):
+            eye = torch.eye(k, dtype=dtype)[start:start + 1024]
+            cols.append(module.cpu_linear(eye, param, None).to(dtype))  # (rows of W^T) = W[:, start:start+1024]^T
+    return torch.cat(cols).t().contiguous()
+
+
+def _piece(name: str, t: torch.Tensor, full_shape: tuple, dim: int, start: int) -> dict:
+    return {"name": name, "dim": dim, "start": start, "length": t.shape[dim] if t.dim() else 1,
+            "full_shape": tuple(full_shape), "checksum": checksum_slice(t, full_shape, dim, start)}
+
+
+def _replace_dim(shape, dim: int, size: int) -> tuple:
+    shape = list(shape)
+    shape[dim] = size
+    return tuple(shape)
+
+
+def hf_pieces(model: torch.nn.Module) -> list[dict]:
+    """Checksum pieces of every live parameter of this worker's model, keyed by HF parameter names."""
+    from vllm.model_executor.layers.linear import (ColumnParallelLinear, MergedColumnParallelLinear,
+                                                   QKVParallelLinear, RowParallelLinear)
+    from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
+
+    packed = dict(getattr(model, "packed_modules_mapping", None) or {})
+    pieces, seen = [], set()
+    for mod_name, module in model.named_modules():
+        for pname, param in module.named_parameters(recurse=False):
+            if id(param) in seen:  # tied weights (lm_head = embed_tokens) count once, under the first name
+                continue
+            seen.add(id(param))
+            t = live_tensor(module, pname, param)
+            prefix, _, leaf = mod_name.rpartition(".")
+            name = f"{mod_name}.{pname}"
+            if isinstance(module, QKVParallelLinear):
+                hs, vhs = module.head_size, getattr(module, "v_head_size", module.head_size)
+                nq, nkv = module.num_heads, module.num_kv_heads
+                kv_rank = module.tp_rank // module.num_kv_head_replicas
+                parts = [(nq * hs, module.tp_rank * nq * hs, module.total_num_heads * hs),
+                         (nkv * hs, kv_rank * nkv * hs, module.total_num_kv_heads * hs),
+                         (nkv * vhs, kv_rank * nkv * vhs, module.total_num_kv_heads * vhs)]
+                pieces += _split_fused(t, prefix, pname, packed.get(leaf, _DEFAULT_PACKED["QKVParallelLinear"]), parts)
+            elif isinstance(module, MergedColumnParallelLinear):
+                local = [s // module.tp_size for s in module.output_sizes]
+                parts = [(n, module.tp_rank * n, full) for n, full in zip(local, module.output_sizes)]
+                names = packed.get(leaf, _DEFAULT_PACKED["MergedColumnParallelLinear"])
+                pieces += _split_fused(t, prefix, pname, names, parts)
+            elif isinstance(module, RowParallelLinear) and pname == "weight" and module.tp_size > 1:
+                full = (t.shape[0], module.input_size)
+                pieces.append(_piece(name, t, full, 1, module.tp_rank * module.input_size_per_partition))
+            elif isinstance(module, ColumnParallelLinear) and module.tp_size > 1:
+                n = module.output_size_per_partition
+                pieces.append(_piece(name, t[:n], _replace_dim(t.shape, 0, module.output_size), 0, module.tp_rank * n))
+            elif isinstance(module, VocabParallelEmbedding):
+                idx = module.shard_indices
+                rows = idx.org_vocab_end_index - idx.org_vocab_start_index
+                full = _replace_dim(t.shape, 0, module.org_vocab_size)
+                pieces.append(_piece(name, t[:rows], full, 0, idx.org_vocab_start_index))
+            else:  # replicated: norms, biases of row-parallel layers, unsharded layers
+                pieces.append(_piece(name, t, t.shape, 0, 0))
+    return pieces
+
+
+def _split_fused(t: torch.Tensor, prefix: str, pname: str, names: list[str], parts: list[tuple]) -> list[dict]:
+    """Fused rows [q | k | v] (or [gate | up]) -> one piece per HF tensor at its global row offset."""
+    if len(names) != len(parts):
+        raise ValueError(f"{prefix}: {len(parts)} fused parts but packed_modules_mapping names {names}")
+    out, row = [], 0
+    for hf_leaf, (n, start, full) in zip(names, parts):
+        part = t[row:row + n]
+        out.append(_piece(f"{prefix}.{hf_leaf}.{pname}" if prefix else f"{hf_leaf}.{pname}", part,
+                          _replace_dim(part.shape, 0, full), 0, start))
+        row += n
+    return out
+
+
+class WorkerExtension:
+    """Mixed into vLLM's Worker class; `self` is the worker (model_runner, vllm_config, rank, ...)."""
+
+    def _rlhf_model(self) -> torch.nn.Module:
+        return self.model_runner.model
+
+    def rlhf_begin_update(self) -> None:
+        from vllm.config import set_current_vllm_config
+        from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
+
+        with set_current_vllm_config(self.vllm_config):
+            initialize_layerwise_reload(self._rlhf_model())
+
+    def rlhf_load_bucket(self, bucket: list[tuple[str, torch.Tensor]]) -> int:
+        from vllm.config import set_current_vllm_config
+
+        with set_current_vllm_config(self.vllm_config), torch.no_grad():
+            self._rlhf_model().load_weights(iter(bucket))
+        return len(bucket)
+
+    def rlhf_finish_update(self) -> None:
+        from vllm.config import set_current_vllm_config
+        from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
+
+        with set_current_vllm_config(self.vllm_config):
+            finalize_layerwise_reload(self._rlhf_model(), self.model_config)
+        runner = self.model_runner
+        for reset in ("reset_lora_state", "reset_encoder_cache", "reset_mm_cache"):  # state derived from old weights
+            if hasattr(runner, reset):
+                getattr(runner, reset)()
+
+    def rlhf_receive_gloo(self, plan: SyncPlan, rank_offset: int) -> int:
+        """Join the sync's gloo group as rank_offset + this worker's TP rank and load every bucket it receives."""
+        return gloo_receive(plan, rank_offset + self.rank, self.rlhf_load_bucket)
+
+    def rlhf_checksum_pieces(self) -> list[dict]:
+        return hf_pieces(self._rlhf_model())
+
+    def rlhf_tp_rank(self) -> int:
+        return int(self.rank)
+
+    def rlhf_info(self) -> dict[str, Any]:
+        import os
+
+        return {"pid": os.getpid(), "rank": int(self.rank),
+                "omp_cpuids": getattr(self, "local_omp_cpuid", None),
+                "affinity": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None}

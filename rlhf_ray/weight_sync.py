@@ -1,0 +1,442 @@
+"""Weight broadcast learner -> vLLM generator engines: one interface, transports chosen by device.
+
+    source = LearnerSource(policy_group)          # or ModelSource(transformers_model) without a learner
+    report = generators.sync_weights(source)      # rlhf_ray.generator.GeneratorGroup drives the steps below
+
+A sync, driven by the generator group:
+  1. every target engine starts a weight update (vLLM's layerwise reload: a layer is processed once all its
+     tensors have arrived, so a fused qkv_proj may straddle two buckets);
+  2. the source streams buckets of (HF name, full tensor) into a `BucketSender` where they are produced (learner
+     rank 0 through `export_params(callback=...)`, or the driver for a ModelSource); the sender casts each tensor
+     to the engine dtype, checksums it and ships it over the transport:
+       object_store  numpy arrays `ray.put` per bucket (zero-copy `ray.get` in the engine actor), each bucket
+                     loaded by every engine before the next is put: peak extra memory ~ one bucket
+       gloo          a standalone gloo group (TCPStore + ProcessGroupGloo; no global torch.distributed state) of
+                     the sender and every engine worker; bucket metadata travels through the store
+       nccl          GPU: vLLM's NCCL weight-transfer engine on the workers (`weight_transfer_config`), the
+                     sender's PyNcclCommunicator from `vllm.distributed.weight_transfer.nccl_common`
+       ipc           GPU, sender and engine on the same GPU: CUDA IPC handles, vLLM's IPC weight-transfer engine
+  3. every engine finishes the update, resets its prefix cache and verifies: the checksum of its *live* parameters
+     mapped back to HF names (fused q/k/v and gate/up split, TP shards reassembled; see vllm_worker_ext) equals the
+     sender's, and its log-probs on a fixed probe sequence equal the source's within a tolerance.
+
+Checksum: sum over elements of bits(x_i) * (i * G + 1) mod 2^64, where bits are the raw element bits (the tensor in
+the engine's dtype) and i is the element's flat index in the full HF tensor. Exact, sensitive to position (a
+swapped shard or transposed block changes it), and additive over slices, so every TP worker checksums its own
+shard in place and the engine adds the parts: no tensor is moved to verify.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any, Callable, Iterable, Iterator, Optional, Protocol
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+Bucket = list[tuple[str, torch.Tensor]]
+TRANSPORTS = ("object_store", "gloo", "nccl", "ipc")
+MASK64 = (1 << 64) - 1
+_GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)  # odd 64-bit multiplier, as a signed int64
+_BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+END = b"END"
+
+
+class WeightSyncError(RuntimeError):
+    """A weight sync or its verification failed; the message names the engine, the version and the tensor."""
+
+
+# ---------------------------------------------------------------------------------------------- checksums
+def checksum_slice(t: torch.Tensor, full_shape: Iterable[int], dim: int = 0, start: int = 0,
+                   chunk_elems: int = 1 << 22) -> int:
+    """Checksum contribution of `t`, the slice [start, start + t.shape[dim]) along `dim` of a tensor of
+    `full_shape` (dim 0 for any rank, dim 1 for matrices). The whole tensor: `checksum_slice(t, t.shape)`."""
+    full = tuple(int(s) for s in full_shape)
+    t = t.detach()
+    if t.dim() <= 1:
+        rows, cols, cols_full, row0, col0 = 1, t.numel(), full[0] if full else 1, 0, start
+    elif dim == 0:
+        rows, cols = t.shape[0], t.numel() // max(t.shape[0], 1)
+        cols_full, row0, col0 = cols, start, 0
+    elif dim == 1 and t.dim() == 2:
+        rows, cols, cols_full, row0, col0 = t.shape[0], t.shape[1], full[1], 0, start
+    else:
+        raise ValueError(f"checksum_slice: slices along dim {dim} of a {t.dim()}-d tensor are not supported")
+    if t.numel() == 0:
+        return 0
+    bits = t.contiguous().view(_BITS[t.element_size()]).reshape(rows, cols)
+    dev = bits.device
+    col_weight = torch.arange(cols, dtype=torch.int64, device=dev) * _GOLDEN
+    total = torch.zeros((), dtype=torch.int64, device=dev)
+    step = max(1, chunk_elems // max(cols, 1))
+    for r in range(0, rows, step):
+        b = bits[r:r + step].to(torch.int64)
+        # index of element (r, c) = (r + row0) * cols_full + col0 + c, so its weight splits into a column part and
+        # a per-row offset: sum b * (c*G) + sum_r rowsum_r * (offset_r * G + 1), all mod 2^64 (int64 wraps).
+        offsets = (torch.arange(r, r + b.shape[0], dtype=torch.int64, device=dev) + row0) * cols_full + col0
+        total += (b * col_weight).sum() + (b.sum(1) * (offsets * _GOLDEN + 1)).sum()
+    return int(total) & MASK64
+
+
+def tensor_checksum(t: torch.Tensor, dtype: Optional[torch.dtype] = None) -> int:
+    """Checksum of a whole tensor, cast to `dtype` (the engine's) first."""
+    if dtype is not None and t.dtype != dtype:
+        t = t.to(dtype)
+    return checksum_slice(t, t.shape)
+
+
+def combine_pieces(pieces: Iterable[dict]) -> dict[str, tuple[tuple[int, ...], int]]:
+    """Per-worker slice checksums -> {HF name: (full shape, checksum)}. Replicated slices (a norm on every TP rank,
+    KV heads shared by several ranks) count once; the slices of a name must tile its full length exactly."""
+    by_name: dict[str, dict[tuple, dict]] = {}
+    for p in pieces:
+        by_name.setdefault(p["name"], {})[(p["dim"], p["start"], p["length"])] = p
+    out = {}
+    for name, slices in by_name.items():
+        parts = sorted(slices.values(), key=lambda p: (p["dim"], p["start"]))
+        dims = {p["dim"] for p in parts}
+        full = tuple(parts[0]["full_shape"])
+        if len(dims) != 1:
+            raise WeightSyncError(f"{name}: engine shards split it along several dims {sorted(dims)}")
+        (dim,) = dims
+        covered = 0
+        for p in parts:
+            if p["start"] != covered:
+                raise WeightSyncError(f"{name}: engine shards leave a gap or overlap at {covered} along dim {dim}")
+            covered += p["length"]
+        if covered != (full[dim] if full else 1):
+            raise WeightSyncError(f"{name}: engine shards cover {covered} of {full[dim]} along dim {dim}")
+        out[name] = (full, sum(p["checksum"] for p in parts) & MASK64)
+    return out
+
+
+def compare_checksums(expected: dict[str, tuple], live: dict[str, tuple], where: str) -> None:
+    """Raise WeightSyncError naming the first tensor (in the sender's order) whose shape or checksum differs."""
+    for name, (shape, checksum) in expected.items():
+        if name not in live:
+            raise WeightSyncError(f"{where}: learner tensor {name} has no engine parameter "
+                                  f"(engine names look like {sorted(live)[:3]})")
+        if tuple(live[name][0]) != tuple(shape):
+            raise WeightSyncError(f"{where}: {name} has shape {tuple(live[name][0])} in the engine, "
+                                  f"{tuple(shape)} in the learner")
+        if live[name][1] != checksum:
+            raise WeightSyncError(f"{where}: checksum mismatch in {name} (engine {live[name][1]:#018x}, "
+                                  f"learner {checksum:#018x})")
+    extra = sorted(set(live) - set(expected))
+    if extra:
+        raise WeightSyncError(f"{where}: engine parameters with no learner tensor: {extra[:5]}")
+
+
+# ------------------------------------------------------------------------------------------- wire format
+def to_numpy(t: torch.Tensor) -> tuple[np.ndarray, str]:
+    """A CPU numpy view of `t` (bf16 travels as int16 bits) and the torch dtype name to restore it."""
+    t = t.detach().cpu().contiguous()
+    name = str(t.dtype).removeprefix("torch.")
+    if t.dtype in (torch.bfloat16,) or name.startswith("float8"):
+        return t.view(_BITS[t.element_size()]).numpy(), name
+    return t.numpy(), name
+
+
+def from_numpy(arr: np.ndarray, dtype_name: str) -> torch.Tensor:
+    import warnings
+
+    with warnings.catch_warnings():  # arrays from the object store are read-only; vLLM copies out of them
+        warnings.simplefilter("ignore", UserWarning)
+        t = torch.from_numpy(arr)
+    dtype = getattr(torch, dtype_name)
+    return t if t.dtype == dtype else t.view(dtype)
+
+
+def iter_buckets(named: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int) -> Iterator[Bucket]:
+    """Group (name, tensor) pairs into buckets of about `bucket_bytes` (one tensor larger than that is its own
+    bucket)."""
+    bucket: Bucket = []
+    size = 0
+    for name, t in named:
+        nbytes = t.numel() * t.element_size()
+        if bucket and size + nbytes > bucket_bytes:
+            yield bucket
+            bucket, size = [], 0
+        bucket.append((name, t))
+        size += nbytes
+    if bucket:
+        yield bucket
+
+
+# -------------------------------------------------------------------------------------------------- plan
+@dataclass
+class SyncPlan:
+    """Everything a sender and the receiving engines must agree on for one sync (picklable)."""
+
+    version: int
+    transport: str
+    dtype: str  # the engines' dtype: tensors are cast to it before checksum and transfer
+    bucket_bytes: int
+    engines: list = field(default_factory=list)  # actor handles of the target engines (object_store, nccl, ipc)
+    world_size: int = 1  # 1 sender + every worker of every target engine (gloo, nccl)
+    host: str = ""  # gloo: the driver's TCPStore; nccl: the sender's rendezvous address
+    port: int = 0
+    timeout_s: float = 600.0
+    sync_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+
+def resolve_transport(name: str, cuda: bool) -> str:
+    """'auto' -> nccl on GPU, gloo on CPU. GPU transports on a CPU machine are an error, not a silent fallback."""
+    if name == "auto":
+        return "nccl" if cuda else "gloo"
+    if name not in TRANSPORTS:
+        raise ValueError(f"unknown weight-sync transport {name!r}; choose auto or one of {', '.join(TRANSPORTS)}")
+    if name in ("nccl", "ipc") and not cuda:
+        raise ValueError(f"weight-sync transport {name!r} needs CUDA; use 'gloo' or 'object_store' on CPU")
+    return name
+
+
+def gloo_group(host: str, port: int, rank: int, world_size: int, sync_id: str, timeout_s: float):
+    """A standalone gloo process group and its key-value store (a client of the driver's TCPStore). It touches no
+    global torch.distributed state, so it coexists with DeepSpeed's world and vLLM's own groups."""
+    import torch.distributed as dist
+
+    timeout = timedelta(seconds=timeout_s)
+    store = dist.PrefixStore(f"rlhf_sync/{sync_id}/", dist.TCPStore(host, port, None, False, timeout=timeout))
+    return dist.ProcessGroupGloo(dist.PrefixStore("pg/", store), rank, world_size, timeout), store
+
+
+# ------------------------------------------------------------------------------------------------ sender
+_SENDERS: dict[str, "_SenderState"] = {}  # per process: the live state of each sync this process sends
+
+
+@dataclass
+class _SenderState:
+    plan: SyncPlan
+    started: float = field(default_factory=time.perf_counter)
+    buckets: int = 0
+    bytes: int = 0
+    max_bucket_bytes: int = 0
+    checksums: dict[str, tuple[tuple[int, ...], int]] = field(default_factory=dict)
+    channel: Any = None  # gloo: (pg, store); nccl: communicator
+
+
+class BucketSender:
+    """Callable run where buckets are produced (learner rank 0, or the driver): `sender(bucket)` per bucket, then
+    `close_sender(plan.sync_id)` in the same process for the stats and the sender-side checksums."""
+
+    def __init__(self, plan: SyncPlan, verify: bool = True):
+        self.plan, self.verify = plan, verify
+
+    def __call__(self, bucket: Bucket) -> None:
+        state = _SENDERS.get(self.plan.sync_id)
+        if state is None:
+            state = _SENDERS[self.plan.sync_id] = _SenderState(self.plan)
+        dtype = self.plan.torch_dtype
+        bucket = [(name, t.detach().to(dtype)) for name, t in bucket]
+        if self.verify:
+            for name, t in bucket:
+                state.checksums[name] = (tuple(t.shape), tensor_checksum(t))
+        nbytes = sum(t.numel() * t.element_size() for _, t in bucket)
+        getattr(self, f"_send_{self.plan.transport}")(state, bucket)
+        state.buckets += 1
+        state.bytes += nbytes
+        state.max_bucket_bytes = max(state.max_bucket_bytes, nbytes)
+
+    def _send_object_store(self, state: _SenderState, bucket: Bucket) -> None:
+        import ray
+
+        ref = ray.put([(name, *to_numpy(t)) for name, t in bucket])
+        ray.get([engine.receive_bucket.remote(ref) for engine in self.plan.engines])  # one bucket in flight
+        del ref
+
+    def _send_gloo(self, state: _SenderState, bucket: Bucket) -> None:
+        plan = self.plan
+        if state.channel is None:
+            state.channel = gloo_group(plan.host, plan.port, 0, plan.world_size, plan.sync_id, plan.timeout_s)
+        pg, store = state.channel
+        bucket = [(name, t.cpu().contiguous()) for name, t in bucket]
+        store.set(f"b{state.buckets}", pickle.dumps([(n, tuple(t.shape), str(t.dtype)) for n, t in bucket]))
+        for _, t in bucket:
+            pg.broadcast([t], 0).wait()
+
+    def _send_nccl(self, state: _SenderState, bucket: Bucket) -> None:
+        import ray
+        from vllm.distributed.weight_transfer.nccl_common import trainer_init
+
+        plan = self.plan
+        if state.channel is None:  # the workers join in init_weight_transfer_engine, started by the driver
+            state.channel = trainer_init({"master_address": plan.host, "master_port": plan.port,
+                                          "world_size": plan.world_size})
+        info = {"names": [n for n, _ in bucket], "dtype_names": [str(t.dtype).removeprefix("torch.") for _, t in bucket],
+                "shapes": [list(t.shape) for _, t in bucket]}
+        receiving = [engine.update_weights.remote(info) for engine in plan.engines]  # receive while we broadcast
+        for _, t in bucket:
+            state.channel.broadcast(t.cuda().contiguous(), src=0, stream=torch.cuda.current_stream())
+        torch.cuda.current_stream().synchronize()
+        ray.get(receiving)
+
+    def _send_ipc(self, state: _SenderState, bucket: Bucket) -> None:
+        import ray
+        from torch.multiprocessing.reductions import reduce_tensor
+
+        uuid_ = str(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid)
+        keep = [t.cuda().contiguous() for _, t in bucket]  # alive until every engine has loaded them
+        info = {"names": [n for n, _ in bucket], "dtype_names": [str(t.dtype).removeprefix("torch.") for t in keep],
+                "shapes": [list(t.shape) for t in keep], "ipc_handles": [{uuid_: reduce_tensor(t)[1]} for t in keep]}
+        torch.cuda.synchronize()
+        ray.get([engine.update_weights.remote(info) for engine in self.plan.engines])
+        del keep
+
+
+def close_sender(sync_id: str) -> dict:
+    """End a sync in the sending process: tell gloo receivers there are no more buckets, release the channel, and
+    return the stats and the sender-side checksums ({} when the source sent nothing)."""
+    state = _SENDERS.pop(sync_id, None)
+    if state is None:
+        return {"buckets": 0, "bytes": 0, "max_bucket_bytes": 0, "checksums": {}, "seconds": 0.0}
+    if state.plan.transport == "gloo" and state.channel is not None:
+        state.channel[1].set(f"b{state.buckets}", END)
+    if state.plan.transport == "nccl" and state.channel is not None:
+        state.channel.destroy() if hasattr(state.channel, "destroy") else None
+    state.channel = None
+    return {"buckets": state.buckets, "bytes": state.bytes, "max_bucket_bytes": state.max_bucket_bytes,
+            "checksums": state.checksums, "seconds": time.perf_counter() - state.started}
+
+
+# ------------------------------------------------------------------------------------------------ receiver
+def gloo_receive(plan: SyncPlan, rank: int, load: Callable[[Bucket], Any]) -> int:
+    """Receiver side of the gloo transport (runs inside a vLLM worker): join the group as `rank`, receive every
+    bucket the sender announces in the store and hand it to `load`. Returns the number of buckets."""
+    pg, store = gloo_group(plan.host, plan.port, rank, plan.world_size, plan.sync_id, plan.timeout_s)
+    n = 0
+    while True:
+        meta = store.get(f"b{n}")
+        if meta == END:
+            return n
+        bucket = []
+        for name, shape, dtype in pickle.loads(meta):
+            t = torch.empty(shape, dtype=getattr(torch, dtype.removeprefix("torch.")))
+            pg.broadcast([t], 0).wait()
+            bucket.append((name, t))
+        load(bucket)
+        n += 1
+
+
+# ------------------------------------------------------------------------------------------------ sources
+class WeightSource(Protocol):
+    """What a generator group syncs from."""
+
+    def push(self, sender: BucketSender, bucket_bytes: int) -> dict:
+        """Stream every weight into `sender` in buckets, then return close_sender()'s stats from where it ran."""
+
+    def probe_logprobs(self, token_ids: list[int]) -> list[float]:
+        """log p(token_ids[t+1] | token_ids[:t+1]) under the source's current weights (len(token_ids) - 1 values)."""
+
+    def endpoint(self) -> tuple[str, int]:
+        """An address and a free port on the node where the sender runs (NCCL rendezvous)."""
+
+
+def lora_merged_parameters(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, tensor) of a transformers model, peft LoRA layers merged into their base weights, tied weights
+    once. Nothing in `model` changes."""
+    lora_modules = {name: m for name, m in model.named_modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")}
+    seen: set[int] = set()
+    for name, p in model.named_parameters():
+        if ".lora_" in name or id(p) in seen:
+            continue
+        seen.add(id(p))
+        t = p.detach()
+        if ".base_layer." in name:
+            mod_name = name.split(".base_layer.")[0]
+            module = lora_modules[mod_name]
+            if name.endswith(".weight"):
+                for adapter in module.active_adapters:
+                    t = t + module.get_delta_weight(adapter).to(t.dtype)
+            name = name.replace(".base_layer.", ".")
+        yield name.replace("base_model.model.", "", 1), t
+
+
+class ModelSource:
+    """A transformers model in this process as the source (tests, tools, learner-less setups)."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+
+    def push(self, sender: BucketSender, bucket_bytes: int) -> dict:
+        try:
+            for bucket in iter_buckets(lora_merged_parameters(self.model), bucket_bytes):
+                sender(bucket)
+        except BaseException:
+            close_sender(sender.plan.sync_id)
+            raise
+        return close_sender(sender.plan.sync_id)
+
+    @torch.no_grad()
+    def probe_logprobs(self, token_ids: list[int]) -> list[float]:
+        ids = torch.tensor([token_ids])
+        logits = self.model(input_ids=ids).logits[0, :-1].float()
+        return torch.log_softmax(logits, -1).gather(1, ids[0, 1:, None])[:, 0].tolist()
+
+    def endpoint(self) -> tuple[str, int]:
+        import socket
+
+        import ray
+
+        with socket.socket() as s:
+            s.bind(("", 0))
+            return ray.util.get_node_ip_address(), s.getsockname()[1]
+
+
+def _close_on_worker(worker, sync_id: str) -> dict:
+    return close_sender(sync_id)
+
+
+class LearnerSource:
+    """A learner group (rlhf_ray.learner.PolicyGroup) as the source: every ZeRO rank gathers, rank 0 sends."""
+
+    def __init__(self, group):
+        self.group = group
+
+    def push(self, sender: BucketSender, bucket_bytes: int) -> dict:
+        import ray
+
+        try:
+            self.group.run("export_params", bucket_bytes, False, sender)
+        finally:
+            stats = ray.get(self.group.workers[0].apply.remote(_close_on_worker, sender.plan.sync_id))
+        return stats
+
+    def probe_logprobs(self, token_ids: list[int]) -> list[float]:
+        batch = {"input_ids": torch.tensor([token_ids]), "attention_mask": torch.ones(1, len(token_ids), dtype=torch.long)}
+        return self.group.logprobs(batch)[0].tolist()
+
+    def endpoint(self) -> tuple[str, int]:
+        import ray
+
+        rank0 = self.group.workers[0]
+        (_, ip), port = ray.get([rank0.node_info.remote(), rank0.pick_master_port.remote()])
+        return ip, port
+
+
+def probe_token_ids(vocab_size: int, length: int, seed: int = 1234) -> list[int]:
+    """The fixed probe sequence every version is checked on (ids drawn once from a seeded generator)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab_size, (length,), generator=g).tolist()
+
+
+def default_probe_atol(dtype: str) -> float:
+    """Engine vs learner log-prob tolerance: different kernels agree to ~2e-5 in fp32, far less in 16-bit."""
+    return 1e-3 if dtype == "float32" else 0.1
+
+
+def local_ip() -> str:
+    import ray
+
+    return ray.util.get_node_ip_address() if ray.is_initialized() else os.environ.get("MASTER_ADDR", "127.0.0.1")

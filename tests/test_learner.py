@@ -1,0 +1,345 @@
+"""PPO learners on real Ray + DeepSpeed (CPU, gloo, 2 ranks, fp32, tiny Llama).
+
+Groups are module-scoped and built once each: ZeRO-2 (PTX on), ZeRO-3 (EMA + gradient checkpointing on),
+ZeRO-3 + LoRA, and the critic. Tests that train say what state they start from; order matters only where noted.
+"""
+from __future__ import annotations
+
+import sys
+
+import pytest
+import ray.cloudpickle
+import torch
+
+from rlhf_ray.config import Config, load_config
+from rlhf_ray.learner import CriticGroup, PolicyGroup, deepspeed_config, hf_param_name
+from rlhf_ray.models.value_head import ValueHeadModel, position_ids_from_mask
+
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers cannot import test modules
+
+B, T, PROMPT = 8, 12, 4
+
+
+def ppo_config(actor: str, reward: str, **overrides) -> Config:
+    """Tiny fast PPO settings: 2 ranks per learner at 0.25 CPU each, micro 2, mini-batch 4 (one micro-batch per
+    rank per optimizer step), fp32, constant LR."""
+    base = {
+        "ray.address": "local", "run.seed": 0,
+        "models.actor.path": actor, "models.reward.path": reward,
+        "placement.actor": {"num_workers": 2, "cpus_per_worker": 0.25},
+        "placement.critic": {"num_workers": 2, "cpus_per_worker": 0.25},
+        "placement.reference": {"num_workers": 2, "cpus_per_worker": 0.25},
+        "placement.reward": {"num_workers": 1, "cpus_per_worker": 0.25},
+        "ppo.mini_batch_size": 4, "ppo.ppo_epochs": 1,
+    }
+    for learner in ("actor", "critic"):
+        base.update({f"ppo.{learner}.deepspeed.micro_batch_size": 2, f"ppo.{learner}.deepspeed.precision": "fp32",
+                     f"ppo.{learner}.optim.lr": 1e-3, f"ppo.{learner}.optim.lr_schedule": "constant"})
+    return load_config(None, {**base, **overrides})
+
+
+def make_batch(pad_id: int, vocab: int, seed: int = 0, rows: int = B) -> dict:
+    """Rows 0-1 left-padded (2), rows 2-3 right-padded (3), the rest full; PROMPT real tokens of prompt each."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (rows, T), generator=g)
+    mask = torch.ones(rows, T, dtype=torch.long)
+    mask[0:2, :2] = 0
+    mask[2:4, -3:] = 0
+    ids[mask == 0] = pad_id
+    real_index = mask.cumsum(1) - 1  # 0-based index among real tokens
+    is_response = (real_index >= PROMPT) & (mask == 1)
+    return {"input_ids": ids, "attention_mask": mask, "action_mask": is_response[:, 1:].long()}
+
+
+def transformers_logprobs(model, batch) -> torch.Tensor:
+    mask = batch["attention_mask"]
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=mask,
+                       position_ids=position_ids_from_mask(mask)).logits[:, :-1]
+    lp = torch.log_softmax(logits.float(), -1).gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1)
+    return lp * mask[:, 1:]
+
+
+def experience(batch, old_logprobs, advantage: float) -> dict:
+    act = batch["action_mask"].float()
+    return {**batch, "old_logprobs": old_logprobs, "advantages": advantage * act}
+
+
+def fresh_model_with(path: str, named: list[tuple[str, torch.Tensor]]):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model.load_state_dict(dict(named), strict=True)
+    return model.eval()
+
+
+def exported(group: PolicyGroup, **kwargs) -> list[tuple[str, torch.Tensor]]:
+    import ray
+
+    return [item for ref in group.export_params(**kwargs) for item in ray.get(ref)]
+
+
+# ------------------------------------------------------------------------------------------------ fixtures
+@pytest.fixture(scope="module")
+def rm_dir(tiny_llama, tmp_path_factory) -> str:
+    """A value-head reward model folder on the tiny Llama backbone (fixed head seed)."""
+    torch.manual_seed(1)
+    path = tmp_path_factory.mktemp("rm") / "rm"
+    ValueHeadModel.from_causal_lm(tiny_llama).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_llama):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_llama)
+
+
+@pytest.fixture(scope="module")
+def batch(tok):
+    return make_batch(tok.pad_token_id, len(tok))
+
+
+@pytest.fixture(scope="module")
+def hf_model(tiny_llama):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+
+
+def _group(request, factory):
+    group = factory()
+    request.addfinalizer(group.shutdown)
+    return group
+
+
+@pytest.fixture(scope="module")
+def zero2(ray_cluster, tiny_llama, rm_dir, request):
+    cfg = ppo_config(tiny_llama, rm_dir, **{"ppo.actor.deepspeed.zero_stage": 2, "ppo.ptx_coef": 1.0,
+                                            "data.ptx": [{"path": "ptx-rows-are-passed-directly"}]})
+    return _group(request, lambda: PolicyGroup(cfg))
+
+
+@pytest.fixture(scope="module")
+def zero3_cfg(tiny_llama, rm_dir):
+    return ppo_config(tiny_llama, rm_dir, **{"ppo.actor.deepspeed.zero_stage": 3, "ppo.ema_decay": 0.9,
+                                             "ppo.actor.deepspeed.gradient_checkpointing": True})
+
+
+@pytest.fixture(scope="module")
+def zero3(ray_cluster, zero3_cfg, request):
+    return _group(request, lambda: PolicyGroup(zero3_cfg))
+
+
+# ------------------------------------------------------------------------------------------------ pure
+def test_deepspeed_config_from_stage_config(tiny_llama):
+    cfg = ppo_config(tiny_llama, "", **{"ppo.actor.deepspeed.zero_stage": 3, "ppo.actor.optim.grad_clip": 0.5,
+                                        "ppo.actor.deepspeed.offload_optimizer": True,
+                                        "ppo.actor.deepspeed.precision": "auto"})
+    ds = deepspeed_config(cfg.ppo.actor, world_size=2, train_batch_size=8, cuda=False)
+    assert ds["zero_optimization"] == {"stage": 3}  # offload is GPU-only: dropped on CPU
+    assert ds["gradient_accumulation_steps"] == 2 and ds["gradient_clipping"] == 0.5
+    assert not ds["bf16"]["enabled"]
+    gpu = deepspeed_config(cfg.ppo.actor, world_size=2, train_batch_size=8, cuda=True)
+    assert gpu["bf16"]["enabled"] and gpu["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    with pytest.raises(ValueError, match="not a multiple"):
+        deepspeed_config(cfg.ppo.actor, world_size=2, train_batch_size=6, cuda=False)
+    assert hf_param_name("base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight") == \
+        "model.layers.0.self_attn.q_proj.weight"
+
+
+# ------------------------------------------------------------------------------------------------ actor
+@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+def test_logprobs_equal_plain_transformers(stage, request, batch, hf_model):
+    group = request.getfixturevalue(stage)
+    ours = group.logprobs(batch)
+    assert ours.shape == (B, T - 1)
+    torch.testing.assert_close(ours, transformers_logprobs(hf_model, batch), rtol=0, atol=1e-5)
+    assert (ours[batch["attention_mask"][:, 1:] == 0] == 0).all()
+    # Uneven rows (5 over 2 ranks): padded for the split, dropped from the result.
+    five = {k: v[:5] for k, v in batch.items()}
+    torch.testing.assert_close(group.logprobs(five), ours[:5], rtol=0, atol=1e-6)
+
+
+def test_ptx_loss_trains_on_pretraining_rows(zero2, batch, tok):
+    """Runs on a fresh optimizer: with zero advantages the RL loss has zero gradient, so only PTX can move weights."""
+    ptx = {k: v for k, v in make_batch(tok.pad_token_id, len(tok), seed=7).items() if k != "action_mask"}
+    lp = zero2.logprobs(batch)
+    zero2.train(experience(batch, lp, advantage=0.0))
+    assert torch.equal(zero2.logprobs(batch), lp)  # no PTX batch: nothing moves
+    before = zero2.lm_loss(ptx)
+    stats = zero2.train(experience(batch, lp, advantage=0.0), ptx=ptx)
+    after = zero2.lm_loss(ptx)
+    assert stats["ptx_loss"] > 0 and stats["optimizer_steps"] == 2
+    assert after < before - 0.05, (before, after)
+
+
+@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+def test_ppo_steps_raise_logprobs_of_positive_advantage_tokens(stage, request, batch):
+    group = request.getfixturevalue(stage)
+    act = batch["action_mask"].bool()
+    start = group.logprobs(batch)
+    lp = start
+    for _ in range(3):
+        stats = group.train(experience(batch, lp, advantage=1.0))
+        lp = group.logprobs(batch)
+    assert stats["optimizer_steps"] == 2  # 8 rows / mini-batch 4
+    gain = (lp - start)[act]
+    assert gain.mean() > 0.1 and (gain > 0).float().mean() > 0.9, gain
+
+
+def test_gradient_checkpointing_recomputes_layers(zero3, batch):
+    """With checkpointing each decoder layer runs forward twice per training micro-batch (recomputed in backward)."""
+    def hook_layer(worker):
+        worker.calls = 0
+
+        def count(*_):
+            worker.calls += 1
+        layer = worker.module.model.layers[0]
+        worker.hook = layer.register_forward_pre_hook(count)  # the recompute stops early: post-hooks never fire
+
+    def read_and_unhook(worker):
+        worker.hook.remove()
+        return worker.calls
+
+    zero3.apply(hook_layer)
+    four = {k: v[:4] for k, v in batch.items()}
+    zero3.train(experience(four, zero3.logprobs(four), advantage=1.0))  # logprobs: 1 eval forward per rank
+    assert zero3.apply(read_and_unhook) == [1 + 2, 1 + 2]  # 1 micro-batch per rank: forward + recompute
+
+
+def test_zero3_export_reproduces_engine_eval_loss(zero3, batch, tiny_llama, tmp_path):
+    full = {k: v[4:] for k, v in batch.items() if k != "action_mask"}  # unpadded rows
+    lp = zero3.logprobs(batch)
+    zero3.train(experience(batch, lp, advantage=1.0))
+    assert zero3.run("global_steps")[0] >= 2
+    engine_loss = zero3.lm_loss(full)
+    named = exported(zero3, bucket_bytes=64 << 10)
+    fresh = fresh_model_with(tiny_llama, named)  # strict load: every HF name present, nothing extra
+    assert [n for n, _ in named] == [n for n, _ in fresh.named_parameters()]
+    labels = full["input_ids"].masked_fill(full["attention_mask"] == 0, -100)
+    with torch.no_grad():
+        fresh_loss = float(fresh(input_ids=full["input_ids"], attention_mask=full["attention_mask"], labels=labels,
+                                 position_ids=position_ids_from_mask(full["attention_mask"]), use_cache=False).loss)
+    assert fresh_loss == engine_loss
+    # Buckets: 64 KiB holds a few tensors each; the whole export arrives in several object-store refs.
+    assert len(zero3.export_params(bucket_bytes=64 << 10)) > 3
+    # HF export of the same weights.
+    from transformers import AutoModelForCausalLM
+
+    out = zero3.save_pretrained(str(tmp_path / "hf"))
+    saved = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    torch.testing.assert_close(transformers_logprobs(saved, batch), zero3.logprobs(batch), rtol=0, atol=1e-5)
+    assert (tmp_path / "hf" / "tokenizer.json").is_file()
+
+
+def test_ema_weights_follow_the_decay(zero3, batch):
+    """ema_1 = d * ema_0 + (1 - d) * theta_1 for one optimizer step (d = ppo.ema_decay = 0.9)."""
+    ema0 = dict(exported(zero3, ema=True))
+    four = {k: v[:4] for k, v in batch.items()}
+    stats = zero3.train(experience(four, zero3.logprobs(four), advantage=1.0))
+    assert stats["optimizer_steps"] == 1
+    live1, ema1 = dict(exported(zero3)), dict(exported(zero3, ema=True))
+    for name in live1:
+        torch.testing.assert_close(ema1[name], 0.9 * ema0[name] + 0.1 * live1[name], rtol=0, atol=1e-6)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(ema1[name], live1[name]) and not torch.equal(ema1[name], ema0[name])
+
+
+def test_checkpoint_restores_logprobs_and_optimizer_state_after_kill(zero3, zero3_cfg, batch, tmp_path):
+    """Last user of the zero3 group: kills it."""
+    tag = zero3.save_checkpoint(str(tmp_path / "ckpt"))
+    lp, optim = zero3.logprobs(batch), zero3.run("optimizer_state")
+    ema = exported(zero3, ema=True)
+    steps = zero3.run("global_steps")[0]
+    zero3.shutdown()  # kill every rank and free the placement group
+    rebuilt = PolicyGroup(zero3_cfg)
+    try:
+        assert not torch.equal(rebuilt.logprobs(batch), lp)  # fresh weights differ before the load
+        assert rebuilt.load_checkpoint(str(tmp_path / "ckpt")) == tag
+        assert torch.equal(rebuilt.logprobs(batch), lp)
+        assert rebuilt.run("global_steps")[0] == steps
+        for before, after in zip(optim, rebuilt.run("optimizer_state")):
+            assert before.keys() == after.keys() and len(before) > 0
+            assert all(torch.equal(before[k], after[k]) for k in before)
+        assert all(torch.equal(a[1], b[1]) for a, b in zip(ema, exported(rebuilt, ema=True)))
+    finally:
+        rebuilt.shutdown()
+
+
+def test_lora_trains_only_adapters_and_exports_merged_hf_weights(ray_cluster, tiny_llama, rm_dir, batch, hf_model):
+    cfg = ppo_config(tiny_llama, rm_dir, **{"ppo.actor.deepspeed.zero_stage": 3, "ppo.actor.lora.dim": 4,
+                                            "ppo.actor.lora.module_names": ["q_proj", "v_proj"]})
+    group = PolicyGroup(cfg)
+    try:
+        trainable = group.apply(lambda w: [n for n, _ in w._trainable()])[0]
+        assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
+        lp = group.logprobs(batch)  # lora_B starts at 0: the base model's log-probs
+        torch.testing.assert_close(lp, transformers_logprobs(hf_model, batch), rtol=0, atol=1e-5)
+        for _ in range(2):
+            group.train(experience(batch, lp, advantage=1.0))
+        named = exported(group)
+        base = dict(hf_model.named_parameters())
+        assert [n for n, _ in named] == list(base)  # plain HF names, no peft wrappers or adapters
+        merged = dict(named)
+        assert not torch.equal(merged["model.layers.0.self_attn.q_proj.weight"],
+                               base["model.layers.0.self_attn.q_proj.weight"])
+        assert torch.equal(merged["model.layers.0.self_attn.k_proj.weight"],
+                           base["model.layers.0.self_attn.k_proj.weight"])  # not a LoRA target: frozen
+        torch.testing.assert_close(transformers_logprobs(fresh_model_with(tiny_llama, named), batch),
+                                   group.logprobs(batch), rtol=0, atol=1e-5)
+    finally:
+        group.shutdown()
+
+
+# ------------------------------------------------------------------------------------------------ critic
+def test_critic_starts_from_reward_model_and_moves_toward_returns(ray_cluster, tiny_llama, rm_dir, batch, tmp_path):
+    cfg = ppo_config(tiny_llama, rm_dir, **{"ppo.critic.deepspeed.zero_stage": 2, "ppo.ppo_epochs": 4})
+    critic = CriticGroup(cfg)
+    try:
+        values = critic.values(batch)
+        rm = ValueHeadModel.from_pretrained(rm_dir).eval()
+        with torch.no_grad():
+            expected = rm(batch["input_ids"], batch["attention_mask"])[:, :-1] * batch["attention_mask"][:, 1:]
+        torch.testing.assert_close(values, expected, rtol=0, atol=1e-5)  # DeepSpeed-Chat: critic = reward model
+
+        act = batch["action_mask"].bool()
+        returns = torch.full_like(values, 2.0) * act
+        exp = {**batch, "old_values": values, "returns": returns}
+        error = [(values - returns)[act].abs().mean()]
+        for _ in range(2):
+            stats = critic.train(exp)
+            error.append((critic.values(batch) - returns)[act].abs().mean())
+        assert stats["optimizer_steps"] == 8 and "value_loss" in stats
+        assert error[2] < error[1] < error[0] and error[2] < 0.5 * error[0], error
+
+        out = critic.save_pretrained(str(tmp_path / "critic"))
+        reloaded = ValueHeadModel.from_pretrained(out).eval()
+        with torch.no_grad():
+            again = reloaded(batch["input_ids"], batch["attention_mask"])[:, :-1] * batch["attention_mask"][:, 1:]
+        torch.testing.assert_close(again, critic.values(batch), rtol=0, atol=1e-5)
+    finally:
+        critic.shutdown()
+
+
+# ------------------------------------------------------------------------------------------------ GPU
+@pytest.mark.gpu
+def test_policy_on_gpu_bf16_zero3_offload(ray_cluster, tiny_llama, rm_dir, batch, hf_model):
+    cfg = ppo_config(tiny_llama, rm_dir, **{
+        "placement.actor": {"num_workers": 1, "cpus_per_worker": 1, "gpus_per_worker": 1},
+        "ppo.mini_batch_size": 2, "ppo.actor.deepspeed.zero_stage": 3, "ppo.actor.deepspeed.precision": "auto",
+        "ppo.actor.deepspeed.offload_optimizer": True, "ppo.actor.deepspeed.gradient_checkpointing": True})
+    group = PolicyGroup(cfg)
+    try:
+        assert group.apply(lambda w: str(next(w.module.parameters()).dtype))[0] == "torch.bfloat16"
+        lp = group.logprobs(batch)
+        torch.testing.assert_close(lp, transformers_logprobs(hf_model, batch), rtol=0, atol=0.1)
+        start = lp
+        for _ in range(3):
+            group.train(experience(batch, lp, advantage=1.0))
+            lp = group.logprobs(batch)
+        assert (lp - start)[batch["action_mask"].bool()].mean() > 0
+        assert len(exported(group)) == len(list(hf_model.parameters()))
+    finally:
+        group.shutdown()
