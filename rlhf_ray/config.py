@@ -85,7 +85,7 @@ class DataConfig:
     long_answer: Literal["truncate", "drop"] = "truncate"  # truncate keeps the answer's first tokens
     use_chat_template: bool = True  # when the tokenizer has one; else "\n\nHuman: ...\n\nAssistant:" text
     max_bad_fraction: float = 0.5  # fail when a data set loses more than this fraction of rows
-    cache_dir: str = "~/.cache/rlhf_ray/data"
+    cache_dir: Optional[str] = None  # tokenized-data cache; None: $RLHF_RAY_CACHE/data (~/.cache/rlhf_ray/data)
     rebuild_cache: bool = False
 
 

@@ -149,7 +149,8 @@ class VLLMEngine:
     def ready(self) -> dict:
         return {"pid": os.getpid(), "weight_version": self.weight_version, "engine": self.engine_index,
                 "omp_bind": os.environ.get("VLLM_CPU_OMP_THREADS_BIND"), "max_model_len": self.max_model_len,
-                "vocab_size": self.vocab_size, "dtype": self.dtype, "sleep_enabled": self.sleep_enabled}
+                "vocab_size": self.vocab_size, "dtype": self.dtype, "sleep_enabled": self.sleep_enabled,
+                "pinned_cores": pinned_cores()}
 
     # -- generation
     def generate(self, prompt_token_ids: list[list[int]], sampling: Optional[Sampling] = None, *,
@@ -275,6 +276,23 @@ class VLLMEngine:
             return False
         self.llm.wake_up()
         return True
+
+
+def pinned_cores() -> list[int]:
+    """Cores that threads of this process are pinned to (narrower than the process's own affinity): where vLLM's
+    OpenMP binding put the engine's compute threads. Empty without binding or off Linux."""
+    if not hasattr(os, "sched_getaffinity") or not os.path.isdir("/proc/self/task"):
+        return []
+    everything = os.sched_getaffinity(0)
+    pinned: set[int] = set()
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            cores = os.sched_getaffinity(int(tid))
+        except OSError:  # the thread ended meanwhile
+            continue
+        if cores < everything:
+            pinned |= cores
+    return sorted(pinned)
 
 
 def _cuda() -> bool:

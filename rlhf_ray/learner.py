@@ -430,10 +430,20 @@ class EngineWorker(DistributedWorker, abc.ABC):
 
     def optimizer_state(self) -> dict:
         """This rank's optimizer state tensors (for checks that a restore is exact)."""
-        inner = getattr(self.optimizer, "optimizer", self.optimizer)  # the client optimizer over this rank's shards
-        params = [p for group in inner.param_groups for p in group["params"]]
-        return {f"{i}.{k}": v.detach().cpu().clone() for i, p in enumerate(params)
-                for k, v in inner.state.get(p, {}).items() if isinstance(v, torch.Tensor)}
+        flat: dict[str, torch.Tensor] = {}
+
+        def walk(obj: Any, path: str) -> None:
+            if isinstance(obj, torch.Tensor):
+                flat[path] = obj.detach().cpu().clone()
+            elif isinstance(obj, dict):
+                for k, v in obj.items():
+                    walk(v, f"{path}.{k}")
+            elif isinstance(obj, (list, tuple)):
+                for i, v in enumerate(obj):
+                    walk(v, f"{path}.{i}")
+
+        walk(self.optimizer.state_dict(), "optimizer")  # what DeepSpeed checkpoints: moments and fp32 partitions
+        return flat
 
     def global_steps(self) -> int:
         return int(self.engine.global_steps)

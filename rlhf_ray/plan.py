@@ -12,7 +12,8 @@ Memory per GPU, per process (Psi parameters, N ranks of the role; ZeRO, Rajbhand
   + ZeRO-3 gather working set (two layers gathered at once), activations (Korthikanti et al. 2022, 34*s*b*h bytes
     per layer at 16 bit, attention without the s^2 term; 2*s*b*h per layer with gradient checkpointing), logits,
     vLLM's claim (gpu_memory_utilization x GPU memory: weights / TP + KV cache), weight-sync buffers (the largest
-    tensor, gathered / received whole), and a per-process CUDA context.
+    tensor, gathered / received whole), and a per-process CUDA context. Reference and reward scorers hold
+    weights only, in their learner's precision, replicated or ZeRO-3-partitioned as scorer.py decides.
 Where the roles go is simulated the way Ray places the groups of resources.ppo_layout: each group in order,
 STRICT_PACK groups (one generator engine) on one node, PACK groups on one node when one has room, else spread;
 whole-GPU bundles take free GPUs, fractional bundles share a GPU (Ray packs fractions onto the same device).
@@ -29,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from rlhf_ray.config import ClusterConfig, Config, ConfigError, TrainStageConfig, load_config
+from rlhf_ray.config import ClusterConfig, Config, ConfigError, TrainStageConfig, load_config, validate
 from rlhf_ray.resources import RoleLayout, ppo_layout
 
 GIB = 1024**3
@@ -67,6 +68,7 @@ class ModelShape:
     largest_tensor: int  # parameters in the largest single tensor (sent whole during weight sync)
     lm_head_params: int  # an untied output projection (dropped by value-head models)
     linears: tuple[tuple[str, int, int], ...]  # per-layer linear modules: (path inside a layer, in, out)
+    file_bytes_per_param: int = 4  # the checkpoint's dtype (config.json torch_dtype), for scorer_replica_max_gib
 
     def kv_bytes_per_token(self, dtype_bytes: int) -> int:
         return 2 * self.layers * self.kv_heads * self.head_dim * dtype_bytes
@@ -154,8 +156,9 @@ def shape_from_config(cfg: dict, name: str) -> ModelShape:
         kv_heads, head_dim, largest = heads, h // heads, max(embed, h * inner)
     else:
         raise ConfigError(f"{name}: model_type {family!r} is not known to the planner (opt, bloom, llama, gpt2)")
+    file_dtype = cfg.get("torch_dtype") or cfg.get("dtype")
     return ModelShape(name, family, params, layers, h, heads, kv_heads, head_dim, vocab, max_pos, layer,
-                      largest, head, linears)
+                      largest, head, linears, 2 if file_dtype in ("float16", "bfloat16") else 4)
 
 
 @functools.lru_cache(maxsize=None)
@@ -306,10 +309,18 @@ def _learner_memory(shape: ModelShape, s: TrainStageConfig, ranks: int, seq: int
     return m
 
 
-def _frozen_memory(shape: ModelShape, dtype: str, ranks: int, sharded: bool, micro: int, seq: int,
+def _scorer_sharded(cfg: Config, shape: ModelShape, ranks: int) -> bool:
+    """As scorer.py decides: ppo.scorer_zero_stage, or ZeRO-3 when the weight files exceed scorer_replica_max_gib."""
+    if cfg.ppo.scorer_zero_stage is not None:
+        return cfg.ppo.scorer_zero_stage == 3
+    return ranks > 1 and shape.params * shape.file_bytes_per_param / GIB > cfg.ppo.scorer_replica_max_gib
+
+
+def _frozen_memory(shape: ModelShape, learner: TrainStageConfig, ranks: int, sharded: bool, seq: int,
                    on_gpu: bool, lm: bool) -> Memory:
-    """Reference / reward model: weights only (ZeRO-3-sharded over its ranks when its learner uses stage 3)."""
-    wb = _dtype_bytes(dtype, on_gpu)
+    """Reference / reward scorer: weights only, in its learner's precision, replicated or ZeRO-3-partitioned."""
+    wb = adam_bytes(_precision_mixed(learner, on_gpu))[0]
+    micro = learner.deepspeed.micro_batch_size
     n = ranks if sharded else 1
     m = Memory(weights=shape.params * wb / n)
     if sharded and ranks > 1:
@@ -350,11 +361,17 @@ def _engine_memory(cfg: Config, shape: ModelShape, on_gpu: bool, problems: list[
 
 
 def _role_models(cfg: Config) -> dict[str, ModelShape]:
+    def shape(role: str) -> ModelShape:
+        try:
+            return model_shape(getattr(cfg.models, role).path)
+        except ConfigError as e:
+            raise ConfigError(f"models.{role}.path: {e}") from None
+
     m = cfg.models
-    actor = model_shape(m.actor.path)
-    reward = model_shape(m.reward.path).value_model()
-    critic = model_shape(m.critic.path).value_model() if m.critic else reward
-    reference = model_shape(m.reference.path) if m.reference else actor
+    actor = shape("actor")
+    reward = shape("reward").value_model()
+    critic = shape("critic").value_model() if m.critic else reward
+    reference = shape("reference") if m.reference else actor
     return {"actor": actor, "critic": critic, "reference": reference, "reward": reward, "generator": actor}
 
 
@@ -392,9 +409,11 @@ def _role_procs(cfg: Config, models: dict[str, ModelShape], layout: list[RoleLay
                 mem = _learner_memory(models[base], s, ranks, seq, g, lm=base == "actor", sends_weights=base == "actor")
             else:
                 learner = ppo.actor if base == "reference" else ppo.critic
-                dtype = (cfg.models.reference or cfg.models.actor).dtype if base == "reference" else cfg.models.reward.dtype
-                mem = _frozen_memory(models[base], dtype, ranks, learner.deepspeed.zero_stage == 3,
-                                     learner.deepspeed.micro_batch_size, seq, g, lm=base == "reference")
+                mem = _frozen_memory(models[base], learner, ranks, _scorer_sharded(cfg, models[base], ranks), seq,
+                                     g, lm=base == "reference")
+            if ranks > n_bundles:  # groups.py puts rank r into bundle r of the (shared) group
+                problems.append(f"placement.{base}.num_workers={ranks} exceeds the {n_bundles} bundle(s) of the "
+                                f"'{group.role}' group it is colocated in")
             procs += [Proc(base, r, gi, r % n_bundles, copy.copy(mem)) for r in range(ranks)]
     return procs
 
@@ -811,7 +830,7 @@ def cmd_plan(args) -> int:
         overrides, result = suggest_placement(cfg)
         print(f"suggested placement for {cfg.cluster.nodes * cfg.cluster.gpus_per_node} GPU(s) "
               f"(append to the command line, or put into the YAML):\n  {overrides_as_flags(overrides)}\n")
-        cfg = with_overrides(cfg, overrides)
+        cfg = validate(with_overrides(cfg, overrides))
     else:
         result = plan(cfg)
     print(format_plan(cfg, result, str(args.config)))

@@ -264,7 +264,7 @@ class BucketSender:
         bucket = [(name, t.cpu().contiguous()) for name, t in bucket]
         store.set(f"b{state.buckets}", pickle.dumps([(n, tuple(t.shape), str(t.dtype)) for n, t in bucket]))
         for _, t in bucket:
-            pg.broadcast([t], 0).wait()
+            pg.broadcast(t, 0).wait()
 
     def _send_nccl(self, state: _SenderState, bucket: Bucket) -> None:
         import ray
@@ -323,7 +323,7 @@ def gloo_receive(plan: SyncPlan, rank: int, load: Callable[[Bucket], Any]) -> in
         bucket = []
         for name, shape, dtype in pickle.loads(meta):
             t = torch.empty(shape, dtype=getattr(torch, dtype.removeprefix("torch.")))
-            pg.broadcast([t], 0).wait()
+            pg.broadcast(t, 0).wait()
             bucket.append((name, t))
         load(bucket)
         n += 1

@@ -214,6 +214,9 @@ def test_zero3_export_reproduces_engine_eval_loss(zero3, batch, tiny_llama, tmp_
     lp = zero3.logprobs(batch)
     zero3.train(experience(batch, lp, advantage=1.0))
     assert zero3.run("global_steps")[0] >= 2
+    # ZeRO-3 really partitions: each rank holds an empty module tensor and half of the flat weight.
+    shapes = zero3.apply(lambda w: [(p.numel(), p.ds_tensor.numel(), p.ds_numel) for p in w.module.parameters()])
+    assert all(n == 0 and part == -(-full_n // 2) for rank in shapes for n, part, full_n in rank)
     engine_loss = zero3.lm_loss(full)
     named = exported(zero3, bucket_bytes=64 << 10)
     fresh = fresh_model_with(tiny_llama, named)  # strict load: every HF name present, nothing extra

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import socket
 import subprocess
 import sys
@@ -39,7 +40,8 @@ def simulate(config: str, out: str, dashboard_port: int) -> None:
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 1, "num_gpus": 0, "include_dashboard": True, "dashboard_host": "127.0.0.1",
         "dashboard_port": dashboard_port,
-        # not the default 52365: a Ray cluster of the test process itself may hold it
+        # free ports instead of Ray's defaults (6379, 10001, 52365): another local Ray cluster may hold those
+        "gcs_server_port": _free_port(), "ray_client_server_port": _free_port(),
         "dashboard_agent_listen_port": _free_port()})
     for _ in range(c.nodes):  # logical CPUs and GPUs of a DGX A100 node
         cluster.add_node(num_cpus=128, num_gpus=c.gpus_per_node, resources={"dgx": 1})
@@ -86,7 +88,8 @@ def simulated(tmp_path_factory):
     env.pop("RAY_ADDRESS")
     proc = subprocess.run([sys.executable, __file__, LAUNCHER, str(out), str(port)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-5000:]
+    assert proc.returncode == 0, f"Ray logs under {tmp}\n" + proc.stderr[-5000:]
+    shutil.rmtree(tmp, ignore_errors=True)
     return json.loads(out.read_text())
 
 

@@ -86,6 +86,8 @@ def test_local_folder_config_and_untied_heads(tmp_path, family):
 def test_unknown_model_and_bad_lora_names_are_clear():
     with pytest.raises(ConfigError, match="no config.json found.*facebook/opt-13b"):
         model_shape("someone/unknown-model")
+    with pytest.raises(ConfigError, match="models.reward.path: model 'someone/x': no config.json"):
+        plan(launcher("opt13b_1node", ["--models.reward.path", "someone/x"]))
     with pytest.raises(ConfigError, match="lora.module_names.*match no linear layer.*fc1"):
         model_shape("facebook/opt-13b").lora_params(8, ["not_a_layer"])
     with pytest.raises(ConfigError, match="model_type 'mamba'"):
@@ -165,6 +167,8 @@ def test_placement_problems_are_named():
     assert any("exceed vLLM's claim" in msg for msg in p.problems)
     p = plan(launcher("opt13b_1node", ["--generation.gpu_memory_utilization", "0.315"]))
     assert any("holds less than one" in msg for msg in p.problems)
+    p = plan(launcher("opt13b_1node", ["--placement.reference.num_workers", "8"]))
+    assert any("exceeds the 4 bundle(s) of the 'actor+reference' group" in msg for msg in p.problems)
     p = plan(launcher("opt13b_1node", ["--cluster.gpus_per_node", "0"]))
     assert any("cluster.gpus_per_node is 0" in msg for msg in p.problems)
 
@@ -227,6 +231,10 @@ def _actor(p):
     return next(x for x in p.procs if x.role == "actor").memory
 
 
+def _ref(p):
+    return next(x for x in p.procs if x.role == "reference").memory
+
+
 def _engine(p):
     return next(x for x in p.procs if x.role.startswith("generator")).memory
 
@@ -251,6 +259,9 @@ OPTIONS = [  # (overrides, metric, direction): the metric must move that way whe
     ({"placement.actor.num_workers": 2, "placement.reference.num_workers": 2}, lambda p: _actor(p).optimizer, +1),
     ({"placement.colocate_actor_reference": False, "placement.reference.num_workers": 2,  # actor's GPU 0 alone
       "placement.reference.gpus_per_worker": 1, "generation.num_engines": 1}, lambda p: p.gpu_used[(0, 0)], -1),
+    ({"ppo.scorer_zero_stage": 0}, lambda p: _ref(p).weights, +1),  # 13B reference: partitioned by default
+    ({"ppo.scorer_replica_max_gib": 100.0}, lambda p: _ref(p).weights, +1),
+    ({"ppo.actor.deepspeed.precision": "fp32"}, lambda p: _actor(p).weights, +1),
     ({"cluster.gpu_memory_gib": 40}, lambda p: p.fits, -1),
     ({"cluster.cpu_memory_gib": 40}, lambda p: p.fits, -1),
     ({"cluster.gpus_per_node": 4}, lambda p: p.fits, -1),

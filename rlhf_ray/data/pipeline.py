@@ -27,6 +27,7 @@ import datasets
 import numpy as np
 from filelock import FileLock
 
+from rlhf_ray.env import cache_root
 from rlhf_ray.config import Config, DataConfig, DatasetSource, to_dict
 from rlhf_ray.data.adapters import FORMATS, detect_format, normalize
 from rlhf_ray.data.report import DataError, check_bad_rows
@@ -149,7 +150,7 @@ def build_stage_dataset(cfg: Config, stage: str, tokenizer, split: str = "train"
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
     d = cfg.data
-    root = Path(d.cache_dir).expanduser()
+    root = Path(d.cache_dir).expanduser() if d.cache_dir else cache_root() / "data"
     hf_cache = str(root / "hf")
     sources = stage_sources(d, stage)
     key = cache_key(d, stage, split, tokenizer, sources)

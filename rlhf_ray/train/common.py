@@ -286,6 +286,10 @@ def _format_eta(seconds: float) -> str:
 
 
 def _setup_worker_logging() -> None:
+    import warnings
+
+    # DeepSpeed calls torch.distributed functions torch has deprecated; the warning repeats every step.
+    warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use", category=FutureWarning)
     if not log.handlers:
         handler = logging.StreamHandler(sys.stdout)
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))

@@ -1,0 +1,97 @@
+"""Benchmark SFT throughput: Ray Train + DeepSpeed (rlhf_ray.train.run_sft) vs a bare single-process torch loop.
+
+    flock /tmp/rlhf_ray_heavy.lock .venv/bin/python benchmarks/bench_sft.py [--model builtin:tiny-llama]
+        [--workers 2] [--zero-stage 2] [--micro-batch 2] [--global-batch 8] [--steps 40]
+
+Not a test. Both sides train the same model on the same built-in SFT rows with the same micro-batch and global
+batch (the bare loop accumulates workers x accumulation micro-batches per optimizer step), and count the same
+tokens (non-padding tokens of every micro-batch). Ray Train's rate is the steady state its workers report
+(every window after the first; start-up excluded), also shown end to end (fit wall time, start-up included).
+The bare loop runs in this process with all cores (torch's default threads); each Ray Train worker gets
+OMP_NUM_THREADS = its CPUs. Prints both rates and the ratio ray / bare.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from rlhf_ray.config import load_config  # noqa: E402
+from rlhf_ray.train import common, read_metrics, run_sft, sft  # noqa: E402
+
+
+def bare_loop_tokens_per_s(cfg, rows: list[dict], plan: common.StagePlan, steps: int, pad_id: int) -> float:
+    """Plain torch: one process, AdamW, gradient accumulation over the same micro-batches Ray Train's ranks see."""
+    torch.manual_seed(cfg.run.seed)
+    model = sft.build_model(cfg, cfg.sft).train()
+    optimizer = common.build_optimizer(model, cfg.sft.optim)
+    micro_per_step = plan.accumulation * plan.num_ranks
+
+    def one_step(step: int) -> int:
+        tokens = 0
+        for micro in range(plan.accumulation):
+            for rank in range(plan.num_ranks):
+                batch = sft.collate([rows[i] for i in common.micro_batch_indices(plan, step, micro, rank)], pad_id)
+                loss, n = sft.train_loss(model, batch)
+                (loss / micro_per_step).backward()
+                tokens += n
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.sft.optim.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return tokens
+
+    one_step(0)  # warm-up
+    start, tokens = time.perf_counter(), 0
+    for step in range(1, steps + 1):
+        tokens += one_step(step)
+    return tokens / (time.perf_counter() - start)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="builtin:tiny-llama")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--zero-stage", type=int, default=2)
+    ap.add_argument("--micro-batch", type=int, default=2)
+    ap.add_argument("--global-batch", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=40)
+    args = ap.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="bench_sft_") as tmp:
+        cfg = load_config(None, {
+            "run.output_dir": tmp, "models.actor.path": args.model, "sft.num_workers": args.workers,
+            "sft.deepspeed.zero_stage": args.zero_stage, "sft.deepspeed.micro_batch_size": args.micro_batch,
+            "sft.deepspeed.global_batch_size": args.global_batch, "sft.max_steps": args.steps,
+            "sft.log_every": max(1, args.steps // 5), "sft.eval_every": 0, "sft.checkpoint_every": 0,
+            "data.eval_fraction": 0.0, "sft.optim.lr": 1e-4})
+
+        start = time.perf_counter()
+        result = run_sft(cfg)
+        ray_wall = time.perf_counter() - start
+        windows = [r for r in read_metrics(result.metrics_file) if r["event"] == "report" and r["step"] > 0]
+        ray_rate = statistics.median(r["tokens_per_s"] for r in windows[1:] or windows)
+
+        from rlhf_ray.data import load_stage_dataset
+
+        tokenizer = sft.load_tokenizer(cfg)
+        rows = sft.rows(load_stage_dataset(cfg, "sft", tokenizer, split="train"))
+        bare_rate = bare_loop_tokens_per_s(cfg, rows, result.plan, args.steps, tokenizer.pad_token_id)
+
+    plan = result.plan
+    print(f"\nmodel {args.model}: {args.steps} steps, global batch {plan.global_batch_size} = micro "
+          f"{plan.micro_batch_size} x {plan.num_ranks} workers x {plan.accumulation} accumulation, ZeRO-{args.zero_stage}")
+    print(f"Ray Train + DeepSpeed ({plan.num_ranks} workers): {ray_rate:,.0f} tokens/s steady "
+          f"(median of {len(windows[1:] or windows)} report windows); fit wall {ray_wall:.1f}s incl. start-up")
+    print(f"bare torch loop (1 process, {torch.get_num_threads()} threads): {bare_rate:,.0f} tokens/s")
+    print(f"ratio ray/bare: {ray_rate / bare_rate:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,345 @@
+"""Weight broadcast learner -> vLLM engines: checksums and wire format (pure), then real engines in Ray actors fed
+by a transformers model (ModelSource) and by a real 2-rank ZeRO-3 learner group after an optimizer step.
+
+Two engines (tiny Llama, fp32) are shared by every engine test; each test syncs the weights it needs first.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import replace
+
+import pytest
+import ray.cloudpickle
+import torch
+
+from rlhf_ray.config import load_config
+from rlhf_ray.weight_sync import (MASK64, ModelSource, WeightSyncError, checksum_slice, combine_pieces,
+                                  compare_checksums, from_numpy, iter_buckets, lora_merged_parameters,
+                                  resolve_transport, tensor_checksum, to_numpy)
+
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers cannot import test modules
+
+PROMPTS = [[5, 6, 7, 8], [9, 10, 11], [40, 41, 42, 43, 44, 45]]
+LONG_PROMPT = [(7 * i) % 500 + 3 for i in range(140)]  # > one 128-token KV block: exercises the prefix cache
+
+
+# ---------------------------------------------------------------------------------------------- pure logic
+def reference_checksum(t: torch.Tensor) -> int:
+    """The definition, in Python integers: sum bits(x_i) * (i * G + 1) mod 2^64."""
+    g = 0x9E3779B97F4A7C15
+    bits = t.contiguous().view({4: torch.int32, 2: torch.int16}[t.element_size()]).flatten().tolist()
+    return sum(b * (i * g + 1) for i, b in enumerate(bits)) % (1 << 64)
+
+
+def test_checksum_is_exact_position_sensitive_and_additive_over_shards():
+    torch.manual_seed(0)
+    w = torch.randn(6, 10)
+    assert tensor_checksum(w) == reference_checksum(w)
+    assert checksum_slice(w, w.shape, chunk_elems=7) == reference_checksum(w)  # chunking changes nothing
+    swapped = w.clone()
+    swapped[0, 1], swapped[0, 2] = w[0, 2], w[0, 1]
+    assert tensor_checksum(swapped) != tensor_checksum(w)
+    nudged = w.clone()
+    nudged[5, 9] = torch.nextafter(w[5, 9], torch.tensor(10.0))  # one ulp
+    assert tensor_checksum(nudged) != tensor_checksum(w)
+    # Column-parallel rows and row-parallel columns (TP shards) add up to the whole.
+    rows = (checksum_slice(w[:2], w.shape, 0, 0) + checksum_slice(w[2:], w.shape, 0, 2)) & MASK64
+    cols = (checksum_slice(w[:, :3], w.shape, 1, 0) + checksum_slice(w[:, 3:], w.shape, 1, 3)) & MASK64
+    assert rows == cols == tensor_checksum(w)
+    v = torch.randn(9)
+    assert (checksum_slice(v[:4], v.shape, 0, 0) + checksum_slice(v[4:], v.shape, 0, 4)) & MASK64 == tensor_checksum(v)
+    # The engine's dtype decides the bits.
+    assert tensor_checksum(w, torch.bfloat16) == reference_checksum(w.to(torch.bfloat16)) != tensor_checksum(w)
+
+
+def test_combine_pieces_counts_replicas_once_and_rejects_gaps():
+    w = torch.randn(4, 3)
+    piece = lambda t, start, dim=0: {"name": "w", "dim": dim, "start": start, "length": t.shape[dim],  # noqa: E731
+                                     "full_shape": (4, 3), "checksum": checksum_slice(t, (4, 3), dim, start)}
+    combined = combine_pieces([piece(w[:2], 0), piece(w[2:], 2), piece(w[2:], 2)])  # a replicated KV shard
+    assert combined == {"w": ((4, 3), tensor_checksum(w))}
+    with pytest.raises(WeightSyncError, match="cover 2 of 4"):
+        combine_pieces([piece(w[:2], 0)])
+    with pytest.raises(WeightSyncError, match="checksum mismatch in b .*engine 3"):
+        compare_checksums({"a": ((2,), 1), "b": ((2,), 2)}, {"a": ((2,), 1), "b": ((2,), 5)}, "engine 3, version 1")
+    with pytest.raises(WeightSyncError, match="no learner tensor: \\['c'\\]"):
+        compare_checksums({"a": ((2,), 1)}, {"a": ((2,), 1), "c": ((1,), 0)}, "engine 0")
+
+
+def test_buckets_numpy_wire_and_transport_choice():
+    named = [(f"t{i}", torch.zeros(256)) for i in range(10)]  # 1 KiB each
+    sizes = [sum(t.numel() * 4 for _, t in b) for b in iter_buckets(named, 3000)]
+    assert sizes == [2048] * 5
+    assert [len(b) for b in iter_buckets([("big", torch.zeros(4096))] + named[:1], 100)] == [1, 1]
+    x = torch.randn(3, 5).to(torch.bfloat16)
+    arr, name = to_numpy(x)
+    assert name == "bfloat16" and torch.equal(from_numpy(arr, name), x)
+    assert resolve_transport("auto", cuda=False) == "gloo" and resolve_transport("auto", cuda=True) == "nccl"
+    assert resolve_transport("object_store", cuda=False) == "object_store"
+    with pytest.raises(ValueError, match="needs CUDA"):
+        resolve_transport("nccl", cuda=False)
+
+
+def test_lora_layers_are_merged_into_hf_names(tiny_llama):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.5)  # peft starts B at zero: make the adapters matter
+    merged = dict(lora_merged_parameters(model))
+    plain = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    assert list(merged) == [n for n, _ in plain.named_parameters()]
+    reference = model.merge_and_unload()
+    for name, t in reference.named_parameters():
+        torch.testing.assert_close(merged[name], t, rtol=0, atol=1e-6)
+    assert not torch.equal(merged["model.layers.0.self_attn.q_proj.weight"],
+                           plain.state_dict()["model.layers.0.self_attn.q_proj.weight"])
+
+
+# ---------------------------------------------------------------------------------------------- engines
+def greedy_hf(model, prompt: list[int], n_tokens: int) -> list[int]:
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        for _ in range(n_tokens):
+            ids = torch.cat([ids, model(input_ids=ids).logits[0, -1].argmax().view(1, 1)], dim=1)
+    return ids[0, len(prompt):].tolist()
+
+
+def perturbed(path: str, seed: int, scale: float = 0.05):
+    """The fixture model with every weight moved: a new version whose greedy output differs."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+    return model
+
+
+@pytest.fixture(scope="module")
+def group(ray_cluster, tiny_llama):
+    from rlhf_ray.generator import GeneratorGroup
+
+    cfg = load_config(None, {"ray.address": "local", "generation.num_engines": 2, "generation.max_model_len": 256,
+                             "generation.sync_bucket_mb": 0.2, "generation.max_restarts": 0})
+    g = GeneratorGroup(cfg, tiny_llama)
+    yield g
+    g.shutdown()
+
+
+def with_generation(group, **changes):
+    """Run the group with some generation.* options changed (restored by the caller through the return value)."""
+    before = group.gen
+    group.gen = replace(before, **changes)
+    return before
+
+
+def greedy_outputs(group, prompts, n_tokens: int = 10) -> list[list[int]]:
+    from rlhf_ray.generator import Sampling
+
+    rollout = group.generate(prompts, Sampling(temperature=0.0, max_new_tokens=n_tokens, ignore_eos=True))
+    assert {s.weight_version for s in rollout.samples} == {group.weight_version}
+    return [s.token_ids for s in rollout.samples]
+
+
+def engine_greedy(group, engine: int, prompts, n_tokens: int = 10) -> list[list[int]]:
+    """Greedy ids from one engine, called directly (the group would balance across engines)."""
+    import ray
+
+    from rlhf_ray.generator import Sampling
+
+    samples = ray.get(group.engines[engine].generate.remote(
+        prompts, Sampling(temperature=0.0, max_new_tokens=n_tokens, ignore_eos=True)))
+    return [s.token_ids for s in samples]
+
+
+@pytest.mark.parametrize("transport", ["object_store", "gloo"])
+def test_sync_from_model_reaches_every_engine_verified_and_bucketed(group, tiny_llama, transport):
+    model = perturbed(tiny_llama, seed={"object_store": 1, "gloo": 2}[transport])
+    before = with_generation(group, sync_transport=transport)
+    try:
+        version = group.sync_weights(ModelSource(model))
+    finally:
+        group.gen = before
+    report = group.last_sync
+    assert version == report.version == group.weight_version and report.transport == transport
+    assert report.verified and all(e["probe_max_diff"] < 1e-3 for e in report.engines)
+    assert group.engine_versions() == [version, version]
+    # Bucketed: several transfers, none above generation.sync_bucket_mb (0.2 MB here; the largest tensor is 128 KiB).
+    assert report.buckets > 3 and report.max_bucket_bytes <= 0.2 * (1 << 20)
+    expected = [greedy_hf(model, p, 10) for p in PROMPTS]
+    for engine in (0, 1):
+        assert engine_greedy(group, engine, PROMPTS) == expected
+
+
+def test_bucket_size_option_sets_the_number_of_transfers(group, tiny_llama):
+    model = perturbed(tiny_llama, seed=3)
+    counts = {}
+    for mb in (0.2, 1.0):
+        before = with_generation(group, sync_bucket_mb=mb, sync_transport="object_store")
+        try:
+            group.sync_weights(ModelSource(model))
+        finally:
+            group.gen = before
+        counts[mb] = group.last_sync.buckets
+    assert counts[1.0] == 1 < counts[0.2]  # the 0.6 MB model fits one 1 MB bucket
+
+
+def test_prefix_cache_is_invalidated_after_a_sync(group, tiny_llama):
+    """A 140-token prompt fills a 128-token KV block that vLLM caches; after a sync the cached block must not be
+    reused (it was computed with the old weights)."""
+    first = perturbed(tiny_llama, seed=4)
+    group.sync_weights(ModelSource(first))
+    assert greedy_outputs(group, [LONG_PROMPT]) == [greedy_hf(first, LONG_PROMPT, 10)]  # now cached
+    second = perturbed(tiny_llama, seed=5)
+    group.sync_weights(ModelSource(second))
+    assert greedy_outputs(group, [LONG_PROMPT]) == [greedy_hf(second, LONG_PROMPT, 10)]
+
+
+def test_corrupted_live_parameter_fails_verification_naming_it(group, tiny_llama):
+    import ray
+
+    group.sync_weights(ModelSource(perturbed(tiny_llama, seed=6)))
+    assert len(group.verify()) == 2
+
+    def corrupt(worker):  # runs inside engine 1's vLLM worker
+        with torch.no_grad():
+            worker.model_runner.model.model.layers[1].input_layernorm.weight[5] += 1e-3
+
+    ray.get(group.engines[1].collective_rpc.remote(corrupt))
+    with pytest.raises(WeightSyncError, match=rf"engine 1 .*weight version {group.weight_version}: checksum mismatch "
+                                              r"in model\.layers\.1\.input_layernorm\.weight"):
+        group.verify()
+    # The engine no longer claims the version: the group will not send it work until it is re-synced.
+    assert group.engine_versions()[1] == -1
+    group.sync_weights(ModelSource(perturbed(tiny_llama, seed=6)))
+    assert group.engine_versions() == [group.weight_version] * 2
+
+
+def test_corrupted_packed_linear_weight_is_caught_too(group, tiny_llama):
+    """On CPU vLLM packs linear weights into oneDNN kernels; the checksum reads them back through the kernel."""
+    import ray
+
+    group.sync_weights(ModelSource(perturbed(tiny_llama, seed=7)))
+
+    def reload_one_changed_qkv(worker, version_model_q):
+        # A real (not hand-poked) change of one fused weight through vLLM's own reload path.
+        worker.rlhf_begin_update()
+        worker.rlhf_load_bucket([("model.layers.0.self_attn.q_proj.weight", version_model_q)])
+        worker.rlhf_finish_update()
+
+    q = dict(perturbed(tiny_llama, seed=7).named_parameters())["model.layers.0.self_attn.q_proj.weight"].detach().clone()
+    q[0, 0] += 0.5
+    ray.get(group.engines[0].collective_rpc.remote(reload_one_changed_qkv, (q,)))
+    with pytest.raises(WeightSyncError, match=r"engine 0 .*checksum mismatch in model\.layers\.0\.self_attn\.q_proj"):
+        group.verify()
+
+
+class ShiftedProbe(ModelSource):
+    """A source whose probe log-probs are off by `shift` (what a learner/engine disagreement looks like)."""
+
+    def __init__(self, model, shift: float):
+        super().__init__(model)
+        self.shift = shift
+
+    def probe_logprobs(self, token_ids):
+        return [x + self.shift for x in super().probe_logprobs(token_ids)]
+
+
+def test_probe_logprobs_are_checked_against_the_tolerance(group, tiny_llama):
+    model = perturbed(tiny_llama, seed=8)
+    with pytest.raises(WeightSyncError, match=r"probe log-probs differ from the learner's by 0\.01.*tolerance 0\.001"):
+        group.sync_weights(ModelSource(model) if False else ShiftedProbe(model, 0.01))
+    atol = group.probe_atol
+    group.probe_atol = 0.05  # what generation.verify_probe_atol sets
+    try:
+        group.sync_weights(ShiftedProbe(model, 0.01))
+    finally:
+        group.probe_atol = atol
+    assert group.last_sync.verified and all(0.009 < e["probe_max_diff"] < 0.011 for e in group.last_sync.engines)
+
+
+def test_verify_probe_atol_config_reaches_the_group(ray_cluster, tiny_llama):
+    from rlhf_ray.generator import GeneratorGroup
+
+    assert load_config(None, {"generation.verify_probe_atol": 0.05}).generation.verify_probe_atol == 0.05
+    # Read at construction: checked on the running group above; here only that the default follows the dtype.
+    from rlhf_ray.weight_sync import default_probe_atol
+
+    assert default_probe_atol("float32") == 1e-3 and default_probe_atol("bfloat16") == 0.1
+    assert GeneratorGroup.__init__.__code__.co_names.count("verify_probe_atol") >= 1
+
+
+def test_verification_off_skips_checksums_and_probe(group, tiny_llama):
+    model = perturbed(tiny_llama, seed=9)
+    before = with_generation(group, verify_weights=False)
+    try:
+        group.sync_weights(ShiftedProbe(model, 1.0))  # a wrong probe is not even looked at
+    finally:
+        group.gen = before
+    assert not group.last_sync.verified and all("verify_s" not in e for e in group.last_sync.engines)
+    with pytest.raises(RuntimeError, match="no verified sync"):
+        group.verify()
+    assert greedy_outputs(group, PROMPTS[:1]) == [greedy_hf(model, PROMPTS[0], 10)]
+
+
+def test_lora_model_syncs_merged(group, tiny_llama):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(1)
+    model = get_peft_model(perturbed(tiny_llama, seed=10), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.5)
+    group.sync_weights(ModelSource(model))
+    assert group.last_sync.verified
+    merged = model.merge_and_unload().eval()
+    assert greedy_outputs(group, PROMPTS) == [greedy_hf(merged, p, 10) for p in PROMPTS]
+
+
+# ---------------------------------------------------------------------------------------------- learner
+def test_sync_from_zero3_learner_after_an_optimizer_step(group, tiny_llama, tmp_path):
+    """The sender is a real 2-rank ZeRO-3 learner group (DeepSpeed, gloo) after one optimizer step; rank 0 streams
+    buckets to both engines over a standalone gloo group while rank 1 gathers alongside."""
+    from transformers import AutoModelForCausalLM
+
+    from rlhf_ray.learner import PolicyGroup
+
+    cfg = load_config(None, {
+        "ray.address": "local", "run.seed": 0, "models.actor.path": tiny_llama,
+        "placement.actor": {"num_workers": 2, "cpus_per_worker": 0.25}, "ppo.mini_batch_size": 4,
+        "ppo.actor.deepspeed.zero_stage": 3, "ppo.actor.deepspeed.micro_batch_size": 2,
+        "ppo.actor.deepspeed.precision": "fp32", "ppo.actor.optim.lr": 1e-2, "ppo.actor.optim.lr_schedule": "constant"})
+    learner = PolicyGroup(cfg)
+    try:
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(3, 500, (4, 12), generator=g)
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "action_mask": torch.ones(4, 11, dtype=torch.long)}
+        old = learner.logprobs(batch)
+        stats = learner.train({**batch, "old_logprobs": old, "advantages": torch.ones(4, 11)})
+        assert stats["optimizer_steps"] == 1
+        version_before = group.weight_version
+        before = with_generation(group, sync_transport="gloo", sync_bucket_mb=0.1)
+        try:
+            version = group.sync_weights(learner)  # a learner group is wrapped in a LearnerSource
+        finally:
+            group.gen = before
+        report = group.last_sync
+        assert version == version_before + 1 and report.verified and report.buckets > 3
+        assert group.engine_versions() == [version, version]
+        exported = AutoModelForCausalLM.from_pretrained(learner.save_pretrained(str(tmp_path / "hf")),
+                                                        dtype=torch.float32).eval()
+        original = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+        expected = [greedy_hf(exported, p, 10) for p in PROMPTS]
+        assert expected != [greedy_hf(original, p, 10) for p in PROMPTS]  # the step moved the weights
+        for engine in (0, 1):
+            assert engine_greedy(group, engine, PROMPTS) == expected
+        # The probe was scored by the learner group itself (its logprobs) and matched every engine.
+        assert all(e["probe_max_diff"] < 1e-3 for e in report.engines)
+    finally:
+        learner.shutdown()
