@@ -289,7 +289,7 @@ def _type_name(tp: Any) -> str:
     return "null" if tp is type(None) else getattr(tp, "__name__", repr(tp))
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
+def _coerce(value: Any, tp: Any, key: str, base: Any = None) -> Any:
     """Check `value` against the annotation `tp` and build nested dataclasses; raise ConfigError naming `key`."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
@@ -298,7 +298,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         errors = []
         for arg in (a for a in args if a is not type(None)):
             try:
-                return _coerce(value, arg, key)
+                return _coerce(value, arg, key, base)
             except ConfigError as e:
                 errors.append(e)
         raise errors[0] if len(errors) == 1 else ConfigError(
@@ -312,7 +312,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping (section {tp.__name__}), got {value!r}")
-        return build(tp, value, prefix=key)
+        return build(tp, value, prefix=key, base=base if isinstance(base, tp) else None)
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list, got {value!r} ({type(value).__name__})")
@@ -342,16 +342,18 @@ def _unknown_key_error(cls: type, key: str, prefix: str) -> ConfigError:
     return ConfigError(f"unknown key '{full}'{hint} (valid keys here: {', '.join(names)})")
 
 
-def build(cls: type, data: dict, prefix: str = "") -> Any:
-    """Build dataclass `cls` from a plain mapping, type-checking every key."""
+def build(cls: type, data: dict, prefix: str = "", base: Any = None) -> Any:
+    """Build dataclass `cls` from a plain mapping, type-checking every key. Keys not given keep the value of
+    `base` (the enclosing default, e.g. placement.actor's num_workers=2), not the class's bare default."""
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
+    base = base if base is not None else cls()
     kwargs = {}
     for key, value in data.items():
         if key not in names:
             raise _unknown_key_error(cls, str(key), prefix)
-        kwargs[key] = _coerce(value, hints[key], f"{prefix}.{key}" if prefix else key)
-    return cls(**kwargs)
+        kwargs[key] = _coerce(value, hints[key], f"{prefix}.{key}" if prefix else key, getattr(base, key))
+    return dataclasses.replace(base, **kwargs)
 
 
 def to_dict(cfg: Any) -> dict:
@@ -453,8 +455,9 @@ def validate(cfg: Config) -> Config:
              f"ppo.advantage_estimator={p.advantage_estimator} needs generation.n_samples_per_prompt >= 2")
     for name in ("sft", "rm"):
         _validate_stage(getattr(cfg, name), name, cfg.placement, need)
-    _validate_stage(p.actor, "ppo.actor", cfg.placement, need, ranks=cfg.placement.actor.num_workers)
-    _validate_stage(p.critic, "ppo.critic", cfg.placement, need, ranks=cfg.placement.critic.num_workers)
+    # PPO learners step on ppo.mini_batch_size samples (checked below), not on deepspeed.global_batch_size
+    _validate_stage(p.actor, "ppo.actor", cfg.placement, need, ranks=cfg.placement.actor.num_workers, ppo=True)
+    _validate_stage(p.critic, "ppo.critic", cfg.placement, need, ranks=cfg.placement.critic.num_workers, ppo=True)
     for role in ("actor", "critic", "reference", "reward", "generator"):
         r = getattr(cfg.placement, role)
         need(r.num_workers >= 1, f"placement.{role}.num_workers must be >= 1")
@@ -476,12 +479,13 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
-def _validate_stage(s: TrainStageConfig, name: str, placement: PlacementConfig, need, ranks: Optional[int] = None) -> None:
+def _validate_stage(s: TrainStageConfig, name: str, placement: PlacementConfig, need, ranks: Optional[int] = None,
+                    ppo: bool = False) -> None:
     ranks = s.num_workers if ranks is None else ranks
     ds = s.deepspeed
     need(s.num_workers >= 1, f"{name}.num_workers must be >= 1")
     need(ds.micro_batch_size >= 1, f"{name}.deepspeed.micro_batch_size must be >= 1")
-    need(ds.global_batch_size % (ds.micro_batch_size * ranks) == 0,
+    need(ppo or ds.global_batch_size % (ds.micro_batch_size * ranks) == 0,
          f"{name}.deepspeed.global_batch_size ({ds.global_batch_size}) must be a multiple of micro_batch_size "
          f"({ds.micro_batch_size}) x ranks ({ranks})")
     need(not ds.offload_params or ds.zero_stage == 3, f"{name}.deepspeed.offload_params needs zero_stage 3")

@@ -7,8 +7,10 @@ group per engine, and the learner -> engine weight broadcast (rlhf_ray/weight_sy
 
 Engines run in-process inside their actor (VLLM_ENABLE_V1_MULTIPROCESSING=0, set by rlhf_ray.env): faster start,
 less memory, and tensors handed to `collective_rpc` reach the worker by reference. On CPU each engine is bound to
-its own cores through VLLM_CPU_OMP_THREADS_BIND (vLLM otherwise pins every engine to core 0) and its KV cache is
-sized by VLLM_CPU_KVCACHE_SPACE; on GPU the bundle's GPU and gpu_memory_utilization do it.
+its own cores (generation.cpu_cores, default one core per TP worker, engine after engine): TP workers through
+VLLM_CPU_OMP_THREADS_BIND, which vLLM applies to the processes it spawns, and an in-process TP=1 engine by pinning
+the actor's compute thread; its KV cache is sized by VLLM_CPU_KVCACHE_SPACE. On GPU the bundle's GPU and
+gpu_memory_utilization do it.
 
 Dispatch: the prompts of a call are split into one contiguous chunk per live engine and each chunk goes to the
 engine with the least outstanding work (prompt tokens + n x max_new_tokens of everything it has in flight, this
@@ -113,6 +115,8 @@ class SyncReport:
     max_bucket_bytes: int
     verified: bool
     engines: list[dict] = field(default_factory=list)  # per engine: load / verify seconds, probe difference
+    checksums: Optional[dict] = field(default=None, repr=False)  # sender's {HF name: (shape, checksum)}
+    probe: Optional[tuple] = field(default=None, repr=False)  # (probe ids, source log-probs, tolerance)
 
     @property
     def mb_per_s(self) -> float:
@@ -137,8 +141,10 @@ class VLLMEngine:
         transport = resolve_transport(gen.sync_transport, cuda)
         if transport in ("nccl", "ipc"):  # vLLM's own weight-transfer engine on every worker
             kwargs["weight_transfer_config"] = {"backend": transport}
-        if cuda and gen.tensor_parallel_size > 1:
-            kwargs["distributed_executor_backend"] = "ray"  # workers in this engine's placement-group bundles
+        if gen.tensor_parallel_size > 1:  # GPU: workers in this engine's bundles; CPU: processes vLLM binds itself
+            kwargs["distributed_executor_backend"] = "ray" if cuda else "mp"
+        elif not cuda:
+            bind_this_process(os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "nobind"))
         self.llm = LLM(model=model_path, tokenizer=tokenizer or model_path, dtype=dtype,
                        tensor_parallel_size=gen.tensor_parallel_size, max_model_len=gen.max_model_len,
                        enforce_eager=gen.enforce_eager, seed=seed, gpu_memory_utilization=gen.gpu_memory_utilization,
@@ -201,6 +207,7 @@ class VLLMEngine:
 
     def receive_weights_gloo(self, plan, rank_offset: int) -> int:
         self.begin_weight_update()
+        plan = replace(plan, engines=[])  # actor handles mean nothing inside vLLM's (non-Ray) worker processes
         return self.llm.collective_rpc("rlhf_receive_gloo", args=(plan, rank_offset))[0]
 
     def init_weight_transfer(self, plan, rank_offset: int) -> None:
@@ -278,12 +285,34 @@ class VLLMEngine:
         return True
 
 
+def parse_cores(spec: str) -> list[int]:
+    """'0-2,5' -> [0, 1, 2, 5]."""
+    cores: list[int] = []
+    for part in spec.split(","):
+        lo, _, hi = part.partition("-")
+        cores += range(int(lo), int(hi or lo) + 1)
+    return cores
+
+
+def bind_this_process(spec: str) -> None:
+    """Pin this (in-process, TP=1) engine's compute threads to the cores in `spec`. vLLM applies
+    VLLM_CPU_OMP_THREADS_BIND only to the worker processes it spawns for TP > 1; an in-process worker computes on
+    this thread and the OpenMP threads it starts later, which inherit this affinity."""
+    if spec in ("nobind", "auto") or not hasattr(os, "sched_setaffinity"):
+        return
+    import torch
+
+    cores = parse_cores(spec)
+    os.sched_setaffinity(0, cores)
+    torch.set_num_threads(len(cores))
+
+
 def pinned_cores() -> list[int]:
-    """Cores that threads of this process are pinned to (narrower than the process's own affinity): where vLLM's
-    OpenMP binding put the engine's compute threads. Empty without binding or off Linux."""
+    """Cores that threads of this process are pinned to (narrower than all the node's cores): where vLLM's OpenMP
+    binding put the engine's compute threads. Empty without binding or off Linux."""
     if not hasattr(os, "sched_getaffinity") or not os.path.isdir("/proc/self/task"):
         return []
-    everything = os.sched_getaffinity(0)
+    everything = set(range(os.cpu_count() or 1))
     pinned: set[int] = set()
     for tid in os.listdir("/proc/self/task"):
         try:
@@ -355,21 +384,21 @@ class GeneratorGroup:
     group (one bundle per TP worker, STRICT_PACK: a TP group never spans nodes). Size is independent of the
     learners'."""
 
-    def __init__(self, cfg: Config, model_path: str, *, dtype: Optional[str] = None,
-                 placements: Optional[list] = None, start_timeout_s: float = 900.0):
+    def __init__(self, cfg: Config, model_path: str, *, plan: Optional[dict] = None, dtype: Optional[str] = None,
+                 start_timeout_s: float = 900.0):
+        """`plan`: groups.placement_plan(cfg)'s roles, whose 'generator[i]' placement groups the engines take;
+        without it the group creates (and later removes) its own."""
         import ray
 
         from rlhf_ray.models.loading import resolve_dtype
-        from rlhf_ray.resources import ready_placement_group, role_bundles
 
         self.cfg, self.gen, self.model_path = cfg, cfg.generation, model_path
         gen, res = self.gen, cfg.placement.generator
         self.dtype = dtype or str(resolve_dtype(cfg.models.actor.dtype)).removeprefix("torch.")
         self.start_timeout_s = start_timeout_s
-        self._own_placements = placements is None
-        self.placements = placements or [
-            ready_placement_group(f"generator[{i}]", role_bundles(res, gen.tensor_parallel_size), "STRICT_PACK",
-                                  cfg.ray.placement_timeout_s) for i in range(gen.num_engines)]
+        self._own_placements = plan is None
+        self.placements = ([plan[f"generator[{i}]"].placement_group for i in range(gen.num_engines)] if plan
+                           else [_own_placement_group(cfg, i) for i in range(gen.num_engines)])
         self.engines = [
             _engine_actor(model_path, gen, placement_group=pg, cpus=res.cpus_per_worker, gpus=res.gpus_per_worker,
                           dtype=self.dtype, seed=cfg.run.seed, max_restarts=gen.max_restarts, engine_index=i,
@@ -390,14 +419,20 @@ class GeneratorGroup:
         self._probe_ref: Optional[tuple] = None  # (probe ids, the source's log-probs, tolerance)
         self._load = [0] * len(self.engines)  # outstanding work per engine
         self._inflight: dict = {}  # ObjectRef -> (engine index, work)
-        from rlhf_ray.weight_sync import default_probe_atol, probe_token_ids
+        from rlhf_ray.weight_sync import probe_token_ids
 
         self.probe_ids = probe_token_ids(self.info[0]["vocab_size"], min(gen.verify_probe_len, self.max_model_len - 1))
-        self.probe_atol = gen.verify_probe_atol if gen.verify_probe_atol is not None else default_probe_atol(self.dtype)
 
     @property
     def num_engines(self) -> int:
         return len(self.engines)
+
+    @property
+    def probe_atol(self) -> float:
+        from rlhf_ray.weight_sync import default_probe_atol
+
+        atol = self.gen.verify_probe_atol
+        return atol if atol is not None else default_probe_atol(self.dtype)
 
     # -- generation
     def generate(self, prompts: list[list[int]], sampling: Optional[Sampling] = None,
@@ -453,17 +488,24 @@ class GeneratorGroup:
     def _recover(self, engine: int, error: BaseException) -> None:
         """After a call failed on `engine`: wait for Ray to restart it and re-sync it, or mark it dead."""
         import ray
-        from ray.exceptions import GetTimeoutError, RayActorError
+        from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
 
         log.warning("engine %d failed (%s: %s); waiting for its restart", engine, type(error).__name__,
                     str(error).splitlines()[0] if str(error) else "")
-        try:
-            info = ray.get(self.engines[engine].ready.remote(), timeout=self.start_timeout_s)
-        except (RayActorError, GetTimeoutError) as e:
-            log.error("engine %d is gone for good (%s); continuing with %d engine(s)", engine, type(e).__name__,
-                      sum(self.alive) - 1)
-            self.alive[engine] = False
-            return
+        deadline = time.monotonic() + self.start_timeout_s
+        while True:
+            try:
+                info = ray.get(self.engines[engine].ready.remote(), timeout=max(1.0, deadline - time.monotonic()))
+                break
+            except ActorUnavailableError:  # restarting: Ray is bringing it back
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+            except (RayActorError, GetTimeoutError) as e:  # dead for good (max_restarts used up) or stuck
+                log.error("engine %d is gone (%s); continuing with %d engine(s)", engine, type(e).__name__,
+                          sum(self.alive) - 1)
+                self.alive[engine] = False
+                return
         if info["pid"] != self.info[engine]["pid"]:
             self.restarts[engine] += 1
             self.info[engine] = info
@@ -471,7 +513,7 @@ class GeneratorGroup:
             if self._source is None:
                 raise RuntimeError(f"engine {engine} holds weight version {info['weight_version']}, the group "
                                    f"{self.weight_version}, and there is no source to re-sync it from")
-            self._push(self._source, [engine], self.weight_version)
+            self._push(self._source, [engine], self.weight_version, self._expected)
             log.info("engine %d restarted and re-synced to weight version %d", engine, self.weight_version)
 
     # -- weights
@@ -483,12 +525,14 @@ class GeneratorGroup:
         if not hasattr(source, "push"):
             source = LearnerSource(source)
         version = self.weight_version + 1 if version is None else version
-        self._expected = None  # a new version: its checksums come from this export
-        self.last_sync = self._push(source, [i for i, ok in enumerate(self.alive) if ok], version)
-        self.weight_version, self._source = version, source
+        report = self._push(source, [i for i, ok in enumerate(self.alive) if ok], version)
+        self.last_sync, self.weight_version, self._source = report, version, source
+        self._expected, self._probe_ref = report.checksums, report.probe
         return version
 
-    def _push(self, source, targets: list[int], version: int) -> SyncReport:
+    def _push(self, source, targets: list[int], version: int, recorded: Optional[dict] = None) -> SyncReport:
+        """Sync `targets` to `version` from `source`. `recorded`: the version's checksums from its first sync (a
+        re-sync must reproduce them)."""
         import ray
         import torch.distributed as dist
 
@@ -527,18 +571,16 @@ class GeneratorGroup:
         probe = None
         if gen.verify_weights:
             expected = stats["checksums"]
-            if self._expected is not None and expected != self._expected:
+            if recorded is not None and expected != recorded:
                 raise WeightSyncError(f"re-sync of engines {targets} to weight version {version}: the source no "
                                       f"longer holds that version (its checksums changed since the sync)")
-            self._expected = expected
             probe = (self.probe_ids, source.probe_logprobs(self.probe_ids), self.probe_atol)
         reports = ray.get([e.finish_weight_update.remote(version, transport, expected, probe) for e in engines])
         report = SyncReport(version, transport, time.perf_counter() - started, stats["bytes"], stats["buckets"],
-                            stats["max_bucket_bytes"], gen.verify_weights, reports)
+                            stats["max_bucket_bytes"], gen.verify_weights, reports, expected, probe)
         log.info("weight sync v%d over %s to %d engine(s): %.1f MB in %d bucket(s), %.2fs (%.0f MB/s)%s", version,
                  transport, len(engines), report.bytes / 1e6, report.buckets, report.seconds, report.mb_per_s,
                  ", verified" if gen.verify_weights else "")
-        self._probe_ref = probe
         return report
 
     def verify(self) -> list[dict]:
@@ -578,6 +620,23 @@ class GeneratorGroup:
             for pg in self.placements:
                 remove_placement_group(pg)
             self.placements = []
+
+
+def _own_placement_group(cfg: Config, engine: int):
+    """One engine's placement group: a bundle per TP worker, STRICT_PACK. Named 'generator[i]' like the PPO layout's;
+    a suffix keeps it unique when another group (or placement_plan) already holds that name."""
+    import ray
+
+    from rlhf_ray.resources import ready_placement_group, role_bundles
+
+    role = f"generator[{engine}]"
+    try:
+        ray.util.get_placement_group(f"rlhf_ray:{role}")
+        role = f"{role}#{os.urandom(3).hex()}"
+    except ValueError:
+        pass
+    return ready_placement_group(role, role_bundles(cfg.placement.generator, cfg.generation.tensor_parallel_size),
+                                 "STRICT_PACK", cfg.ray.placement_timeout_s)
 
 
 class PendingRollout:

@@ -25,7 +25,6 @@ collectively: an uneven count would deadlock) and drops the padded rows from the
 from __future__ import annotations
 
 import functools
-import logging
 import os
 import socket
 from dataclasses import dataclass
@@ -36,8 +35,6 @@ import torch
 
 from rlhf_ray.config import Config, RoleResources
 from rlhf_ray.env import worker_env_vars
-
-log = logging.getLogger(__name__)
 
 Batch = dict[str, Any]
 # Collectives block until every rank arrives; a rank that died is noticed by Ray first, so this only bounds a
@@ -248,7 +245,7 @@ class ModelGroup:
         for rank in range(num_workers):
             bundle = bundles[rank]
             self.workers.append(remote_cls.options(
-                name=None, max_restarts=0,
+                max_restarts=0,
                 num_cpus=bundle.get("CPU", 0.0) * self.placement.share,
                 num_gpus=bundle.get("GPU", 0.0) * self.placement.share,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=rank),

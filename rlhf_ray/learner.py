@@ -170,6 +170,7 @@ class EngineWorker(DistributedWorker, abc.ABC):
 
     def setup(self) -> None:
         import deepspeed
+        from transformers import get_scheduler
 
         from rlhf_ray.env import has_cuda
 
@@ -196,8 +197,6 @@ class EngineWorker(DistributedWorker, abc.ABC):
         params = [p for p in model.parameters() if p.requires_grad]
         optim = self.stage.optim
         optimizer = self.make_optimizer(params)
-        from transformers import get_scheduler
-
         schedule = {"constant": "constant_with_warmup"}.get(optim.lr_schedule, optim.lr_schedule)
         scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=optim.warmup_steps,
                                   num_training_steps=self.total_steps)
@@ -267,7 +266,8 @@ class EngineWorker(DistributedWorker, abc.ABC):
 
     def _train_loop(self, experience: Batch, micro_loss: Callable[[Batch, int], tuple[torch.Tensor, dict]]) -> dict:
         """ppo_epochs passes over this rank's rows in micro-batches; DeepSpeed steps the optimizer every
-        gradient_accumulation_steps micro-batches (one mini-batch of ppo.mini_batch_size samples over all ranks)."""
+        gradient_accumulation_steps micro-batches (one mini-batch of ppo.mini_batch_size samples over all ranks).
+        Rows are taken in order, as DeepSpeed-Chat does: the controller shuffles the experience if it wants to."""
         rows = batch_rows(experience)
         per_rank_mini = self.ppo.mini_batch_size // self.world_size
         if rows % per_rank_mini:
@@ -333,7 +333,7 @@ class EngineWorker(DistributedWorker, abc.ABC):
     def _gather_ema(self, name: str, p: torch.nn.Parameter, keep: bool) -> Optional[torch.Tensor]:
         shard = self.ema[name]
         if not self.zero3:
-            return shard.to(p.dtype) if keep else None
+            return shard.to(p.dtype, copy=True) if keep else None
         import torch.distributed as dist
 
         shard = shard.to(self.device)
@@ -595,9 +595,11 @@ class _LearnerGroup(ModelGroup):
     def save_pretrained(self, path: str, ema: bool = False) -> str:
         return self.run("save_pretrained", path, ema)[0]
 
-    def export_params(self, bucket_bytes: int = DEFAULT_BUCKET_BYTES, ema: bool = False) -> list:
-        """ObjectRefs of the weight buckets (lists of (hf_name, tensor)), put by rank 0; all ranks gather."""
-        return self.run("export_params", bucket_bytes, ema)[0]
+    def export_params(self, bucket_bytes: int = DEFAULT_BUCKET_BYTES, ema: bool = False,
+                      callback: Optional[Callable[[list[tuple[str, torch.Tensor]]], None]] = None) -> list:
+        """ObjectRefs of the weight buckets (lists of (hf_name, tensor)), put by rank 0; all ranks gather. With a
+        `callback` (shipped to rank 0's process) each bucket goes to it instead and [] is returned."""
+        return self.run("export_params", bucket_bytes, ema, callback)[0]
 
 
 class PolicyGroup(_LearnerGroup):

@@ -157,13 +157,18 @@ class PPOTrainer:
         self.iteration = 0
         init_ray(cfg)
         self.uses_critic = p.advantage_estimator == "gae"
-        plan = placement_plan(cfg)
+        self.plan = plan = placement_plan(cfg)  # every role's placement group, ready (or a PlacementError)
         started = time.time()
-        self.actor = PolicyGroup(cfg, placement=plan["actor"])
-        self.reference = ReferenceGroup(cfg, placement=plan["reference"])
-        self.reward = RewardGroup(cfg, placement=plan["reward"])
-        self.critic = CriticGroup(cfg, placement=plan["critic"]) if self.uses_critic else None
-        self.generators = GeneratorGroup(cfg, resolve_model_path(cfg.models.actor.path))
+        self.actor = self.reference = self.reward = self.critic = self.generators = None
+        try:
+            self.actor = PolicyGroup(cfg, placement=plan["actor"])
+            self.reference = ReferenceGroup(cfg, placement=plan["reference"])
+            self.reward = RewardGroup(cfg, placement=plan["reward"])
+            self.critic = CriticGroup(cfg, placement=plan["critic"]) if self.uses_critic else None
+            self.generators = GeneratorGroup(cfg, resolve_model_path(cfg.models.actor.path), plan=plan)
+        except BaseException:
+            self.shutdown()  # no half-built layout left holding the cluster's resources
+            raise
         log.info("groups up in %.1fs: actor x%d, reference x%d, reward x%d, critic x%s, %d engine(s) x TP%d",
                  time.time() - started, cfg.placement.actor.num_workers, cfg.placement.reference.num_workers,
                  cfg.placement.reward.num_workers, cfg.placement.critic.num_workers if self.critic else 0,
@@ -330,9 +335,12 @@ class PPOTrainer:
         log.info("resumed from %s at iteration %d", latest, self.iteration)
 
     def shutdown(self) -> None:
+        from rlhf_ray.groups import remove_placement
+
         for group in (self.generators, self.actor, self.reference, self.reward, self.critic):
             if group is not None:
                 group.shutdown()
+        remove_placement(self.plan)
 
 
 def run_ppo(cfg: Config) -> Path:

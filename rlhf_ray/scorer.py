@@ -26,7 +26,6 @@ from __future__ import annotations
 import abc
 import importlib
 import json
-import logging
 import math
 import time
 from pathlib import Path
@@ -38,8 +37,6 @@ from rlhf_ray.config import Config, DeepSpeedConfig, ModelConfig, PPOConfig
 from rlhf_ray.groups import Batch, DistributedWorker, ModelGroup, RolePlacement
 from rlhf_ray.learner import micro_batches, to_device, causal_logprobs, resolve_precision, takes_position_ids
 from rlhf_ray.models.loading import resolve_model_path
-
-log = logging.getLogger(__name__)
 
 TEXT_FIELDS = ("prompts", "responses")
 
@@ -100,7 +97,8 @@ class HttpRewardFunction:
                 return check_rewards(body["rewards"], len(prompts), self.url)
             except RewardFunctionError as e:
                 last_error = str(e)
-        raise RewardFunctionError(f"reward endpoint {self.url} failed after {1 + self.retries} attempt(s): {last_error}")
+        raise RewardFunctionError(
+            f"reward endpoint {self.url} failed after {1 + self.retries} attempt(s): {last_error}")
 
 
 def import_callable(spec: str) -> Callable:

@@ -103,3 +103,18 @@ def test_every_launcher_config_loads():
     assert configs, "launchers/ has no configs"
     for path in configs:
         assert isinstance(load_config(path), Config), path
+
+
+def test_overriding_one_nested_key_keeps_the_sections_other_defaults(tmp_path):
+    # placement.actor defaults to 2 ranks (a section default, not RoleResources' bare default of 1)
+    cfg = load_config(None, ["--placement.actor.cpus_per_worker", "0.5"])
+    assert cfg.placement.actor.num_workers == 2 and cfg.placement.actor.cpus_per_worker == 0.5
+    cfg = load_config(write(tmp_path, "placement:\n  critic:\n    gpus_per_worker: 1\n"))
+    assert cfg.placement.critic.num_workers == 2 and cfg.placement.critic.gpus_per_worker == 1.0
+
+
+def test_ppo_learners_are_checked_on_the_mini_batch_not_the_sft_global_batch():
+    cfg = load_config(None, {"ppo.actor.deepspeed.micro_batch_size": 4, "ppo.mini_batch_size": 8})
+    assert cfg.ppo.actor.deepspeed.micro_batch_size == 4
+    with pytest.raises(ConfigError, match="mini_batch_size"):
+        load_config(None, {"ppo.actor.deepspeed.micro_batch_size": 4, "ppo.mini_batch_size": 6})

@@ -149,6 +149,18 @@ def test_deepspeed_config_from_stage_config(tiny_llama):
         "model.layers.0.self_attn.q_proj.weight"
 
 
+def test_config_checks_ppo_batch_sizes_and_scorer_options(tiny_llama):
+    from rlhf_ray.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"ppo.mini_batch_size \(6\) must be a multiple of "
+                                          r"ppo.actor.deepspeed.micro_batch_size \(2\) x placement.actor.num_workers"):
+        ppo_config(tiny_llama, "", **{"ppo.mini_batch_size": 6})
+    with pytest.raises(ConfigError, match="ppo.scorer_zero_stage: expected one of 0, 3"):
+        ppo_config(tiny_llama, "", **{"ppo.scorer_zero_stage": 2})
+    with pytest.raises(ConfigError, match="'replace' needs ppo.reward_functions"):
+        ppo_config(tiny_llama, "", **{"ppo.reward_function_mode": "replace"})
+
+
 # ------------------------------------------------------------------------------------------------ actor
 @pytest.mark.parametrize("stage", ["zero2", "zero3"])
 def test_logprobs_equal_plain_transformers(stage, request, batch, hf_model):
@@ -214,9 +226,10 @@ def test_zero3_export_reproduces_engine_eval_loss(zero3, batch, tiny_llama, tmp_
     lp = zero3.logprobs(batch)
     zero3.train(experience(batch, lp, advantage=1.0))
     assert zero3.run("global_steps")[0] >= 2
-    # ZeRO-3 really partitions: each rank holds an empty module tensor and half of the flat weight.
-    shapes = zero3.apply(lambda w: [(p.numel(), p.ds_tensor.numel(), p.ds_numel) for p in w.module.parameters()])
-    assert all(n == 0 and part == -(-full_n // 2) for rank in shapes for n, part, full_n in rank)
+    # ZeRO-3 really partitions: each rank owns half of every weight (tensors this small, under DeepSpeed's
+    # stage3_param_persistence_threshold, also stay gathered between forwards).
+    shapes = zero3.apply(lambda w: [(p.ds_tensor.numel(), p.ds_numel) for p in w.module.parameters()])
+    assert all(part == -(-full_n // 2) for rank in shapes for part, full_n in rank)
     engine_loss = zero3.lm_loss(full)
     named = exported(zero3, bucket_bytes=64 << 10)
     fresh = fresh_model_with(tiny_llama, named)  # strict load: every HF name present, nothing extra
@@ -228,6 +241,16 @@ def test_zero3_export_reproduces_engine_eval_loss(zero3, batch, tiny_llama, tmp_
     assert fresh_loss == engine_loss
     # Buckets: 64 KiB holds a few tensors each; the whole export arrives in several object-store refs.
     assert len(zero3.export_params(bucket_bytes=64 << 10)) > 3
+    # Or each bucket goes to a callback on rank 0 (a transport): here it appends the names to a file.
+    log_file = tmp_path / "buckets.txt"
+
+    def write_names(bucket):
+        with open(log_file, "a") as f:
+            f.write(",".join(name for name, _ in bucket) + "\n")
+
+    assert zero3.export_params(bucket_bytes=64 << 10, callback=write_names) == []
+    lines = log_file.read_text().splitlines()
+    assert len(lines) > 3 and ",".join(lines).split(",") == [n for n, _ in named]
     # HF export of the same weights.
     from transformers import AutoModelForCausalLM
 
@@ -298,9 +321,13 @@ def test_lora_trains_only_adapters_and_exports_merged_hf_weights(ray_cluster, ti
 
 # ------------------------------------------------------------------------------------------------ critic
 def test_critic_starts_from_reward_model_and_moves_toward_returns(ray_cluster, tiny_llama, rm_dir, batch, tmp_path):
-    cfg = ppo_config(tiny_llama, rm_dir, **{"ppo.critic.deepspeed.zero_stage": 2, "ppo.ppo_epochs": 4})
+    """ZeRO-2 critic with LoRA adapters on its backbone (the value head trains fully, as DeepSpeed-Chat does)."""
+    cfg = ppo_config(tiny_llama, rm_dir, **{"ppo.critic.deepspeed.zero_stage": 2, "ppo.ppo_epochs": 4,
+                                            "ppo.critic.lora.dim": 8})
     critic = CriticGroup(cfg)
     try:
+        trainable = critic.apply(lambda w: [n for n, _ in w._trainable()])[0]
+        assert "v_head.weight" in trainable and all(".lora_" in n for n in trainable if n != "v_head.weight")
         values = critic.values(batch)
         rm = ValueHeadModel.from_pretrained(rm_dir).eval()
         with torch.no_grad():
@@ -309,13 +336,13 @@ def test_critic_starts_from_reward_model_and_moves_toward_returns(ray_cluster, t
 
         act = batch["action_mask"].bool()
         returns = torch.full_like(values, 2.0) * act
-        exp = {**batch, "old_values": values, "returns": returns}
         error = [(values - returns)[act].abs().mean()]
-        for _ in range(2):
-            stats = critic.train(exp)
-            error.append((critic.values(batch) - returns)[act].abs().mean())
+        for _ in range(3):  # PPO iterations: old_values are the values the rollout saw (value_clip 0.2 around them)
+            stats = critic.train({**batch, "old_values": values, "returns": returns})
+            values = critic.values(batch)
+            error.append((values - returns)[act].abs().mean())
         assert stats["optimizer_steps"] == 8 and "value_loss" in stats
-        assert error[2] < error[1] < error[0] and error[2] < 0.5 * error[0], error
+        assert error[3] < error[2] < error[1] < error[0] and error[3] < 0.6 * error[0], error
 
         out = critic.save_pretrained(str(tmp_path / "critic"))
         reloaded = ValueHeadModel.from_pretrained(out).eval()
@@ -331,13 +358,15 @@ def test_critic_starts_from_reward_model_and_moves_toward_returns(ray_cluster, t
 def test_policy_on_gpu_bf16_zero3_offload(ray_cluster, tiny_llama, rm_dir, batch, hf_model):
     cfg = ppo_config(tiny_llama, rm_dir, **{
         "placement.actor": {"num_workers": 1, "cpus_per_worker": 1, "gpus_per_worker": 1},
+        "placement.critic": {"num_workers": 1, "cpus_per_worker": 1, "gpus_per_worker": 1},
         "ppo.mini_batch_size": 2, "ppo.actor.deepspeed.zero_stage": 3, "ppo.actor.deepspeed.precision": "auto",
         "ppo.actor.deepspeed.offload_optimizer": True, "ppo.actor.deepspeed.gradient_checkpointing": True})
     group = PolicyGroup(cfg)
     try:
         assert group.apply(lambda w: str(next(w.module.parameters()).dtype))[0] == "torch.bfloat16"
         lp = group.logprobs(batch)
-        torch.testing.assert_close(lp, transformers_logprobs(hf_model, batch), rtol=0, atol=0.1)
+        real = batch["attention_mask"][:, 1:].bool()
+        assert (lp - transformers_logprobs(hf_model, batch))[real].abs().mean() < 0.1  # bf16 vs fp32
         start = lp
         for _ in range(3):
             group.train(experience(batch, lp, advantage=1.0))

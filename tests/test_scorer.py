@@ -49,10 +49,13 @@ class _Handler(BaseHTTPRequestHandler):
         self._reply(200, json.dumps({"rewards": rewards}).encode())
 
     def _reply(self, code: int, payload: bytes):
-        self.send_response(code)
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
+        try:
+            self.send_response(code)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+        except BrokenPipeError:  # the client gave up (the /slow endpoint's timeout)
+            pass
 
     def log_message(self, *args):
         pass
@@ -138,7 +141,7 @@ def test_http_reward_function_on_localhost(reward_server):
 def test_bad_endpoint_fails_clearly_after_its_retries(reward_server, path, message):
     fn = HttpRewardFunction(reward_server + path, timeout_s=0.2, retries=2, backoff_s=0.01)
     _Handler.attempts.pop(path, None)
-    with pytest.raises(RewardFunctionError, match=rf"{reward_server}{path} failed after 3 attempt\(s\): {message}"):
+    with pytest.raises(RewardFunctionError, match=rf"{reward_server}{path} failed after 3 attempt\(s\): .*{message}"):
         fn(["p", "q"], ["abc", "de"])
     assert _Handler.attempts[path] == 3
 
@@ -199,9 +202,9 @@ def test_reference_group_zero3_equals_replica(ray_cluster, tiny_llama, rm_dir, t
     group = ReferenceGroup(cfg)
     try:
         assert group.run("zero_stage_used") == [3, 3]
-        # Partitioned for real: each rank holds half of every flat weight and empty module tensors.
-        assert all(n == 0 for rank in group.apply(lambda w: [p.numel() for p in w.model.module.parameters()])
-                   for n in rank)
+        # Partitioned for real: each rank owns half of every weight.
+        shapes = group.apply(lambda w: [(p.ds_tensor.numel(), p.ds_numel) for p in w.model.module.parameters()])
+        assert all(part == -(-full_n // 2) for rank in shapes for part, full_n in rank)
         replica = ReferenceScorer("reference", 0, 1, model=ModelConfig(path=tiny_llama),
                                   deepspeed=cfg.ppo.actor.deepspeed, zero_stage=0)
         replica.setup()

@@ -73,10 +73,11 @@ def zero3(ray_cluster, tiny_llama, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def killed(ray_cluster, tiny_llama, tmp_path_factory):
-    """Rank 1 SIGKILLs itself before step 6, once; the last checkpoint is at step 4."""
+    """Rank 1 SIGKILLs itself before step 7, once; the last checkpoint is at step 4. (Ray Train's controller
+    registers a reported checkpoint at its next poll of every worker; two reports later it surely has.)"""
     tmp = tmp_path_factory.mktemp("sft_killed")
     cfg = sft_config(tmp, tiny_llama, **{"sft.deepspeed.zero_stage": 2, "sft.max_failures": 1})
-    fault = {"RLHF_RAY_FAULT_KILL_STEP": "6", "RLHF_RAY_FAULT_RANK": "1", "RLHF_RAY_FAULT_MARKER": str(tmp / "killed")}
+    fault = {"RLHF_RAY_FAULT_KILL_STEP": "7", "RLHF_RAY_FAULT_RANK": "1", "RLHF_RAY_FAULT_MARKER": str(tmp / "killed")}
     os.environ.update(fault)
     try:
         result = run_sft(cfg)
@@ -85,6 +86,18 @@ def killed(ray_cluster, tiny_llama, tmp_path_factory):
             os.environ.pop(key)
     assert (tmp / "killed").exists(), "the fault was never injected"
     return cfg, result
+
+
+@pytest.fixture(scope="module")
+def resumed(killed):
+    """A new run from the killed run's final checkpoint (sft.resume_from), planned 2 steps longer."""
+    cfg, result = killed
+    cfg2 = load_config(None, {"ray.address": "local", "run.output_dir": str(result.output_dir.parent / "resumed"),
+                              "models.actor.path": cfg.models.actor.path, "data.cache_dir": cfg.data.cache_dir,
+                              "data.max_prompt_len": 64, "data.max_answer_len": 32,
+                              "sft.deepspeed.global_batch_size": 8, "sft.max_steps": STEPS + 2, "sft.log_every": 1,
+                              "sft.eval_every": 0, "sft.resume_from": result.checkpoint})
+    return cfg2, run_sft(cfg2)
 
 
 def check_output_matches_reports(cfg, result, base_model: str) -> None:
@@ -165,7 +178,30 @@ def test_killed_worker_resumes_from_the_last_checkpoint(killed, tiny_llama):
     assert records[starts[1]]["start_step"] == 4 and records[starts[1]]["restored_from"]
     first_attempt = [r["step"] for r in records[starts[0]:starts[1]] if r["event"] == "report"]
     resumed = [r["step"] for r in records[starts[1]:] if r["event"] == "report"]
-    assert first_attempt == [0, 1, 2, 3, 4, 5]  # rank 1 died before step 6
+    assert first_attempt == [0, 1, 2, 3, 4, 5, 6]  # rank 1 died before step 7
     assert resumed[0] == 4 + 1 and resumed == list(range(5, STEPS + 1))
     assert result.plan.total_steps == STEPS and result.metrics["step"] == STEPS
     check_output_matches_reports(cfg, result, tiny_llama)
+
+
+def test_resume_from_a_given_checkpoint_continues_the_run(killed, resumed):
+    _, first = killed
+    _, result = resumed
+    records = read_metrics(result.metrics_file)
+    assert records[0]["event"] == "start" and records[0]["start_step"] == STEPS
+    assert records[0]["restored_from"] == first.checkpoint
+    assert [r["step"] for r in records if r["event"] == "report"] == [STEPS + 1, STEPS + 2]  # no step-0 eval either
+    assert result.metrics["loss"] < reports(first)[1]["loss"]  # continues trained weights, not the initial ones
+
+
+@pytest.mark.gpu
+def test_sft_on_gpus_with_bf16_and_optimizer_offload(ray_cluster, tiny_llama, tmp_path):
+    """GPU path: NCCL process group, bf16 ('auto'), ZeRO-2 with DeepSpeedCPUAdam optimizer offload."""
+    ranks = min(2, torch.cuda.device_count())
+    cfg = sft_config(tmp_path, tiny_llama, **{
+        "sft.num_workers": ranks, "sft.deepspeed.global_batch_size": 4 * ranks, "sft.deepspeed.zero_stage": 2,
+        "sft.deepspeed.offload_optimizer": True})
+    result = run_sft(cfg)
+    assert result.plan.num_ranks == ranks and result.metrics["step"] == STEPS
+    rows = eval_rows(cfg)
+    assert hf_eval_loss(str(result.output_dir), rows) < hf_eval_loss(tiny_llama, rows) - 0.1

@@ -60,7 +60,7 @@ def test_combine_pieces_counts_replicas_once_and_rejects_gaps():
     assert combined == {"w": ((4, 3), tensor_checksum(w))}
     with pytest.raises(WeightSyncError, match="cover 2 of 4"):
         combine_pieces([piece(w[:2], 0)])
-    with pytest.raises(WeightSyncError, match="checksum mismatch in b .*engine 3"):
+    with pytest.raises(WeightSyncError, match="engine 3, version 1: checksum mismatch in b "):
         compare_checksums({"a": ((2,), 1), "b": ((2,), 2)}, {"a": ((2,), 1), "b": ((2,), 5)}, "engine 3, version 1")
     with pytest.raises(WeightSyncError, match="no learner tensor: \\['c'\\]"):
         compare_checksums({"a": ((2,), 1)}, {"a": ((2,), 1), "c": ((1,), 0)}, "engine 0")
@@ -126,7 +126,7 @@ def group(ray_cluster, tiny_llama):
     from rlhf_ray.generator import GeneratorGroup
 
     cfg = load_config(None, {"ray.address": "local", "generation.num_engines": 2, "generation.max_model_len": 256,
-                             "generation.sync_bucket_mb": 0.2, "generation.max_restarts": 0})
+                             "generation.sync_bucket_mb": 0.15, "generation.max_restarts": 0})
     g = GeneratorGroup(cfg, tiny_llama)
     yield g
     g.shutdown()
@@ -170,8 +170,8 @@ def test_sync_from_model_reaches_every_engine_verified_and_bucketed(group, tiny_
     assert version == report.version == group.weight_version and report.transport == transport
     assert report.verified and all(e["probe_max_diff"] < 1e-3 for e in report.engines)
     assert group.engine_versions() == [version, version]
-    # Bucketed: several transfers, none above generation.sync_bucket_mb (0.2 MB here; the largest tensor is 128 KiB).
-    assert report.buckets > 3 and report.max_bucket_bytes <= 0.2 * (1 << 20)
+    # Bucketed: several transfers, none above generation.sync_bucket_mb (0.15 MB here; the largest tensor is 128 KiB).
+    assert report.buckets >= 4 and report.max_bucket_bytes <= 0.15 * (1 << 20)
     expected = [greedy_hf(model, p, 10) for p in PROMPTS]
     for engine in (0, 1):
         assert engine_greedy(group, engine, PROMPTS) == expected
@@ -180,14 +180,14 @@ def test_sync_from_model_reaches_every_engine_verified_and_bucketed(group, tiny_
 def test_bucket_size_option_sets_the_number_of_transfers(group, tiny_llama):
     model = perturbed(tiny_llama, seed=3)
     counts = {}
-    for mb in (0.2, 1.0):
+    for mb in (0.15, 1.0):
         before = with_generation(group, sync_bucket_mb=mb, sync_transport="object_store")
         try:
             group.sync_weights(ModelSource(model))
         finally:
             group.gen = before
         counts[mb] = group.last_sync.buckets
-    assert counts[1.0] == 1 < counts[0.2]  # the 0.6 MB model fits one 1 MB bucket
+    assert counts[1.0] == 1 < counts[0.15]  # the 0.6 MB model fits one 1 MB bucket
 
 
 def test_prefix_cache_is_invalidated_after_a_sync(group, tiny_llama):
@@ -254,25 +254,13 @@ class ShiftedProbe(ModelSource):
 def test_probe_logprobs_are_checked_against_the_tolerance(group, tiny_llama):
     model = perturbed(tiny_llama, seed=8)
     with pytest.raises(WeightSyncError, match=r"probe log-probs differ from the learner's by 0\.01.*tolerance 0\.001"):
-        group.sync_weights(ModelSource(model) if False else ShiftedProbe(model, 0.01))
-    atol = group.probe_atol
-    group.probe_atol = 0.05  # what generation.verify_probe_atol sets
+        group.sync_weights(ShiftedProbe(model, 0.01))
+    before = with_generation(group, verify_probe_atol=0.05)
     try:
         group.sync_weights(ShiftedProbe(model, 0.01))
     finally:
-        group.probe_atol = atol
+        group.gen = before
     assert group.last_sync.verified and all(0.009 < e["probe_max_diff"] < 0.011 for e in group.last_sync.engines)
-
-
-def test_verify_probe_atol_config_reaches_the_group(ray_cluster, tiny_llama):
-    from rlhf_ray.generator import GeneratorGroup
-
-    assert load_config(None, {"generation.verify_probe_atol": 0.05}).generation.verify_probe_atol == 0.05
-    # Read at construction: checked on the running group above; here only that the default follows the dtype.
-    from rlhf_ray.weight_sync import default_probe_atol
-
-    assert default_probe_atol("float32") == 1e-3 and default_probe_atol("bfloat16") == 0.1
-    assert GeneratorGroup.__init__.__code__.co_names.count("verify_probe_atol") >= 1
 
 
 def test_verification_off_skips_checksums_and_probe(group, tiny_llama):
