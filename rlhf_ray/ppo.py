@@ -85,8 +85,8 @@ def compute_advantages(p: PPOConfig, kl_coef: float, scores: torch.Tensor, logpr
 
     gae          per-token r = -kl_coef * KL, + clip(score) on the last token (InstructGPT); GAE with the critic.
     reinforce_pp the same shaped rewards; discounted returns, group baseline when n > 1, global whitening.
-    grpo / rloo  sequence reward = clip(score) - kl_coef * sum_t KL (TRL's RLOO), normalised within each prompt's
-                 group of n samples (GRPO: mean/std; RLOO: leave-one-out mean), broadcast over the tokens.
+    grpo / rloo  clip(score) normalised within each prompt's group of n samples (GRPO: mean/std; RLOO:
+                 leave-one-out mean), broadcast over the tokens, minus kl_coef * KL_t per token.
     """
     rewards, kl = rl.shape_rewards(scores, logprobs, ref_logprobs, mask, kl_coef=kl_coef,
                                    reward_clip=p.reward_clip, kl_estimator=p.kl_estimator)
@@ -99,11 +99,11 @@ def compute_advantages(p: PPOConfig, kl_coef: float, scores: torch.Tensor, logpr
         advantages = rl.reinforce_pp_advantages(rewards, mask, gamma=p.gamma,
                                                 group_size=group_size if group_size > 1 else None)
     else:
-        sequence = scores.clamp(-p.reward_clip, p.reward_clip) - kl_coef * (kl * mask).sum(dim=1)
-        if p.advantage_estimator == "grpo":
-            advantages = rl.grpo_advantages(sequence, group_size, mask)
-        else:
-            advantages = rl.rloo_advantages(sequence, group_size, mask)
+        clipped = scores.clamp(-p.reward_clip, p.reward_clip)
+        group = rl.grpo_advantages if p.advantage_estimator == "grpo" else rl.rloo_advantages
+        # The KL penalty stays per token and outside the group normalisation: normalising it with the scores
+        # turns KL noise into unit-size advantages whenever a group's scores tie (all 0 early in training).
+        advantages = group(clipped, group_size, mask) - kl_coef * kl
     return Advantages(advantages * mask, returns, rewards, kl, (rewards * mask).sum(dim=1))
 
 

@@ -55,7 +55,7 @@ def hf_model(tiny_llama):
 
 @pytest.fixture(scope="module")
 def group(ray_cluster, tiny_llama):
-    cfg = load_config(None, {"ray.address": "local", "generation.num_engines": 2, "generation.max_model_len": 256,
+    cfg = load_config(None, {"ray.address": "local", "generation.num_engines": 2, "generation.max_model_len": 256, "generation.sync_timeout_s": 60,
                              "generation.max_restarts": 2})
     g = GeneratorGroup(cfg, tiny_llama)
     yield g

@@ -51,17 +51,18 @@ def test_gae_estimator_matches_the_rl_module_and_uses_kl_coef():
 
 
 @pytest.mark.parametrize("estimator", ["grpo", "rloo"])
-def test_group_estimators_center_each_group_and_penalise_kl(estimator):
+def test_group_estimators_center_each_group_and_penalise_kl_per_token(estimator):
     p = load_config(None, {"ppo.advantage_estimator": estimator, "generation.n_samples_per_prompt": 2}).ppo
     scores, lp, ref, mask, _ = _inputs()
-    out = compute_advantages(p, 0.1, scores, lp, ref, mask, 2)
-    per_seq = torch.stack([out.advantages[i][mask[i].bool()][0] for i in range(4)])
+    no_kl = compute_advantages(p, 0.0, scores, lp, ref, mask, 2)
+    per_seq = torch.stack([no_kl.advantages[i][mask[i].bool()][0] for i in range(4)])
     assert per_seq[0] + per_seq[1] == pytest.approx(0, abs=1e-5) and per_seq[2] + per_seq[3] == pytest.approx(0, abs=1e-5)
-    assert out.returns is None
-    # one group of 4: the KL penalty changes the sequence rewards' spread, so the advantages move with kl_coef
-    with_kl = compute_advantages(p, 0.5, scores, lp, ref, mask, 4)
-    no_kl = compute_advantages(p, 0.0, scores, lp, ref, mask, 4)
-    assert not torch.allclose(no_kl.advantages, with_kl.advantages)
+    assert no_kl.returns is None
+    # the KL penalty is added per token after the group normalisation (not normalised with the scores)
+    with_kl = compute_advantages(p, 0.5, scores, lp, ref, mask, 2)
+    kl = rl.kl_estimate(lp, ref, kind=p.kl_estimator, mask=mask)
+    assert torch.allclose(with_kl.advantages, (no_kl.advantages - 0.5 * kl) * mask, atol=1e-6)
+    assert not torch.allclose(with_kl.advantages, no_kl.advantages)
 
 
 def test_reinforce_pp_uses_group_baseline_only_with_groups():

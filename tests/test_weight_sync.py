@@ -125,7 +125,7 @@ def perturbed(path: str, seed: int, scale: float = 0.05):
 def group(ray_cluster, tiny_llama):
     from rlhf_ray.generator import GeneratorGroup
 
-    cfg = load_config(None, {"ray.address": "local", "generation.num_engines": 2, "generation.max_model_len": 256,
+    cfg = load_config(None, {"ray.address": "local", "generation.num_engines": 2, "generation.max_model_len": 256, "generation.sync_timeout_s": 60,
                              "generation.sync_bucket_mb": 0.15, "generation.max_restarts": 0})
     g = GeneratorGroup(cfg, tiny_llama)
     yield g
