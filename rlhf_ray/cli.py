@@ -53,11 +53,9 @@ DEFAULT_CHAT_PROMPTS = [
 
 def cmd_generate(args) -> int:
     """Chat answers from vLLM engine actors, each in its own placement group on the (local) Ray cluster."""
-    import ray
-
-    from rlhf_ray.generator import start_engine
+    from rlhf_ray.generator import GeneratorGroup, Sampling
     from rlhf_ray.models.loading import load_tokenizer, resolve_model_path
-    from rlhf_ray.resources import init_ray, ready_placement_group, role_bundles
+    from rlhf_ray.resources import init_ray
 
     cfg = load_config(args.config, args.overrides)
     started = time.time()
@@ -67,30 +65,22 @@ def cmd_generate(args) -> int:
     prompt_ids = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
                                                 tokenize=True, return_dict=False) for p in prompts]
     init_ray(cfg)
-    gen, res = cfg.generation, cfg.placement.generator
-    engines = []
-    for i in range(gen.num_engines):
-        pg = ready_placement_group(f"generator[{i}]", role_bundles(res, gen.tensor_parallel_size), "STRICT_PACK",
-                                   cfg.ray.placement_timeout_s)
-        engines.append(start_engine(model_path, gen, placement_group=pg, cpus=res.cpus_per_worker,
-                                    gpus=res.gpus_per_worker, seed=cfg.run.seed))
-    # Spread prompts over engines; the generator group (load balancing by outstanding work) replaces this split.
-    shards = [list(range(i, len(prompts), len(engines))) for i in range(len(engines))]
-    futures = [e.generate.remote([prompt_ids[j] for j in shard], greedy=args.greedy)
-               for e, shard in zip(engines, shards) if shard]
+    generators = GeneratorGroup(cfg, model_path)  # generation.num_engines engines, load-balanced
+    try:
+        sampling = Sampling.from_config(cfg.generation, **({"temperature": 0.0} if args.greedy else {}))
+        rollout = generators.generate(prompt_ids, sampling)
+    finally:
+        generators.shutdown()
     out_dir = Path(cfg.run.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    records = []
-    for shard, samples in zip(shards, ray.get(futures)):
-        for s in samples:
-            answer = tokenizer.decode(s.token_ids, skip_special_tokens=True)
-            records.append({"prompt": prompts[shard[s.prompt_index]], "answer": answer,
-                            "tokens": len(s.token_ids), "finish_reason": s.finish_reason})
+    records = [{"prompt": prompts[s.prompt_index], "answer": tokenizer.decode(s.token_ids, skip_special_tokens=True),
+                "tokens": len(s.token_ids), "finish_reason": s.finish_reason} for s in rollout.samples]
     for r in records:
         print(f"\nUser: {r['prompt']}\nAssistant: {r['answer']}")
     path = out_dir / "generations.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    print(f"\n{len(records)} answers from {len(engines)} vLLM engine(s) in {time.time() - started:.1f}s -> {path}")
+    print(f"\n{len(records)} answers from {cfg.generation.num_engines} vLLM engine(s) in {time.time() - started:.1f}s "
+          f"-> {path}")
     return 0
 
 

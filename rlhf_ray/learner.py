@@ -125,7 +125,7 @@ def takes_position_ids(model: torch.nn.Module) -> bool:
 
 
 def causal_logprobs(model: Callable, batch: Batch, position_ids: bool,
-                    entropy: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+                    entropy: bool | str = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """(B, T-1) log-probs of input_ids[:, 1:] (0 where that target is padding), and optionally the entropies.
     Position ids come from the attention mask, so left-padded rows score like unpadded ones."""
     from rlhf_ray.models.value_head import position_ids_from_mask
@@ -135,7 +135,12 @@ def causal_logprobs(model: Callable, batch: Batch, position_ids: bool,
     logits = model(input_ids=input_ids, attention_mask=mask, use_cache=False, **kwargs).logits[:, :-1]
     target_mask = mask[:, 1:]
     logprobs = rl.logprobs_from_logits(logits, input_ids[:, 1:], mask=target_mask)
-    return logprobs, rl.entropy_from_logits(logits, mask=target_mask) if entropy else None
+    if not entropy:
+        return logprobs, None
+    if entropy == "detached":  # a metric only: no graph through the second pass over the logits
+        with torch.no_grad():
+            return logprobs, rl.entropy_from_logits(logits.detach(), mask=target_mask)
+    return logprobs, rl.entropy_from_logits(logits, mask=target_mask)
 
 
 def to_device(batch: Batch, device) -> Batch:
@@ -499,15 +504,15 @@ class PolicyLearner(EngineWorker):
         micro_size = self.stage.deepspeed.micro_batch_size
 
         def micro_loss(mb: Batch, index: int):
-            logprobs, entropy = self._forward(mb, entropy=p.entropy_coef > 0)
+            # entropy is always reported; it carries gradient only with an entropy bonus
+            logprobs, entropy = self._forward(mb, entropy=True if p.entropy_coef > 0 else "detached")
             mask = mb["action_mask"]
             loss, stats = rl.policy_loss(logprobs, mb["old_logprobs"], mb["advantages"], mask,
                                          clip_ratio=p.clip_ratio, dual_clip=p.dual_clip,
                                          aggregation=p.loss_aggregation)
-            stats = {"policy_loss": loss.detach(), **stats}
-            if entropy is not None:
+            stats = {"policy_loss": loss.detach(), **stats, "entropy": rl.masked_mean(entropy.detach(), mask)}
+            if p.entropy_coef > 0:
                 loss = loss + rl.entropy_bonus(entropy, mask, p.entropy_coef, p.loss_aggregation)
-                stats["entropy"] = rl.masked_mean(entropy.detach(), mask)
             if ptx_shard is not None:  # the next micro-batch of pretraining rows, cycling
                 rows = torch.arange(index * micro_size, (index + 1) * micro_size) % batch_rows(ptx_shard)
                 ptx_mb = to_device({k: v[rows] for k, v in ptx_shard.items() if isinstance(v, torch.Tensor)},

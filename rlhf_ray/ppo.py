@@ -198,7 +198,8 @@ class PPOTrainer:
             vllm_logprobs[i, :len(s.logprobs)] = torch.tensor(s.logprobs)
         info = {"weight_versions": sorted({s.weight_version for s in samples}), "vllm_logprobs": vllm_logprobs,
                 "generated_tokens": sum(len(s.token_ids) for s in samples),
-                "redispatched": getattr(rollout, "redispatched", 0), "group_size": g.n_samples_per_prompt}
+                "redispatched": rollout.redispatched, "group_size": g.n_samples_per_prompt,
+                "engines_used": sum(1 for n in rollout.engine_prompts.values() if n > 0)}
         return batch, info
 
     def make_experience(self, batch: dict, info: dict) -> tuple[dict, dict]:
@@ -275,7 +276,7 @@ class PPOTrainer:
         stats.update(timings)
         stats.update({"time/iteration_s": time.time() - started, "weight_version": version,
                       "rollout/weight_version": max(info["weight_versions"]),
-                      "rollout/redispatched": info["redispatched"],
+                      "rollout/redispatched": info["redispatched"], "rollout/engines_used": info["engines_used"],
                       "throughput/tokens_per_s": info["generated_tokens"] / max(timings["time/generate_s"], 1e-9)})
         return stats
 

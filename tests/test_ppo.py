@@ -5,7 +5,9 @@ starting reward is low and PPO must find and reinforce it.
 """
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 import ray
@@ -82,3 +84,80 @@ def test_grpo_learns_the_rule_without_a_critic(ray_cluster, tiny_llama, tiny_val
     history = learn(cfg)
     assert_learned(history)
     assert "loss/value" not in history[0]  # no critic group was started
+
+
+TIMING = ("time/", "throughput/")
+
+
+def test_resume_continues_exactly_like_an_uninterrupted_run(ray_cluster, tiny_llama, tiny_value_model, tmp_path):
+    import shutil
+
+    cfg = ppo_config(tmp_path / "a", tiny_llama, tiny_value_model, **{
+        "ppo.num_iterations": 4, "checkpoint.every": 2, "checkpoint.keep_last": 2,
+        "ppo.rollout_batch_size": 8, "ppo.mini_batch_size": 32})
+    trainer = PPOTrainer(cfg)
+    try:
+        trainer.run()
+    finally:
+        trainer.shutdown()
+    run_a = Path(cfg.run.output_dir) / "ppo"
+    uninterrupted = read_metrics(run_a / "metrics.jsonl")
+    assert [r["iteration"] for r in uninterrupted] == [1, 2, 3, 4]
+    assert sorted(p.name for p in (run_a / "checkpoints").iterdir()) == ["iter_000002", "iter_000004"]
+
+    # a run that stopped after iteration 2: its folder holds only that checkpoint and the first two metrics rows
+    cfg_b = ppo_config(tmp_path / "b", tiny_llama, tiny_value_model, **{
+        "ppo.num_iterations": 4, "checkpoint.every": 2, "checkpoint.resume": True,
+        "ppo.rollout_batch_size": 8, "ppo.mini_batch_size": 32})
+    run_b = Path(cfg_b.run.output_dir) / "ppo"
+    (run_b / "checkpoints").mkdir(parents=True)
+    shutil.copytree(run_a / "checkpoints" / "iter_000002", run_b / "checkpoints" / "iter_000002")
+    (run_b / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in uninterrupted[:2]))
+    resumed = PPOTrainer(cfg_b)
+    try:
+        assert resumed.iteration == 2 and resumed.generators.weight_version == 2
+        resumed.run()
+    finally:
+        resumed.shutdown()
+    rows = read_metrics(run_b / "metrics.jsonl")
+    assert [r["iteration"] for r in rows] == [1, 2, 3, 4]
+    for a, b in zip(uninterrupted[2:], rows[2:]):
+        for key, value in a.items():
+            if key.startswith(TIMING) or not isinstance(value, (int, float)):
+                continue
+            assert b[key] == pytest.approx(value, abs=1e-4), (a["iteration"], key)
+    assert (run_b / "reward_kl.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("engines, learner_ranks", [(2, 1), (1, 2)])
+def test_generation_scales_independently_of_training(ray_cluster, tiny_llama, tiny_value_model, tmp_path,
+                                                     engines, learner_ranks):
+    cfg = ppo_config(tmp_path, tiny_llama, tiny_value_model, **{
+        "generation.num_engines": engines, "placement.actor.num_workers": learner_ranks,
+        "placement.critic.num_workers": learner_ranks, "ppo.rollout_batch_size": 8, "ppo.mini_batch_size": 32})
+    trainer = PPOTrainer(cfg)
+    try:
+        assert trainer.generators.num_engines == engines and len(trainer.actor.workers) == learner_ranks
+        stats = trainer.step()
+    finally:
+        trainer.shutdown()
+    assert stats["weight_version"] == 1
+    assert stats["rollout/engines_used"] == engines  # both engines generated when there are two
+
+
+def test_killing_a_generator_actor_does_not_stop_the_run(ray_cluster, tiny_llama, tiny_value_model, tmp_path):
+    cfg = ppo_config(tmp_path, tiny_llama, tiny_value_model, **{
+        "generation.num_engines": 2, "ppo.rollout_batch_size": 8, "ppo.mini_batch_size": 32})
+    trainer = PPOTrainer(cfg)
+    try:
+        first = trainer.step()
+        trainer.iteration += 1
+        ray.kill(trainer.generators.engines[0], no_restart=False)  # Ray restarts it; the group re-syncs it
+        after = [trainer.step() for _ in range(2)]
+        restarts = list(trainer.generators.restarts)
+    finally:
+        trainer.shutdown()
+    assert [s["weight_version"] for s in (first, *after)] == [1, 2, 3]
+    assert restarts[0] >= 1  # the death was noticed and the engine came back ...
+    assert after[-1]["rollout/engines_used"] == 2  # ... re-synced, and took work again
+    assert all(s["response/length_mean"] > 0 for s in after)

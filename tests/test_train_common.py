@@ -164,11 +164,24 @@ def test_lora_adapts_only_named_modules_and_merges(tiny_llama):
         sft.build_model(bad, bad.sft)
 
 
-def test_rm_lora_keeps_value_head_trainable(tiny_llama):
+def test_rm_lora_keeps_value_head_trainable_and_saves_merged(tiny_llama, tmp_path):
+    from rlhf_ray.models import ValueHeadModel
+
     cfg = load_config(None, {"models.reward.path": tiny_llama, "rm.lora.dim": 4})
+    torch.manual_seed(0)
     model = rm.build_model(cfg, cfg.rm)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert "v_head.weight" in trainable and all("lora_" in n or n == "v_head.weight" for n in trainable)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(std=0.5)
+    ids = torch.arange(3, 19).view(2, 8)
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        adapted = model.score(ids, mask)
+        rm.save_model(rm.merge_lora(model), tmp_path / "rm", tokenizer=None)
+        reloaded = ValueHeadModel.from_pretrained(tmp_path / "rm").score(ids, mask)
+    assert torch.allclose(reloaded, adapted, atol=1e-4)
 
 
 # --------------------------------------------------------------------------------- plan and sharding

@@ -10,6 +10,10 @@
 What differs between SFT and the reward model (model, batch, loss, eval, export) lives in a *task* module
 (rlhf_ray.train.sft, rlhf_ray.train.rm) with the same functions; everything else is here.
 
+Reports: ray.train.report is a barrier whose metrics Ray Train's controller collects at its health-check poll
+(every 2 s); a worker reporting faster waits for it. Keep `log_every` so reports are seconds apart.
+metrics.jsonl (rank 0) records every report and every attempt's start, across restarts.
+
 Folders: the final model goes to `<stage>.output_dir` (default <run.output_dir>/<stage>); Ray Train's storage
 (checkpoints) and one metrics.jsonl per run go to the sibling `<output_dir>_train/`. On a multi-node cluster
 that folder must be on shared storage (Ray Train's own rule for storage_path).
@@ -397,7 +401,6 @@ def train_loop(loop_cfg: dict) -> Optional[dict]:
         window_loss, window_micro, window_tokens, window_start = 0.0, 0, 0, now
         if do_eval:
             metrics.update(run_eval())
-            engine.train()
         if rank == 0:
             evals = "".join(f" | {k} {v:.4f}" for k, v in metrics.items() if k.startswith("eval_"))
             log.info("%s step %d/%d | loss %.4f | lr %.2e | %.0f tokens/s%s | ETA %s", stage, done, plan.total_steps,
