@@ -565,9 +565,11 @@ class GeneratorGroup:
             if transport == "ipc":
                 ray.get(receiving)
                 receiving = []
-        stats = source.push(sender, plan.bucket_bytes)
-        ray.get(receiving)
-        del store
+        try:
+            stats = source.push(sender, plan.bucket_bytes)
+            ray.get(receiving)
+        finally:
+            store = None  # gloo receivers still waiting (a failed sender) get a closed store, not a long timeout
         expected = None
         probe = None
         if gen.verify_weights:

@@ -44,6 +44,8 @@ from rlhf_ray import rl
 from rlhf_ray.config import Config, DeepSpeedConfig, ModelConfig, PPOConfig, TrainStageConfig
 from rlhf_ray.groups import Batch, DistributedWorker, ModelGroup, RolePlacement, batch_rows, mean_stats, shard_batch
 from rlhf_ray.models.loading import resolve_model_path
+from rlhf_ray.train.common import hf_model_config
+from rlhf_ray.train.deepspeed_config import deepspeed_config
 
 log = logging.getLogger(__name__)
 
@@ -51,59 +53,10 @@ DEFAULT_BUCKET_BYTES = 256 << 20
 LORA_ADAPTER = "default"
 
 
-# --------------------------------------------------------------------------------------- DeepSpeed config
-def resolve_precision(ds: DeepSpeedConfig, cuda: bool) -> str:
-    if ds.precision == "auto":
-        return "bf16" if cuda else "fp32"
-    if ds.precision == "fp16" and not cuda:
-        raise ValueError("deepspeed.precision 'fp16' needs a GPU; use 'fp32' or 'bf16' on CPU")
-    return ds.precision
-
-
-def deepspeed_config(stage: TrainStageConfig, world_size: int, train_batch_size: int, cuda: bool) -> dict:
-    """The DeepSpeed config dict of one learner (or, with the optimizer parts unused, a scorer)."""
-    ds = stage.deepspeed
-    micro = ds.micro_batch_size
-    if train_batch_size % (micro * world_size):
-        raise ValueError(f"optimizer batch {train_batch_size} is not a multiple of micro_batch_size {micro} x "
-                         f"{world_size} ranks")
-    precision = resolve_precision(ds, cuda)
-    zero: dict[str, Any] = {"stage": ds.zero_stage}
-    if (ds.offload_optimizer or ds.offload_params) and not cuda:
-        log.warning("deepspeed offload_optimizer/offload_params are GPU-only options; ignored on CPU")
-    if cuda and ds.offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
-    if cuda and ds.offload_params and ds.zero_stage == 3:
-        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
-    return {
-        "train_batch_size": train_batch_size,
-        "train_micro_batch_size_per_gpu": micro,
-        "gradient_accumulation_steps": train_batch_size // (micro * world_size),
-        "gradient_clipping": stage.optim.grad_clip,  # 0 disables clipping
-        "zero_optimization": zero,
-        "bf16": {"enabled": precision == "bf16"},
-        "fp16": {"enabled": precision == "fp16"},
-        "zero_allow_untested_optimizer": True,  # torch.optim.AdamW as the client optimizer on CPU
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    }
-
-
 def ppo_total_steps(cfg: Config) -> int:
     """Optimizer steps of a whole PPO run (what a decaying LR schedule spans)."""
     samples = cfg.ppo.rollout_batch_size * cfg.generation.n_samples_per_prompt
     return max(1, cfg.ppo.num_iterations * cfg.ppo.ppo_epochs * math.ceil(samples / cfg.ppo.mini_batch_size))
-
-
-def zero_dropout_config(path: str, trust_remote_code: bool = False):
-    """The model's config with every dropout probability set to 0 (DeepSpeed-Chat's --disable_*_dropout)."""
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    for key, value in list(vars(config).items()):
-        if "dropout" in key and isinstance(value, float):
-            setattr(config, key, 0.0)
-    return config
 
 
 def hf_param_name(name: str) -> str:
@@ -183,7 +136,8 @@ class EngineWorker(DistributedWorker, abc.ABC):
         self.cuda = has_cuda()
         ds = self.stage.deepspeed
         self.zero3 = ds.zero_stage == 3
-        self.ds_config = deepspeed_config(self.stage, self.world_size, self.ppo.mini_batch_size, self.cuda)
+        self.ds_config = deepspeed_config(self.stage, self.world_size, self.cuda,
+                                          train_batch_size=self.ppo.mini_batch_size)
         hf_ds = None
         if self.zero3:  # transformers loads the weights straight into ZeRO-3 partitions while this object lives
             from transformers.integrations import HfDeepSpeedConfig
@@ -463,7 +417,7 @@ class PolicyLearner(EngineWorker):
         path = resolve_model_path(self.model_cfg.path)
         kwargs = {}
         if self.stage.disable_dropout and not self.model_cfg.gguf_file:
-            kwargs["config"] = zero_dropout_config(path, self.model_cfg.trust_remote_code)
+            kwargs["config"] = hf_model_config(path, True, trust_remote_code=self.model_cfg.trust_remote_code)
         return load_causal_lm(self.model_cfg, dtype=torch.float32, **kwargs)  # fp32 master; DeepSpeed casts
 
     def setup(self) -> None:
@@ -546,7 +500,7 @@ class CriticLearner(EngineWorker):
         path = resolve_model_path(self.model_cfg.path)
         kwargs = {}
         if self.stage.disable_dropout:
-            kwargs["config"] = zero_dropout_config(path, self.model_cfg.trust_remote_code)
+            kwargs["config"] = hf_model_config(path, True, trust_remote_code=self.model_cfg.trust_remote_code)
         return ValueHeadModel.from_pretrained(path, dtype=torch.float32, **kwargs)
 
     def lora_target(self, model):

@@ -33,6 +33,14 @@ from rlhf_ray.config import Config, PPOConfig
 log = logging.getLogger(__name__)
 
 
+# Every PPO iteration logs at least these (console, metrics.jsonl, TensorBoard, W&B when configured).
+METRIC_KEYS = (
+    "reward/mean", "reward/std", "kl/mean", "entropy/mean", "loss/policy", "loss/value", "policy/clip_fraction",
+    "policy/approx_kl", "response/length_mean", "logprob_gap/vllm_vs_learner", "time/generate_s", "time/score_s",
+    "time/train_s", "time/sync_s", "throughput/tokens_per_s", "weight_version",
+)  # loss/value only with a critic (advantage_estimator: gae)
+
+
 # ---------------------------------------------------------------------------------------- pure pieces
 def request_seed(run_seed: int, iteration: int, row: int) -> int:
     """A per-request sampling seed: the same (seed, iteration, row) samples the same tokens, resumed or not."""

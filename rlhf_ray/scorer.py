@@ -35,7 +35,8 @@ import torch
 
 from rlhf_ray.config import Config, DeepSpeedConfig, ModelConfig, PPOConfig
 from rlhf_ray.groups import Batch, DistributedWorker, ModelGroup, RolePlacement
-from rlhf_ray.learner import micro_batches, to_device, causal_logprobs, resolve_precision, takes_position_ids
+from rlhf_ray.learner import causal_logprobs, micro_batches, takes_position_ids, to_device
+from rlhf_ray.train.deepspeed_config import resolve_precision
 from rlhf_ray.models.loading import resolve_model_path
 
 TEXT_FIELDS = ("prompts", "responses")

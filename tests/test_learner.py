@@ -11,8 +11,9 @@ import pytest
 import ray.cloudpickle
 import torch
 
-from rlhf_ray.config import Config, load_config
-from rlhf_ray.learner import CriticGroup, PolicyGroup, deepspeed_config, hf_param_name
+from rlhf_ray.config import Config, ConfigError, load_config
+from rlhf_ray.learner import CriticGroup, PolicyGroup, hf_param_name
+from rlhf_ray.train.deepspeed_config import deepspeed_config
 from rlhf_ray.models.value_head import ValueHeadModel, position_ids_from_mask
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers cannot import test modules
@@ -134,17 +135,20 @@ def zero3(ray_cluster, zero3_cfg, request):
 
 # ------------------------------------------------------------------------------------------------ pure
 def test_deepspeed_config_from_stage_config(tiny_llama):
+    """PPO learners share the SFT/RM builder (rlhf_ray.train.deepspeed_config) with the mini-batch as step batch."""
     cfg = ppo_config(tiny_llama, "", **{"ppo.actor.deepspeed.zero_stage": 3, "ppo.actor.optim.grad_clip": 0.5,
-                                        "ppo.actor.deepspeed.offload_optimizer": True,
                                         "ppo.actor.deepspeed.precision": "auto"})
-    ds = deepspeed_config(cfg.ppo.actor, world_size=2, train_batch_size=8, cuda=False)
-    assert ds["zero_optimization"] == {"stage": 3}  # offload is GPU-only: dropped on CPU
+    ds = deepspeed_config(cfg.ppo.actor, 2, cuda=False, train_batch_size=8)
+    assert ds["zero_optimization"]["stage"] == 3
     assert ds["gradient_accumulation_steps"] == 2 and ds["gradient_clipping"] == 0.5
     assert not ds["bf16"]["enabled"]
-    gpu = deepspeed_config(cfg.ppo.actor, world_size=2, train_batch_size=8, cuda=True)
-    assert gpu["bf16"]["enabled"] and gpu["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
-    with pytest.raises(ValueError, match="not a multiple"):
-        deepspeed_config(cfg.ppo.actor, world_size=2, train_batch_size=6, cuda=False)
+    offload = ppo_config(tiny_llama, "", **{"ppo.actor.deepspeed.offload_optimizer": True})
+    gpu = deepspeed_config(offload.ppo.actor, 2, cuda=True, train_batch_size=8)
+    assert gpu["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    with pytest.raises(ConfigError, match="need a GPU"):  # offload on CPU is a config error, not ignored
+        deepspeed_config(offload.ppo.actor, 2, cuda=False, train_batch_size=8)
+    with pytest.raises(ConfigError, match="must be a multiple"):
+        deepspeed_config(cfg.ppo.actor, 2, cuda=False, train_batch_size=6)
     assert hf_param_name("base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight") == \
         "model.layers.0.self_attn.q_proj.weight"
 

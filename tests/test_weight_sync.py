@@ -102,7 +102,7 @@ def test_lora_layers_are_merged_into_hf_names(tiny_llama):
 
 # ---------------------------------------------------------------------------------------------- engines
 def greedy_hf(model, prompt: list[int], n_tokens: int) -> list[int]:
-    ids = torch.tensor([prompt])
+    ids = torch.tensor([prompt], device=next(model.parameters()).device)
     with torch.no_grad():
         for _ in range(n_tokens):
             ids = torch.cat([ids, model(input_ids=ids).logits[0, -1].argmax().view(1, 1)], dim=1)
@@ -330,4 +330,69 @@ def test_sync_from_zero3_learner_after_an_optimizer_step(group, tiny_llama, tmp_
         # The probe was scored by the learner group itself (its logprobs) and matched every engine.
         assert all(e["probe_max_diff"] < 1e-3 for e in report.engines)
     finally:
+        learner.shutdown()
+
+
+def test_engine_without_restarts_left_is_dropped_and_its_prompts_served_elsewhere(group):
+    """generation.max_restarts 0 (this module's group): a killed engine stays dead; the group notices, counts its
+    prompts as re-dispatched and serves them on the other engine. (Restarts: tests/test_generator.py.)"""
+    import ray
+
+    from rlhf_ray.generator import Sampling
+
+    pending = group.generate_async(PROMPTS * 2, Sampling(temperature=0.0, max_new_tokens=6, ignore_eos=True))
+    ray.kill(group.engines[1], no_restart=False)  # a crash: Ray would restart it if max_restarts allowed
+    rollout = pending.result()
+    assert [s.prompt_index for s in rollout.samples] == list(range(6))
+    assert rollout.redispatched == 3 and rollout.engine_prompts == {0: 6}
+    assert group.alive == [True, False] and group.restarts == [0, 0]
+    assert group.generate(PROMPTS, Sampling(temperature=0.0, max_new_tokens=4)).engine_prompts == {0: 3}
+
+
+# ---------------------------------------------------------------------------------------------- GPU paths
+@pytest.mark.gpu
+def test_cuda_ipc_sync_into_an_engine_on_the_same_gpu(ray_cluster, tiny_llama):
+    """Sender (this process) and engine share the GPU: CUDA IPC handles through vLLM's IPC weight-transfer engine."""
+    from rlhf_ray.generator import GeneratorGroup
+
+    cfg = load_config(None, {"ray.address": "local", "generation.sync_transport": "ipc", "models.actor.dtype": "float32",
+                             "generation.gpu_memory_utilization": 0.3, "placement.generator.gpus_per_worker": 1,
+                             "generation.max_model_len": 256})
+    g = GeneratorGroup(cfg, tiny_llama)
+    try:
+        model = perturbed(tiny_llama, seed=30).cuda()
+        g.sync_weights(ModelSource(model))
+        assert g.last_sync.transport == "ipc" and g.last_sync.verified
+        assert greedy_outputs(g, PROMPTS) == [greedy_hf(model, p, 10) for p in PROMPTS]
+    finally:
+        g.shutdown()
+
+
+@pytest.mark.gpu
+def test_nccl_sync_from_a_learner_on_another_gpu(ray_cluster, tiny_llama):
+    """A 1-rank ZeRO-3 learner on one GPU broadcasts over NCCL (vLLM's NCCL weight-transfer engine) to an engine on
+    another GPU."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs: NCCL does not connect two ranks on one device")
+    from transformers import AutoModelForCausalLM
+
+    from rlhf_ray.generator import GeneratorGroup
+    from rlhf_ray.learner import PolicyGroup
+
+    cfg = load_config(None, {
+        "ray.address": "local", "models.actor.path": tiny_llama, "models.actor.dtype": "bfloat16",
+        "generation.sync_transport": "nccl", "generation.gpu_memory_utilization": 0.3,
+        "generation.max_model_len": 256, "placement.generator.gpus_per_worker": 1,
+        "placement.actor": {"num_workers": 1, "cpus_per_worker": 1, "gpus_per_worker": 1}, "ppo.mini_batch_size": 2,
+        "ppo.actor.deepspeed.zero_stage": 3, "ppo.actor.deepspeed.micro_batch_size": 2})
+    learner = PolicyGroup(cfg)
+    g = GeneratorGroup(cfg, tiny_llama)
+    try:
+        g.sync_weights(learner)
+        assert g.last_sync.transport == "nccl" and g.last_sync.verified
+        exported = AutoModelForCausalLM.from_pretrained(learner.save_pretrained("/tmp/rlhf_ray_nccl_test"),
+                                                        dtype=torch.bfloat16).cuda().eval()
+        assert greedy_outputs(g, PROMPTS[:1], 4) == [greedy_hf(exported, PROMPTS[0], 4)]
+    finally:
+        g.shutdown()
         learner.shutdown()

@@ -11,13 +11,16 @@ from __future__ import annotations
 
 from typing import Optional
 
-from rlhf_ray.config import ConfigError, TrainStageConfig
+from rlhf_ray.config import ConfigError, DeepSpeedConfig, TrainStageConfig
+
+
+def resolve_precision(ds: DeepSpeedConfig, cuda: bool) -> str:
+    """'auto' is bf16 on GPU and fp32 on CPU (CPU bf16 matmuls are slow and lose exactness checks)."""
+    return ("bf16" if cuda else "fp32") if ds.precision == "auto" else ds.precision
 
 
 def precision(stage_cfg: TrainStageConfig, cuda: bool) -> str:
-    """'auto' is bf16 on GPU and fp32 on CPU (CPU bf16 matmuls are slow and lose exactness checks)."""
-    p = stage_cfg.deepspeed.precision
-    return ("bf16" if cuda else "fp32") if p == "auto" else p
+    return resolve_precision(stage_cfg.deepspeed, cuda)
 
 
 def gradient_accumulation_steps(stage_cfg: TrainStageConfig, num_ranks: int, train_batch_size: Optional[int] = None) -> int:
@@ -60,6 +63,7 @@ def deepspeed_config(stage_cfg: TrainStageConfig, num_ranks: int, cuda: bool,
         "zero_optimization": zero,
         "bf16": {"enabled": prec == "bf16"},
         "fp16": {"enabled": prec == "fp16", "loss_scale": 0, "loss_scale_window": 100, "initial_scale_power": 16},
+        "zero_allow_untested_optimizer": True,  # a plain torch AdamW client optimizer on CPU (no JIT build)
         "steps_per_print": 10 ** 9,  # we log progress ourselves
         "wall_clock_breakdown": False,
     }
