@@ -154,7 +154,10 @@ class VLLMEngine:
         self.probe_logprobs([0, 1])  # the first request pays seconds of one-time set-up: pay it while starting
 
     def ready(self) -> dict:
-        return {"pid": os.getpid(), "weight_version": self.weight_version, "engine": self.engine_index,
+        import ray
+
+        pg = ray.util.get_current_placement_group()
+        return {"pid": os.getpid(), "placement_group": pg.id.hex() if pg else None, "weight_version": self.weight_version, "engine": self.engine_index,
                 "omp_bind": os.environ.get("VLLM_CPU_OMP_THREADS_BIND"), "max_model_len": self.max_model_len,
                 "vocab_size": self.vocab_size, "dtype": self.dtype, "sleep_enabled": self.sleep_enabled,
                 "pinned_cores": pinned_cores()}

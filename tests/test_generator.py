@@ -153,10 +153,12 @@ def test_new_prompts_go_to_the_idle_engine(group):
     assert group.generate(PROMPTS, GREEDY).engine_prompts == {0: 2, 1: 2}  # idle again: both take work
 
 
-def test_engines_are_bound_to_their_own_cores(group):
+def test_engines_sit_in_their_own_placement_groups_bound_to_their_own_cores(group):
     infos = [ray.get(e.ready.remote()) for e in group.engines]
+    assert [i["placement_group"] for i in infos] == [pg.id.hex() for pg in group.placements]
+    assert len({i["placement_group"] for i in infos}) == 2
     assert [i["omp_bind"] for i in infos] == ["0", "1"]
-    assert [i["pinned_cores"] for i in infos] == [[0], [1]]  # vLLM's OpenMP threads, as the OS reports them
+    assert [i["pinned_cores"] for i in infos] == [[0], [1]]  # the engines' compute threads, as the OS reports them
 
 
 def test_sleep_and_wake_are_gpu_only(group):

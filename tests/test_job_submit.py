@@ -72,7 +72,7 @@ def test_pipeline_runs_under_ray_job_submit(ray_head, tiny_llama, tmp_path):
         "sft": {"max_steps": 3, "deepspeed": {"micro_batch_size": 2, "global_batch_size": 4}},
         "rm": {"max_steps": 3, "deepspeed": {"micro_batch_size": 2, "global_batch_size": 4}},
         "generation": {"max_new_tokens": 8, "kv_cache_gib": 1},
-        "ppo": {"num_iterations": 2, "rollout_batch_size": 4, "mini_batch_size": 4,
+        "ppo": {"num_iterations": 2, "rollout_batch_size": 4, "mini_batch_size": 4, "kl_estimator": "k3",
                 "reward_functions": ["rlhf_ray.data.builtin.rule_reward"], "reward_function_mode": "add",
                 "actor": {"deepspeed": {"micro_batch_size": 2}}, "critic": {"deepspeed": {"micro_batch_size": 2}}},
         "logging": {"tensorboard": True},

@@ -126,7 +126,8 @@ def group(ray_cluster, tiny_llama):
     from rlhf_ray.generator import GeneratorGroup
 
     cfg = load_config(None, {"ray.address": "local", "generation.num_engines": 2, "generation.max_model_len": 256, "generation.sync_timeout_s": 60,
-                             "generation.sync_bucket_mb": 0.15, "generation.max_restarts": 0})
+                             "generation.sync_bucket_mb": 0.15, "generation.max_restarts": 0,
+                             "generation.verify_probe_len": 12})
     g = GeneratorGroup(cfg, tiny_llama)
     yield g
     g.shutdown()
@@ -169,6 +170,7 @@ def test_sync_from_model_reaches_every_engine_verified_and_bucketed(group, tiny_
     report = group.last_sync
     assert version == report.version == group.weight_version and report.transport == transport
     assert report.verified and all(e["probe_max_diff"] < 1e-3 for e in report.engines)
+    assert len(group.probe_ids) == 12 == len(report.probe[0])  # generation.verify_probe_len
     assert group.engine_versions() == [version, version]
     # Bucketed: several transfers, none above generation.sync_bucket_mb (0.15 MB here; the largest tensor is 128 KiB).
     assert report.buckets >= 4 and report.max_bucket_bytes <= 0.15 * (1 << 20)
@@ -238,6 +240,36 @@ def test_corrupted_packed_linear_weight_is_caught_too(group, tiny_llama):
     ray.get(group.engines[0].collective_rpc.remote(reload_one_changed_qkv, (q,)))
     with pytest.raises(WeightSyncError, match=r"engine 0 .*checksum mismatch in model\.layers\.0\.self_attn\.q_proj"):
         group.verify()
+
+
+class SlowSource(ModelSource):
+    """A source that takes `delay` seconds before its first bucket (a learner still busy, or stuck)."""
+
+    def __init__(self, model, delay: float):
+        super().__init__(model)
+        self.delay = delay
+
+    def push(self, sender, bucket_bytes):
+        import time
+
+        time.sleep(self.delay)
+        return super().push(sender, bucket_bytes)
+
+
+def test_sync_timeout_bounds_a_stalled_sync(group, tiny_llama):
+    import time
+
+    before = with_generation(group, sync_transport="gloo", sync_timeout_s=2.0)
+    started = time.perf_counter()
+    try:
+        with pytest.raises(Exception, match="(?i)time"):  # the receivers gave up; the late sender finds no peers
+            group.sync_weights(SlowSource(perturbed(tiny_llama, seed=11), delay=4.0))
+    finally:
+        group.gen = before
+    assert time.perf_counter() - started < 30
+    assert group.engine_versions() == [-1, -1]  # neither engine claims a version it did not finish loading
+    group.sync_weights(ModelSource(perturbed(tiny_llama, seed=11)))  # and the next sync works
+    assert group.engine_versions() == [group.weight_version] * 2
 
 
 class ShiftedProbe(ModelSource):
