@@ -39,7 +39,9 @@ def measure(group: GeneratorGroup, source, transport: str, bucket_mb: float, rep
             best = r
     engine = best.engines[0]
     return {"seconds": best.seconds, "mb_per_s": best.mb_per_s, "mb": best.bytes / 1e6, "buckets": best.buckets,
-            "checksum_s": engine.get("checksum_s", 0.0), "probe_s": engine.get("verify_s", 0.0) - engine.get("checksum_s", 0.0)}
+            "sender_checksum_s": best.sender["checksum_s"], "transfer_s": best.sender["transfer_s"],
+            "checksum_s": engine.get("checksum_s", 0.0),
+            "probe_s": engine.get("verify_s", 0.0) - engine.get("checksum_s", 0.0)}
 
 
 def main() -> None:
@@ -83,11 +85,13 @@ def main() -> None:
     finally:
         group.shutdown()
     print(f"{args.model}, bucket {args.bucket_mb:g} MB, 1 engine, verification on")
-    print(f"{'sender':8} {'transport':13} {'sync s':>7} {'MB/s':>7} {'MB':>6} {'buckets':>7} {'checksum s':>10} "
-          f"{'probe s':>7}")
+    print("sync s: the whole sync; of it: sender checksums, transfer (until the engine has loaded every bucket),\n"
+          "engine checksums (live weights read back and mapped to HF names) and the probe forward pass")
+    print(f"{'sender':8} {'transport':13} {'sync s':>7} {'MB/s':>6} {'MB':>5} {'buckets':>7} {'sender cks':>10} "
+          f"{'transfer':>8} {'engine cks':>10} {'probe':>6}")
     for sender, transport, r in rows:
-        print(f"{sender:8} {transport:13} {r['seconds']:7.2f} {r['mb_per_s']:7.0f} {r['mb']:6.0f} {r['buckets']:7d} "
-              f"{r['checksum_s']:10.2f} {r['probe_s']:7.2f}")
+        print(f"{sender:8} {transport:13} {r['seconds']:7.2f} {r['mb_per_s']:6.0f} {r['mb']:5.0f} {r['buckets']:7d} "
+              f"{r['sender_checksum_s']:10.2f} {r['transfer_s']:8.2f} {r['checksum_s']:10.2f} {r['probe_s']:6.2f}")
     ray.shutdown()
 
 

@@ -115,6 +115,7 @@ class SyncReport:
     max_bucket_bytes: int
     verified: bool
     engines: list[dict] = field(default_factory=list)  # per engine: load / verify seconds, probe difference
+    sender: dict = field(default_factory=dict)  # where the buckets were made: checksum_s, transfer_s, seconds
     checksums: Optional[dict] = field(default=None, repr=False)  # sender's {HF name: (shape, checksum)}
     probe: Optional[tuple] = field(default=None, repr=False)  # (probe ids, source log-probs, tolerance)
 
@@ -199,14 +200,17 @@ class VLLMEngine:
     # -- weight update (see weight_sync.py for the order of the steps)
     def begin_weight_update(self) -> None:
         self.weight_version = -1  # unknown until finish_weight_update verifies the new weights
+        self._load_s = 0.0
         self.llm.collective_rpc("rlhf_begin_update")
 
     def receive_bucket(self, payload: list) -> int:
         """Object-store transport: one bucket of (name, numpy array, dtype name), loaded into every worker."""
         from rlhf_ray.weight_sync import from_numpy
 
+        started = time.perf_counter()
         bucket = [(name, from_numpy(arr, dtype)) for name, arr, dtype in payload]
         self.llm.collective_rpc("rlhf_load_bucket", args=(bucket,))
+        self._load_s = getattr(self, "_load_s", 0.0) + time.perf_counter() - started
         return len(bucket)
 
     def receive_weights_gloo(self, plan, rank_offset: int) -> int:
@@ -237,7 +241,8 @@ class VLLMEngine:
         else:
             self.llm.collective_rpc("rlhf_finish_update")
         self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
-        report = {"engine": self.engine_index, "finish_s": time.perf_counter() - started}
+        report = {"engine": self.engine_index, "finish_s": time.perf_counter() - started,
+                  "load_s": getattr(self, "_load_s", 0.0)}
         if expected is not None:
             report.update(self.verify_weights(version, expected, probe))
         self.weight_version = version
@@ -583,7 +588,8 @@ class GeneratorGroup:
             probe = (self.probe_ids, source.probe_logprobs(self.probe_ids), self.probe_atol)
         reports = ray.get([e.finish_weight_update.remote(version, transport, expected, probe) for e in engines])
         report = SyncReport(version, transport, time.perf_counter() - started, stats["bytes"], stats["buckets"],
-                            stats["max_bucket_bytes"], gen.verify_weights, reports, expected, probe)
+                            stats["max_bucket_bytes"], gen.verify_weights, reports,
+                            {k: stats[k] for k in ("seconds", "checksum_s", "transfer_s")}, expected, probe)
         log.info("weight sync v%d over %s to %d engine(s): %.1f MB in %d bucket(s), %.2fs (%.0f MB/s)%s", version,
                  transport, len(engines), report.bytes / 1e6, report.buckets, report.seconds, report.mb_per_s,
                  ", verified" if gen.verify_weights else "")

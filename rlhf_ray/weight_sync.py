@@ -223,6 +223,8 @@ class _SenderState:
     buckets: int = 0
     bytes: int = 0
     max_bucket_bytes: int = 0
+    checksum_s: float = 0.0  # computing the sender-side checksums
+    transfer_s: float = 0.0  # handing buckets to the transport until the engines have them
     checksums: dict[str, tuple[tuple[int, ...], int]] = field(default_factory=dict)
     channel: Any = None  # gloo: (pg, store); nccl: communicator
 
@@ -240,11 +242,15 @@ class BucketSender:
             state = _SENDERS[self.plan.sync_id] = _SenderState(self.plan)
         dtype = self.plan.torch_dtype
         bucket = [(name, t.detach().to(dtype)) for name, t in bucket]
+        started = time.perf_counter()
         if self.verify:
             for name, t in bucket:
                 state.checksums[name] = (tuple(t.shape), tensor_checksum(t))
         nbytes = sum(t.numel() * t.element_size() for _, t in bucket)
+        sent = time.perf_counter()
         getattr(self, f"_send_{self.plan.transport}")(state, bucket)
+        state.checksum_s += sent - started
+        state.transfer_s += time.perf_counter() - sent
         state.buckets += 1
         state.bytes += nbytes
         state.max_bucket_bytes = max(state.max_bucket_bytes, nbytes)
@@ -300,14 +306,16 @@ def close_sender(sync_id: str) -> dict:
     return the stats and the sender-side checksums ({} when the source sent nothing)."""
     state = _SENDERS.pop(sync_id, None)
     if state is None:
-        return {"buckets": 0, "bytes": 0, "max_bucket_bytes": 0, "checksums": {}, "seconds": 0.0}
+        return {"buckets": 0, "bytes": 0, "max_bucket_bytes": 0, "checksums": {}, "seconds": 0.0,
+                "checksum_s": 0.0, "transfer_s": 0.0}
     if state.plan.transport == "gloo" and state.channel is not None:
         state.channel[1].set(f"b{state.buckets}", END)
     if state.plan.transport == "nccl" and state.channel is not None:
         state.channel.destroy() if hasattr(state.channel, "destroy") else None
     state.channel = None
     return {"buckets": state.buckets, "bytes": state.bytes, "max_bucket_bytes": state.max_bucket_bytes,
-            "checksums": state.checksums, "seconds": time.perf_counter() - state.started}
+            "checksums": state.checksums, "seconds": time.perf_counter() - state.started,
+            "checksum_s": state.checksum_s, "transfer_s": state.transfer_s}
 
 
 # ------------------------------------------------------------------------------------------------ receiver
