@@ -31,7 +31,7 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Optional
 
-from rlhf_ray.config import Config, GenerationConfig, RoleResources
+from rlhf_ray.config import Config, GenerationConfig
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +136,7 @@ class VLLMEngine:
 
         self.gen, self.engine_index, self.dtype = gen, engine_index, dtype
         self.weight_version = 0
+        self._load_s = 0.0  # seconds spent loading object-store buckets during the current update
         cuda = _cuda()
         self.sleep_enabled = gen.enable_sleep_mode and cuda  # vLLM sleep/wake frees nothing on CPU
         kwargs: dict[str, Any] = {}
@@ -158,10 +159,10 @@ class VLLMEngine:
         import ray
 
         pg = ray.util.get_current_placement_group()
-        return {"pid": os.getpid(), "placement_group": pg.id.hex() if pg else None, "weight_version": self.weight_version, "engine": self.engine_index,
-                "omp_bind": os.environ.get("VLLM_CPU_OMP_THREADS_BIND"), "max_model_len": self.max_model_len,
-                "vocab_size": self.vocab_size, "dtype": self.dtype, "sleep_enabled": self.sleep_enabled,
-                "pinned_cores": pinned_cores()}
+        return {"pid": os.getpid(), "engine": self.engine_index, "weight_version": self.weight_version,
+                "placement_group": pg.id.hex() if pg else None, "omp_bind": os.environ.get("VLLM_CPU_OMP_THREADS_BIND"),
+                "pinned_cores": pinned_cores(), "max_model_len": self.max_model_len, "vocab_size": self.vocab_size,
+                "dtype": self.dtype, "sleep_enabled": self.sleep_enabled}
 
     # -- generation
     def generate(self, prompt_token_ids: list[list[int]], sampling: Optional[Sampling] = None, *,
@@ -210,7 +211,7 @@ class VLLMEngine:
         started = time.perf_counter()
         bucket = [(name, from_numpy(arr, dtype)) for name, arr, dtype in payload]
         self.llm.collective_rpc("rlhf_load_bucket", args=(bucket,))
-        self._load_s = getattr(self, "_load_s", 0.0) + time.perf_counter() - started
+        self._load_s += time.perf_counter() - started
         return len(bucket)
 
     def receive_weights_gloo(self, plan, rank_offset: int) -> int:
@@ -242,7 +243,7 @@ class VLLMEngine:
             self.llm.collective_rpc("rlhf_finish_update")
         self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
         report = {"engine": self.engine_index, "finish_s": time.perf_counter() - started,
-                  "load_s": getattr(self, "_load_s", 0.0)}
+                  "load_s": self._load_s}
         if expected is not None:
             report.update(self.verify_weights(version, expected, probe))
         self.weight_version = version

@@ -27,7 +27,6 @@ shard in place and the engine adds the parts: no tensor is moved to verify.
 """
 from __future__ import annotations
 
-import logging
 import os
 import pickle
 import time
@@ -38,8 +37,6 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Protocol
 
 import numpy as np
 import torch
-
-log = logging.getLogger(__name__)
 
 Bucket = list[tuple[str, torch.Tensor]]
 TRANSPORTS = ("object_store", "gloo", "nccl", "ipc")
@@ -280,8 +277,8 @@ class BucketSender:
         if state.channel is None:  # the workers join in init_weight_transfer_engine, started by the driver
             state.channel = trainer_init({"master_address": plan.host, "master_port": plan.port,
                                           "world_size": plan.world_size})
-        info = {"names": [n for n, _ in bucket], "dtype_names": [str(t.dtype).removeprefix("torch.") for _, t in bucket],
-                "shapes": [list(t.shape) for _, t in bucket]}
+        info = {"names": [n for n, _ in bucket], "shapes": [list(t.shape) for _, t in bucket],
+                "dtype_names": [str(t.dtype).removeprefix("torch.") for _, t in bucket]}
         receiving = [engine.update_weights.remote(info) for engine in plan.engines]  # receive while we broadcast
         for _, t in bucket:
             state.channel.broadcast(t.cuda().contiguous(), src=0, stream=torch.cuda.current_stream())
@@ -422,7 +419,8 @@ class LearnerSource:
         return stats
 
     def probe_logprobs(self, token_ids: list[int]) -> list[float]:
-        batch = {"input_ids": torch.tensor([token_ids]), "attention_mask": torch.ones(1, len(token_ids), dtype=torch.long)}
+        ids = torch.tensor([token_ids])
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         return self.group.logprobs(batch)[0].tolist()
 
     def endpoint(self) -> tuple[str, int]:

@@ -55,7 +55,8 @@ def hf_model(tiny_llama):
 
 @pytest.fixture(scope="module")
 def group(ray_cluster, tiny_llama):
-    cfg = load_config(None, {"ray.address": "local", "generation.num_engines": 2, "generation.max_model_len": 256, "generation.sync_timeout_s": 60,
+    cfg = load_config(None, {"ray.address": "local", "generation.num_engines": 2, "generation.max_model_len": 256,
+                             "generation.sync_timeout_s": 60,
                              "generation.max_restarts": 2})
     g = GeneratorGroup(cfg, tiny_llama)
     yield g
@@ -95,7 +96,7 @@ def test_two_engines_greedy_ids_and_logprobs_equal_transformers(group, hf_model)
 def test_n_samples_max_tokens_and_per_prompt_seeds(group):
     s = Sampling(n=3, temperature=1.0, max_new_tokens=7, ignore_eos=True)
     rollout = group.generate(PROMPTS[:2], s, seeds=[3, 4])
-    assert [(x.prompt_index, x.sample_index) for x in rollout.samples] == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]
+    assert [(x.prompt_index, x.sample_index) for x in rollout.samples] == [(p, j) for p in (0, 1) for j in range(3)]
     assert all(len(x.token_ids) == 7 == len(x.logprobs) for x in rollout.samples)
     assert len({tuple(x.token_ids) for x in rollout.samples[:3]}) == 3  # n distinct samples of one prompt
     # A prompt's samples depend on its seed only, not on its position in the batch or the engine serving it.

@@ -125,7 +125,8 @@ def perturbed(path: str, seed: int, scale: float = 0.05):
 def group(ray_cluster, tiny_llama):
     from rlhf_ray.generator import GeneratorGroup
 
-    cfg = load_config(None, {"ray.address": "local", "generation.num_engines": 2, "generation.max_model_len": 256, "generation.sync_timeout_s": 60,
+    cfg = load_config(None, {"ray.address": "local", "generation.num_engines": 2, "generation.max_model_len": 256,
+                             "generation.sync_timeout_s": 60,
                              "generation.sync_bucket_mb": 0.15, "generation.max_restarts": 0,
                              "generation.verify_probe_len": 12})
     g = GeneratorGroup(cfg, tiny_llama)
@@ -235,7 +236,7 @@ def test_corrupted_packed_linear_weight_is_caught_too(group, tiny_llama):
         worker.rlhf_load_bucket([("model.layers.0.self_attn.q_proj.weight", version_model_q)])
         worker.rlhf_finish_update()
 
-    q = dict(perturbed(tiny_llama, seed=7).named_parameters())["model.layers.0.self_attn.q_proj.weight"].detach().clone()
+    q = perturbed(tiny_llama, seed=7).model.layers[0].self_attn.q_proj.weight.detach().clone()
     q[0, 0] += 0.5
     ray.get(group.engines[0].collective_rpc.remote(reload_one_changed_qkv, (q,)))
     with pytest.raises(WeightSyncError, match=r"engine 0 .*checksum mismatch in model\.layers\.0\.self_attn\.q_proj"):
@@ -339,7 +340,8 @@ def test_sync_from_zero3_learner_after_an_optimizer_step(group, tiny_llama, tmp_
     try:
         g = torch.Generator().manual_seed(0)
         ids = torch.randint(3, 500, (4, 12), generator=g)
-        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "action_mask": torch.ones(4, 11, dtype=torch.long)}
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                 "action_mask": torch.ones(4, 11, dtype=torch.long)}
         old = learner.logprobs(batch)
         stats = learner.train({**batch, "old_logprobs": old, "advantages": torch.ones(4, 11)})
         assert stats["optimizer_steps"] == 1
@@ -387,7 +389,8 @@ def test_cuda_ipc_sync_into_an_engine_on_the_same_gpu(ray_cluster, tiny_llama):
     """Sender (this process) and engine share the GPU: CUDA IPC handles through vLLM's IPC weight-transfer engine."""
     from rlhf_ray.generator import GeneratorGroup
 
-    cfg = load_config(None, {"ray.address": "local", "generation.sync_transport": "ipc", "models.actor.dtype": "float32",
+    cfg = load_config(None, {"ray.address": "local", "generation.sync_transport": "ipc",
+                             "models.actor.dtype": "float32",
                              "generation.gpu_memory_utilization": 0.3, "placement.generator.gpus_per_worker": 1,
                              "generation.max_model_len": 256})
     g = GeneratorGroup(cfg, tiny_llama)
