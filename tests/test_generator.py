@@ -18,6 +18,8 @@ from rlhf_ray.config import GenerationConfig, load_config
 from rlhf_ray.generator import GeneratorGroup, PromptTooLongError, Sampling, engine_cores
 from rlhf_ray.weight_sync import ModelSource
 
+from helpers import perturbed
+
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 PROMPTS = [[5, 6, 7, 8], [9, 10, 11], [40, 41, 42, 43, 44, 45], [100, 7, 300]]
@@ -33,17 +35,6 @@ def hf_greedy_with_logprobs(model, prompt: list[int], n_tokens: int) -> tuple[li
             logprobs.append(float(lp[next_id]))
             ids = torch.cat([ids, next_id.view(1, 1)], dim=1)
     return ids[0, len(prompt):].tolist(), logprobs
-
-
-def perturbed(path: str, seed: int, scale: float = 0.05):
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * scale)
-    return model
 
 
 @pytest.fixture(scope="module")

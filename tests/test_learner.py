@@ -82,15 +82,6 @@ def exported(group: PolicyGroup, **kwargs) -> list[tuple[str, torch.Tensor]]:
 
 # ------------------------------------------------------------------------------------------------ fixtures
 @pytest.fixture(scope="module")
-def rm_dir(tiny_llama, tmp_path_factory) -> str:
-    """A value-head reward model folder on the tiny Llama backbone (fixed head seed)."""
-    torch.manual_seed(1)
-    path = tmp_path_factory.mktemp("rm") / "rm"
-    ValueHeadModel.from_causal_lm(tiny_llama).save_pretrained(path)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
 def tok(tiny_llama):
     from transformers import AutoTokenizer
 
@@ -116,15 +107,15 @@ def _group(request, factory):
 
 
 @pytest.fixture(scope="module")
-def zero2(ray_cluster, tiny_llama, rm_dir, request):
-    cfg = ppo_config(tiny_llama, rm_dir, **{"ppo.actor.deepspeed.zero_stage": 2, "ppo.ptx_coef": 1.0,
+def zero2(ray_cluster, tiny_llama, tiny_value_model, request):
+    cfg = ppo_config(tiny_llama, tiny_value_model, **{"ppo.actor.deepspeed.zero_stage": 2, "ppo.ptx_coef": 1.0,
                                             "data.ptx": [{"path": "ptx-rows-are-passed-directly"}]})
     return _group(request, lambda: PolicyGroup(cfg))
 
 
 @pytest.fixture(scope="module")
-def zero3_cfg(tiny_llama, rm_dir):
-    return ppo_config(tiny_llama, rm_dir, **{"ppo.actor.deepspeed.zero_stage": 3, "ppo.ema_decay": 0.9,
+def zero3_cfg(tiny_llama, tiny_value_model):
+    return ppo_config(tiny_llama, tiny_value_model, **{"ppo.actor.deepspeed.zero_stage": 3, "ppo.ema_decay": 0.9,
                                              "ppo.actor.deepspeed.gradient_checkpointing": True})
 
 
@@ -298,8 +289,8 @@ def test_checkpoint_restores_logprobs_and_optimizer_state_after_kill(zero3, zero
         rebuilt.shutdown()
 
 
-def test_lora_trains_only_adapters_and_exports_merged_hf_weights(ray_cluster, tiny_llama, rm_dir, batch, hf_model):
-    cfg = ppo_config(tiny_llama, rm_dir, **{"ppo.actor.deepspeed.zero_stage": 3, "ppo.actor.lora.dim": 4,
+def test_lora_trains_only_adapters_and_exports_merged_hf_weights(ray_cluster, tiny_llama, tiny_value_model, batch, hf_model):
+    cfg = ppo_config(tiny_llama, tiny_value_model, **{"ppo.actor.deepspeed.zero_stage": 3, "ppo.actor.lora.dim": 4,
                                             "ppo.actor.lora.module_names": ["q_proj", "v_proj"]})
     group = PolicyGroup(cfg)
     try:
@@ -324,16 +315,16 @@ def test_lora_trains_only_adapters_and_exports_merged_hf_weights(ray_cluster, ti
 
 
 # ------------------------------------------------------------------------------------------------ critic
-def test_critic_starts_from_reward_model_and_moves_toward_returns(ray_cluster, tiny_llama, rm_dir, batch, tmp_path):
+def test_critic_starts_from_reward_model_and_moves_toward_returns(ray_cluster, tiny_llama, tiny_value_model, batch, tmp_path):
     """ZeRO-2 critic with LoRA adapters on its backbone (the value head trains fully, as DeepSpeed-Chat does)."""
-    cfg = ppo_config(tiny_llama, rm_dir, **{"ppo.critic.deepspeed.zero_stage": 2, "ppo.ppo_epochs": 4,
+    cfg = ppo_config(tiny_llama, tiny_value_model, **{"ppo.critic.deepspeed.zero_stage": 2, "ppo.ppo_epochs": 4,
                                             "ppo.critic.lora.dim": 8})
     critic = CriticGroup(cfg)
     try:
         trainable = critic.apply(lambda w: [n for n, _ in w._trainable()])[0]
         assert "v_head.weight" in trainable and all(".lora_" in n for n in trainable if n != "v_head.weight")
         values = critic.values(batch)
-        rm = ValueHeadModel.from_pretrained(rm_dir).eval()
+        rm = ValueHeadModel.from_pretrained(tiny_value_model).eval()
         with torch.no_grad():
             expected = rm(batch["input_ids"], batch["attention_mask"])[:, :-1] * batch["attention_mask"][:, 1:]
         torch.testing.assert_close(values, expected, rtol=0, atol=1e-5)  # DeepSpeed-Chat: critic = reward model
@@ -359,8 +350,8 @@ def test_critic_starts_from_reward_model_and_moves_toward_returns(ray_cluster, t
 
 # ------------------------------------------------------------------------------------------------ GPU
 @pytest.mark.gpu
-def test_policy_on_gpu_bf16_zero3_offload(ray_cluster, tiny_llama, rm_dir, batch, hf_model):
-    cfg = ppo_config(tiny_llama, rm_dir, **{
+def test_policy_on_gpu_bf16_zero3_offload(ray_cluster, tiny_llama, tiny_value_model, batch, hf_model):
+    cfg = ppo_config(tiny_llama, tiny_value_model, **{
         "placement.actor": {"num_workers": 1, "cpus_per_worker": 1, "gpus_per_worker": 1},
         "placement.critic": {"num_workers": 1, "cpus_per_worker": 1, "gpus_per_worker": 1},
         "ppo.mini_batch_size": 2, "ppo.actor.deepspeed.zero_stage": 3, "ppo.actor.deepspeed.precision": "auto",

@@ -14,18 +14,9 @@ import ray
 
 from rlhf_ray.config import load_config
 from rlhf_ray.metrics import read_metrics
-from rlhf_ray.models import ValueHeadModel
 from rlhf_ray.ppo import PPOTrainer
 
 RULE_REWARD = "rlhf_ray.data.builtin.rule_reward"
-
-
-@pytest.fixture(scope="module")
-def tiny_value_model(tiny_llama, tmp_path_factory) -> str:
-    """A value-head folder on the tiny backbone: the critic's initialisation (normally the trained RM)."""
-    path = tmp_path_factory.mktemp("tiny_rm") / "rm"
-    ValueHeadModel.from_causal_lm(tiny_llama).save_pretrained(path)
-    return str(path)
 
 
 def ppo_config(tmp_path, actor: str, critic: str, **overrides):

@@ -70,14 +70,6 @@ def reward_server():
 
 
 @pytest.fixture(scope="module")
-def rm_dir(tiny_llama, tmp_path_factory) -> str:
-    torch.manual_seed(1)
-    path = tmp_path_factory.mktemp("rm") / "rm"
-    ValueHeadModel.from_causal_lm(tiny_llama).save_pretrained(path)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
 def reward_module_dir(tmp_path_factory) -> str:
     folder = tmp_path_factory.mktemp("user_rewards")
     (folder / "my_rewards.py").write_text(REWARD_MODULE)
@@ -107,17 +99,17 @@ def chat_batch(tok, side: str) -> dict:
     return {"input_ids": ids, "attention_mask": mask, "action_mask": response[:, 1:]}
 
 
-def scorer_config(tiny_llama, rm_dir, **overrides):
+def scorer_config(tiny_llama, tiny_value_model, **overrides):
     return load_config(None, {
-        "ray.address": "local", "models.actor.path": tiny_llama, "models.reward.path": rm_dir,
+        "ray.address": "local", "models.actor.path": tiny_llama, "models.reward.path": tiny_value_model,
         "placement.reference": {"num_workers": 2, "cpus_per_worker": 0.25},
         "placement.reward": {"num_workers": 1, "cpus_per_worker": 0.25},
         "ppo.actor.deepspeed.precision": "fp32", "ppo.critic.deepspeed.precision": "fp32", **overrides})
 
 
-def unpadded_scores(rm_dir, batch) -> torch.Tensor:
+def unpadded_scores(tiny_value_model, batch) -> torch.Tensor:
     """Each row alone, no padding at all, scored at its last token."""
-    rm = ValueHeadModel.from_pretrained(rm_dir).eval()
+    rm = ValueHeadModel.from_pretrained(tiny_value_model).eval()
     out = []
     with torch.no_grad():
         for ids, mask in zip(batch["input_ids"], batch["attention_mask"]):
@@ -186,9 +178,9 @@ def test_replica_reference_equals_transformers_and_size_picks_zero_stage(tiny_ll
         .choose_zero_stage(tiny_llama) == 0
 
 
-def test_replace_mode_skips_the_reward_model(rm_dir, tiny_llama, tok, reward_server):
+def test_replace_mode_skips_the_reward_model(tiny_value_model, tiny_llama, tok, reward_server):
     ds = DeepSpeedConfig(precision="fp32")
-    scorer = RewardScorer("reward", 0, 1, model=ModelConfig(path=rm_dir), tokenizer=ModelConfig(path=tiny_llama),
+    scorer = RewardScorer("reward", 0, 1, model=ModelConfig(path=tiny_value_model), tokenizer=ModelConfig(path=tiny_llama),
                           functions=[reward_server + "/score"], mode="replace", deepspeed=ds)
     scorer.setup()
     assert scorer.model is None
@@ -197,8 +189,8 @@ def test_replace_mode_skips_the_reward_model(rm_dir, tiny_llama, tok, reward_ser
 
 
 # ------------------------------------------------------------------------------------ scorer groups on Ray
-def test_reference_group_zero3_equals_replica(ray_cluster, tiny_llama, rm_dir, tok):
-    cfg = scorer_config(tiny_llama, rm_dir, **{"ppo.scorer_zero_stage": 3})
+def test_reference_group_zero3_equals_replica(ray_cluster, tiny_llama, tiny_value_model, tok):
+    cfg = scorer_config(tiny_llama, tiny_value_model, **{"ppo.scorer_zero_stage": 3})
     group = ReferenceGroup(cfg)
     try:
         assert group.run("zero_stage_used") == [3, 3]
@@ -216,18 +208,18 @@ def test_reference_group_zero3_equals_replica(ray_cluster, tiny_llama, rm_dir, t
 
 
 @pytest.fixture(scope="module")
-def reward_group(ray_cluster, tiny_llama, rm_dir, reward_server, reward_module_dir):
-    cfg = scorer_config(tiny_llama, rm_dir, **{
+def reward_group(ray_cluster, tiny_llama, tiny_value_model, reward_server, reward_module_dir):
+    cfg = scorer_config(tiny_llama, tiny_value_model, **{
         "ppo.reward_functions": ["my_rewards:count_a", "my_rewards.label_in_response", reward_server + "/score"]})
     group = RewardGroup(cfg, env_vars={"PYTHONPATH": reward_module_dir})  # the user's module, importable by actors
     yield group
     group.shutdown()
 
 
-def test_reward_scores_at_last_real_token_left_and_right_padding(reward_group, tok, rm_dir):
+def test_reward_scores_at_last_real_token_left_and_right_padding(reward_group, tok, tiny_value_model):
     labels = ["4", "pear", "Hello", "Paris"]
     right, left = chat_batch(tok, "right"), chat_batch(tok, "left")
-    expected = unpadded_scores(rm_dir, right)
+    expected = unpadded_scores(tiny_value_model, right)
     for batch in (right, left):
         parts = reward_group.scores({**batch, "labels": labels}, details=True)
         torch.testing.assert_close(parts["model"], expected, rtol=0, atol=1e-5)
@@ -235,7 +227,7 @@ def test_reward_scores_at_last_real_token_left_and_right_padding(reward_group, t
     assert (right["attention_mask"][:, -1] == 0).any() and (left["attention_mask"][:, 0] == 0).any()
 
 
-def test_reward_functions_add_to_the_model_score(reward_group, tok, rm_dir, reward_server):
+def test_reward_functions_add_to_the_model_score(reward_group, tok, tiny_value_model, reward_server):
     labels = ["4", "pear", "Hello", "Paris"]
     batch = {**chat_batch(tok, "left"), "labels": labels}
     parts = reward_group.scores(batch, details=True)

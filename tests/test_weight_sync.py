@@ -17,6 +17,8 @@ from rlhf_ray.weight_sync import (MASK64, ModelSource, WeightSyncError, checksum
                                   compare_checksums, from_numpy, iter_buckets, lora_merged_parameters,
                                   resolve_transport, tensor_checksum, to_numpy)
 
+from helpers import perturbed
+
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers cannot import test modules
 
 PROMPTS = [[5, 6, 7, 8], [9, 10, 11], [40, 41, 42, 43, 44, 45]]
@@ -107,18 +109,6 @@ def greedy_hf(model, prompt: list[int], n_tokens: int) -> list[int]:
         for _ in range(n_tokens):
             ids = torch.cat([ids, model(input_ids=ids).logits[0, -1].argmax().view(1, 1)], dim=1)
     return ids[0, len(prompt):].tolist()
-
-
-def perturbed(path: str, seed: int, scale: float = 0.05):
-    """The fixture model with every weight moved: a new version whose greedy output differs."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * scale)
-    return model
 
 
 @pytest.fixture(scope="module")
