@@ -157,6 +157,7 @@ class GenerationConfig:
     long_prompt: Literal["error", "skip"] = "error"  # a prompt >= max_model_len: fail naming it, or skip and count
     enable_sleep_mode: bool = False  # GPU only: frees KV cache while learners train on the same GPUs
     stop_token_ids: list[int] = field(default_factory=list)  # besides EOS (which stops unless ignored)
+    ignore_eos: bool = False  # every response exactly max_new_tokens long: fixed-work benchmarks, not training
     cpu_cores: list[str] = field(default_factory=list)  # CPU: per engine VLLM_CPU_OMP_THREADS_BIND ("0", "0|1",
     # "nobind"); empty: engine i's TP workers on cores i*tp .. i*tp+tp-1 of its node
     max_restarts: int = 3  # Ray restarts of a dead engine actor (re-synced before it takes work)
@@ -179,6 +180,10 @@ class PPOConfig:
     # DeepSpeed-Chat defaults: kl 0.1, clip 0.2, reward clip 5, gamma 1.0, lambda 0.95.
     kl_coef: float = 0.1
     kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+    # reward: -kl_coef * KL_t shapes the rewards / advantages (InstructGPT, DeepSpeed-Chat); loss: kl_coef * KL is
+    # added to the actor's loss (GRPO paper, veRL use_kl_loss, TRL). With "loss", ppo_epochs 1 and one mini-batch
+    # per iteration, the training pass's own log-probs serve as the old ones: no separate actor forward.
+    kl_penalty: Literal["reward", "loss"] = "reward"
     adaptive_kl: bool = False
     kl_target: float = 6.0  # Ziegler et al. adaptive controller
     kl_horizon: int = 10000

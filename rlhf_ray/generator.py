@@ -78,7 +78,7 @@ class Sampling:
     def from_config(cls, gen: GenerationConfig, **overrides) -> "Sampling":
         return replace(cls(n=gen.n_samples_per_prompt, max_new_tokens=gen.max_new_tokens, temperature=gen.temperature,
                            top_p=gen.top_p, top_k=gen.top_k, stop=list(gen.stop),
-                           stop_token_ids=list(gen.stop_token_ids)), **overrides)
+                           stop_token_ids=list(gen.stop_token_ids), ignore_eos=gen.ignore_eos), **overrides)
 
     def to_vllm(self, seed: Optional[int] = None):
         from vllm import SamplingParams
@@ -168,14 +168,15 @@ class VLLMEngine:
     def generate(self, prompt_token_ids: list[list[int]], sampling: Optional[Sampling] = None, *,
                  prompt_indices: Optional[list[int]] = None, seeds: Optional[list[Optional[int]]] = None,
                  expected_version: Optional[int] = None, greedy: bool = False, n: Optional[int] = None,
-                 ignore_eos: bool = False) -> list[Sample]:
+                 ignore_eos: Optional[bool] = None) -> list[Sample]:
         """One Sample per (prompt, sample), in prompt order. Without `sampling`, generation.* with the given
         overrides. With `expected_version`, refuses (StaleWeightsError) unless it holds that weight version."""
         if expected_version is not None and expected_version != self.weight_version:
             raise StaleWeightsError(f"engine {self.engine_index} (pid {os.getpid()}) holds weight version "
                                     f"{self.weight_version}, asked for {expected_version}")
         if sampling is None:
-            sampling = Sampling.from_config(self.gen, ignore_eos=ignore_eos, **({"n": n} if n else {}),
+            sampling = Sampling.from_config(self.gen, **({"ignore_eos": ignore_eos} if ignore_eos is not None else {}),
+                                            **({"n": n} if n else {}),
                                             **({"temperature": 0.0} if greedy else {}))
         indices = prompt_indices if prompt_indices is not None else list(range(len(prompt_token_ids)))
         seeds = seeds or [None if sampling.seed is None else sampling.seed + i for i in indices]

@@ -449,8 +449,12 @@ class PolicyLearner(EngineWorker):
         self.engine.eval()
         return float(self._lm_loss(to_device(batch, self.device)))
 
-    def train(self, experience: Batch, ptx: Optional[Batch] = None) -> dict:
-        """PPO on this rank's rows: ppo_epochs x mini-batches, clipped surrogate (+ entropy bonus, + PTX)."""
+    def train(self, experience: Batch, ptx: Optional[Batch] = None, kl_coef: float = 0.0) -> dict:
+        """PPO on this rank's rows: ppo_epochs x mini-batches, clipped surrogate (+ entropy bonus, + PTX).
+
+        With `ref_logprobs` in the experience, kl_coef * KL to the reference joins the loss (ppo.kl_penalty: loss).
+        Without `old_logprobs` (on-policy: one epoch, one mini-batch), this pass's detached log-probs are the old
+        ones (ratio 1); `vllm_logprobs`, when given, yields the engine-vs-learner log-prob gap from this pass."""
         p = self.ppo
         ptx_shard = None
         if ptx is not None and p.ptx_coef > 0:
@@ -461,10 +465,17 @@ class PolicyLearner(EngineWorker):
             # entropy is always reported; it carries gradient only with an entropy bonus
             logprobs, entropy = self._forward(mb, entropy=True if p.entropy_coef > 0 else "detached")
             mask = mb["action_mask"]
-            loss, stats = rl.policy_loss(logprobs, mb["old_logprobs"], mb["advantages"], mask,
-                                         clip_ratio=p.clip_ratio, dual_clip=p.dual_clip,
-                                         aggregation=p.loss_aggregation)
+            old = mb["old_logprobs"] if "old_logprobs" in mb else logprobs.detach()
+            loss, stats = rl.policy_loss(logprobs, old, mb["advantages"], mask, clip_ratio=p.clip_ratio,
+                                         dual_clip=p.dual_clip, aggregation=p.loss_aggregation)
             stats = {"policy_loss": loss.detach(), **stats, "entropy": rl.masked_mean(entropy.detach(), mask)}
+            if "ref_logprobs" in mb:
+                kl_term, kl = rl.kl_loss(logprobs, mb["ref_logprobs"], mask, kl_coef, p.kl_estimator,
+                                         p.loss_aggregation)
+                loss = loss + kl_term
+                stats.update(kl_loss=kl_term.detach(), kl_sequence=(kl.detach() * mask).sum(dim=1).mean())
+            if "vllm_logprobs" in mb:
+                stats["logprob_gap"] = rl.masked_mean((mb["vllm_logprobs"] - logprobs.detach()).abs(), mask)
             if p.entropy_coef > 0:
                 loss = loss + rl.entropy_bonus(entropy, mask, p.entropy_coef, p.loss_aggregation)
             if ptx_shard is not None:  # the next micro-batch of pretraining rows, cycling
@@ -574,8 +585,8 @@ class PolicyGroup(_LearnerGroup):
     def logprobs(self, batch, as_ref: bool = False):
         return self.run_sharded("logprobs", batch, as_ref=as_ref)
 
-    def train(self, experience, ptx: Optional[Batch] = None) -> dict[str, float]:
-        return mean_stats(self.run_sharded_each("train", experience, ptx=ptx))
+    def train(self, experience, ptx: Optional[Batch] = None, kl_coef: float = 0.0) -> dict[str, float]:
+        return mean_stats(self.run_sharded_each("train", experience, ptx=ptx, kl_coef=kl_coef))
 
     def lm_loss(self, batch: Batch) -> float:
         return self.run("lm_loss", batch)[0]

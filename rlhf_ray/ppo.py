@@ -115,6 +115,17 @@ def compute_advantages(p: PPOConfig, kl_coef: float, scores: torch.Tensor, logpr
     return Advantages(advantages * mask, returns, rewards, kl, (rewards * mask).sum(dim=1))
 
 
+def reuses_train_logprobs(cfg: Config) -> bool:
+    """Whether the actor's training pass supplies the old log-probs (no separate actor forward while scoring).
+
+    Exact when the KL penalty sits in the loss (advantages then need no actor log-probs) and each iteration makes
+    one optimizer step over the whole rollout (ppo_epochs 1, one mini-batch): the weights that sampled the rollout
+    are the weights of the training pass, so old = current.detach() and the ratio is 1, as in TRL and veRL."""
+    p = cfg.ppo
+    return (p.kl_penalty == "loss" and p.ppo_epochs == 1
+            and p.mini_batch_size == p.rollout_batch_size * cfg.generation.n_samples_per_prompt)
+
+
 class PromptStream:
     """The PPO prompts in a seeded order, reshuffled every epoch; `position` is checkpointed for resume."""
 
@@ -165,6 +176,7 @@ class PPOTrainer:
         self.iteration = 0
         init_ray(cfg)
         self.uses_critic = p.advantage_estimator == "gae"
+        self.reuses_train_logprobs = reuses_train_logprobs(cfg)
         self.plan = plan = placement_plan(cfg)  # every role's placement group, ready (or a PlacementError)
         started = time.time()
         self.actor = self.reference = self.reward = self.critic = self.generators = None
@@ -213,29 +225,41 @@ class PPOTrainer:
     def make_experience(self, batch: dict, info: dict) -> tuple[dict, dict]:
         import ray
 
+        p, reuse = self.cfg.ppo, self.reuses_train_logprobs
         ref = ray.put(batch)  # every group reads the rollout from the object store
-        futures = {"old": self.actor.logprobs(ref, as_ref=True), "ref": self.reference.logprobs(ref, as_ref=True),
-                   "scores": self.reward.scores(ref, as_ref=True)}
+        futures = {"ref": self.reference.logprobs(ref, as_ref=True), "scores": self.reward.scores(ref, as_ref=True)}
+        if not reuse:
+            futures["old"] = self.actor.logprobs(ref, as_ref=True)
         if self.critic is not None:
             futures["values"] = self.critic.values(ref, as_ref=True)
         got = dict(zip(futures, ray.get(list(futures.values()))))
         P, mask = batch["prompt_width"], response_slice(batch["action_mask"], batch["prompt_width"])
-        old, ref_lp = response_slice(got["old"], P), response_slice(got["ref"], P)
+        ref_lp = response_slice(got["ref"], P)
+        old = ref_lp if reuse else response_slice(got["old"], P)  # reuse: KL is measured in the training pass
         values = response_slice(got["values"], P) if self.critic is not None else None
-        adv = compute_advantages(self.cfg.ppo, self.kl_ctl.value, got["scores"].float(), old, ref_lp, mask,
-                                 info["group_size"], values)
+        reward_kl_coef = self.kl_ctl.value if p.kl_penalty == "reward" else 0.0
+        adv = compute_advantages(p, reward_kl_coef, got["scores"].float(), old, ref_lp, mask, info["group_size"],
+                                 values)
         experience = {k: batch[k] for k in ("input_ids", "attention_mask", "action_mask")}
-        experience.update(old_logprobs=got["old"], advantages=full_width(adv.advantages, P))
+        experience["advantages"] = full_width(adv.advantages, P)
+        if reuse:
+            experience["vllm_logprobs"] = full_width(info["vllm_logprobs"], P)
+        else:
+            experience["old_logprobs"] = got["old"]
+        if p.kl_penalty == "loss":
+            experience["ref_logprobs"] = got["ref"]
         if self.critic is not None:
             experience.update(old_values=got["values"], returns=full_width(adv.returns, P))
-        n_tokens = mask.sum().clamp(min=1)
         stats = {
             "reward/mean": got["scores"].float().mean().item(), "reward/std": got["scores"].float().std().item(),
-            "reward/shaped_mean": adv.sequence_rewards.mean().item(),
-            "kl/mean": (adv.kl * mask).sum(dim=1).mean().item(), "kl/coef": self.kl_ctl.value,
+            "reward/shaped_mean": adv.sequence_rewards.mean().item(), "kl/coef": self.kl_ctl.value,
             "response/length_mean": mask.sum(dim=1).mean().item(),
-            "logprob_gap/vllm_vs_learner": ((info["vllm_logprobs"] - old).abs() * mask).sum().item() / n_tokens.item(),
+            "experience/old_logprobs_from_training": float(reuse),
         }
+        if not reuse:  # else both come from the training pass (train())
+            n_tokens = mask.sum().clamp(min=1).item()
+            stats["kl/mean"] = (adv.kl * mask).sum(dim=1).mean().item()
+            stats["logprob_gap/vllm_vs_learner"] = ((info["vllm_logprobs"] - old).abs() * mask).sum().item() / n_tokens
         return experience, stats
 
     def train(self, experience: dict) -> dict:
@@ -243,11 +267,16 @@ class PPOTrainer:
 
         ref = ray.put(experience)
         ptx = self._ptx_batch() if self.ptx_rows is not None else None
-        actor_stats = self.actor.train(ref, ptx=ptx)
+        actor_stats = self.actor.train(ref, ptx=ptx, kl_coef=self.kl_ctl.value)
         stats = {"loss/policy": actor_stats.get("policy_loss", float("nan")),
                  "policy/clip_fraction": actor_stats.get("clip_fraction", float("nan")),
                  "policy/approx_kl": actor_stats.get("approx_kl", float("nan")),
                  "entropy/mean": actor_stats.get("entropy", float("nan"))}
+        if "kl_loss" in actor_stats:
+            stats["loss/kl"] = actor_stats["kl_loss"]
+        if self.reuses_train_logprobs:  # measured on the rollout's own weights, before this step's update
+            stats["kl/mean"] = actor_stats["kl_sequence"]
+            stats["logprob_gap/vllm_vs_learner"] = actor_stats["logprob_gap"]
         if "ptx_loss" in actor_stats:
             stats["loss/ptx"] = actor_stats["ptx_loss"]
         if self.critic is not None:

@@ -551,6 +551,24 @@ def policy_loss(
     return loss, {name: value.detach() for name, value in stats.items()}
 
 
+def kl_loss(
+    logprobs: Tensor,
+    ref_logprobs: Tensor,
+    mask: Tensor,
+    kl_coef: float,
+    kl_estimator: str = "k3",
+    aggregation: str = "token-mean",
+) -> Tuple[Tensor, Tensor]:
+    """The KL to the reference as a loss term instead of a reward penalty  [GRPO Eq. 3; veRL use_kl_loss]:
+
+        L_kl = beta * agg_m( KL_t(pi_theta || pi_ref) )      (gradient through log pi_theta)
+
+    Returns ``(loss, kl)`` with the per-token estimate ``kl`` (B, T), 0 on padding.
+    """
+    kl = kl_estimate(logprobs, ref_logprobs, kl_estimator, mask)
+    return kl_coef * aggregate(kl, mask, aggregation), kl
+
+
 def value_loss(
     values: Tensor,
     old_values: Tensor,

@@ -42,6 +42,42 @@ def live_tensor(module: torch.nn.Module, pname: str, param: torch.Tensor) -> tor
     return torch.cat(cols).t().contiguous()
 
 
+def stale_head_kernel(module: torch.nn.Module) -> bool:
+    """True for an output head whose CPU GEMM kernel (packed from its weight at load time, the weight kept for
+    lookups) computes with other values than the weight holds. A tied head (lm_head = embed_tokens) receives no
+    tensor of its own in an update, so only refresh_tied_heads keeps its kernel current."""
+    from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
+
+    if not isinstance(module, ParallelLMHead) or not hasattr(module, "cpu_linear") or module.weight.numel() == 0:
+        return False
+    weight = module.weight.detach()
+    k = weight.shape[1]
+    with torch.no_grad():
+        for start in range(0, k, 1024):
+            eye = torch.eye(k, dtype=weight.dtype)[start:start + 1024]
+            if not torch.equal(module.cpu_linear(eye, module.weight, None).to(weight.dtype).t(),
+                               weight[:, start:start + 1024]):
+                return True
+    return False
+
+
+def refresh_tied_heads(model: torch.nn.Module, tied: bool) -> int:
+    """After a layerwise reload: point a tied output head at the embedding's (reloaded) weight again and rebuild its
+    kernel (vLLM packs the CPU GEMM weights in process_weights_after_loading; a no-op on GPU). Returns the count."""
+    from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
+
+    if not tied:
+        return 0
+    embeddings = [m for m in model.modules()
+                  if isinstance(m, VocabParallelEmbedding) and not isinstance(m, ParallelLMHead)]
+    heads = [m for m in model.modules() if isinstance(m, ParallelLMHead)]
+    for head in heads:
+        if embeddings and head.weight is not embeddings[0].weight:
+            head.weight = embeddings[0].weight
+        head.quant_method.process_weights_after_loading(head)
+    return len(heads)
+
+
 def _piece(name: str, t: torch.Tensor, full_shape: tuple, dim: int, start: int) -> dict:
     return {"name": name, "dim": dim, "start": start, "length": t.shape[dim] if t.dim() else 1,
             "full_shape": tuple(full_shape), "checksum": checksum_slice(t, full_shape, dim, start)}
@@ -62,6 +98,8 @@ def hf_pieces(model: torch.nn.Module) -> list[dict]:
     packed = dict(getattr(model, "packed_modules_mapping", None) or {})
     pieces, seen = [], set()
     for mod_name, module in model.named_modules():
+        if stale_head_kernel(module):  # a piece no learner tensor matches: the sync fails naming it
+            pieces.append(_piece(f"{mod_name}.weight (CPU kernel out of date)", torch.zeros(1), (1,), 0, 0))
         for pname, param in module.named_parameters(recurse=False):
             if id(param) in seen:  # tied weights (lm_head = embed_tokens) count once, under the first name
                 continue
@@ -137,6 +175,8 @@ class WorkerExtension:
 
         with set_current_vllm_config(self.vllm_config):
             finalize_layerwise_reload(self._rlhf_model(), self.model_config)
+            refresh_tied_heads(self._rlhf_model(), bool(getattr(self.model_config.hf_text_config,
+                                                                "tie_word_embeddings", False)))
         runner = self.model_runner
         for reset in ("reset_lora_state", "reset_encoder_cache", "reset_mm_cache"):  # state derived from old weights
             if hasattr(runner, reset):

@@ -57,12 +57,14 @@ def group(ray_cluster, tiny_llama):
 # ---------------------------------------------------------------------------------------------- pure logic
 def test_sampling_from_config_and_core_assignment():
     gen = GenerationConfig(n_samples_per_prompt=3, max_new_tokens=9, temperature=0.7, top_p=0.9, top_k=5,
-                           stop=["\n"], stop_token_ids=[4])
+                           stop=["\n"], stop_token_ids=[4], ignore_eos=True)
     s = Sampling.from_config(gen, seed=11)
-    assert (s.n, s.max_new_tokens, s.temperature, s.top_p, s.top_k, s.stop, s.stop_token_ids, s.seed) == \
-        (3, 9, 0.7, 0.9, 5, ["\n"], [4], 11)
+    assert (s.n, s.max_new_tokens, s.temperature, s.top_p, s.top_k, s.stop, s.stop_token_ids, s.ignore_eos, s.seed) \
+        == (3, 9, 0.7, 0.9, 5, ["\n"], [4], True, 11)
     params = s.to_vllm(seed=12)
-    assert (params.n, params.max_tokens, params.seed, params.stop_token_ids, params.logprobs) == (3, 9, 12, [4], 0)
+    assert (params.n, params.max_tokens, params.seed, params.stop_token_ids, params.logprobs, params.ignore_eos) == \
+        (3, 9, 12, [4], 0, True)
+    assert not Sampling.from_config(GenerationConfig()).to_vllm().ignore_eos
     # Engine i's TP workers get cores i*tp.., unless generation.cpu_cores says otherwise.
     assert [engine_cores(GenerationConfig(num_engines=2), i, ncpu=2) for i in (0, 1)] == ["0", "1"]
     assert engine_cores(GenerationConfig(tensor_parallel_size=2), 0, ncpu=2) == "0|1"

@@ -70,11 +70,24 @@ def test_ppo_with_critic_reference_and_sync_learns_the_rule(ray_cluster, tiny_ll
     assert all(h["kl/mean"] > 0 for h in history[1:])  # the reference is live and the policy moved
 
 
-def test_grpo_learns_the_rule_without_a_critic(ray_cluster, tiny_llama, tiny_value_model, tmp_path):
-    cfg = ppo_config(tmp_path, tiny_llama, tiny_value_model, **{"ppo.advantage_estimator": "grpo"})
+@pytest.mark.parametrize("kl_penalty", ["reward", "loss"])
+def test_grpo_learns_the_rule_without_a_critic(ray_cluster, tiny_llama, tiny_value_model, tmp_path, kl_penalty):
+    cfg = ppo_config(tmp_path, tiny_llama, tiny_value_model,
+                     **{"ppo.advantage_estimator": "grpo", "ppo.kl_penalty": kl_penalty})
     history = learn(cfg)
     assert_learned(history)
     assert "loss/value" not in history[0]  # no critic group was started
+    assert all(h["kl/mean"] > 0 for h in history[1:])
+    if kl_penalty == "reward":
+        assert "loss/kl" not in history[0] and history[0]["experience/old_logprobs_from_training"] == 0
+        return
+    # KL in the actor's loss; one epoch over one mini-batch: the training pass gives the old log-probs, so the
+    # ratio is exactly 1 (no clipping), and the engine-vs-learner gap is still measured there (fp32: tiny).
+    assert all(h["experience/old_logprobs_from_training"] == 1 for h in history)
+    assert all(h["loss/kl"] > 0 and math.isfinite(h["loss/kl"]) for h in history[1:])
+    assert all(h["policy/clip_fraction"] == 0 and abs(h["policy/approx_kl"]) < 1e-6 for h in history)
+    assert all(0 <= h["logprob_gap/vllm_vs_learner"] < 1e-3 for h in history)
+    assert history[0]["reward/shaped_mean"] == pytest.approx(history[0]["reward/mean"])  # no KL in the rewards
 
 
 TIMING = ("time/", "throughput/")

@@ -5,7 +5,7 @@ import torch
 from rlhf_ray import rl
 from rlhf_ray.config import load_config
 from rlhf_ray.ppo import (PromptStream, build_batch, compute_advantages, full_width, request_seed,
-                          response_slice)
+                          response_slice, reuses_train_logprobs)
 
 
 def test_build_batch_left_pads_prompts_right_pads_responses():
@@ -86,3 +86,13 @@ def test_prompt_stream_resumes_at_its_position():
     resumed = PromptStream(rows, seed=3, position=4)
     assert [r["i"] for r in resumed.take(3)] == first[4:7]
     assert [r["i"] for r in PromptStream(rows, seed=4).take(5)] != first[:5]  # the seed matters
+
+
+def test_training_pass_supplies_old_logprobs_only_when_exactly_on_policy():
+    on_policy = {"ppo.kl_penalty": "loss", "ppo.ppo_epochs": 1, "ppo.rollout_batch_size": 4,
+                 "generation.n_samples_per_prompt": 4, "ppo.mini_batch_size": 16}
+    assert reuses_train_logprobs(load_config(None, on_policy))
+    # KL in the reward needs the actor's log-probs before training; so do a 2nd epoch and a 2nd mini-batch.
+    for change in ({"ppo.kl_penalty": "reward"}, {"ppo.ppo_epochs": 2}, {"ppo.mini_batch_size": 8}):
+        assert not reuses_train_logprobs(load_config(None, {**on_policy, **change})), change
+    assert load_config().ppo.kl_penalty == "reward"  # InstructGPT / DeepSpeed-Chat by default

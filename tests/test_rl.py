@@ -378,6 +378,21 @@ def test_kl_matches_loop_oracle(kind):
     assert torch.allclose(rl.kl_estimate(lp, ref, kind, mask=mask), oracle_kl(lp, ref, mask, kind), **TOL)
 
 
+def test_kl_loss_hand_case_and_gradient():
+    # Two tokens, one row, the second padded out: pi = 0.5 vs pi_ref = 0.25 -> k3 = 0.193147 (hand case above).
+    # beta = 0.04, token-mean over the one real token -> loss = 0.04 * 0.193147 = 0.0077259.
+    # d k3 / d log pi = 1 - rho = 1 - 0.5 = 0.5 -> d loss / d log pi = 0.04 * 0.5 = 0.02; 0 on the padded token.
+    lp = torch.tensor([[math.log(0.5), -3.0]], requires_grad=True)
+    ref, mask = torch.tensor([[math.log(0.25), -1.0]]), torch.tensor([[1.0, 0.0]])
+    loss, kl = rl.kl_loss(lp, ref, mask, kl_coef=0.04, kl_estimator="k3")
+    assert loss.item() == pytest.approx(0.0077259, abs=1e-7)
+    assert kl[0].tolist() == pytest.approx([0.193147, 0.0], abs=1e-6)
+    loss.backward()
+    assert lp.grad[0].tolist() == pytest.approx([0.02, 0.0], abs=1e-9)
+    # k1 and sequence aggregation are passed through: k1 = 0.693147, seq-mean-token-sum of one row = itself.
+    assert rl.kl_loss(lp, ref, mask, 1.0, "k1", "seq-mean-token-sum")[0].item() == pytest.approx(0.693147, abs=1e-6)
+
+
 def test_k3_is_nonnegative_and_estimator_choice_matters():
     g = torch.Generator().manual_seed(3)
     lp, ref = torch.randn(64, 50, generator=g) * 4, torch.randn(64, 50, generator=g) * 4

@@ -150,6 +150,38 @@ def engine_greedy(group, engine: int, prompts, n_tokens: int = 10) -> list[list[
     return [s.token_ids for s in samples]
 
 
+def test_tied_output_head_follows_the_embedding(ray_cluster, tmp_path):
+    """lm_head = embed_tokens (SmolLM2): an update carries only the embedding, and vLLM's CPU kernel for the head was
+    packed from the old values at load. The engine must compute with the new ones, and the check must notice if not."""
+    import ray
+
+    from rlhf_ray.generator import GeneratorGroup
+    from rlhf_ray.models.tiny import build_tiny_model
+    from rlhf_ray.vllm_worker_ext import stale_head_kernel
+
+    path = str(build_tiny_model("llama", tmp_path / "tied", seed=3, tie_embeddings=True))
+    cfg = load_config(None, {"ray.address": "local", "generation.max_model_len": 256, "generation.max_restarts": 0})
+    group = GeneratorGroup(cfg, path)
+    try:
+        model = perturbed(path, seed=4)
+        assert model.lm_head.weight is model.model.embed_tokens.weight
+        group.sync_weights(ModelSource(model))
+        assert group.last_sync.verified and group.last_sync.engines[0]["probe_max_diff"] < 1e-3
+        assert engine_greedy(group, 0, PROMPTS) == [greedy_hf(model, p, 10) for p in PROMPTS]
+
+        def corrupt_head_kernel(worker):  # what a head left out of the update computes with: other values
+            head = worker.model_runner.model.lm_head
+            stale = head.weight.detach().clone() * 1.5
+            head.cpu_linear = lambda x, weight, bias: torch.nn.functional.linear(x, stale, bias)
+            return stale_head_kernel(head)
+
+        assert ray.get(group.engines[0].collective_rpc.remote(corrupt_head_kernel)) == [True]
+        with pytest.raises(WeightSyncError, match=r"lm_head\.weight \(CPU kernel out of date\)"):
+            group.verify()
+    finally:
+        group.shutdown()
+
+
 @pytest.mark.parametrize("transport", ["object_store", "gloo"])
 def test_sync_from_model_reaches_every_engine_verified_and_bucketed(group, tiny_llama, transport):
     model = perturbed(tiny_llama, seed={"object_store": 1, "gloo": 2}[transport])

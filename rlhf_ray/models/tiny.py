@@ -62,12 +62,13 @@ def build_tokenizer(vocab_size: int = 512):
     return fast
 
 
-def tiny_config(family: str, vocab_size: int, eos_id: int, pad_id: int, bos_id: int):
-    """hidden 64, 2 heads of 32, 2 layers: ~100k parameters, instant on CPU."""
+def tiny_config(family: str, vocab_size: int, eos_id: int, pad_id: int, bos_id: int, tie_embeddings: bool = False):
+    """hidden 64, 2 heads of 32, 2 layers: ~100k parameters, instant on CPU. `tie_embeddings`: lm_head shares the
+    input embedding, as in SmolLM2 (what weight sync must handle: no tensor of the head's own arrives)."""
     from transformers import GPT2Config, LlamaConfig, OPTConfig
 
     common = dict(vocab_size=vocab_size, eos_token_id=eos_id, pad_token_id=pad_id, bos_token_id=bos_id,
-                  tie_word_embeddings=False)
+                  tie_word_embeddings=tie_embeddings)
     if family == "llama":
         return LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
                            num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.2,
@@ -82,14 +83,14 @@ def tiny_config(family: str, vocab_size: int, eos_id: int, pad_id: int, bos_id: 
     raise ValueError(f"unknown tiny model family {family!r}; choose one of {', '.join(FAMILIES)}")
 
 
-def build_tiny_model(family: str, out_dir: str | Path, seed: int = 0) -> Path:
+def build_tiny_model(family: str, out_dir: str | Path, seed: int = 0, tie_embeddings: bool = False) -> Path:
     """Write a tiny random causal LM + tokenizer (save_pretrained) to `out_dir` atomically; return the path."""
     import torch
     from transformers import AutoModelForCausalLM
 
     tokenizer = build_tokenizer()
     config = tiny_config(family, len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id,
-                         tokenizer.bos_token_id)
+                         tokenizer.bos_token_id, tie_embeddings)
     config.dtype = "float32"
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
