@@ -29,10 +29,14 @@ DEFAULT_CONFIG = Path(__file__).parent / "configs" / "smollm2_reward_curve.yaml"
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("config", nargs="?", default=str(DEFAULT_CONFIG))
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     usage="%(prog)s [CONFIG] [--kl-bound X] [--dotted.override VALUE ...]")
     parser.add_argument("--kl-bound", type=float, default=1.0, help="largest acceptable mean sequence KL (nats)")
-    args, overrides = parser.parse_known_args()
+    argv = sys.argv[1:]
+    # CONFIG is the first argument unless it is an option (a positional would swallow an override's value)
+    config = argv.pop(0) if argv and not argv[0].startswith("-") else str(DEFAULT_CONFIG)
+    args, overrides = parser.parse_known_args(argv)
+    args.config = config
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     cfg = load_config(args.config, overrides)
     if cfg.ppo.advantage_estimator == "gae" and cfg.models.critic is None and not cfg.models.reward.path:

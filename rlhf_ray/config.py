@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -294,6 +295,9 @@ def _type_name(tp: Any) -> str:
     return "null" if tp is type(None) else getattr(tp, "__name__", repr(tp))
 
 
+_FLOAT_LITERAL = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
 def _coerce(value: Any, tp: Any, key: str, base: Any = None) -> Any:
     """Check `value` against the annotation `tp` and build nested dataclasses; raise ConfigError naming `key`."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
@@ -334,6 +338,8 @@ def _coerce(value: Any, tp: Any, key: str, base: Any = None) -> Any:
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)  # YAML writes 1 for 1.0
+    if tp is float and isinstance(value, str) and _FLOAT_LITERAL.fullmatch(value.strip()):
+        return float(value)  # YAML 1.1 reads 1e-5 (no dot) as a string
     if tp in (int, float) and isinstance(value, bool) or not isinstance(value, tp):
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
     return value

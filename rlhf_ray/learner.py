@@ -77,23 +77,43 @@ def takes_position_ids(model: torch.nn.Module) -> bool:
     return "position_ids" in inspect.signature(base.forward).parameters
 
 
-def causal_logprobs(model: Callable, batch: Batch, position_ids: bool,
-                    entropy: bool | str = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+def takes_logits_to_keep(model: torch.nn.Module) -> bool:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
+def first_action_column(batch: Batch) -> int:
+    """The first column of (B, T-1) in which some row acts (action_mask); 0 without one: every column counts."""
+    action = batch.get("action_mask")
+    acting = action.bool().any(dim=0).nonzero() if action is not None else None
+    return int(acting[0]) if acting is not None and len(acting) else 0
+
+
+def causal_logprobs(model: Callable, batch: Batch, position_ids: bool, entropy: bool | str = False,
+                    logits_to_keep: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """(B, T-1) log-probs of input_ids[:, 1:] (0 where that target is padding), and optionally the entropies.
-    Position ids come from the attention mask, so left-padded rows score like unpadded ones."""
+    Position ids come from the attention mask, so left-padded rows score like unpadded ones.
+
+    With `logits_to_keep` (a model that takes it) and an action_mask in the batch, the LM head and the softmax run
+    only from the first action column on, as TRL and veRL do: the columns before it, prompt tokens that no PPO
+    quantity reads, are 0. On a long prompt that is most of the head's and the log-softmax's work."""
     from rlhf_ray.models.value_head import position_ids_from_mask
 
     input_ids, mask = batch["input_ids"], batch["attention_mask"]
     kwargs = {"position_ids": position_ids_from_mask(mask)} if position_ids else {}
+    start = first_action_column(batch) if logits_to_keep else 0
+    if start:
+        kwargs["logits_to_keep"] = input_ids.shape[1] - start  # positions start..T-1 -> columns start..T-2
     logits = model(input_ids=input_ids, attention_mask=mask, use_cache=False, **kwargs).logits[:, :-1]
-    target_mask = mask[:, 1:]
-    logprobs = rl.logprobs_from_logits(logits, input_ids[:, 1:], mask=target_mask)
+    target_mask = mask[:, start + 1:]
+    left = lambda x: torch.nn.functional.pad(x, (start, 0)) if start else x  # noqa: E731 -- back to (B, T-1)
+    logprobs = left(rl.logprobs_from_logits(logits, input_ids[:, start + 1:], mask=target_mask))
     if not entropy:
         return logprobs, None
     if entropy == "detached":  # a metric only: no graph through the second pass over the logits
         with torch.no_grad():
-            return logprobs, rl.entropy_from_logits(logits.detach(), mask=target_mask)
-    return logprobs, rl.entropy_from_logits(logits, mask=target_mask)
+            return logprobs, left(rl.entropy_from_logits(logits.detach(), mask=target_mask))
+    return logprobs, left(rl.entropy_from_logits(logits, mask=target_mask))
 
 
 def to_device(batch: Batch, device) -> Batch:
@@ -423,13 +443,15 @@ class PolicyLearner(EngineWorker):
     def setup(self) -> None:
         super().setup()
         self._position_ids = takes_position_ids(self.module)
+        self._logits_to_keep = takes_logits_to_keep(self.module)
 
     def _forward(self, batch: Batch, entropy: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        return causal_logprobs(self.engine, batch, self._position_ids, entropy)
+        return causal_logprobs(self.engine, batch, self._position_ids, entropy, self._logits_to_keep)
 
     @torch.no_grad()
     def logprobs(self, batch: Batch) -> torch.Tensor:
-        """(B, T-1) log-probs of input_ids[:, 1:]; 0 where the target is padding."""
+        """(B, T-1) log-probs of input_ids[:, 1:]; 0 where the target is padding and, with an action_mask, before
+        its first action column (causal_logprobs)."""
         self.engine.eval()
         out = [self._forward(to_device(mb, self.device))[0].float().cpu()
                for mb in micro_batches(batch, self.stage.deepspeed.micro_batch_size)]

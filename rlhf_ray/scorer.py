@@ -35,7 +35,7 @@ import torch
 
 from rlhf_ray.config import Config, DeepSpeedConfig, ModelConfig, PPOConfig
 from rlhf_ray.groups import Batch, DistributedWorker, ModelGroup, RolePlacement
-from rlhf_ray.learner import causal_logprobs, micro_batches, takes_position_ids, to_device
+from rlhf_ray.learner import causal_logprobs, micro_batches, takes_logits_to_keep, takes_position_ids, to_device
 from rlhf_ray.train.deepspeed_config import resolve_precision
 from rlhf_ray.models.loading import resolve_model_path
 
@@ -222,11 +222,14 @@ class ReferenceScorer(ScorerWorker):
         super().setup()
         module = self.model.module if hasattr(self.model, "module") else self.model
         self._position_ids = takes_position_ids(module)
+        self._logits_to_keep = takes_logits_to_keep(module)
 
     @torch.no_grad()
     def logprobs(self, batch: Batch) -> torch.Tensor:
-        """(B, T-1) log-probs of input_ids[:, 1:] under the reference model (0 where the target is padding)."""
-        return torch.cat([causal_logprobs(self.model, to_device(mb, self.device), self._position_ids)[0].float().cpu()
+        """(B, T-1) log-probs of input_ids[:, 1:] under the reference model (0 where the target is padding and, with
+        an action_mask, before its first action column: causal_logprobs)."""
+        return torch.cat([causal_logprobs(self.model, to_device(mb, self.device), self._position_ids,
+                                          logits_to_keep=self._logits_to_keep)[0].float().cpu()
                           for mb in micro_batches(batch, self.ds.micro_batch_size)])
 
 

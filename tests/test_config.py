@@ -46,6 +46,14 @@ def test_misspelt_key_names_key_and_suggestion(tmp_path):
         load_config(None, ["--generaton.num_engines", "2"])
 
 
+def test_float_keys_take_exponent_literals_yaml_reads_as_strings():
+    # YAML 1.1 parses "1e-5" (no dot) as a string; a float key still takes it, from files and overrides alike.
+    cfg = load_config(None, ["--ppo.actor.optim.lr", "1e-5", "--ppo.kl_coef=2E-3"])
+    assert cfg.ppo.actor.optim.lr == 1e-5 and cfg.ppo.kl_coef == 0.002
+    with pytest.raises(ConfigError, match=r"ppo\.kl_coef: expected float, got '1e-5x'"):
+        load_config(None, ["--ppo.kl_coef", "1e-5x"])
+
+
 def test_wrong_type_names_key_and_type(tmp_path):
     with pytest.raises(ConfigError, match=r"ppo\.kl_coef: expected float, got 'high'"):
         load_config(write(tmp_path, "ppo:\n  kl_coef: high\n"))

@@ -61,6 +61,15 @@ def transformers_logprobs(model, batch) -> torch.Tensor:
     return lp * mask[:, 1:]
 
 
+def assert_scored_like(ours: torch.Tensor, expected: torch.Tensor, batch: dict, atol: float = 1e-5) -> None:
+    """Every action column equals `expected`; a column before its micro-batch's first action is not scored (0,
+    logits_to_keep), any other column equals `expected` too."""
+    act = batch["action_mask"].bool()
+    torch.testing.assert_close(ours[act], expected[act], rtol=0, atol=atol)
+    scored = ~act & (ours != 0)
+    torch.testing.assert_close(ours[scored], expected[scored], rtol=0, atol=atol)
+
+
 def experience(batch, old_logprobs, advantage: float) -> dict:
     act = batch["action_mask"].float()
     return {**batch, "old_logprobs": old_logprobs, "advantages": advantage * act}
@@ -162,11 +171,18 @@ def test_logprobs_equal_plain_transformers(stage, request, batch, hf_model):
     group = request.getfixturevalue(stage)
     ours = group.logprobs(batch)
     assert ours.shape == (B, T - 1)
-    torch.testing.assert_close(ours, transformers_logprobs(hf_model, batch), rtol=0, atol=1e-5)
+    expected = transformers_logprobs(hf_model, batch)
+    assert_scored_like(ours, expected, batch)
     assert (ours[batch["attention_mask"][:, 1:] == 0] == 0).all()
+    # Prompt columns before any action are not scored (logits_to_keep), though their tokens are real ...
+    first = int(batch["action_mask"].bool().any(0).nonzero()[0])
+    assert first > 0 and (ours[:, :first] == 0).all() and (expected[:, :first] != 0).any()
+    # ... and without an action_mask every column is.
+    without_actions = {k: v for k, v in batch.items() if k != "action_mask"}
+    torch.testing.assert_close(group.logprobs(without_actions), expected, rtol=0, atol=1e-5)
     # Uneven rows (5 over 2 ranks): padded for the split, dropped from the result.
     five = {k: v[:5] for k, v in batch.items()}
-    torch.testing.assert_close(group.logprobs(five), ours[:5], rtol=0, atol=1e-6)
+    assert_scored_like(group.logprobs(five), ours[:5], five, atol=1e-6)
 
 
 def test_ptx_loss_trains_on_pretraining_rows(zero2, batch, tok):
@@ -251,7 +267,7 @@ def test_zero3_export_reproduces_engine_eval_loss(zero3, batch, tiny_llama, tmp_
 
     out = zero3.save_pretrained(str(tmp_path / "hf"))
     saved = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    torch.testing.assert_close(transformers_logprobs(saved, batch), zero3.logprobs(batch), rtol=0, atol=1e-5)
+    assert_scored_like(zero3.logprobs(batch), transformers_logprobs(saved, batch), batch)
     assert (tmp_path / "hf" / "tokenizer.json").is_file()
 
 
@@ -297,7 +313,7 @@ def test_lora_trains_only_adapters_and_exports_merged_hf_weights(ray_cluster, ti
         trainable = group.apply(lambda w: [n for n, _ in w._trainable()])[0]
         assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
         lp = group.logprobs(batch)  # lora_B starts at 0: the base model's log-probs
-        torch.testing.assert_close(lp, transformers_logprobs(hf_model, batch), rtol=0, atol=1e-5)
+        assert_scored_like(lp, transformers_logprobs(hf_model, batch), batch)
         for _ in range(2):
             group.train(experience(batch, lp, advantage=1.0))
         named = exported(group)
@@ -308,8 +324,8 @@ def test_lora_trains_only_adapters_and_exports_merged_hf_weights(ray_cluster, ti
                                base["model.layers.0.self_attn.q_proj.weight"])
         assert torch.equal(merged["model.layers.0.self_attn.k_proj.weight"],
                            base["model.layers.0.self_attn.k_proj.weight"])  # not a LoRA target: frozen
-        torch.testing.assert_close(transformers_logprobs(fresh_model_with(tiny_llama, named), batch),
-                                   group.logprobs(batch), rtol=0, atol=1e-5)
+        assert_scored_like(group.logprobs(batch), transformers_logprobs(fresh_model_with(tiny_llama, named), batch),
+                           batch)
     finally:
         group.shutdown()
 

@@ -168,7 +168,14 @@ def test_replica_reference_equals_transformers_and_size_picks_zero_stage(tiny_ll
     expected = torch.log_softmax(logits, -1).gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1)
     expected = expected * batch["attention_mask"][:, 1:]
     assert ref.zero_stage_used() == 0
-    torch.testing.assert_close(ref.logprobs(batch), expected, rtol=0, atol=1e-5)
+    ours, act = ref.logprobs(batch), batch["action_mask"].bool()
+    torch.testing.assert_close(ours[act], expected[act], rtol=0, atol=1e-5)
+    # Columns before a micro-batch's first action are not scored (logits_to_keep: 0); the rest equal transformers.
+    first = int(act.any(0).nonzero()[0])
+    assert first > 0 and (ours[:, :first] == 0).all() and (expected[:, :first] != 0).any()
+    torch.testing.assert_close(ours[ours != 0], expected[ours != 0], rtol=0, atol=1e-5)
+    no_actions = {k: v for k, v in batch.items() if k != "action_mask"}
+    torch.testing.assert_close(ref.logprobs(no_actions), expected, rtol=0, atol=1e-5)
     # By size: a 2-rank role partitions a model above scorer_replica_max_gib, replicates one below it.
     tiny_gib = 1e-6
     assert ReferenceScorer("reference", 0, 2, model=None, deepspeed=ds, replica_max_gib=tiny_gib) \
