@@ -63,14 +63,15 @@ def stale_head_kernel(module: torch.nn.Module) -> bool:
 
 def refresh_tied_heads(model: torch.nn.Module, tied: bool) -> int:
     """After a layerwise reload: point a tied output head at the embedding's (reloaded) weight again and rebuild its
-    kernel (vLLM packs the CPU GEMM weights in process_weights_after_loading; a no-op on GPU). Returns the count."""
+    kernel (vLLM packs the CPU GEMM weights in process_weights_after_loading; a no-op on GPU). A head is tied when
+    the config says so (`tied`) or when it shares the embedding's parameter: a fine-tuned folder may carry
+    tie_word_embeddings in config.json that vLLM's text config does not report. Returns the count."""
     from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 
-    if not tied:
-        return 0
     embeddings = [m for m in model.modules()
                   if isinstance(m, VocabParallelEmbedding) and not isinstance(m, ParallelLMHead)]
-    heads = [m for m in model.modules() if isinstance(m, ParallelLMHead)]
+    heads = [m for m in model.modules() if isinstance(m, ParallelLMHead)
+             and (tied or any(m.weight is e.weight for e in embeddings))]
     for head in heads:
         if embeddings and head.weight is not embeddings[0].weight:
             head.weight = embeddings[0].weight
