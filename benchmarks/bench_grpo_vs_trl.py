@@ -1,6 +1,6 @@
 """Benchmark one GRPO iteration: rlhf_ray (Ray + vLLM engine + DeepSpeed learner) vs TRL's GRPOTrainer.
 
-    pip install -e '.[bench]'      # TRL 1.16 (not needed by anything else)
+    .venv/bin/python -m pip install -e '.[bench]'      # TRL 1.16 (not needed by anything else)
     flock /tmp/rlhf_ray_heavy.lock .venv/bin/python benchmarks/bench_grpo_vs_trl.py [--model builtin:smollm2]
         [--prompts 4] [--group 4] [--max-new-tokens 32] [--steps 3] [--natural-length]
         [--set placement.actor.num_workers=1 --set generation.num_engines=2 ...]
@@ -80,13 +80,12 @@ def prompts_in_order(cfg, n: int) -> list[dict]:
 
     tokenizer = load_tokenizer(cfg.models.actor)
     rows = load_stage_dataset(cfg, "ppo", tokenizer, split="train")
-    stream = PromptStream([{"prompt": r["prompt"], "reference": r["reference"],
-                            "prompt_input_ids": r["prompt_input_ids"]} for r in rows], seed=cfg.run.seed)
-    return stream.take(n)
+    return PromptStream.from_dataset(rows, seed=cfg.run.seed).take(n)
 
 
 # ------------------------------------------------------------------------------------------- rlhf_ray side
 def run_rlhf_ray(args) -> dict:
+    from rlhf_ray.metrics import read_metrics
     from rlhf_ray.ppo import PPOTrainer
 
     out = tempfile.mkdtemp(prefix="bench_grpo_rlhf_ray_")
@@ -96,7 +95,7 @@ def run_rlhf_ray(args) -> dict:
         trainer.run()
     finally:
         trainer.shutdown()
-    rows = [json.loads(line) for line in (Path(out) / "ppo" / cfg.logging.metrics_file).read_text().splitlines()]
+    rows = read_metrics(Path(out) / "ppo" / cfg.logging.metrics_file)
     return {"iteration_s": [r["time/iteration_s"] for r in rows],
             "phases_s": {k: [r[k] for r in rows] for k in ("time/generate_s", "time/score_s", "time/train_s",
                                                            "time/sync_s")},

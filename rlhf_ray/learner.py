@@ -72,14 +72,10 @@ def _numel(p: torch.nn.Parameter) -> int:
     return p.ds_numel if hasattr(p, "ds_numel") else p.numel()
 
 
-def takes_position_ids(model: torch.nn.Module) -> bool:
+def forward_accepts(model: torch.nn.Module, argument: str) -> bool:
+    """Whether the (peft-unwrapped) model's forward takes `argument` (position_ids, logits_to_keep)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "position_ids" in inspect.signature(base.forward).parameters
-
-
-def takes_logits_to_keep(model: torch.nn.Module) -> bool:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "logits_to_keep" in inspect.signature(base.forward).parameters
+    return argument in inspect.signature(base.forward).parameters
 
 
 def first_action_column(batch: Batch) -> int:
@@ -442,8 +438,8 @@ class PolicyLearner(EngineWorker):
 
     def setup(self) -> None:
         super().setup()
-        self._position_ids = takes_position_ids(self.module)
-        self._logits_to_keep = takes_logits_to_keep(self.module)
+        self._position_ids = forward_accepts(self.module, "position_ids")
+        self._logits_to_keep = forward_accepts(self.module, "logits_to_keep")
 
     def _forward(self, batch: Batch, entropy: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         return causal_logprobs(self.engine, batch, self._position_ids, entropy, self._logits_to_keep)

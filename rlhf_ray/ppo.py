@@ -135,6 +135,12 @@ class PromptStream:
         self.rows, self.seed, self.position = rows, seed, position
         self._epoch, self._order_cache = -1, []
 
+    @classmethod
+    def from_dataset(cls, rows, seed: int) -> "PromptStream":
+        """The stream over a tokenized PPO split (load_stage_dataset): the columns the controller reads."""
+        return cls([{"prompt_input_ids": r["prompt_input_ids"], "prompt": r["prompt"],
+                     "reference": r.get("reference", "")} for r in rows], seed=seed)
+
     def _order(self, epoch: int) -> list[int]:
         if epoch != self._epoch:
             g = torch.Generator().manual_seed(self.seed + epoch)
@@ -168,8 +174,7 @@ class PPOTrainer:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.tokenizer = load_tokenizer(cfg.models.actor)
         rows = load_stage_dataset(cfg, "ppo", self.tokenizer, split="train")
-        self.prompts = PromptStream([{"prompt_input_ids": r["prompt_input_ids"], "prompt": r["prompt"],
-                                      "reference": r.get("reference", "")} for r in rows], seed=cfg.run.seed)
+        self.prompts = PromptStream.from_dataset(rows, seed=cfg.run.seed)
         self.ptx_rows = load_stage_dataset(cfg, "ptx", self.tokenizer) if p.ptx_coef > 0 else None
         self.kl_ctl = (rl.AdaptiveKLController(p.kl_coef, p.kl_target, p.kl_horizon) if p.adaptive_kl
                        else rl.FixedKLController(p.kl_coef))

@@ -35,7 +35,7 @@ import torch
 
 from rlhf_ray.config import Config, DeepSpeedConfig, ModelConfig, PPOConfig
 from rlhf_ray.groups import Batch, DistributedWorker, ModelGroup, RolePlacement
-from rlhf_ray.learner import causal_logprobs, micro_batches, takes_logits_to_keep, takes_position_ids, to_device
+from rlhf_ray.learner import causal_logprobs, forward_accepts, micro_batches, to_device
 from rlhf_ray.train.deepspeed_config import resolve_precision
 from rlhf_ray.models.loading import resolve_model_path
 
@@ -221,8 +221,8 @@ class ReferenceScorer(ScorerWorker):
     def setup(self) -> None:
         super().setup()
         module = self.model.module if hasattr(self.model, "module") else self.model
-        self._position_ids = takes_position_ids(module)
-        self._logits_to_keep = takes_logits_to_keep(module)
+        self._position_ids = forward_accepts(module, "position_ids")
+        self._logits_to_keep = forward_accepts(module, "logits_to_keep")
 
     @torch.no_grad()
     def logprobs(self, batch: Batch) -> torch.Tensor:

@@ -32,8 +32,12 @@ def live_tensor(module: torch.nn.Module, pname: str, param: torch.Tensor) -> tor
     per output."""
     if pname != "weight" or param.numel() > 0 or not hasattr(module, "cpu_linear"):
         return param.detach()
-    k = module.input_size_per_partition
-    dtype = getattr(module, "params_dtype", param.dtype)
+    return kernel_readback(module, param, module.input_size_per_partition,
+                           getattr(module, "params_dtype", param.dtype))
+
+
+def kernel_readback(module: torch.nn.Module, param: torch.Tensor, k: int, dtype: torch.dtype) -> torch.Tensor:
+    """The (N, k) weight a layer's CPU GEMM kernel (`cpu_linear`) multiplies by: the kernel applied to the identity."""
     cols = []
     with torch.no_grad():
         for start in range(0, k, 1024):
@@ -51,14 +55,7 @@ def stale_head_kernel(module: torch.nn.Module) -> bool:
     if not isinstance(module, ParallelLMHead) or not hasattr(module, "cpu_linear") or module.weight.numel() == 0:
         return False
     weight = module.weight.detach()
-    k = weight.shape[1]
-    with torch.no_grad():
-        for start in range(0, k, 1024):
-            eye = torch.eye(k, dtype=weight.dtype)[start:start + 1024]
-            if not torch.equal(module.cpu_linear(eye, module.weight, None).to(weight.dtype).t(),
-                               weight[:, start:start + 1024]):
-                return True
-    return False
+    return not torch.equal(kernel_readback(module, module.weight, weight.shape[1], weight.dtype), weight)
 
 
 def refresh_tied_heads(model: torch.nn.Module, tied: bool) -> int:
