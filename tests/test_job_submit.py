@@ -27,22 +27,29 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_ports(n: int) -> list[int]:
+    """n distinct free ports: every socket stays bound until all are picked (one at a time, the OS may hand the
+    same port out twice, and `ray start` refuses two components on one port)."""
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 @pytest.fixture
 def ray_head():
     """A throwaway head (token auth off: it listens on loopback only and lives for this test)."""
     temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's unix socket paths have a length limit
-    dashboard = free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    ports = {"--port": free_port(), "--node-manager-port": free_port(), "--object-manager-port": free_port(),
-             "--ray-client-server-port": free_port(), "--dashboard-port": dashboard,
-             "--dashboard-agent-listen-port": free_port(), "--dashboard-agent-grpc-port": free_port(),
-             "--metrics-export-port": free_port(), "--runtime-env-agent-port": free_port()}
+    flags = ["--port", "--node-manager-port", "--object-manager-port", "--ray-client-server-port", "--dashboard-port",
+             "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--metrics-export-port",
+             "--runtime-env-agent-port"]
+    ports = dict(zip(flags, free_ports(len(flags))))
+    dashboard = ports["--dashboard-port"]
     start = [str(BIN / "ray"), "start", "--head", "--num-cpus", "12", "--dashboard-host", "127.0.0.1",
              "--node-ip-address", "127.0.0.1", "--temp-dir", temp_dir, "--disable-usage-stats",
              "--min-worker-port", "20000", "--max-worker-port", "20999"]
