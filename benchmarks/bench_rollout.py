@@ -72,7 +72,7 @@ def group_rate(cfg, path: str, prompts, sampling: Sampling, repeats: int, engine
     cfg = load_config(None, {"ray.address": "local", "run.seed": cfg.run.seed, "generation.num_engines": engines,
                              "generation.max_model_len": cfg.generation.max_model_len,
                              "generation.cpu_cores": [str(i) for i in range(engines)]})
-    group = GeneratorGroup(cfg, path, dtype="float32")
+    group = GeneratorGroup(cfg, path, precision="fp32")
     seeds = list(range(len(prompts)))
     try:
         return best_rate(lambda: sum(len(s.token_ids) for s in group.generate(prompts, sampling, seeds).samples),

@@ -60,7 +60,7 @@ def main() -> None:
                              "placement.actor": {"num_workers": 2, "cpus_per_worker": 1}, "ppo.mini_batch_size": 4,
                              "ppo.actor.deepspeed.zero_stage": 3, "ppo.actor.deepspeed.micro_batch_size": 2,
                              "ppo.actor.deepspeed.precision": "fp32"})
-    group = GeneratorGroup(cfg, path, dtype="float32")
+    group = GeneratorGroup(cfg, path, precision="fp32")
     rows = []
     try:
         from transformers import AutoModelForCausalLM

@@ -1,43 +1,66 @@
 """`rlhf-ray chat --path CHECKPOINT`: multi-turn chat in the terminal through vLLM (DeepSpeed-Chat's chat.py).
 
-The conversation is rendered with the model's own chat template every turn. Type `clear` to start over and
-`quit` (or end the input) to leave. `--message` turns run a scripted conversation instead of reading the
+The model is served by one vLLM engine actor on the Ray cluster (rlhf_ray.generator, in its own placement group;
+`init_ray` attaches to the configured cluster or starts a local one), never by vLLM in this process: the driver
+only renders the model's chat template into token ids every turn and decodes the answer. Type `clear` to start
+over and `quit` (or end the input) to leave. `--message` turns run a scripted conversation instead of reading the
 terminal; `--transcript FILE` writes the conversation to a file as well.
 """
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Iterable, Optional, TextIO
+
+from rlhf_ray.config import Config
 
 CLEAR, QUIT = "clear", "quit"
 
 
 class ChatSession:
-    def __init__(self, path: str, max_new_tokens: int = 128, temperature: float = 0.0, kv_cache_gib: int = 1,
-                 dtype: str = "float32"):
-        import os
+    """A conversation with `path` served by a one-engine GeneratorGroup on the Ray cluster (generation.* of `cfg`:
+    tensor_parallel_size, kv_cache_gib, ...; engine dtype as models.actor.dtype resolves). Use it as a context manager
+    (or call close()): the engine actor and its placement group are released afterwards, also on errors."""
 
-        from vllm import LLM, SamplingParams
+    def __init__(self, path: str, max_new_tokens: int = 128, temperature: float = 0.0, cfg: Optional[Config] = None):
+        from rlhf_ray.config import load_config
+        from rlhf_ray.generator import GeneratorGroup, Sampling
+        from rlhf_ray.models.loading import load_tokenizer, resolve_model_path
+        from rlhf_ray.resources import init_ray
 
-        from rlhf_ray.models.loading import resolve_model_path
-
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
+        cfg = cfg or load_config(None, {})
         path = resolve_model_path(path)
-        self.llm = LLM(model=path, dtype=dtype, enforce_eager=True)
-        if self.llm.get_tokenizer().chat_template is None:
+        actor = replace(cfg.models.actor, path=path, tokenizer=None, gguf_file=None)
+        cfg = replace(cfg, models=replace(cfg.models, actor=actor), generation=replace(cfg.generation, num_engines=1))
+        self.tokenizer = load_tokenizer(actor)
+        if self.tokenizer.chat_template is None:
             raise ValueError(f"{path}: the tokenizer has no chat template; chat needs one")
-        self.params = SamplingParams(temperature=temperature, max_tokens=max_new_tokens)
+        self.sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature)
         self.messages: list[dict[str, str]] = []
+        init_ray(cfg)
+        self.generators = GeneratorGroup(cfg, path)
 
     def reply(self, text: str) -> str:
-        self.messages.append({"role": "user", "content": text})
-        out = self.llm.chat(self.messages, self.params, use_tqdm=False)[0].outputs[0].text.strip()
-        self.messages.append({"role": "assistant", "content": out})
+        messages = self.messages + [{"role": "user", "content": text}]
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                 return_dict=False)
+        [sample] = self.generators.generate([ids], self.sampling).samples
+        out = self.tokenizer.decode(sample.token_ids, skip_special_tokens=True).strip()
+        self.messages = messages + [{"role": "assistant", "content": out}]
         return out
 
     def clear(self) -> None:
         self.messages = []
+
+    def close(self) -> None:
+        self.generators.shutdown()  # the engine actor and its placement group
+
+    def __enter__(self) -> "ChatSession":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def chat_loop(session: ChatSession, turns: Iterable[str], out: TextIO, transcript: Optional[Path] = None,
@@ -75,10 +98,10 @@ def _terminal_turns() -> Iterable[str]:
 
 
 def cmd_chat(args) -> int:
-    session = ChatSession(args.path, max_new_tokens=args.max_new_tokens, temperature=args.temperature)
-    turns = args.message if args.message else _terminal_turns()
-    if not args.message:
-        print(f"Chatting with {args.path}. '{CLEAR}' starts over, '{QUIT}' leaves.", flush=True)
-    chat_loop(session, turns, sys.stdout, Path(args.transcript) if args.transcript else None,
-              interactive=not args.message)
+    with ChatSession(args.path, max_new_tokens=args.max_new_tokens, temperature=args.temperature) as session:
+        turns = args.message if args.message else _terminal_turns()
+        if not args.message:
+            print(f"Chatting with {args.path}. '{CLEAR}' starts over, '{QUIT}' leaves.", flush=True)
+        chat_loop(session, turns, sys.stdout, Path(args.transcript) if args.transcript else None,
+                  interactive=not args.message)
     return 0

@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from rlhf_ray.config import ConfigError, dump_config, load_config
+from rlhf_ray.config import ConfigError, dump_config, load_config, validate_ppo
 
 OVERRIDES_HELP = "dotted overrides after CONFIG, e.g. --ppo.kl_coef 0.05 --generation.num_engines=2"
 
@@ -102,10 +102,11 @@ def _stage_overrides(args) -> list[str]:
 
 
 def cmd_ppo(args) -> int:
+    from rlhf_ray.pipeline import ppo_config_for_run
     from rlhf_ray.ppo import run_ppo
 
     overrides = _stage_overrides(args)
-    print(run_ppo(load_config(args.config, overrides)))
+    print(run_ppo(ppo_config_for_run(validate_ppo(load_config(args.config, overrides)))))
     return 0
 
 
@@ -129,7 +130,8 @@ def cmd_chat(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlhf-ray", description=(
         "Ray-distributed RLHF (SFT -> reward model -> PPO) with DeepSpeed ZeRO learners and vLLM generators."))
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help="default: the config's logging.level (INFO without a config)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("config", help="inspect configs")
@@ -149,7 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
         _add_config_args(p)
         p.set_defaults(func=cmd_train_stage, stage=stage)
 
-    p = sub.add_parser("ppo", help="step 3: PPO from models.actor and models.reward (vLLM + DeepSpeed groups on Ray)")
+    p = sub.add_parser("ppo", help=(
+        "step 3: PPO (vLLM + DeepSpeed groups on Ray) from models.actor and models.reward, a value-head folder; "
+        "when models.reward is not one, from this run's own pipeline outputs <run.output_dir>/sft and /rm (both "
+        "must exist)"))
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint of this run")
     _add_config_args(p)
     p.set_defaults(func=cmd_ppo)
@@ -160,7 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=cmd_pipeline)
 
-    p = sub.add_parser("chat", help="multi-turn chat with a checkpoint through vLLM (its chat template)")
+    p = sub.add_parser("chat", help="multi-turn chat with a checkpoint (its chat template) served by a vLLM engine "
+                                    "actor on the (local) Ray cluster")
     p.add_argument("--path", required=True, help="a Hugging Face folder (e.g. <run>/ppo/actor), hub name or builtin:*")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -175,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     smol.add_argument("--force", action="store_true", help="convert again even if the folder exists")
     smol.set_defaults(func=cmd_models_smollm2)
     tiny = models_sub.add_parser("tiny", help="a tiny random-weight causal LM with a locally trained tokenizer")
-    tiny.add_argument("--family", default="llama", choices=["llama", "opt", "gpt2"])
+    tiny.add_argument("--family", default="llama", choices=["llama", "opt", "gpt2", "bloom"])
     tiny.add_argument("--out", required=True, help="output folder")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(func=cmd_models_tiny)
@@ -189,10 +195,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def log_level(args) -> str:
+    """--log-level, else logging.level of the command's config, else INFO. A config that does not load leaves
+    INFO: the command itself then reports the error."""
+    if args.log_level:
+        return args.log_level
+    if getattr(args, "config", None):
+        try:
+            return load_config(args.config, _stage_overrides(args) if hasattr(args, "resume") else args.overrides
+                               ).logging.level
+        except (ConfigError, OSError):
+            pass
+    return "INFO"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    level = log_level(args)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger().setLevel(level)  # also when something configured logging before us
     try:
         return args.func(args)
     except ConfigError as e:

@@ -33,7 +33,8 @@ class RunConfig:
 
 @dataclass
 class RayConfig:
-    # None: attach to a running cluster when one is reachable (RAY_ADDRESS / `ray start`), else start a local one.
+    # The cluster to attach to ("host:port", "ray://...", or "auto": whatever Ray finds on this machine). None: the
+    # RAY_ADDRESS variable if set (`ray job submit` sets it), else a private local cluster; "local": always private.
     address: Optional[str] = None
     # Logical CPUs a *local* cluster declares (None: enough for every bundle of the layout, see resources.py).
     local_num_cpus: Optional[int] = None
@@ -48,7 +49,8 @@ class ModelConfig:
     path: str = ""
     tokenizer: Optional[str] = None  # default: same as path
     gguf_file: Optional[str] = None  # a GGUF file inside `path` (de-quantised to float on load)
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    # auto: follows ppo.actor.deepspeed.precision (PPO) and resolves per worker: bf16 on GPU, fp32 on CPU
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     trust_remote_code: bool = False
 
 
@@ -111,27 +113,46 @@ class OptimConfig:
 
 @dataclass
 class DeepSpeedConfig:
+    """One DeepSpeed engine (PPO learners, and the scorers that follow them). A PPO learner's optimizer step is
+    ppo.mini_batch_size samples, so it has no global batch of its own."""
+
     zero_stage: Literal[0, 1, 2, 3] = 2
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    # auto: bf16 on GPU, fp32 on CPU, decided by each worker on its own device. ppo.actor's decides every PPO model
+    # (learners, scorers, engines: config.ppo_precision); sft / rm decide their own stage.
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     offload_optimizer: bool = False  # GPU only: ZeRO-Offload of optimizer states to CPU
     offload_params: bool = False  # GPU only, ZeRO-3: parameters offloaded to CPU
     gradient_checkpointing: bool = False
     micro_batch_size: int = 2  # per rank
+
+
+@dataclass
+class StageDeepSpeedConfig(DeepSpeedConfig):
+    """SFT / RM (Ray Train): the optimizer-step batch is the stage's own."""
+
     global_batch_size: int = 8  # across ranks; gradient accumulation = global / (micro * ranks)
 
 
 @dataclass
-class TrainStageConfig:
-    """SFT and reward-model training (Ray Train + DeepSpeed)."""
+class PPOLearnerConfig:
+    """A PPO learner (ppo.actor, ppo.critic). Its ranks and resources are placement.actor / placement.critic; it
+    steps on ppo.mini_batch_size samples; the PPO controller decides iterations, checkpoints and output folders."""
 
-    output_dir: str = ""  # default: <run.output_dir>/<stage>
-    num_workers: int = 2
-    epochs: int = 1
-    max_steps: int = -1  # -1: epochs decide
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     disable_dropout: bool = True
+
+
+@dataclass
+class TrainStageConfig(PPOLearnerConfig):
+    """SFT and reward-model training (Ray Train + DeepSpeed): a learner plus the Ray Train job's own settings."""
+
+    deepspeed: StageDeepSpeedConfig = field(default_factory=StageDeepSpeedConfig)
+    output_dir: str = ""  # default: <run.output_dir>/<stage>
+    num_workers: int = 2
+    epochs: int = 1
+    max_steps: int = -1  # -1: epochs decide
     eval_every: int = 50
     log_every: int = 10
     checkpoint_every: int = 100
@@ -146,14 +167,14 @@ class GenerationConfig:
     num_engines: int = 1
     tensor_parallel_size: int = 1
     max_new_tokens: int = 64
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = -1
+    temperature: float = 1.0  # PPO scores log-probs, KL and entropy at this T too (0, greedy: at 1)
+    top_p: float = 1.0  # PPO needs 1.0 and top_k <= 0: the learners do not reproduce the truncation (validate_ppo)
+    top_k: int = -1  # -1 or 0: off
     n_samples_per_prompt: int = 1
     stop: list[str] = field(default_factory=list)
     max_model_len: Optional[int] = None  # None: the model config's own limit
-    kv_cache_gib: float = 1.0  # CPU: VLLM_CPU_KVCACHE_SPACE; GPU: turned into gpu_memory_utilization
-    gpu_memory_utilization: float = 0.5
+    kv_cache_gib: float = 1.0  # CPU engines only: VLLM_CPU_KVCACHE_SPACE (whole GiB, >= 1)
+    gpu_memory_utilization: float = 0.5  # GPU engines only: their share of the GPU, KV cache included
     enforce_eager: bool = True
     long_prompt: Literal["error", "skip"] = "error"  # a prompt >= max_model_len: fail naming it, or skip and count
     enable_sleep_mode: bool = False  # GPU only: frees KV cache while learners train on the same GPUs
@@ -184,6 +205,7 @@ class PPOConfig:
     # reward: -kl_coef * KL_t shapes the rewards / advantages (InstructGPT, DeepSpeed-Chat); loss: kl_coef * KL is
     # added to the actor's loss (GRPO paper, veRL use_kl_loss, TRL). With "loss", ppo_epochs 1 and one mini-batch
     # per iteration, the training pass's own log-probs serve as the old ones: no separate actor forward.
+    # k1's gradient is zero in expectation, so "loss" needs k2 or k3 (checked at load).
     kl_penalty: Literal["reward", "loss"] = "reward"
     adaptive_kl: bool = False
     kl_target: float = 6.0  # Ziegler et al. adaptive controller
@@ -199,12 +221,17 @@ class PPOConfig:
     whiten_advantages: bool = True
     ema_decay: Optional[float] = None  # DeepSpeed-Chat --enable_ema (0.992)
     ptx_coef: float = 0.0  # InstructGPT's pretraining mix; needs data.ptx
-    actor: TrainStageConfig = field(default_factory=TrainStageConfig)
-    critic: TrainStageConfig = field(default_factory=TrainStageConfig)
+    actor: PPOLearnerConfig = field(default_factory=PPOLearnerConfig)
+    critic: PPOLearnerConfig = field(default_factory=PPOLearnerConfig)
     reward_functions: list[str] = field(default_factory=list)  # dotted paths or http(s) URLs
     reward_function_mode: Literal["add", "replace"] = "add"
     reward_http_timeout_s: float = 10.0
-    reward_http_retries: int = 2
+    reward_http_retries: int = 2  # more attempts after a timeout, a connection error, a 5xx, 408 or 429
+    # The NAME of an environment variable (in the reward actors' environment) holding a token sent as
+    # "Authorization: Bearer <token>"; never the token itself. None: no Authorization header.
+    reward_http_token_env: Optional[str] = None
+    # Optimizer steps in a row skipped for a non-finite loss or gradient norm (on any rank) before the run stops.
+    max_nonfinite_steps: int = 3
     # Reference / reward scorers: 0 = a full replica per rank, 3 = ZeRO-3 partitions across the role's ranks;
     # None: 3 when the model's weight files exceed scorer_replica_max_gib (and the role has > 1 rank), else 0.
     scorer_zero_stage: Optional[Literal[0, 3]] = None
@@ -224,7 +251,8 @@ class PlacementConfig:
     critic: RoleResources = field(default_factory=lambda: RoleResources(num_workers=2))
     reference: RoleResources = field(default_factory=RoleResources)
     reward: RoleResources = field(default_factory=RoleResources)
-    generator: RoleResources = field(default_factory=RoleResources)  # per tensor-parallel worker
+    # per tensor-parallel worker; engines: generation.num_engines (num_workers stays 1)
+    generator: RoleResources = field(default_factory=RoleResources)
     colocate_actor_reference: bool = False
     colocate_critic_reward: bool = False
 
@@ -253,11 +281,11 @@ class ClusterConfig:
 
 @dataclass
 class LoggingConfig:
-    log_every: int = 1
+    log_every: int = 1  # PPO iterations between metric records (JSONL, TensorBoard, W&B, console); the last always
     metrics_file: str = "metrics.jsonl"
     tensorboard: bool = True
     wandb_project: Optional[str] = None
-    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"  # the CLI's --log-level wins when given
 
 
 @dataclass
@@ -456,26 +484,49 @@ def validate(cfg: Config) -> Config:
         need(p.mini_batch_size % (micro * ranks) == 0,
              f"ppo.mini_batch_size ({p.mini_batch_size}) must be a multiple of ppo.{learner}.deepspeed.micro_batch_size "
              f"({micro}) x placement.{learner}.num_workers ({ranks})")
+    samples = p.rollout_batch_size * g.n_samples_per_prompt  # the learners reject a partial mini-batch
+    need(samples % p.mini_batch_size == 0,
+         f"ppo.rollout_batch_size ({p.rollout_batch_size}) x generation.n_samples_per_prompt "
+         f"({g.n_samples_per_prompt}) = {samples} samples per iteration must be a multiple of ppo.mini_batch_size "
+         f"({p.mini_batch_size})")
     need(p.scorer_replica_max_gib > 0, "ppo.scorer_replica_max_gib must be > 0")
     need(p.reward_http_timeout_s > 0 and p.reward_http_retries >= 0,
          "ppo.reward_http_timeout_s must be > 0 and ppo.reward_http_retries >= 0")
+    need(not p.reward_http_token_env or re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", p.reward_http_token_env),
+         "ppo.reward_http_token_env must be the NAME of an environment variable holding the token (e.g. "
+         "REWARD_API_TOKEN), not the token itself")
+    need(p.max_nonfinite_steps >= 1, "ppo.max_nonfinite_steps must be >= 1")
+    need(not (p.kl_penalty == "loss" and p.kl_estimator == "k1"),
+         "ppo.kl_penalty 'loss' with ppo.kl_estimator 'k1' does nothing: k1's gradient is zero in expectation under "
+         "the policy; use ppo.kl_estimator k3 (unbiased, GRPO) or k2")
     need(p.reward_function_mode == "add" or bool(p.reward_functions),
          "ppo.reward_function_mode 'replace' needs ppo.reward_functions")
     if p.advantage_estimator in ("grpo", "rloo"):
         need(g.n_samples_per_prompt >= 2,
              f"ppo.advantage_estimator={p.advantage_estimator} needs generation.n_samples_per_prompt >= 2")
     for name in ("sft", "rm"):
-        _validate_stage(getattr(cfg, name), name, cfg.placement, need)
-    # PPO learners step on ppo.mini_batch_size samples (checked below), not on deepspeed.global_batch_size
-    _validate_stage(p.actor, "ppo.actor", cfg.placement, need, ranks=cfg.placement.actor.num_workers, ppo=True)
-    _validate_stage(p.critic, "ppo.critic", cfg.placement, need, ranks=cfg.placement.critic.num_workers, ppo=True)
+        _validate_stage(getattr(cfg, name), name, need)
+    _validate_learner(p.actor, "ppo.actor", need)
+    _validate_learner(p.critic, "ppo.critic", need)
     for role in ("actor", "critic", "reference", "reward", "generator"):
         r = getattr(cfg.placement, role)
         need(r.num_workers >= 1, f"placement.{role}.num_workers must be >= 1")
         need(r.cpus_per_worker >= 0 and r.gpus_per_worker >= 0,
              f"placement.{role}: cpus_per_worker and gpus_per_worker must be >= 0")
+    need(cfg.placement.generator.num_workers == 1,
+         "placement.generator.num_workers: engines are counted by generation.num_engines, each with "
+         "generation.tensor_parallel_size workers of placement.generator's resources; leave it 1")
     need(cfg.checkpoint.every >= 0 and cfg.checkpoint.keep_last >= 1,
          "checkpoint.every must be >= 0 and checkpoint.keep_last >= 1")
+    need(cfg.logging.log_every >= 1, "logging.log_every must be >= 1")
+    # The critic and the reference read the actor's token ids, and the critic is a value-head folder (no GGUF).
+    critic, reference = cfg.models.critic, cfg.models.reference
+    need(critic is None or not (critic.tokenizer or critic.gguf_file),
+         "models.critic.tokenizer / models.critic.gguf_file: the critic is a value-head folder scoring the actor's "
+         "token ids; leave both unset")
+    need(reference is None or not reference.tokenizer,
+         "models.reference.tokenizer: the reference scores the actor's token ids (models.actor's tokenizer); "
+         "leave it unset")
     d = cfg.data
     shares = d.data_split.split(",")
     need(len(shares) == 3 and all(s.strip().replace(".", "", 1).isdigit() for s in shares)
@@ -487,29 +538,81 @@ def validate(cfg: Config) -> Config:
     for i, src in enumerate(d.datasets + d.sft_only + d.ptx):
         need(bool(src.path), f"data: dataset entry {i} has an empty 'path'")
         need(src.weight > 0, f"data: dataset '{src.path}' needs weight > 0")
+    ppo_precision(cfg)  # conflicting explicit precisions / dtypes fail at load, naming both keys
     return cfg
 
 
-def _validate_stage(s: TrainStageConfig, name: str, placement: PlacementConfig, need, ranks: Optional[int] = None,
-                    ppo: bool = False) -> None:
-    ranks = s.num_workers if ranks is None else ranks
+def _validate_learner(s: PPOLearnerConfig, name: str, need) -> None:
     ds = s.deepspeed
-    need(s.num_workers >= 1, f"{name}.num_workers must be >= 1")
     need(ds.micro_batch_size >= 1, f"{name}.deepspeed.micro_batch_size must be >= 1")
-    need(ppo or ds.global_batch_size % (ds.micro_batch_size * ranks) == 0,
-         f"{name}.deepspeed.global_batch_size ({ds.global_batch_size}) must be a multiple of micro_batch_size "
-         f"({ds.micro_batch_size}) x ranks ({ranks})")
     need(not ds.offload_params or ds.zero_stage == 3, f"{name}.deepspeed.offload_params needs zero_stage 3")
     need(s.optim.lr > 0, f"{name}.optim.lr must be > 0")
     need(s.optim.grad_clip >= 0, f"{name}.optim.grad_clip must be >= 0")
+    need(s.optim.warmup_steps >= 0 and s.optim.weight_decay >= 0, f"{name}.optim: warmup_steps and weight_decay must be >= 0")
     need(s.lora.dim >= 0, f"{name}.lora.dim must be >= 0")
     need(s.lora.dim == 0 or bool(s.lora.module_names), f"{name}.lora.module_names is empty while lora.dim > 0")
+
+
+def _validate_stage(s: TrainStageConfig, name: str, need) -> None:
+    _validate_learner(s, name, need)
+    ds, ranks = s.deepspeed, s.num_workers
+    need(s.num_workers >= 1, f"{name}.num_workers must be >= 1")
+    need(ds.global_batch_size % (ds.micro_batch_size * ranks) == 0,
+         f"{name}.deepspeed.global_batch_size ({ds.global_batch_size}) must be a multiple of micro_batch_size "
+         f"({ds.micro_batch_size}) x ranks ({ranks})")
     need(s.epochs >= 1 and (s.max_steps == -1 or s.max_steps >= 1), f"{name}: epochs must be >= 1, max_steps -1 or >= 1")
     need(s.log_every >= 1, f"{name}.log_every must be >= 1")
     need(s.eval_every >= 0 and s.checkpoint_every >= 0, f"{name}.eval_every and checkpoint_every must be >= 0 (0: only at the end)")
     need(s.max_failures >= -1, f"{name}.max_failures must be >= -1 (-1: unlimited)")
     need(s.cpus_per_worker > 0, f"{name}.cpus_per_worker must be > 0")
-    need(s.optim.warmup_steps >= 0 and s.optim.weight_decay >= 0, f"{name}.optim: warmup_steps and weight_decay must be >= 0")
+
+
+def validate_ppo(cfg: Config) -> Config:
+    """Rules for a config that trains PPO (`rlhf-ray ppo`, `pipeline`), checked before anything starts. Not part of
+    `validate`: `rlhf-ray generate` samples with the same generation.* keys, and top-p / top-k are fine there."""
+    g = cfg.generation
+    why = ("under PPO the learners and the reference score log-probs of the full softmax(logits / "
+           "generation.temperature) and do not reproduce the engines' truncation, so the PPO ratio and the KL would "
+           "be of another distribution than the one sampled")
+    if g.top_p < 1:
+        raise ConfigError(f"generation.top_p is {g.top_p}: PPO needs 1.0 ({why}); top_p < 1 is only for "
+                          f"`rlhf-ray generate`")
+    if g.top_k > 0:
+        raise ConfigError(f"generation.top_k is {g.top_k}: PPO needs -1 or 0 (off) ({why}); top_k > 0 is only for "
+                          f"`rlhf-ray generate`")
+    return cfg
+
+
+_DTYPE_PRECISION = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
+def ppo_precision(cfg: Config) -> str:
+    """The one precision of a PPO run's learners, reference and reward scorers and vLLM engines:
+    ppo.actor.deepspeed.precision ('auto': bf16 on GPU, fp32 on CPU, resolved by each worker on its own device,
+    env.resolve_precision). ppo.critic.deepspeed.precision and models.{actor,critic,reference,reward}.dtype stay
+    'auto' to follow it or restate it (with the actor's key 'auto', a restated value decides); two explicit values
+    that differ are a ConfigError naming both keys."""
+    settings = [("ppo.actor.deepspeed.precision", cfg.ppo.actor.deepspeed.precision),
+                ("ppo.critic.deepspeed.precision", cfg.ppo.critic.deepspeed.precision)]
+    for role in ("actor", "critic", "reference", "reward"):
+        mc = getattr(cfg.models, role)
+        if mc is not None:
+            settings.append((f"models.{role}.dtype", mc.dtype))
+    explicit = [(key, raw, _DTYPE_PRECISION.get(raw, raw)) for key, raw in settings if raw != "auto"]
+    for key, raw, value in explicit[1:]:
+        first_key, first_raw, first = explicit[0]
+        if value != first:
+            raise ConfigError(f"{key} is {raw} but {first_key} is {first_raw}: one precision serves every PPO model "
+                              f"(learners, reference, reward, engines); set ppo.actor.deepspeed.precision and leave "
+                              f"{key} 'auto'")
+    return explicit[0][2] if explicit else "auto"
+
+
+def ppo_learner(cfg: Config, role: str) -> PPOLearnerConfig:
+    """ppo.<role> (actor, critic) with the run's one precision setting (ppo_precision, still 'auto' or explicit:
+    every rank resolves it on its own device), as the learner ranks, the scorers and `rlhf-ray plan` use it."""
+    learner = getattr(cfg.ppo, role)
+    return dataclasses.replace(learner, deepspeed=dataclasses.replace(learner.deepspeed, precision=ppo_precision(cfg)))
 
 
 # ------------------------------------------------------------------------------------------- loading

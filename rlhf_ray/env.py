@@ -1,12 +1,19 @@
-"""Process environment every rlhf_ray process shares: cache folders and CPU-vs-GPU library switches.
+"""Process environment every rlhf_ray process shares (cache folders, library switches), and the device choice each
+worker makes for itself.
 
-Set before deepspeed/vllm are imported (rlhf_ray/__init__.py calls `apply_process_defaults`) and passed to Ray
-actors through their runtime_env (`worker_env_vars`), so the driver, Ray Train workers and actors agree.
+`apply_process_defaults` (called by rlhf_ray/__init__.py in every process) sets folder and library defaults, also
+passed to Ray actors through their runtime_env (`worker_env_vars`). Nothing about the device is decided there or
+shipped from the driver: the driver of a KubeRay / `ray up` cluster runs on a CPU head while learners and engines
+sit on GPU nodes. Every worker calls `choose_device()` first thing in its own process (learner and scorer ranks,
+vLLM engine actors, Ray Train workers), resolves its precision with `resolve_precision`, and reports what it chose
+(`describe()`); the driver only checks that the reports agree (`check_agreement`).
 """
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
+from typing import Optional
 
 
 def cache_root() -> Path:
@@ -14,15 +21,8 @@ def cache_root() -> Path:
     return Path(os.environ.get("RLHF_RAY_CACHE", Path.home() / ".cache" / "rlhf_ray")).expanduser()
 
 
-def has_cuda() -> bool:
-    """True when this process sees a CUDA device; decides NCCL vs gloo, bf16 vs fp32, GPU-only features."""
-    import torch
-
-    return torch.cuda.is_available()
-
-
 def _process_defaults() -> dict[str, str]:
-    env = {
+    return {
         # DeepSpeed JIT-builds a small shared-memory comm op at every init_distributed on CPU; one known folder
         # means it is built once per machine (setup.sh does it) instead of once per test or per worker.
         "TORCH_EXTENSIONS_DIR": str(cache_root() / "torch_extensions"),
@@ -31,10 +31,6 @@ def _process_defaults() -> dict[str, str]:
         "TOKENIZERS_PARALLELISM": "false",
         "RAY_DEDUP_LOGS": "0",
     }
-    if not Path("/dev/nvidiactl").exists() and not os.environ.get("CUDA_VISIBLE_DEVICES"):
-        # No GPU driver: DeepSpeed must use its CPU accelerator (gloo backend), decided before it is imported.
-        env["DS_ACCELERATOR"] = "cpu"
-    return env
 
 
 def apply_process_defaults() -> None:
@@ -43,6 +39,106 @@ def apply_process_defaults() -> None:
 
 
 def worker_env_vars() -> dict[str, str]:
-    """Environment for Ray actors and Ray Train workers (runtime_env['env_vars'])."""
+    """Environment for Ray actors and Ray Train workers (runtime_env['env_vars']): never a device choice."""
     apply_process_defaults()
     return {key: os.environ[key] for key in _process_defaults()}
+
+
+# ------------------------------------------------------------------------------------ worker-side choice
+def ray_gpu_ids() -> Optional[list]:
+    """The GPUs Ray assigned to this process when it is a Ray worker (actor or task); None in a driver."""
+    if "ray" not in sys.modules:
+        return None
+    import ray
+
+    if not ray.is_initialized() or ray.get_runtime_context().worker.mode != ray.WORKER_MODE:
+        return None
+    return ray.get_gpu_ids()
+
+
+def choose_device() -> str:
+    """'cuda' or 'cpu' for THIS process, from its own torch.cuda.is_available(), and DS_ACCELERATOR set to match.
+
+    Call it in the process that uses the device, first thing in an actor's __init__ or a Ray Train loop: not at
+    import (Ray loads an actor's class before it sets CUDA_VISIBLE_DEVICES), and before deepspeed is imported here
+    (DeepSpeed reads DS_ACCELERATOR once, at import). A Ray worker without a GPU of its own uses the CPU: Ray 2.60
+    leaves CUDA_VISIBLE_DEVICES alone for zero-GPU actors, so they would otherwise see, and use, every GPU of their
+    node. Any inherited DS_ACCELERATOR (a local cluster's workers inherit the driver's environment) is replaced."""
+    import torch
+
+    gpus = ray_gpu_ids()
+    device = "cuda" if (gpus is None or len(gpus) > 0) and torch.cuda.is_available() else "cpu"
+    real = sys.modules.get("deepspeed.accelerator.real_accelerator")
+    chosen = getattr(getattr(real, "ds_accelerator", None), "_name", None)
+    if chosen is not None and chosen != device:
+        raise RuntimeError(f"deepspeed was imported in this process (pid {os.getpid()}) before its device was chosen "
+                           f"and uses the {chosen} accelerator, but this process runs on {device}")
+    os.environ["DS_ACCELERATOR"] = device
+    return device
+
+
+PRECISION_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    """The one place 'auto' is decided, in the worker with its own device: bf16 on GPU, fp32 on CPU. Learners,
+    scorers and engines of a PPO run all resolve ppo.actor.deepspeed.precision (config.ppo_precision) here."""
+    if precision == "auto":
+        return "bf16" if device == "cuda" else "fp32"
+    if precision not in PRECISION_DTYPES:
+        raise ValueError(f"unknown precision {precision!r}; choose auto or one of {', '.join(PRECISION_DTYPES)}")
+    return precision
+
+
+def precision_dtype(precision: str, device: str) -> str:
+    """The torch dtype name ('float32', 'bfloat16', 'float16') a worker on `device` computes in."""
+    return PRECISION_DTYPES[resolve_precision(precision, device)]
+
+
+# ------------------------------------------------------------------------------------- driver-side check
+class DeviceMismatchError(RuntimeError):
+    """Workers of one run chose devices, precisions or transports that cannot work together."""
+
+
+def _ranks(reports: list[dict]) -> str:
+    return ", ".join(f"{r['role']}[{r.get('rank', 0)}]" for r in reports)
+
+
+def check_agreement(reports: list[dict], sender_role: str = "actor") -> str:
+    """Check what the workers chose (their describe() dicts: role, rank, device, backend, dtype, transport for
+    engines) and return a one-line summary. Raises DeviceMismatchError naming the roles that disagree:
+    - every model computes in one dtype (one precision for learners, scorers and engines);
+    - the ranks of one role share one device and one torch.distributed backend;
+    - the engines share one weight-sync transport, and a GPU transport (nccl, ipc) has a GPU sender
+      (`sender_role` rank 0)."""
+    dtypes: dict[str, list[dict]] = {}
+    for r in reports:
+        if r.get("dtype") is not None:
+            dtypes.setdefault(r["dtype"], []).append(r)
+    if len(dtypes) > 1:
+        raise DeviceMismatchError("workers compute in different dtypes: " + "; ".join(
+            f"{dtype}: {_ranks(rs)}" for dtype, rs in dtypes.items()) + ". One precision serves every model: set "
+            "ppo.actor.deepspeed.precision explicitly (auto is bf16 on GPU and fp32 on CPU, decided by each worker)")
+    by_role: dict[str, list[dict]] = {}
+    for r in reports:
+        by_role.setdefault(r["role"], []).append(r)
+    for role, rs in by_role.items():
+        for key in ("device", "backend"):
+            values = {r.get(key) for r in rs}
+            if len(values) > 1:
+                raise DeviceMismatchError(f"the ranks of {role} disagree on {key}: " + "; ".join(
+                    f"{r.get(key)}: {_ranks([r])}" for r in rs))
+    engines = [r for r in reports if r.get("transport") is not None]
+    transports = {r["transport"] for r in engines}
+    if len(transports) > 1:
+        raise DeviceMismatchError("engines chose different weight-sync transports: " + "; ".join(
+            f"{t}: {_ranks([r for r in engines if r['transport'] == t])}" for t in sorted(transports)))
+    sender = next((r for r in reports if r["role"] == sender_role and r.get("rank", 0) == 0), None)
+    if transports & {"nccl", "ipc"} and sender is not None and sender["device"] != "cuda":
+        raise DeviceMismatchError(
+            f"engines ({_ranks(engines)}) chose weight-sync transport {transports.pop()}, which needs a GPU on both "
+            f"ends, but the sender {sender_role}[0] is on {sender['device']}: set generation.sync_transport to gloo "
+            f"or object_store, or give placement.{sender_role} GPUs")
+    return "; ".join(f"{role} x{len(rs)} " + "/".join(str(v) for v in (
+        rs[0].get("device"), rs[0].get("backend") or rs[0].get("transport"), rs[0].get("dtype")) if v is not None)
+        for role, rs in by_role.items())

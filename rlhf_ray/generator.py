@@ -52,7 +52,7 @@ class Sample:
 
     prompt_index: int
     token_ids: list[int]
-    logprobs: list[float]  # vLLM's log-prob of each sampled token (raw, before temperature)
+    logprobs: list[float]  # vLLM's log-prob of each sampled token: log-softmax(logits / T), T = 1 when greedy
     finish_reason: Optional[str]
     weight_version: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
@@ -118,6 +118,8 @@ class SyncReport:
     sender: dict = field(default_factory=dict)  # where the buckets were made: checksum_s, transfer_s, seconds
     checksums: Optional[dict] = field(default=None, repr=False)  # sender's {HF name: (shape, checksum)}
     probe: Optional[tuple] = field(default=None, repr=False)  # (probe ids, source log-probs, tolerance)
+    channel: str = ""  # the transfer channel used (gloo, nccl, ipc): the same one sync after sync
+    new_channel: bool = False  # this sync opened it (the first sync, an engine restart, another sender)
 
     @property
     def mb_per_s(self) -> float:
@@ -128,29 +130,43 @@ class SyncReport:
 class VLLMEngine:
     """Body of one generator actor: a vLLM engine of tensor_parallel_size workers, plus the weight-update steps."""
 
-    def __init__(self, model_path: str, gen: GenerationConfig, dtype: str = "float32", seed: int = 0,
-                 tokenizer: Optional[str] = None, engine_index: int = 0):
+    def __init__(self, model_path: str, gen: GenerationConfig, precision: str = "auto", seed: int = 0,
+                 tokenizer: Optional[str] = None, engine_index: int = 0, trust_remote_code: bool = False):
+        """`precision`: the run's one precision setting (config.ppo_precision, or an explicit fp32 / bf16 / fp16);
+        device, dtype and weight-sync transport are decided here, in the engine's own process (describe())."""
         from vllm import LLM
+        from vllm.platforms import current_platform
 
+        from rlhf_ray.env import precision_dtype
         from rlhf_ray.weight_sync import resolve_transport
 
-        self.gen, self.engine_index, self.dtype = gen, engine_index, dtype
+        # The device is vLLM's platform in this process (its CUDA build on a GPU node, the CPU build elsewhere): a
+        # TP > 1 engine actor holds no GPU itself, its workers do.
+        self.device_type = "cuda" if current_platform.is_cuda_alike() else "cpu"
+        cuda = self.device_type == "cuda"
+        self.dtype = precision_dtype(precision, self.device_type)
+        self.gen, self.engine_index = gen, engine_index
         self.weight_version = 0
         self._load_s = 0.0  # seconds spent loading object-store buckets during the current update
-        cuda = _cuda()
+        self._channel: Optional[str] = None  # nccl/ipc: the channel vLLM's weight-transfer engine is set up for
+        self.transfer_groups = 0  # transfer groups (weight-sync channels) this engine's workers have joined
         self.sleep_enabled = gen.enable_sleep_mode and cuda  # vLLM sleep/wake frees nothing on CPU
         kwargs: dict[str, Any] = {}
-        transport = resolve_transport(gen.sync_transport, cuda)
+        self.transport = transport = resolve_transport(gen.sync_transport, cuda)
         if transport in ("nccl", "ipc"):  # vLLM's own weight-transfer engine on every worker
             kwargs["weight_transfer_config"] = {"backend": transport}
         if gen.tensor_parallel_size > 1:  # GPU: workers in this engine's bundles; CPU: processes vLLM binds itself
             kwargs["distributed_executor_backend"] = "ray" if cuda else "mp"
         elif not cuda:
             bind_this_process(os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "nobind"))
-        self.llm = LLM(model=model_path, tokenizer=tokenizer or model_path, dtype=dtype,
+        self.llm = LLM(model=model_path, tokenizer=tokenizer or model_path, dtype=self.dtype,
+                       trust_remote_code=trust_remote_code,  # models.actor.trust_remote_code
                        tensor_parallel_size=gen.tensor_parallel_size, max_model_len=gen.max_model_len,
                        enforce_eager=gen.enforce_eager, seed=seed, gpu_memory_utilization=gen.gpu_memory_utilization,
-                       enable_sleep_mode=self.sleep_enabled, worker_extension_cls=WORKER_EXTENSION, **kwargs)
+                       enable_sleep_mode=self.sleep_enabled, worker_extension_cls=WORKER_EXTENSION,
+                       # sample log-probs of the distribution sampled from, log-softmax(logits / T), as the learners
+                       # score them (rl.scoring_temperature); prompt log-probs (the probe) stay at T = 1
+                       logprobs_mode="processed_logprobs", **kwargs)
         model_config = self.llm.llm_engine.model_config
         self.max_model_len, self.vocab_size = model_config.max_model_len, model_config.get_vocab_size()
         self.probe_logprobs([0, 1])  # the first request pays seconds of one-time set-up: pay it while starting
@@ -163,6 +179,14 @@ class VLLMEngine:
                 "placement_group": pg.id.hex() if pg else None, "omp_bind": os.environ.get("VLLM_CPU_OMP_THREADS_BIND"),
                 "pinned_cores": pinned_cores(), "max_model_len": self.max_model_len, "vocab_size": self.vocab_size,
                 "dtype": self.dtype, "sleep_enabled": self.sleep_enabled}
+
+    def describe(self) -> dict:
+        """What this engine chose in its own process (the driver checks agreement: env.check_agreement)."""
+        import ray
+
+        return {"role": "generator", "rank": self.engine_index, "device": self.device_type, "backend": None,
+                "dtype": self.dtype, "transport": self.transport, "pid": os.getpid(),
+                "node": ray.util.get_node_ip_address()}
 
     # -- generation
     def generate(self, prompt_token_ids: list[list[int]], sampling: Optional[Sampling] = None, *,
@@ -191,7 +215,8 @@ class VLLMEngine:
         return samples
 
     def probe_logprobs(self, token_ids: list[int]) -> list[float]:
-        """log p(token_ids[t+1] | token_ids[:t+1]) under the live weights (vLLM's prompt log-probs)."""
+        """log p(token_ids[t+1] | token_ids[:t+1]) under the live weights at T = 1 (vLLM's prompt log-probs skip the
+        sampling processors, temperature included, in every logprobs_mode): the learner's probe scores at 1 too."""
         from vllm import SamplingParams
 
         [out] = self.llm.generate([{"prompt_token_ids": token_ids}],
@@ -216,35 +241,64 @@ class VLLMEngine:
         return len(bucket)
 
     def receive_weights_gloo(self, plan, rank_offset: int) -> int:
+        """gloo: every worker joins the plan's channel (or reuses its group) and loads the buckets it receives."""
         self.begin_weight_update()
         plan = replace(plan, engines=[])  # actor handles mean nothing inside vLLM's (non-Ray) worker processes
-        return self.llm.collective_rpc("rlhf_receive_gloo", args=(plan, rank_offset))[0]
+        workers = self.llm.collective_rpc("rlhf_receive_gloo", args=(plan, rank_offset))
+        self.transfer_groups += any(w["new_group"] for w in workers)
+        return workers[0]["buckets"]
 
     def init_weight_transfer(self, plan, rank_offset: int) -> None:
-        """GPU transports: vLLM's weight-transfer engine on every worker (NCCL joins the sender's group here)."""
+        """GPU transports: vLLM's weight-transfer engine on every worker, set up once per channel (NCCL: the workers
+        join the sender's group here) and kept across syncs, then a weight update starts."""
         self.weight_version = -1
-        if plan.transport == "nccl":
-            info = {"master_address": plan.host, "master_port": plan.port, "rank_offset": rank_offset,
-                    "world_size": plan.world_size}
-        else:
-            info = {}
-        self.llm.collective_rpc("init_weight_transfer_engine", args=(info,))
-        self.llm.collective_rpc("start_weight_update")
+        if plan.channel != self._channel:
+            if not plan.new_channel:
+                from rlhf_ray.weight_sync import WeightSyncError
+
+                raise WeightSyncError(f"engine {self.engine_index} (pid {os.getpid()}): transfer channel "
+                                      f"{plan.channel} is not open here; the next sync opens a new one")
+            self.close_weight_transfer()
+            if plan.transport == "nccl":
+                info = {"master_address": plan.host, "master_port": plan.port, "rank_offset": rank_offset,
+                        "world_size": plan.world_size}
+            else:
+                info = {}
+            self.llm.collective_rpc("init_weight_transfer_engine", args=(info,))
+            self._channel = plan.channel
+            self.transfer_groups += 1
+        try:
+            self.llm.collective_rpc("start_weight_update")
+        except BaseException:
+            self.close_weight_transfer()
+            raise
 
     def update_weights(self, update_info: dict) -> None:
-        self.llm.collective_rpc("update_weights", args=(update_info,))
+        try:
+            self.llm.collective_rpc("update_weights", args=(update_info,))
+        except BaseException:  # the group is in an unknown state: the next sync opens a new channel
+            self.close_weight_transfer()
+            raise
+
+    def close_weight_transfer(self) -> None:
+        """Release vLLM's weight-transfer engine (NCCL: leave the group) if one is set up."""
+        if self._channel is not None:
+            self._channel = None
+            try:
+                self.llm.collective_rpc("shutdown_weight_transfer_engine")
+            except Exception as e:  # a broken group: init_weight_transfer_engine replaces it anyway
+                log.warning("engine %d: releasing the weight-transfer engine: %s", self.engine_index, e)
 
     def finish_weight_update(self, version: int, transport: str, expected: Optional[dict],
                              probe: Optional[tuple]) -> dict:
         started = time.perf_counter()
         if transport in ("nccl", "ipc"):
-            self.llm.collective_rpc("finish_weight_update")
-            self.llm.collective_rpc("shutdown_weight_transfer_engine")
+            self.llm.collective_rpc("finish_weight_update")  # the transfer engine stays up for the next sync
         else:
             self.llm.collective_rpc("rlhf_finish_update")
         self.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
         report = {"engine": self.engine_index, "finish_s": time.perf_counter() - started,
-                  "load_s": self._load_s}
+                  "load_s": self._load_s, "transfer_groups": self.transfer_groups}
         if expected is not None:
             report.update(self.verify_weights(version, expected, probe))
         self.weight_version = version
@@ -252,7 +306,7 @@ class VLLMEngine:
 
     def verify_weights(self, version: int, expected: dict, probe: Optional[tuple]) -> dict:
         """Checksum of the live parameters (HF names) == the sender's, and probe log-probs within tolerance."""
-        from rlhf_ray.weight_sync import WeightSyncError, compare_checksums
+        from rlhf_ray.weight_sync import WeightSyncError, compare_checksums, compare_probe
 
         where = f"engine {self.engine_index} (pid {os.getpid()}), weight version {version}"
         started = time.perf_counter()
@@ -261,13 +315,7 @@ class VLLMEngine:
             checksum_s, diff = time.perf_counter() - started, 0.0
             if probe is not None:
                 token_ids, reference, atol = probe
-                mine = self.probe_logprobs(token_ids)
-                diffs = [abs(a - b) for a, b in zip(mine, reference)]
-                diff = max(diffs)
-                if len(mine) != len(reference) or diff > atol:
-                    at = diffs.index(diff)
-                    raise WeightSyncError(f"{where}: probe log-probs differ from the learner's by {diff:.3g} at "
-                                          f"position {at + 1} (tolerance {atol:g})")
+                diff = compare_probe(self.probe_logprobs(token_ids), reference, atol, where)
         except WeightSyncError:
             self.weight_version = -1
             raise
@@ -335,12 +383,6 @@ def pinned_cores() -> list[int]:
     return sorted(pinned)
 
 
-def _cuda() -> bool:
-    from rlhf_ray.env import has_cuda
-
-    return has_cuda()
-
-
 def engine_cores(gen: GenerationConfig, engine_index: int, ncpu: Optional[int] = None) -> str:
     """VLLM_CPU_OMP_THREADS_BIND for one engine: generation.cpu_cores[i], else its TP ranks on cores
     i*tp .. i*tp+tp-1 (modulo the node's cores), "|" between ranks."""
@@ -358,9 +400,9 @@ def engine_env(gen: GenerationConfig, cpu_cores: Optional[str] = None, engine_in
 
 
 def _engine_actor(model_path: str, gen: GenerationConfig, *, placement_group, bundle_index: int = 0,
-                  cpus: float = 1.0, gpus: float = 0.0, dtype: str = "float32", seed: int = 0,
+                  cpus: float = 1.0, gpus: float = 0.0, precision: str = "auto", seed: int = 0,
                   cpu_cores: Optional[str] = None, max_restarts: int = 0, engine_index: int = 0,
-                  tokenizer: Optional[str] = None):
+                  tokenizer: Optional[str] = None, trust_remote_code: bool = False):
     import ray
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -373,17 +415,19 @@ def _engine_actor(model_path: str, gen: GenerationConfig, *, placement_group, bu
         scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group, placement_group_bundle_index=bundle_index,
                                                              placement_group_capture_child_tasks=True),
         runtime_env={"env_vars": {**worker_env_vars(), **engine_env(gen, cpu_cores, engine_index)}},
-    ).remote(model_path, gen, dtype=dtype, seed=seed, tokenizer=tokenizer, engine_index=engine_index)
+    ).remote(model_path, gen, precision=precision, seed=seed, tokenizer=tokenizer, engine_index=engine_index,
+             trust_remote_code=trust_remote_code)
 
 
 def start_engine(model_path: str, gen: GenerationConfig, *, placement_group, bundle_index: int = 0,
-                 cpus: float = 1.0, gpus: float = 0.0, dtype: str = "float32", seed: int = 0,
+                 cpus: float = 1.0, gpus: float = 0.0, precision: str = "auto", seed: int = 0,
                  cpu_cores: Optional[str] = None, max_restarts: int = 0, engine_index: int = 0):
-    """Start one engine actor in `placement_group` and wait until its engine is up."""
+    """Start one engine actor in `placement_group` and wait until its engine is up. `precision` is resolved by the
+    engine on its own device ('auto': bf16 on GPU, fp32 on CPU)."""
     import ray
 
     actor = _engine_actor(model_path, gen, placement_group=placement_group, bundle_index=bundle_index, cpus=cpus,
-                          gpus=gpus, dtype=dtype, seed=seed, cpu_cores=cpu_cores, max_restarts=max_restarts,
+                          gpus=gpus, precision=precision, seed=seed, cpu_cores=cpu_cores, max_restarts=max_restarts,
                           engine_index=engine_index)
     ray.get(actor.ready.remote())
     return actor
@@ -395,36 +439,47 @@ class GeneratorGroup:
     group (one bundle per TP worker, STRICT_PACK: a TP group never spans nodes). Size is independent of the
     learners'."""
 
-    def __init__(self, cfg: Config, model_path: str, *, plan: Optional[dict] = None, dtype: Optional[str] = None,
+    def __init__(self, cfg: Config, model_path: str, *, plan: Optional[dict] = None, precision: Optional[str] = None,
                  start_timeout_s: float = 900.0):
         """`plan`: groups.placement_plan(cfg)'s roles, whose 'generator[i]' placement groups the engines take;
-        without it the group creates (and later removes) its own."""
+        without it the group creates (and later removes) its own. `precision`: default the run's one precision
+        (config.ppo_precision); each engine resolves it on its own device and reports its dtype and weight-sync
+        transport (`reports`), which this group then uses."""
         import ray
 
-        from rlhf_ray.models.loading import resolve_dtype
+        from rlhf_ray.config import ppo_precision
+        from rlhf_ray.env import check_agreement
 
         self.cfg, self.gen, self.model_path = cfg, cfg.generation, model_path
         gen, res = self.gen, cfg.placement.generator
-        self.dtype = dtype or str(resolve_dtype(cfg.models.actor.dtype)).removeprefix("torch.")
+        precision = precision or ppo_precision(cfg)
         self.start_timeout_s = start_timeout_s
         self._own_placements = plan is None
-        self.placements = ([plan[f"generator[{i}]"].placement_group for i in range(gen.num_engines)] if plan
-                           else [_own_placement_group(cfg, i) for i in range(gen.num_engines)])
-        self.engines = [
-            _engine_actor(model_path, gen, placement_group=pg, cpus=res.cpus_per_worker, gpus=res.gpus_per_worker,
-                          dtype=self.dtype, seed=cfg.run.seed, max_restarts=gen.max_restarts, engine_index=i,
-                          tokenizer=cfg.models.actor.tokenizer)
-            for i, pg in enumerate(self.placements)]
-        try:
+        self.placements, self.engines = [], []
+        try:  # any failure from here on kills the engines started so far and removes the placement groups we made
+            for i in range(gen.num_engines):  # appended one by one: a failure at engine i still releases 0..i-1
+                self.placements.append(plan[f"generator[{i}]"].placement_group if plan else _own_placement_group(cfg, i))
+            for i, pg in enumerate(self.placements):
+                self.engines.append(_engine_actor(
+                    model_path, gen, placement_group=pg, cpus=res.cpus_per_worker, gpus=res.gpus_per_worker,
+                    precision=precision, seed=cfg.run.seed, max_restarts=gen.max_restarts, engine_index=i,
+                    tokenizer=cfg.models.actor.tokenizer, trust_remote_code=cfg.models.actor.trust_remote_code))
             self.info = ray.get([e.ready.remote() for e in self.engines], timeout=start_timeout_s)
+            self.reports: list[dict] = ray.get([e.describe.remote() for e in self.engines], timeout=start_timeout_s)
+            check_agreement(self.reports)
         except BaseException:
             self.shutdown()
             raise
+        # What the engines chose in their own processes: device, the dtype buckets are cast to, the transport they
+        # were built for (generation.sync_transport resolved on their device).
+        first = self.reports[0]
+        self.device_type, self.dtype, self.transport = first["device"], first["dtype"], first["transport"]
         self.alive = [True] * len(self.engines)
         self.restarts = [0] * len(self.engines)
         self.max_model_len = min(i["max_model_len"] for i in self.info)
         self.weight_version = 0
         self.last_sync: Optional[SyncReport] = None
+        self._channel = None  # the weight-sync transfer channel (weight_sync.TransferChannel), kept across syncs
         self._source = None  # what the current version came from (re-syncs restarted engines)
         self._expected: Optional[dict] = None  # the version's sender checksums
         self._probe_ref: Optional[tuple] = None  # (probe ids, the source's log-probs, tolerance)
@@ -440,10 +495,16 @@ class GeneratorGroup:
 
     @property
     def probe_atol(self) -> float:
+        """Tolerance of the probe check against the current source (generation.verify_probe_atol, or by dtype)."""
+        return self.probe_atol_for(self._source)
+
+    def probe_atol_for(self, source) -> float:
+        """generation.verify_probe_atol, else by the dtypes really in use: the engines' (reported) and the source's
+        (a learner group's reported dtype; unknown counts as 16-bit)."""
         from rlhf_ray.weight_sync import default_probe_atol
 
         atol = self.gen.verify_probe_atol
-        return atol if atol is not None else default_probe_atol(self.dtype)
+        return atol if atol is not None else default_probe_atol(self.dtype, getattr(source, "dtype", None))
 
     # -- generation
     def generate(self, prompts: list[list[int]], sampling: Optional[Sampling] = None,
@@ -545,41 +606,39 @@ class GeneratorGroup:
         """Sync `targets` to `version` from `source`. `recorded`: the version's checksums from its first sync (a
         re-sync must reproduce them)."""
         import ray
-        import torch.distributed as dist
 
-        from rlhf_ray.env import has_cuda
-        from rlhf_ray.weight_sync import BucketSender, SyncPlan, WeightSyncError, local_ip, resolve_transport
+        from rlhf_ray.weight_sync import BucketSender, SyncPlan, WeightSyncError, resolve_transport
 
         gen, tp = self.gen, self.gen.tensor_parallel_size
-        transport = resolve_transport(gen.sync_transport, has_cuda())
+        # On the engines' device (their reports), never the driver's: 'auto' is the transport they chose.
+        transport = resolve_transport(gen.sync_transport, self.device_type == "cuda")
         engines = [self.engines[i] for i in targets]
         offsets = [1 + k * tp for k in range(len(engines))]  # sender is rank 0, then each engine's TP workers
         plan = SyncPlan(version, transport, self.dtype, int(gen.sync_bucket_mb * (1 << 20)), engines=engines,
                         world_size=1 + tp * len(engines), timeout_s=gen.sync_timeout_s)
         sender = BucketSender(plan, verify=gen.verify_weights)
         started = time.perf_counter()
-        store = None
-        if transport == "gloo":  # the driver hosts the rendezvous store; it outlives the sender's last key
-            from datetime import timedelta
-
-            store = dist.TCPStore(local_ip(), 0, None, True, wait_for_workers=False,
-                                  timeout=timedelta(seconds=gen.sync_timeout_s))
-            plan.host, plan.port = local_ip(), store.port
-            receiving = [e.receive_weights_gloo.remote(plan, off) for e, off in zip(engines, offsets)]
-        elif transport == "object_store":
-            ray.get([e.begin_weight_update.remote() for e in engines])
-            receiving = []
-        else:
-            plan.host, plan.port = source.endpoint() if transport == "nccl" else ("", 0)
-            receiving = [e.init_weight_transfer.remote(plan, off) for e, off in zip(engines, offsets)]
-            if transport == "ipc":
-                ray.get(receiving)
-                receiving = []
+        channel = None if transport == "object_store" else self._transfer_channel(source, targets, transport)
         try:
+            if channel is not None:
+                channel.attach(plan)
+            if transport == "gloo":
+                receiving = [e.receive_weights_gloo.remote(plan, off) for e, off in zip(engines, offsets)]
+            elif transport == "object_store":
+                ray.get([e.begin_weight_update.remote() for e in engines])
+                receiving = []
+            else:
+                receiving = [e.init_weight_transfer.remote(plan, off) for e, off in zip(engines, offsets)]
+                if transport == "ipc":
+                    ray.get(receiving)
+                    receiving = []
             stats = source.push(sender, plan.bucket_bytes)
             ray.get(receiving)
-        finally:
-            store = None  # gloo receivers still waiting (a failed sender) get a closed store, not a long timeout
+        except BaseException:
+            self._close_channel()  # its group is in an unknown state; receivers waiting on its store fail at once
+            raise
+        if channel is not None:
+            channel.sync_done(plan, stats["buckets"])
         expected = None
         probe = None
         if gen.verify_weights:
@@ -587,15 +646,35 @@ class GeneratorGroup:
             if recorded is not None and expected != recorded:
                 raise WeightSyncError(f"re-sync of engines {targets} to weight version {version}: the source no "
                                       f"longer holds that version (its checksums changed since the sync)")
-            probe = (self.probe_ids, source.probe_logprobs(self.probe_ids), self.probe_atol)
+            probe = (self.probe_ids, source.probe_logprobs(self.probe_ids), self.probe_atol_for(source))
         reports = ray.get([e.finish_weight_update.remote(version, transport, expected, probe) for e in engines])
         report = SyncReport(version, transport, time.perf_counter() - started, stats["bytes"], stats["buckets"],
                             stats["max_bucket_bytes"], gen.verify_weights, reports,
-                            {k: stats[k] for k in ("seconds", "checksum_s", "transfer_s")}, expected, probe)
+                            {k: stats[k] for k in ("seconds", "checksum_s", "transfer_s", "new_group")}, expected,
+                            probe, channel=channel.id if channel else "",
+                            new_channel=bool(channel) and plan.new_channel)
         log.info("weight sync v%d over %s to %d engine(s): %.1f MB in %d bucket(s), %.2fs (%.0f MB/s)%s", version,
                  transport, len(engines), report.bytes / 1e6, report.buckets, report.seconds, report.mb_per_s,
                  ", verified" if gen.verify_weights else "")
         return report
+
+    def _transfer_channel(self, source, targets: list[int], transport: str):
+        """The open transfer channel to `targets`, or a new one (replacing the old) when anything it was built for
+        changed: transport or timeout, the engines or their processes (a restart), the sending process."""
+        from rlhf_ray.weight_sync import TransferChannel
+
+        key = (transport, self.gen.sync_timeout_s, tuple((i, self.info[i]["pid"]) for i in targets),
+               source.sender_key())
+        if self._channel is None or self._channel.key != key:
+            self._close_channel()
+            self._channel = TransferChannel.open(key, source, transport, self.gen.sync_timeout_s)
+            log.info("weight sync: new %s transfer channel %s to engines %s", transport, self._channel.id, targets)
+        return self._channel
+
+    def _close_channel(self) -> None:
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
 
     def verify(self) -> list[dict]:
         """Re-check every live engine against the current version (checksums and probe); raises WeightSyncError."""
@@ -627,6 +706,8 @@ class GeneratorGroup:
         import ray
         from ray.util.placement_group import remove_placement_group
 
+        if getattr(self, "_channel", None) is not None:
+            self._close_channel()  # the sender's end of the weight-sync group
         for e in getattr(self, "engines", []):
             ray.kill(e, no_restart=True)
         self.engines = []

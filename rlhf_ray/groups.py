@@ -7,10 +7,11 @@
     group.run("save_checkpoint", path)                # the same call on every rank (collectives need all of them)
 
 Each rank is a Ray actor whose body subclasses `DistributedWorker`. Start-up, in order: the actors are created
-in their bundles (each checks through `ray.util.get_current_placement_group()` that it sits in its role's
-group), rank 0 picks a free port on its node, every rank joins the world together (gloo on CPU, NCCL on GPU,
-through `deepspeed.init_distributed`), then every rank runs `setup()` together (DeepSpeed engines are built
-collectively).
+in their bundles (each chooses its own device first thing, env.choose_device, and checks through
+`ray.util.get_current_placement_group()` that it sits in its role's group), rank 0 picks a free port on its node,
+every rank joins the world together (gloo on CPU, NCCL on GPU, through `deepspeed.init_distributed`), then every
+rank runs `setup()` together (DeepSpeed engines are built collectively) and reports what it chose
+(`group.reports`: device, backend, dtype).
 
 Placement (config `placement.*`): one placement group per role by default; `colocate_actor_reference` /
 `colocate_critic_reward` put two roles in one group, each role taking an equal share of every bundle's CPUs and
@@ -20,7 +21,8 @@ naming the role and the missing resources (resources.ready_placement_group): nev
 Batches are dicts of row-major values: tensors (B, ...) and lists of length B are split by rows; anything else
 (a scalar, a string) goes to every rank unchanged. `run_sharded` pads the rows (repeating the last row) to a
 multiple of the world size so every rank runs the same number of forward passes (ZeRO-3 gathers parameters
-collectively: an uneven count would deadlock) and drops the padded rows from the gathered result.
+collectively: an uneven count would deadlock) and drops the padded rows from the gathered result. A worker
+method sees how many of its rows are padding in `self.padding_rows` (reward functions never receive them).
 """
 from __future__ import annotations
 
@@ -69,18 +71,23 @@ def unique_label(label: str) -> str:
 
 def placement_plan(cfg: Config, roles: Optional[list[str]] = None) -> dict[str, RolePlacement]:
     """Create (and wait for) the placement groups of the PPO layout (resources.ppo_layout); colocated roles map to
-    the same group. `roles` restricts which layouts are created (by any role they hold)."""
+    the same group. `roles` restricts which layouts are created (by any role they hold). All or nothing: when one
+    group cannot be placed, the ones already placed are removed before the error propagates."""
     from rlhf_ray.resources import ppo_layout, ready_placement_group
 
     plan: dict[str, RolePlacement] = {}
-    for layout in ppo_layout(cfg):
-        members = layout.role.split("+")
-        if roles is not None and not set(members) & set(roles):
-            continue
-        pg = ready_placement_group(unique_label(layout.role), layout.bundles, layout.strategy,
-                                   cfg.ray.placement_timeout_s)
-        for role in members:
-            plan[role] = RolePlacement(role, layout.role, pg, layout.bundles, share=1.0 / len(members))
+    try:
+        for layout in ppo_layout(cfg):
+            members = layout.role.split("+")
+            if roles is not None and not set(members) & set(roles):
+                continue
+            pg = ready_placement_group(unique_label(layout.role), layout.bundles, layout.strategy,
+                                       cfg.ray.placement_timeout_s)
+            for role in members:
+                plan[role] = RolePlacement(role, layout.role, pg, layout.bundles, share=1.0 / len(members))
+    except BaseException:
+        remove_placement(plan)  # a half-placed layout would starve every later placement in this cluster
+        raise
     return plan
 
 
@@ -128,6 +135,12 @@ def shard_batch(batch: Batch, rank: int, world: int, pad: bool = True) -> tuple[
     return {k: _rows(v, index) for k, v in batch.items()}, n
 
 
+def real_rows(n: int, rank: int, world: int) -> int:
+    """How many of rank `rank`'s rows in shard_batch's split of `n` rows are real (the rest is padding)."""
+    per_rank = -(-n // world)
+    return max(0, min(per_rank, n - rank * per_rank))
+
+
 def concat_results(results: list[Any], n: int) -> Any:
     """Rank results (each rows-first) joined in rank order and cut to the batch's `n` real rows."""
     first = results[0]
@@ -162,6 +175,12 @@ class DistributedWorker:
     """Body of one rank's Ray actor. Subclasses build their model in `setup()` (called on all ranks together)."""
 
     def __init__(self, role: str, rank: int, world_size: int, placement_group_id: Optional[str] = None):
+        from rlhf_ray.env import choose_device
+
+        # First thing, in this rank's own process: its device (and DS_ACCELERATOR, before deepspeed is imported).
+        self.device_type = choose_device()
+        self.backend: Optional[str] = None  # set by init_distributed
+        self.dtype_name: Optional[str] = None  # what the model computes in; set by setup()
         import ray
 
         self.role, self.rank, self.world_size = role, rank, world_size
@@ -188,26 +207,39 @@ class DistributedWorker:
     def init_distributed(self, master_addr: str, master_port: int, local_rank: int, local_world_size: int) -> str:
         import deepspeed
 
-        from rlhf_ray.env import has_cuda
-
-        cuda = has_cuda()
+        cuda = self.device_type == "cuda"
         # Ray gives each GPU actor its own CUDA_VISIBLE_DEVICES, so the device is always index 0 inside it.
         os.environ.update(RANK=str(self.rank), WORLD_SIZE=str(self.world_size),
                           LOCAL_RANK="0" if cuda else str(local_rank), LOCAL_WORLD_SIZE=str(local_world_size),
                           MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
         if cuda:
             torch.cuda.set_device(0)
-        backend = "nccl" if cuda else "gloo"
-        deepspeed.init_distributed(dist_backend=backend, timeout=DIST_TIMEOUT)
-        return backend
+        self.backend = "nccl" if cuda else "gloo"
+        deepspeed.init_distributed(dist_backend=self.backend, timeout=DIST_TIMEOUT)
+        return self.backend
 
     def setup(self) -> None:
         """Build the model; runs on every rank together after init_distributed. Subclasses override."""
 
+    def describe(self) -> dict:
+        """What this rank chose in its own process (the driver only checks agreement: env.check_agreement)."""
+        import ray
+
+        return {"role": self.role, "rank": self.rank, "device": self.device_type, "backend": self.backend,
+                "dtype": self.dtype_name, "pid": os.getpid(), "node": ray.util.get_node_ip_address()}
+
     # -- generic entry points the driver uses
+    padding_rows = 0  # of the shard being processed: its last rows repeat the batch's last row (call_sharded)
+
     def call_sharded(self, method: str, batch: Batch, *args, pad: bool = True, **kwargs) -> tuple[int, Any]:
         shard, n = shard_batch(batch, self.rank, self.world_size, pad=pad)
-        return n, getattr(self, method)(shard, *args, **kwargs)
+        # Forwards run on the padding too (collectives need the same count on every rank); anything with effects
+        # outside the world (a reward service) reads padding_rows and skips them.
+        self.padding_rows = batch_rows(shard) - real_rows(n, self.rank, self.world_size)
+        try:
+            return n, getattr(self, method)(shard, *args, **kwargs)
+        finally:
+            self.padding_rows = 0
 
     def apply(self, fn: Callable, *args, **kwargs) -> Any:
         """Run `fn(worker, *args, **kwargs)` in this rank's process (tests, one-off inspections)."""
@@ -236,32 +268,39 @@ class ModelGroup:
         self.placement = placement or own_placement(role, resources, num_workers, placement_timeout_s)
         self._owns_placement = placement is None
         bundles = self.placement.bundles
-        if num_workers > len(bundles):
-            raise ValueError(f"{role}: {num_workers} ranks but its placement group '{self.placement.name}' has only "
-                             f"{len(bundles)} bundles; raise placement.<role>.num_workers of the group's owner")
         pg = self.placement.placement_group
         remote_cls = ray.remote(worker_cls)
         self.workers = []
-        for rank in range(num_workers):
-            bundle = bundles[rank]
-            self.workers.append(remote_cls.options(
-                max_restarts=0,
-                num_cpus=bundle.get("CPU", 0.0) * self.placement.share,
-                num_gpus=bundle.get("GPU", 0.0) * self.placement.share,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=rank),
-                runtime_env={"env_vars": {**worker_env_vars(), **(env_vars or {})}},
-            ).remote(role=role, rank=rank, world_size=num_workers, placement_group_id=pg.id.hex(),
-                     **(worker_kwargs or {})))
-        try:
+        try:  # any failure from here on kills the ranks started so far and removes a placement group we own
+            if num_workers > len(bundles):
+                raise ValueError(f"{role}: {num_workers} ranks but its placement group '{self.placement.name}' has "
+                                 f"only {len(bundles)} bundles; raise placement.<role>.num_workers of the group's "
+                                 f"owner")
+            for rank in range(num_workers):
+                bundle = bundles[rank]
+                self.workers.append(remote_cls.options(
+                    max_restarts=0,
+                    num_cpus=bundle.get("CPU", 0.0) * self.placement.share,
+                    num_gpus=bundle.get("GPU", 0.0) * self.placement.share,
+                    scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=rank),
+                    runtime_env={"env_vars": {**worker_env_vars(), **(env_vars or {})}},
+                ).remote(role=role, rank=rank, world_size=num_workers, placement_group_id=pg.id.hex(),
+                         **(worker_kwargs or {})))
             nodes = ray.get([w.node_info.remote() for w in self.workers], timeout=setup_timeout_s)
             port = ray.get(self.workers[0].pick_master_port.remote())
             ranks_on_node = [[r for r, (n, _) in enumerate(nodes) if n == node] for node, _ in nodes]
             ray.get([w.init_distributed.remote(nodes[0][1], port, ranks_on_node[r].index(r), len(ranks_on_node[r]))
                      for r, w in enumerate(self.workers)], timeout=setup_timeout_s)
             ray.get([w.setup.remote() for w in self.workers], timeout=setup_timeout_s)
+            self.reports: list[dict] = ray.get([w.describe.remote() for w in self.workers], timeout=setup_timeout_s)
         except BaseException:
             self.shutdown()
             raise
+
+    @property
+    def dtype(self) -> Optional[str]:
+        """The dtype the ranks reported computing in (None: no model, e.g. a reward scorer of functions only)."""
+        return self.reports[0]["dtype"]
 
     # -- calls
     def run_async(self, method: str, *args, **kwargs) -> list:

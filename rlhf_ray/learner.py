@@ -18,9 +18,10 @@ Batch format and ALIGNMENT CONVENTION (every per-token tensor here is (B, T-1)):
     controller's reward shaping). Advantages arrive final (whitened or not) from the controller.
     `logprobs` and `values` are 0 where attention_mask[:, 1:] is 0.
 
-DeepSpeed configuration comes from TrainStageConfig (ppo.actor / ppo.critic): ZeRO stage, precision ('auto':
-bf16 on GPU, fp32 on CPU), optimizer/parameter offload (GPU only: ignored with a warning on CPU), gradient
-checkpointing, LoRA (peft), gradient clipping, micro-batch size. The optimizer-step batch of a PPO learner is
+DeepSpeed configuration comes from PPOLearnerConfig (ppo.actor / ppo.critic): ZeRO stage, precision (one for the
+whole run, config.ppo_precision; 'auto': bf16 on GPU, fp32 on CPU, decided by each rank on its own device),
+optimizer/parameter offload (GPU only: ignored with a warning on CPU), gradient checkpointing, LoRA (peft), gradient
+clipping, micro-batch size. The optimizer-step batch of a PPO learner is
 ppo.mini_batch_size samples across ranks: gradient accumulation = mini_batch / (micro_batch x ranks).
 Optimizer: torch AdamW on CPU (no JIT build), FusedAdam on GPU, DeepSpeedCPUAdam with optimizer offload.
 
@@ -41,11 +42,11 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 
 from rlhf_ray import rl
-from rlhf_ray.config import Config, DeepSpeedConfig, ModelConfig, PPOConfig, TrainStageConfig
+from rlhf_ray.config import Config, DeepSpeedConfig, ModelConfig, PPOConfig, PPOLearnerConfig, ppo_learner
 from rlhf_ray.groups import Batch, DistributedWorker, ModelGroup, RolePlacement, batch_rows, mean_stats, shard_batch
 from rlhf_ray.models.loading import resolve_model_path
-from rlhf_ray.train.common import hf_model_config
-from rlhf_ray.train.deepspeed_config import deepspeed_config
+from rlhf_ray.train.common import build_partitioned, hf_model_config
+from rlhf_ray.train.deepspeed_config import deepspeed_config, precision
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +87,11 @@ def first_action_column(batch: Batch) -> int:
 
 
 def causal_logprobs(model: Callable, batch: Batch, position_ids: bool, entropy: bool | str = False,
-                    logits_to_keep: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """(B, T-1) log-probs of input_ids[:, 1:] (0 where that target is padding), and optionally the entropies.
+                    logits_to_keep: bool = False, temperature: float = 1.0,
+                    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(B, T-1) log-probs of input_ids[:, 1:] (0 where that target is padding), and optionally the entropies, of
+    softmax(logits / temperature): pass the sampling temperature (generation.temperature; 0 scores at 1, see
+    rl.scoring_temperature) so they are those of the distribution the engines sampled from.
     Position ids come from the attention mask, so left-padded rows score like unpadded ones.
 
     With `logits_to_keep` (a model that takes it) and an action_mask in the batch, the LM head and the softmax run
@@ -103,13 +107,13 @@ def causal_logprobs(model: Callable, batch: Batch, position_ids: bool, entropy: 
     logits = model(input_ids=input_ids, attention_mask=mask, use_cache=False, **kwargs).logits[:, :-1]
     target_mask = mask[:, start + 1:]
     left = lambda x: torch.nn.functional.pad(x, (start, 0)) if start else x  # noqa: E731 -- back to (B, T-1)
-    logprobs = left(rl.logprobs_from_logits(logits, input_ids[:, start + 1:], mask=target_mask))
+    logprobs = left(rl.logprobs_from_logits(logits, input_ids[:, start + 1:], temperature, mask=target_mask))
     if not entropy:
         return logprobs, None
     if entropy == "detached":  # a metric only: no graph through the second pass over the logits
         with torch.no_grad():
-            return logprobs, left(rl.entropy_from_logits(logits.detach(), mask=target_mask))
-    return logprobs, left(rl.entropy_from_logits(logits, mask=target_mask))
+            return logprobs, left(rl.entropy_from_logits(logits.detach(), temperature, mask=target_mask))
+    return logprobs, left(rl.entropy_from_logits(logits, temperature, mask=target_mask))
 
 
 def to_device(batch: Batch, device) -> Batch:
@@ -122,64 +126,120 @@ def micro_batches(batch: Batch, size: int) -> Iterator[Batch]:
         yield {k: v[start:start + size] if isinstance(v, (torch.Tensor, list)) else v for k, v in batch.items()}
 
 
+class NonfiniteStepError(RuntimeError):
+    """ppo.max_nonfinite_steps optimizer steps in a row were skipped for a non-finite loss or gradient norm."""
+
+
+class NonfiniteSteps:
+    """Counts optimizer steps skipped for a non-finite loss or gradient norm; `limit` in a row stop the run: a NaN
+    that keeps coming back is a diverged run or broken inputs, not bad luck (ppo.max_nonfinite_steps)."""
+
+    def __init__(self, limit: int, role: str = "learner"):
+        self.limit, self.role = limit, role
+        self.in_a_row = self.total = 0
+
+    def record(self, skipped: bool) -> None:
+        if not skipped:
+            self.in_a_row = 0
+            return
+        self.in_a_row += 1
+        self.total += 1
+        if self.in_a_row >= self.limit:
+            raise NonfiniteStepError(
+                f"{self.role}: {self.in_a_row} optimizer steps in a row skipped for a non-finite loss or gradient "
+                f"norm (ppo.max_nonfinite_steps: {self.limit}); stopping. Look for NaN/inf in the rewards or "
+                f"advantages, or lower the learning rate")
+
+
+# ------------------------------------------------------------------------------------------ objectives
+def policy_objective(p: PPOConfig, logprobs: torch.Tensor, entropy: torch.Tensor, mb: Batch,
+                     kl_coef: float) -> tuple[torch.Tensor, dict]:
+    """The actor's loss on one micro-batch, from its (B, T-1) log-probs and entropy: the clipped surrogate
+    (ppo.clip_ratio, dual_clip), + kl_coef x KL to the reference (ppo.kl_estimator) when `mb` has ref_logprobs,
+    + the entropy bonus (ppo.entropy_coef), each aggregated by ppo.loss_aggregation. The learner adds PTX."""
+    mask = mb["action_mask"]
+    old = mb["old_logprobs"] if "old_logprobs" in mb else logprobs.detach()
+    loss, stats = rl.policy_loss(logprobs, old, mb["advantages"], mask, clip_ratio=p.clip_ratio,
+                                 dual_clip=p.dual_clip, aggregation=p.loss_aggregation)
+    stats = {"policy_loss": loss.detach(), **stats, "entropy": rl.masked_mean(entropy.detach(), mask)}
+    if "ref_logprobs" in mb:
+        kl_term, kl = rl.kl_loss(logprobs, mb["ref_logprobs"], mask, kl_coef, p.kl_estimator, p.loss_aggregation)
+        loss = loss + kl_term
+        stats.update(kl_loss=kl_term.detach(), kl_sequence=(kl.detach() * mask).sum(dim=1).mean())
+    if "vllm_logprobs" in mb:
+        stats["logprob_gap"] = rl.masked_mean((mb["vllm_logprobs"] - logprobs.detach()).abs(), mask)
+    if p.entropy_coef > 0:
+        loss = loss + rl.entropy_bonus(entropy, mask, p.entropy_coef, p.loss_aggregation)
+    return loss, stats
+
+
+def value_objective(p: PPOConfig, values: torch.Tensor, mb: Batch) -> tuple[torch.Tensor, dict]:
+    """The critic's loss on one micro-batch: clipped value loss (ppo.value_clip) by ppo.loss_aggregation."""
+    loss, stats = rl.value_loss(values, mb["old_values"], mb["returns"], mb["action_mask"], value_clip=p.value_clip,
+                                aggregation=p.loss_aggregation)
+    return loss, {"value_loss": loss.detach(), "value_clip_fraction": stats["clip_fraction"]}
+
+
 # ------------------------------------------------------------------------------------------ worker body
 class EngineWorker(DistributedWorker, abc.ABC):
     """One rank of a DeepSpeed learner: engine, optional EMA, export, checkpoints. Subclasses build the model."""
 
     def __init__(self, role: str, rank: int, world_size: int, placement_group_id: Optional[str] = None, *,
-                 model: ModelConfig, stage: TrainStageConfig, ppo: PPOConfig, total_steps: int = 1, seed: int = 0):
+                 model: ModelConfig, stage: PPOLearnerConfig, ppo: PPOConfig, total_steps: int = 1, seed: int = 0):
         super().__init__(role, rank, world_size, placement_group_id)
         self.model_cfg, self.stage, self.ppo = model, stage, ppo
         self.total_steps, self.seed = total_steps, seed
         self.engine = None
         self.ema: Optional[dict[str, torch.Tensor]] = None
+        self.nonfinite = NonfiniteSteps(ppo.max_nonfinite_steps, role)
 
     # -- construction
     @abc.abstractmethod
     def build_model(self) -> torch.nn.Module:
-        """The fp32 model this learner trains (loaded while ZeRO-3's HfDeepSpeedConfig is alive)."""
+        """The fp32 model this learner trains (under ZeRO-3 called inside build_partitioned: loads into partitions)."""
 
     def lora_target(self, model: torch.nn.Module) -> torch.nn.Module:
         return model
 
     def setup(self) -> None:
         import deepspeed
-        from transformers import get_scheduler
 
-        from rlhf_ray.env import has_cuda
+        from rlhf_ray.env import PRECISION_DTYPES
 
         torch.manual_seed(self.seed)
-        self.cuda = has_cuda()
+        self.cuda = self.device_type == "cuda"  # chosen in this rank's process (DistributedWorker)
         ds = self.stage.deepspeed
+        self.dtype_name = PRECISION_DTYPES[precision(self.stage, self.cuda)]
         self.zero3 = ds.zero_stage == 3
         self.ds_config = deepspeed_config(self.stage, self.world_size, self.cuda,
                                           train_batch_size=self.ppo.mini_batch_size)
-        hf_ds = None
-        if self.zero3:  # transformers loads the weights straight into ZeRO-3 partitions while this object lives
-            from transformers.integrations import HfDeepSpeedConfig
-
-            hf_ds = HfDeepSpeedConfig(self.ds_config)
-        model = self.build_model()
-        del hf_ds
-        if self.stage.disable_dropout:
-            for module in model.modules():
-                if isinstance(module, torch.nn.Dropout):
-                    module.p = 0.0
-        if ds.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if self.stage.lora.dim > 0:
-            model = self.apply_lora(model)
-        params = [p for p in model.parameters() if p.requires_grad]
-        optim = self.stage.optim
-        optimizer = self.make_optimizer(params)
-        schedule = {"constant": "constant_with_warmup"}.get(optim.lr_schedule, optim.lr_schedule)
-        scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=optim.warmup_steps,
-                                  num_training_steps=self.total_steps)
+        # Under ZeRO-3 straight into partitions, never whole on any rank (the helper SFT and RM use too).
+        model = build_partitioned(lambda: self.prepare_model(self.build_model()), self.ds_config)
+        optimizer = self.make_optimizer([p for p in model.parameters() if p.requires_grad])
+        scheduler = self.make_scheduler(optimizer)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config)
         self.device = self.engine.device
         if self.ppo.ema_decay is not None:
             self.ema = {name: self._local(p).detach().float().clone() for name, p in self._trainable()}
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        """ppo.<role>.disable_dropout, deepspeed.gradient_checkpointing and lora.* applied to the built model."""
+        if self.stage.disable_dropout:
+            for module in model.modules():
+                if isinstance(module, torch.nn.Dropout):
+                    module.p = 0.0
+        if self.stage.deepspeed.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if self.stage.lora.dim > 0:
+            model = self.apply_lora(model)
+        return model
+
+    def make_scheduler(self, optimizer):
+        """Linear warm-up, then ppo.<role>.optim.lr_schedule over the run's optimizer steps (as SFT / RM)."""
+        from rlhf_ray.train.common import build_lr_scheduler
+
+        return build_lr_scheduler(optimizer, self.stage.optim, self.total_steps)
 
     def make_optimizer(self, params):
         optim = self.stage.optim
@@ -230,9 +290,44 @@ class EngineWorker(DistributedWorker, abc.ABC):
             rl.ema_update([self.ema[n] for n in names], [self._local(p) for p in params], self.ppo.ema_decay)
         return True
 
-    def _finish_stats(self, sums: dict[str, float], count: int, steps: int) -> dict[str, float]:
+    def _any_rank(self, flag: bool) -> bool:
+        """`flag` or-ed over this learner's ranks (one all_reduce in its torch.distributed world): every rank gets
+        the same answer, so every rank takes the same branch after it."""
+        import torch.distributed as dist
+
+        flags = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        return bool(flags.item())
+
+    def _grads_finite(self) -> bool:
+        return all(bool(torch.isfinite(p.grad).all()) for _, p in self._trainable() if p.grad is not None)
+
+    def _boundary_step(self, skip: bool) -> bool:
+        """The optimizer step at a gradient-accumulation boundary, or its skip on every rank; True when applied.
+
+        A step is skipped when `skip` (a non-finite loss on some rank, decided collectively; its gradient has been
+        made NaN everywhere) or when the gradient norm is not finite. DeepSpeed's optimizer wrappers (ZeRO 1-3,
+        bf16, fp16) check the norm themselves, collectively, and then discard the accumulated gradients without
+        touching weights, optimizer state or LR schedule (their overflow path); a plain client optimizer (ZeRO-0,
+        fp32) checks nothing, so its all-reduced gradients are checked and dropped here. A skipped step is not a
+        step: the engine's step and sample counters are put back."""
+        engine = self.engine
+        steps, samples = engine.global_steps, engine.global_samples
+        if not hasattr(engine.optimizer, "overflow"):
+            if self._any_rank(skip or not self._grads_finite()):
+                engine.zero_grad()
+                engine.micro_steps += 1  # what step() counts besides the update
+                return False
+        engine.step()
+        if engine.was_step_applied():
+            return True
+        engine.global_steps, engine.global_samples = steps, samples
+        return False
+
+    def _finish_stats(self, sums: dict[str, float], count: int, steps: int, skipped: int = 0) -> dict[str, float]:
         stats = {k: v / max(count, 1) for k, v in sums.items()}
         stats["optimizer_steps"] = float(steps)
+        stats["nonfinite_steps"] = float(skipped)  # skipped for a non-finite loss or gradient norm (every rank alike)
         stats["lr"] = float(self.scheduler.get_last_lr()[0])
         norm = self.engine.get_global_grad_norm()
         if norm is not None:
@@ -242,7 +337,11 @@ class EngineWorker(DistributedWorker, abc.ABC):
     def _train_loop(self, experience: Batch, micro_loss: Callable[[Batch, int], tuple[torch.Tensor, dict]]) -> dict:
         """ppo_epochs passes over this rank's rows in micro-batches; DeepSpeed steps the optimizer every
         gradient_accumulation_steps micro-batches (one mini-batch of ppo.mini_batch_size samples over all ranks).
-        Rows are taken in order, as DeepSpeed-Chat does: the controller shuffles the experience if it wants to."""
+        Rows are taken in order, as DeepSpeed-Chat does: the controller shuffles the experience if it wants to.
+
+        A step whose loss (on any rank) or gradient norm is not finite is skipped on every rank (_boundary_step) and
+        its micro-batches left out of the returned means; ppo.max_nonfinite_steps such steps in a row raise
+        NonfiniteStepError on every rank."""
         rows = batch_rows(experience)
         per_rank_mini = self.ppo.mini_batch_size // self.world_size
         if rows % per_rank_mini:
@@ -250,19 +349,39 @@ class EngineWorker(DistributedWorker, abc.ABC):
                              f"{per_rank_mini} per rank (ppo.mini_batch_size {self.ppo.mini_batch_size} over "
                              f"{self.world_size} ranks)")
         self.engine.train()
-        sums: dict[str, float] = {}
-        count = steps = 0
+        sums: dict[str, float] = {}  # stats of the micro-batches whose step was applied
+        skipped_sums: dict[str, float] = {}  # reported only when no step was applied
+        window: list[dict] = []  # stats of this gradient-accumulation window's micro-batches
+        index = count = skipped_count = steps = skipped = 0
+        window_finite = True
         for _ in range(self.ppo.ppo_epochs):
             for micro in micro_batches(experience, self.stage.deepspeed.micro_batch_size):
-                loss, stats = micro_loss(to_device(micro, self.device), count)
+                loss, stats = micro_loss(to_device(micro, self.device), index)
+                index += 1
+                window.append(stats)
+                window_finite &= bool(torch.isfinite(loss.detach()).all())
+                boundary = self.engine.is_gradient_accumulation_boundary()
+                skip = boundary and self._any_rank(not window_finite)
+                if skip:  # NaN gradients everywhere: every rank's optimizer wrapper then discards the step
+                    loss = loss * float("nan")
                 self.engine.backward(loss)
+                if not boundary:
+                    self.engine.step()  # accumulation only
+                    continue
                 steps_before = self.engine.global_steps
-                self.engine.step()
+                applied = self._boundary_step(skip)
                 steps += self._optimizer_step_taken(steps_before)
-                for k, v in stats.items():
-                    sums[k] = sums.get(k, 0.0) + float(v)
-                count += 1
-        return self._finish_stats(sums, count, steps)
+                skipped += not applied
+                for stats in window:
+                    target = sums if applied else skipped_sums
+                    for k, v in stats.items():
+                        target[k] = target.get(k, 0.0) + float(v)
+                count, skipped_count = count + applied * len(window), skipped_count + (not applied) * len(window)
+                window, window_finite = [], True
+                self.nonfinite.record(skipped=not applied)
+        if not count:
+            sums, count = skipped_sums, skipped_count
+        return self._finish_stats(sums, count, steps, skipped)
 
     # -- parameter export (weight broadcast, HF export)
     def _export_units(self) -> list[list[tuple[str, torch.nn.Parameter]]]:
@@ -427,6 +546,10 @@ class EngineWorker(DistributedWorker, abc.ABC):
 class PolicyLearner(EngineWorker):
     """The PPO actor: a causal LM. logprobs / train / lm_loss / export."""
 
+    def __init__(self, *args, temperature: float = 1.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.temperature = temperature  # generation.temperature: old, training-pass and entropy log-probs use it
+
     def build_model(self):
         from rlhf_ray.models.loading import load_causal_lm
 
@@ -441,15 +564,18 @@ class PolicyLearner(EngineWorker):
         self._position_ids = forward_accepts(self.module, "position_ids")
         self._logits_to_keep = forward_accepts(self.module, "logits_to_keep")
 
-    def _forward(self, batch: Batch, entropy: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        return causal_logprobs(self.engine, batch, self._position_ids, entropy, self._logits_to_keep)
+    def _forward(self, batch: Batch, entropy: bool = False,
+                 temperature: Optional[float] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        temperature = self.temperature if temperature is None else temperature
+        return causal_logprobs(self.engine, batch, self._position_ids, entropy, self._logits_to_keep, temperature)
 
     @torch.no_grad()
-    def logprobs(self, batch: Batch) -> torch.Tensor:
-        """(B, T-1) log-probs of input_ids[:, 1:]; 0 where the target is padding and, with an action_mask, before
-        its first action column (causal_logprobs)."""
+    def logprobs(self, batch: Batch, temperature: Optional[float] = None) -> torch.Tensor:
+        """(B, T-1) log-probs of input_ids[:, 1:] at the sampling temperature (or `temperature`: the weight-sync
+        probe scores at 1); 0 where the target is padding and, with an action_mask, before its first action column
+        (causal_logprobs)."""
         self.engine.eval()
-        out = [self._forward(to_device(mb, self.device))[0].float().cpu()
+        out = [self._forward(to_device(mb, self.device), temperature=temperature)[0].float().cpu()
                for mb in micro_batches(batch, self.stage.deepspeed.micro_batch_size)]
         return torch.cat(out)
 
@@ -482,20 +608,7 @@ class PolicyLearner(EngineWorker):
         def micro_loss(mb: Batch, index: int):
             # entropy is always reported; it carries gradient only with an entropy bonus
             logprobs, entropy = self._forward(mb, entropy=True if p.entropy_coef > 0 else "detached")
-            mask = mb["action_mask"]
-            old = mb["old_logprobs"] if "old_logprobs" in mb else logprobs.detach()
-            loss, stats = rl.policy_loss(logprobs, old, mb["advantages"], mask, clip_ratio=p.clip_ratio,
-                                         dual_clip=p.dual_clip, aggregation=p.loss_aggregation)
-            stats = {"policy_loss": loss.detach(), **stats, "entropy": rl.masked_mean(entropy.detach(), mask)}
-            if "ref_logprobs" in mb:
-                kl_term, kl = rl.kl_loss(logprobs, mb["ref_logprobs"], mask, kl_coef, p.kl_estimator,
-                                         p.loss_aggregation)
-                loss = loss + kl_term
-                stats.update(kl_loss=kl_term.detach(), kl_sequence=(kl.detach() * mask).sum(dim=1).mean())
-            if "vllm_logprobs" in mb:
-                stats["logprob_gap"] = rl.masked_mean((mb["vllm_logprobs"] - logprobs.detach()).abs(), mask)
-            if p.entropy_coef > 0:
-                loss = loss + rl.entropy_bonus(entropy, mask, p.entropy_coef, p.loss_aggregation)
+            loss, stats = policy_objective(p, logprobs, entropy, mb, kl_coef)
             if ptx_shard is not None:  # the next micro-batch of pretraining rows, cycling
                 rows = torch.arange(index * micro_size, (index + 1) * micro_size) % batch_rows(ptx_shard)
                 ptx_mb = to_device({k: v[rows] for k, v in ptx_shard.items() if isinstance(v, torch.Tensor)},
@@ -527,7 +640,7 @@ class CriticLearner(EngineWorker):
         from rlhf_ray.models.value_head import ValueHeadModel
 
         path = resolve_model_path(self.model_cfg.path)
-        kwargs = {}
+        kwargs = {"trust_remote_code": self.model_cfg.trust_remote_code}
         if self.stage.disable_dropout:
             kwargs["config"] = hf_model_config(path, True, trust_remote_code=self.model_cfg.trust_remote_code)
         return ValueHeadModel.from_pretrained(path, dtype=torch.float32, **kwargs)
@@ -555,9 +668,7 @@ class CriticLearner(EngineWorker):
         p = self.ppo
 
         def micro_loss(mb: Batch, index: int):
-            loss, stats = rl.value_loss(self._values(mb), mb["old_values"], mb["returns"], mb["action_mask"],
-                                        value_clip=p.value_clip, aggregation=p.loss_aggregation)
-            return loss, {"value_loss": loss.detach(), "value_clip_fraction": stats["clip_fraction"]}
+            return value_objective(p, self._values(mb), mb)
 
         return self._train_loop(experience, micro_loss)
 
@@ -572,6 +683,11 @@ class CriticLearner(EngineWorker):
 
 
 # ------------------------------------------------------------------------------------------ driver side
+def critic_model(cfg: Config) -> ModelConfig:
+    """models.critic, or else the reward model's folder (DeepSpeed-Chat initialises the critic from the RM)."""
+    return cfg.models.critic or cfg.models.reward
+
+
 class _LearnerGroup(ModelGroup):
     def save_checkpoint(self, ckpt_dir: str, tag: Optional[str] = None) -> str:
         os.makedirs(ckpt_dir, exist_ok=True)
@@ -591,17 +707,20 @@ class _LearnerGroup(ModelGroup):
 
 
 class PolicyGroup(_LearnerGroup):
-    """Driver handle of the PPO actor's ranks (ppo.actor stage config, placement.actor resources)."""
+    """Driver handle of the PPO actor's ranks (ppo.actor learner config, placement.actor resources)."""
 
     def __init__(self, cfg: Config, placement: Optional[RolePlacement] = None, model: Optional[ModelConfig] = None,
                  **group_kwargs):
         super().__init__("actor", PolicyLearner, cfg.placement.actor.num_workers, resources=cfg.placement.actor,
                          placement=placement, placement_timeout_s=cfg.ray.placement_timeout_s,
-                         worker_kwargs=dict(model=model or cfg.models.actor, stage=cfg.ppo.actor, ppo=cfg.ppo,
-                                            total_steps=ppo_total_steps(cfg), seed=cfg.run.seed), **group_kwargs)
+                         worker_kwargs=dict(model=model or cfg.models.actor, stage=ppo_learner(cfg, "actor"),
+                                            ppo=cfg.ppo,
+                                            total_steps=ppo_total_steps(cfg), seed=cfg.run.seed,
+                                            temperature=cfg.generation.temperature), **group_kwargs)
 
-    def logprobs(self, batch, as_ref: bool = False):
-        return self.run_sharded("logprobs", batch, as_ref=as_ref)
+    def logprobs(self, batch, as_ref: bool = False, temperature: Optional[float] = None):
+        """Log-probs at generation.temperature, or at `temperature` when given (the weight-sync probe: 1)."""
+        return self.run_sharded("logprobs", batch, as_ref=as_ref, temperature=temperature)
 
     def train(self, experience, ptx: Optional[Batch] = None, kl_coef: float = 0.0) -> dict[str, float]:
         return mean_stats(self.run_sharded_each("train", experience, ptx=ptx, kl_coef=kl_coef))
@@ -617,8 +736,9 @@ class CriticGroup(_LearnerGroup):
                  **group_kwargs):
         super().__init__("critic", CriticLearner, cfg.placement.critic.num_workers, resources=cfg.placement.critic,
                          placement=placement, placement_timeout_s=cfg.ray.placement_timeout_s,
-                         worker_kwargs=dict(model=model or cfg.models.critic or cfg.models.reward,
-                                            stage=cfg.ppo.critic, ppo=cfg.ppo, total_steps=ppo_total_steps(cfg),
+                         worker_kwargs=dict(model=model or critic_model(cfg),
+                                            stage=ppo_learner(cfg, "critic"), ppo=cfg.ppo,
+                                            total_steps=ppo_total_steps(cfg),
                                             seed=cfg.run.seed), **group_kwargs)
 
     def values(self, batch, as_ref: bool = False):

@@ -1,7 +1,8 @@
 """Per-iteration metrics: console (tqdm with ETA), metrics.jsonl, TensorBoard, W&B when configured, and a PNG.
 
-One `MetricsLogger.log(step, metrics)` call fans out to every sink. The JSONL file is the record the tests and
-the plots read; TensorBoard and W&B are for people watching a run.
+One `MetricsLogger.log(step, metrics)` call fans out to every sink, every logging.log_every steps and at the last
+one (the progress bar moves every step). The JSONL file is the record the tests and the plots read; TensorBoard and
+W&B are for people watching a run.
 """
 from __future__ import annotations
 
@@ -17,17 +18,24 @@ log = logging.getLogger(__name__)
 class MetricsLogger:
     def __init__(self, out_dir: str | Path, *, filename: str = "metrics.jsonl", tensorboard: bool = True,
                  wandb_project: Optional[str] = None, run_name: str = "rlhf", config: Optional[dict] = None,
-                 total_steps: Optional[int] = None, initial_step: int = 0, append: bool = False):
+                 total_steps: Optional[int] = None, initial_step: int = 0, append: bool = False, log_every: int = 1):
         self.out_dir = Path(out_dir)
+        self.log_every, self.total_steps = log_every, total_steps
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.out_dir / filename
         if not append and self.path.exists():
             self.path.unlink()
+        if append and self.path.exists():  # resumed at initial_step: rows a crashed run logged after it are redone
+            kept = [line for line in self.path.read_text().splitlines(keepends=True)
+                    if line.strip() and json.loads(line)["iteration"] <= initial_step]
+            self.path.write_text("".join(kept))
         self.tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(log_dir=str(self.out_dir / "tensorboard"))
+            # purge_step: TensorBoard hides older events at steps >= it (all of a previous run's when starting fresh)
+            self.tb = SummaryWriter(log_dir=str(self.out_dir / "tensorboard"),
+                                    purge_step=initial_step + 1 if append else 0)
         self.wandb = None
         if wandb_project:
             import wandb  # optional: only when logging.wandb_project is set
@@ -39,7 +47,18 @@ class MetricsLogger:
 
             self.bar = tqdm(total=total_steps, initial=initial_step, desc=run_name, unit="iter", dynamic_ncols=True)
 
+    @classmethod
+    def from_config(cls, cfg, out_dir: str | Path, **kwargs) -> "MetricsLogger":
+        """The logger the config's logging.* section describes (kwargs: total_steps, initial_step, append)."""
+        lg = cfg.logging
+        return cls(out_dir, filename=lg.metrics_file, tensorboard=lg.tensorboard, wandb_project=lg.wandb_project,
+                   run_name=cfg.run.name, log_every=lg.log_every, **kwargs)
+
     def log(self, step: int, metrics: dict[str, float]) -> None:
+        if step % self.log_every and step != self.total_steps:
+            if self.bar is not None:
+                self.bar.update(1)
+            return
         record = {"iteration": step, **{k: _plain(v) for k, v in metrics.items()}}
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")

@@ -12,7 +12,7 @@ import dataclasses
 import logging
 from pathlib import Path
 
-from rlhf_ray.config import Config
+from rlhf_ray.config import Config, validate_ppo
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,7 @@ def run_pipeline(cfg: Config, redo: tuple[str, ...] = ()) -> dict[str, Path]:
     unknown = set(redo) - set(STAGES)
     if unknown:
         raise ValueError(f"--redo: unknown stage(s) {sorted(unknown)}; choose from {', '.join(STAGES)}")
+    validate_ppo(cfg)  # the last stage's rules fail now, not after SFT and RM
     out: dict[str, Path] = {}
     out["sft"] = stage_output_dir(cfg, "sft")
     if _done(out["sft"], "config.json") and "sft" not in redo:
@@ -51,7 +52,8 @@ def run_pipeline(cfg: Config, redo: tuple[str, ...] = ()) -> dict[str, Path]:
         out["ppo"] = final
     else:
         out["ppo"] = run_ppo(ppo_cfg)
-    out["transcript"] = write_transcript(out["ppo"], Path(ppo_cfg.run.output_dir) / "ppo" / "chat_transcript.txt")
+    out["transcript"] = write_transcript(out["ppo"], Path(ppo_cfg.run.output_dir) / "ppo" / "chat_transcript.txt",
+                                         ppo_cfg)
     return out
 
 
@@ -63,15 +65,36 @@ def ppo_config_from_stages(cfg: Config, sft_dir: Path, rm_dir: Path) -> Config:
     return dataclasses.replace(cfg, models=models)
 
 
-def write_transcript(model_dir: Path, path: Path, max_new_tokens: int = 48) -> Path:
-    """A short scripted chat with the trained actor (the pipeline's last artefact, next to the PNG)."""
+def ppo_config_for_run(cfg: Config) -> Config:
+    """The config `rlhf-ray ppo CONFIG` trains with. As given when its reward (and critic) models are value-head
+    folders. Otherwise (a launcher's models.reward is the reward model's base, which `rlhf-ray rm` trains) the
+    pipeline's own outputs when this run has both: <run.output_dir>/sft and <run.output_dir>/rm, as the pipeline's PPO
+    stage uses them. Otherwise a one-line ConfigError (ppo.check_value_models) before anything starts."""
+    from rlhf_ray.models.value_head import is_value_head_folder
+    from rlhf_ray.ppo import check_value_models, value_model_paths
+    from rlhf_ray.train.common import stage_output_dir
+
+    if all(is_value_head_folder(path) for _, path in value_model_paths(cfg)):
+        return cfg
+    sft_dir, rm_dir = stage_output_dir(cfg, "sft"), stage_output_dir(cfg, "rm")
+    if _done(sft_dir, "config.json") and _done(rm_dir, "value_head.json"):
+        log.info("ppo: models.reward %r is not a value-head folder; using this run's pipeline outputs: actor and "
+                 "reference from %s, reward and critic from %s", cfg.models.reward.path, sft_dir, rm_dir)
+        return ppo_config_from_stages(cfg, sft_dir, rm_dir)
+    check_value_models(cfg)  # raises, naming the key
+    return cfg
+
+
+def write_transcript(model_dir: Path, path: Path, cfg: Config, max_new_tokens: int = 48) -> Path:
+    """A short scripted chat with the trained actor (the pipeline's last artefact, next to the PNG), served by a
+    vLLM engine actor on the run's Ray cluster (cfg's generation.* and ray.*), released afterwards."""
     from rlhf_ray.chat import ChatSession
 
-    session = ChatSession(str(model_dir), max_new_tokens=max_new_tokens)
     lines = []
-    for prompt in TRANSCRIPT_PROMPTS:  # independent questions: a fresh conversation each
-        session.clear()
-        lines += [f"User: {prompt}", f"Assistant: {session.reply(prompt)}", ""]
+    with ChatSession(str(model_dir), max_new_tokens=max_new_tokens, cfg=cfg) as session:
+        for prompt in TRANSCRIPT_PROMPTS:  # independent questions: a fresh conversation each
+            session.clear()
+            lines += [f"User: {prompt}", f"Assistant: {session.reply(prompt)}", ""]
     path.write_text("\n".join(lines))
     log.info("chat transcript: %s", path)
     return path

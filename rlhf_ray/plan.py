@@ -14,6 +14,9 @@ Memory per GPU, per process (Psi parameters, N ranks of the role; ZeRO, Rajbhand
     vLLM's claim (gpu_memory_utilization x GPU memory: weights / TP + KV cache), weight-sync buffers (the largest
     tensor, gathered / received whole), and a per-process CUDA context. Reference and reward scorers hold
     weights only, in their learner's precision, replicated or ZeRO-3-partitioned as scorer.py decides.
+  The load peak counts where it exceeds that: under ZeRO-3 a rank loads straight into its partition (plus the
+    largest tensor gathered whole); otherwise it loads the whole model in fp32 first, in host memory (the "load"
+    column; for GPU processes it counts against the node's host memory).
 Where the roles go is simulated the way Ray places the groups of resources.ppo_layout: each group in order,
 STRICT_PACK groups (one generator engine) on one node, PACK groups on one node when one has room, else spread;
 whole-GPU bundles take free GPUs, fractional bundles share a GPU (Ray packs fractions onto the same device).
@@ -30,7 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from rlhf_ray.config import ClusterConfig, Config, ConfigError, TrainStageConfig, load_config, validate
+from rlhf_ray.config import (ClusterConfig, Config, ConfigError, PPOLearnerConfig, load_config, ppo_learner,
+                              ppo_precision, validate)
 from rlhf_ray.resources import RoleLayout, ppo_layout
 
 GIB = 1024**3
@@ -226,11 +230,19 @@ class Memory:
     sync: float = 0.0  # weight-sync buffer (not at the same time as training activations)
     overhead: float = 0.0
     offloaded: float = 0.0  # host memory: offloaded optimizer states / parameters
+    load: float = 0.0  # while the model loads, before any training state exists (load_bytes)
+    host_load: float = 0.0  # GPU processes: host memory while loading (a model loaded whole on the CPU first)
 
     @property
     def peak(self) -> float:
-        return (self.weights + self.grads + self.optimizer + self.kv_cache + self.overhead
-                + max(self.activations + self.gather, self.sync))
+        steady = (self.weights + self.grads + self.optimizer + self.kv_cache
+                  + max(self.activations + self.gather, self.sync))
+        return self.overhead + max(steady, self.load)
+
+    @property
+    def host(self) -> float:
+        """Host memory of a GPU process beyond its fixed share: offloaded states, or the load if larger."""
+        return max(self.offloaded, self.host_load)
 
 
 # --------------------------------------------------------------------------------------------- the plan
@@ -274,16 +286,16 @@ class Plan:
         return max(self.host_used.values(), default=0.0) / GIB
 
 
-def _precision_mixed(stage_cfg: TrainStageConfig, on_gpu: bool) -> bool:
+def _precision_mixed(stage_cfg: PPOLearnerConfig, on_gpu: bool) -> bool:
     p = stage_cfg.deepspeed.precision
     return p in ("bf16", "fp16") or (p == "auto" and on_gpu)
 
 
-def _dtype_bytes(dtype: str, on_gpu: bool) -> int:
-    return 4 if dtype == "float32" or (dtype == "auto" and not on_gpu) else 2
+def _dtype_bytes(precision: str, on_gpu: bool) -> int:
+    return 4 if precision == "fp32" or (precision == "auto" and not on_gpu) else 2
 
 
-def _learner_memory(shape: ModelShape, s: TrainStageConfig, ranks: int, seq: int, on_gpu: bool, lm: bool,
+def _learner_memory(shape: ModelShape, s: PPOLearnerConfig, ranks: int, seq: int, on_gpu: bool, lm: bool,
                     sends_weights: bool, micro: Optional[int] = None) -> Memory:
     ds = s.deepspeed
     mixed = _precision_mixed(s, on_gpu)
@@ -306,7 +318,32 @@ def _learner_memory(shape: ModelShape, s: TrainStageConfig, ranks: int, seq: int
         m.sync = shape.largest_tensor * wb if sends_weights else 0.0
     m.activations = activation_bytes(shape, micro or ds.micro_batch_size, seq, wb, ds.gradient_checkpointing, lm)
     m.overhead = (GPU_CONTEXT_GIB if on_gpu else HOST_GIB_PER_CPU_PROCESS) * GIB
+    _set_load(m, shape, total, ds.zero_stage == 3, ranks, wb, on_gpu, ds.offload_params)
     return m
+
+
+def load_bytes(params: float, largest_tensor: float, zero3: bool, ranks: int, wb: int, on_gpu: bool) -> float:
+    """Memory one rank needs while it loads its model. ZeRO-3 (train.common.build_partitioned, scorer.py) loads
+    straight into partitions: its partition plus the largest tensor gathered whole while rank 0 fills it (twice
+    over on CPU, where gloo's all-gather goes through a second flat buffer: measured). Otherwise the whole model in
+    the load dtype, fp32 (learners and scorers load fp32; DeepSpeed or .to() cast afterwards), in host memory."""
+    if zero3:
+        return params * wb / ranks + largest_tensor * wb * (1 if on_gpu else 2)
+    return params * 4
+
+
+def _set_load(m: Memory, shape: ModelShape, params: float, zero3: bool, ranks: int, wb: int, on_gpu: bool,
+              offload_params: bool = False) -> None:
+    """m.load on the process's device, m.host_load on the host of a GPU process (see load_bytes)."""
+    full = load_bytes(params, shape.largest_tensor, zero3, ranks, wb, on_gpu)
+    if not on_gpu:
+        m.load = full
+    elif not zero3:
+        m.host_load = full  # loaded on the CPU, cast, then moved to the GPU whole (within the steady weights)
+    elif offload_params:  # zero.Init puts the partitions where offload_param says: host memory
+        m.host_load, m.load = params * wb / ranks, shape.largest_tensor * wb
+    else:
+        m.load = full
 
 
 def _scorer_sharded(cfg: Config, shape: ModelShape, ranks: int) -> bool:
@@ -316,7 +353,7 @@ def _scorer_sharded(cfg: Config, shape: ModelShape, ranks: int) -> bool:
     return ranks > 1 and shape.params * shape.file_bytes_per_param / GIB > cfg.ppo.scorer_replica_max_gib
 
 
-def _frozen_memory(shape: ModelShape, learner: TrainStageConfig, ranks: int, sharded: bool, seq: int,
+def _frozen_memory(shape: ModelShape, learner: PPOLearnerConfig, ranks: int, sharded: bool, seq: int,
                    on_gpu: bool, lm: bool) -> Memory:
     """Reference / reward scorer: weights only, in its learner's precision, replicated or ZeRO-3-partitioned."""
     wb = adam_bytes(_precision_mixed(learner, on_gpu))[0]
@@ -327,13 +364,14 @@ def _frozen_memory(shape: ModelShape, learner: TrainStageConfig, ranks: int, sha
         m.gather = min(2 * shape.layer_params, shape.params) * wb * (1 - 1 / ranks)
     m.activations = activation_bytes(shape, micro, seq, wb, False, lm, training=False)
     m.overhead = (GPU_CONTEXT_GIB if on_gpu else HOST_GIB_PER_CPU_PROCESS) * GIB
+    _set_load(m, shape, shape.params, sharded, n, wb, on_gpu)
     return m
 
 
 def _engine_memory(cfg: Config, shape: ModelShape, on_gpu: bool, problems: list[str]) -> Memory:
     gen = cfg.generation
     tp = gen.tensor_parallel_size
-    wb = _dtype_bytes(cfg.models.actor.dtype, on_gpu)
+    wb = _dtype_bytes(ppo_precision(cfg), on_gpu)  # engines follow the run's one precision
     weights = shape.params * wb / tp
     seq = cfg.data.max_prompt_len + gen.max_new_tokens
     one_seq = seq * shape.kv_bytes_per_token(wb) / tp
@@ -405,10 +443,10 @@ def _role_procs(cfg: Config, models: dict[str, ModelShape], layout: list[RoleLay
             ranks = getattr(p, base).num_workers
             g = on_gpu[group.role]
             if base in ("actor", "critic"):
-                s = ppo.actor if base == "actor" else ppo.critic
+                s = ppo_learner(cfg, base)  # the run's one precision (config.ppo_precision)
                 mem = _learner_memory(models[base], s, ranks, seq, g, lm=base == "actor", sends_weights=base == "actor")
             else:
-                learner = ppo.actor if base == "reference" else ppo.critic
+                learner = ppo_learner(cfg, "actor" if base == "reference" else "critic")
                 mem = _frozen_memory(models[base], learner, ranks, _scorer_sharded(cfg, models[base], ranks), seq,
                                      g, lm=base == "reference")
             if ranks > n_bundles:  # groups.py puts rank r into bundle r of the (shared) group
@@ -490,7 +528,7 @@ def _account(plan: Plan) -> None:
         if proc.gpus:
             for g in proc.gpus:  # a rank with one GPU (multi-GPU ranks are rejected before)
                 plan.gpu_used[(proc.node, g)] = plan.gpu_used.get((proc.node, g), 0.0) + m.peak
-            plan.host_used[proc.node] += HOST_GIB_PER_GPU_PROCESS * GIB + m.offloaded
+            plan.host_used[proc.node] += HOST_GIB_PER_GPU_PROCESS * GIB + m.host
         else:
             plan.host_used[proc.node] += m.peak + m.offloaded
     cap = c.gpu_memory_gib * GIB
@@ -516,7 +554,7 @@ def _stage_plans(cfg: Config, plan: Plan) -> None:
         mem = _learner_memory(shape, s, s.num_workers, seq, stage_gpu, lm, False,
                               micro=s.deepspeed.micro_batch_size * pairs)  # RM: chosen + rejected
         if stage_gpu:
-            per_node_host = HOST_GIB_PER_GPU_PROCESS * GIB + mem.offloaded
+            per_node_host = HOST_GIB_PER_GPU_PROCESS * GIB + mem.host
             fits = (mem.peak <= c.gpu_memory_gib * GIB and s.num_workers <= c.nodes * c.gpus_per_node
                     and per_node_host * min(s.num_workers, c.gpus_per_node) <= c.cpu_memory_gib * GIB)
         else:
@@ -564,7 +602,7 @@ def _estimate_time(cfg: Config, plan: Plan) -> None:
     engines = [r for r in by_role if r.startswith("generator")]
     eng = by_role[engines[0]][0]
     flops, hbm = _rates(c, bool(eng.gpus))
-    tp, wb = gen.tensor_parallel_size, _dtype_bytes(cfg.models.actor.dtype, bool(eng.gpus))
+    tp, wb = gen.tensor_parallel_size, _dtype_bytes(ppo_precision(cfg), bool(eng.gpus))
     kv_token = actor.kv_bytes_per_token(wb) / tp
     per_engine = math.ceil(seqs / len(engines))
     workspace = (ENGINE_WORKSPACE_GIB if eng.gpus else CPU_ENGINE_WORKSPACE_GIB) * GIB
@@ -597,7 +635,7 @@ def _estimate_time(cfg: Config, plan: Plan) -> None:
                                 + forward("reward", cr.zero_stage == 3, cr.micro_batch_size))
 
     # Training: forward + backward (+ recompute) FLOPs and the ZeRO collectives, per PPO epoch.
-    def train(role: str, s: TrainStageConfig) -> float:
+    def train(role: str, s: PPOLearnerConfig) -> float:
         procs = by_role.get(role, [])
         if not procs:
             return 0.0
@@ -607,8 +645,8 @@ def _estimate_time(cfg: Config, plan: Plan) -> None:
         trainable = lora if (lora and s.lora.only_optimize_lora) else shape.params + lora
         per_token = 4 * shape.params + 2 * trainable + (2 * shape.params if ds.gradient_checkpointing else 0)
         t = ppo.ppo_epochs * tokens * per_token / (_parallel(procs) * f)
-        steps = ppo.ppo_epochs * math.ceil(seqs / ds.global_batch_size)
-        micro_steps = ds.global_batch_size // (ds.micro_batch_size * n)
+        steps = ppo.ppo_epochs * math.ceil(seqs / ppo.mini_batch_size)  # a PPO learner steps on mini-batches
+        micro_steps = ppo.mini_batch_size // (ds.micro_batch_size * n)
         wb = 2 if procs[0].gpus else 4
         if n > 1:
             volume = (micro_steps * 2 * shape.params * wb if ds.zero_stage == 3 else 0) + 2 * trainable * wb
@@ -676,8 +714,8 @@ def with_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
     return new
 
 
-def _divides(s: TrainStageConfig, ranks: int) -> bool:
-    return s.deepspeed.global_batch_size % (s.deepspeed.micro_batch_size * ranks) == 0
+def _divides(cfg: Config, learner: str, ranks: int) -> bool:
+    return cfg.ppo.mini_batch_size % (getattr(cfg.ppo, learner).deepspeed.micro_batch_size * ranks) == 0
 
 
 def placement_given(cfg: Config) -> bool:
@@ -722,7 +760,7 @@ def suggest_placement(cfg: Config) -> tuple[dict[str, Any], Plan]:
             for cr in sizes:  # critic + reward, or the reward model alone (GRPO, RLOO, ...)
                 for tp in tps:
                     engines = (total - a - cr) // tp
-                    if engines < 1 or not _divides(cfg.ppo.actor, a) or critic and not _divides(cfg.ppo.critic, cr):
+                    if engines < 1 or not _divides(cfg, "actor", a) or critic and not _divides(cfg, "critic", cr):
                         continue
                     cand = {"generation.num_engines": engines, "generation.tensor_parallel_size": tp,
                             "generation.gpu_memory_utilization": 0.9, "placement.generator.gpus_per_worker": 1.0,
@@ -735,8 +773,8 @@ def suggest_placement(cfg: Config) -> tuple[dict[str, Any], Plan]:
                         cand |= {"placement.reward.num_workers": cr, "placement.reward.gpus_per_worker": 1.0}
                     candidates.append(cand)
     if not candidates:
-        raise ConfigError(f"no GPU split of {total} GPU(s) keeps ppo.actor/ppo.critic global_batch_size a multiple "
-                          f"of micro_batch_size x ranks; adjust the batch sizes")
+        raise ConfigError(f"no GPU split of {total} GPU(s) keeps ppo.mini_batch_size a multiple of "
+                          f"ppo.actor/ppo.critic deepspeed.micro_batch_size x ranks; adjust the batch sizes")
     best = None
     for cand in candidates:
         p = plan(with_overrides(cfg, cand))
@@ -784,7 +822,7 @@ def format_plan(cfg: Config, p: Plan, source: str = "") -> str:
     lines.append("models: " + "; ".join(f"{'/'.join(r)} {name} {p.models[r[0]].params / 1e9:.2f}B params"
                                         for name, r in seen.items()))
     lines.append(f"GiB per process   {'procs':>5}{'weights':>8}{'grads':>8}{'optim':>8}{'activ':>8}{'gather':>8}"
-                 f"{'kv':>8}{'sync':>8}{'proc':>8}{'peak':>8}{'offload':>8}  GPUs (node:gpu)")
+                 f"{'kv':>8}{'sync':>8}{'load':>8}{'proc':>8}{'peak':>8}{'offload':>8}  GPUs (node:gpu)")
     roles = []
     for proc in p.procs:
         if proc.role not in roles:
@@ -793,7 +831,8 @@ def format_plan(cfg: Config, p: Plan, source: str = "") -> str:
         procs = [q for q in p.procs if q.role == role]
         m = max((q.memory for q in procs), key=lambda x: x.peak)
         lines.append(f"{role:<18}{len(procs):>5} {gib(m.weights)}{gib(m.grads)}{gib(m.optimizer)}"
-                     f"{gib(m.activations)}{gib(m.gather)}{gib(m.kv_cache)}{gib(m.sync)}{gib(m.overhead)}"
+                     f"{gib(m.activations)}{gib(m.gather)}{gib(m.kv_cache)}{gib(m.sync)}"
+                     f"{gib(max(m.load, m.host_load))}{gib(m.overhead)}"
                      f"{gib(m.peak)}{gib(m.offloaded)}  {_gpu_list(procs)}")
     if p.gpu_used:
         worst = max(p.gpu_used, key=p.gpu_used.get)

@@ -17,6 +17,7 @@ The scored batch and the experience travel to the groups as Ray object reference
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import math
@@ -28,16 +29,18 @@ from typing import Any, Optional
 import torch
 
 from rlhf_ray import rl
-from rlhf_ray.config import Config, PPOConfig
+from rlhf_ray.config import Config, ConfigError, PPOConfig, validate_ppo
 
 log = logging.getLogger(__name__)
 
 
-# Every PPO iteration logs at least these (console, metrics.jsonl, TensorBoard, W&B when configured).
+# Every logged PPO iteration (every logging.log_every) has at least these (console, metrics.jsonl, TensorBoard,
+# W&B when configured).
 METRIC_KEYS = (
     "reward/mean", "reward/std", "kl/mean", "entropy/mean", "loss/policy", "loss/value", "policy/clip_fraction",
     "policy/approx_kl", "response/length_mean", "logprob_gap/vllm_vs_learner", "time/generate_s", "time/score_s",
     "time/train_s", "time/sync_s", "throughput/tokens_per_s", "weight_version",
+    "experience/nonfinite_samples", "actor/nonfinite_steps",
 )  # loss/value only with a critic (advantage_estimator: gae)
 
 
@@ -115,6 +118,55 @@ def compute_advantages(p: PPOConfig, kl_coef: float, scores: torch.Tensor, logpr
     return Advantages(advantages * mask, returns, rewards, kl, (rewards * mask).sum(dim=1))
 
 
+def drop_nonfinite_samples(scores: torch.Tensor, action_mask: torch.Tensor, per_token: dict[str, torch.Tensor],
+                           group_size: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+    """Drop the samples whose score is not finite (a reward model gone NaN/inf), or whose per-token inputs (log-probs,
+    values; (B, T-1)) are not finite on their response tokens. Returns (scores, action_mask, per_token, dropped).
+
+    A dropped sample keeps its row, masked out rather than removed: the batch must still split into whole
+    mini-batches over the learner ranks, and GRPO/RLOO groups are n consecutive rows. Its action mask is cleared (no
+    loss, whitening or statistic counts it), its per-token inputs are zeroed (a NaN under a zero mask still turns a
+    gradient into NaN: 0 * NaN) and its score becomes the mean of its group's finite scores, which leaves GRPO's
+    group mean where the finite samples put it (the group std and RLOO's leave-one-out baselines move slightly)."""
+    act = action_mask.bool()
+    dropped = ~torch.isfinite(scores)
+    for x in per_token.values():
+        dropped |= (~torch.isfinite(x) & act).any(dim=1)
+    if not dropped.any():
+        return scores, action_mask, per_token, dropped
+    keep = ~dropped
+    kept_sum = torch.where(keep, scores, 0.0).view(-1, group_size).sum(dim=1)
+    group_mean = kept_sum / keep.view(-1, group_size).sum(dim=1).clamp(min=1)  # 0 for a group with none left
+    scores = torch.where(keep, scores, group_mean.repeat_interleave(group_size))
+    per_token = {k: torch.where(keep[:, None], x, torch.zeros((), dtype=x.dtype)) for k, x in per_token.items()}
+    return scores, action_mask * keep[:, None].to(action_mask.dtype), per_token, dropped
+
+
+def value_model_paths(cfg: Config) -> list[tuple[str, str]]:
+    """(config key, path) of every model PPO loads as a value-head folder: the reward model (unless the reward is
+    functions only) and, under GAE, the critic (models.critic, else initialised from the reward model)."""
+    m = cfg.models
+    paths = [("models.reward.path", m.reward.path)] if m.reward.path else []
+    if cfg.ppo.advantage_estimator == "gae":
+        paths.append(("models.critic.path", m.critic.path) if m.critic is not None
+                     else ("models.reward.path (the critic starts from it: models.critic is unset)", m.reward.path))
+    return paths
+
+
+def check_value_models(cfg: Config) -> None:
+    """A reward or critic path that is not a value-head folder fails here, in one line, before anything starts
+    (not after a minute of start-up, when the scorer loads it)."""
+    from rlhf_ray.models.value_head import HEAD_META, is_value_head_folder
+
+    for key, path in value_model_paths(cfg):
+        if not is_value_head_folder(path):
+            raise ConfigError(
+                f"{key} {path!r} is not a value-head folder (no {HEAD_META}): PPO's reward model and critic are "
+                f"reward-model folders as `rlhf-ray rm CONFIG` writes them (<run.output_dir>/rm). Train one (after "
+                f"`rlhf-ray sft CONFIG`), or run `rlhf-ray pipeline CONFIG`; `rlhf-ray ppo CONFIG` uses the run's "
+                f"own sft/ and rm/ folders when models.reward is not one and both exist")
+
+
 def reuses_train_logprobs(cfg: Config) -> bool:
     """Whether the actor's training pass supplies the old log-probs (no separate actor forward while scoring).
 
@@ -156,12 +208,76 @@ class PromptStream:
         return out
 
 
+def answered_rollout(take, generate, want: int, max_prompts: int) -> tuple[list[dict], list, dict]:
+    """Prompts and their samples until `want` prompts are answered. Prompts the engines skip as too long
+    (generation.long_prompt: skip) are replaced by the stream's next ones, so an iteration always trains on
+    rollout_batch_size x n_samples_per_prompt samples: the whole mini-batches the learners need (checked at load).
+
+    `take(k)` -> k prompt rows; `generate(rows, offset)` -> a Rollout of those rows (offset: how many prompts this
+    iteration asked for before, for per-request seeds). Returns (rows, samples with prompt_index into rows, totals:
+    skipped, redispatched, engine_prompts). Fails when `max_prompts` (one pass over the data) were not enough."""
+    rows: list[dict] = []
+    samples: list = []
+    totals = {"skipped": 0, "redispatched": 0, "engine_prompts": {}}
+    asked = 0
+    while len(rows) < want:
+        if asked >= max_prompts:
+            raise ValueError(f"generation.long_prompt: skip: {totals['skipped']} of {asked} prompts were longer than "
+                             f"the engines' max_model_len, too few left for ppo.rollout_batch_size ({want}); shorten "
+                             f"data.max_prompt_len or raise generation.max_model_len")
+        batch = take(want - len(rows))
+        rollout = generate(batch, asked)
+        asked += len(batch)
+        skipped = set(rollout.skipped)
+        totals["skipped"] += len(skipped)
+        totals["redispatched"] += rollout.redispatched
+        for engine, n in rollout.engine_prompts.items():
+            totals["engine_prompts"][engine] = totals["engine_prompts"].get(engine, 0) + n
+        by_prompt: dict[int, list] = {}
+        for sample in rollout.samples:
+            by_prompt.setdefault(sample.prompt_index, []).append(sample)
+        for i, row in enumerate(batch):
+            if i in skipped:
+                continue
+            rows.append(row)
+            samples += [dataclasses.replace(x, prompt_index=len(rows) - 1)
+                        for x in sorted(by_prompt.get(i, []), key=lambda x: x.sample_index)]
+    return rows, samples, totals
+
+
+def kl_controller(p: PPOConfig):
+    """ppo.kl_coef, fixed, or with ppo.adaptive_kl Ziegler et al.'s controller towards ppo.kl_target."""
+    return rl.AdaptiveKLController(p.kl_coef, p.kl_target, p.kl_horizon) if p.adaptive_kl else \
+        rl.FixedKLController(p.kl_coef)
+
+
+def engines_sleep(enabled: bool, engine_info: list[dict]) -> bool:
+    """Whether the engines sleep between generating and the weight sync (generation.enable_sleep_mode): vLLM sleep
+    level 1 moves the weights to host memory and drops the KV cache, so learners and scorers sharing the engines'
+    GPUs get that memory while they score and train. CPU engines free nothing: one log line, and they stay awake."""
+    if enabled and not all(info.get("sleep_enabled") for info in engine_info):
+        log.info("generation.enable_sleep_mode: ignored, the engines run on CPU where vLLM's sleep frees nothing")
+        return False
+    return enabled
+
+
+def export_actor(actor, out_dir: Path, ema_decay: Optional[float]) -> Path:
+    """The trained actor as a Hugging Face folder <out>/ppo/actor; with ppo.ema_decay also its exponential moving
+    average (DeepSpeed-Chat --enable_ema) as <out>/ppo/actor_ema. Returns the actor's folder."""
+    final = out_dir / "actor"
+    actor.save_pretrained(str(final))
+    if ema_decay is not None:
+        actor.save_pretrained(str(out_dir / "actor_ema"), ema=True)
+    return final
+
+
 # ------------------------------------------------------------------------------------------ the controller
 class PPOTrainer:
     """Builds every group from the config, then `run()` iterates. Groups live in their own placement groups."""
 
     def __init__(self, cfg: Config):
         from rlhf_ray.data import load_stage_dataset
+        from rlhf_ray.env import check_agreement
         from rlhf_ray.generator import GeneratorGroup
         from rlhf_ray.groups import placement_plan
         from rlhf_ray.learner import CriticGroup, PolicyGroup
@@ -169,6 +285,8 @@ class PPOTrainer:
         from rlhf_ray.resources import init_ray
         from rlhf_ray.scorer import ReferenceGroup, RewardGroup
 
+        validate_ppo(cfg)  # before anything starts
+        check_value_models(cfg)
         self.cfg, p = cfg, cfg.ppo
         self.out_dir = Path(cfg.run.output_dir) / "ppo"
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -176,43 +294,59 @@ class PPOTrainer:
         rows = load_stage_dataset(cfg, "ppo", self.tokenizer, split="train")
         self.prompts = PromptStream.from_dataset(rows, seed=cfg.run.seed)
         self.ptx_rows = load_stage_dataset(cfg, "ptx", self.tokenizer) if p.ptx_coef > 0 else None
-        self.kl_ctl = (rl.AdaptiveKLController(p.kl_coef, p.kl_target, p.kl_horizon) if p.adaptive_kl
-                       else rl.FixedKLController(p.kl_coef))
+        self.kl_ctl = kl_controller(p)
         self.iteration = 0
         init_ray(cfg)
         self.uses_critic = p.advantage_estimator == "gae"
         self.reuses_train_logprobs = reuses_train_logprobs(cfg)
-        self.plan = plan = placement_plan(cfg)  # every role's placement group, ready (or a PlacementError)
-        started = time.time()
+        self.plan: dict = {}
         self.actor = self.reference = self.reward = self.critic = self.generators = None
+        started = time.time()
+        # All or nothing: a failure anywhere in start-up (placement, a group, the checks, resume) releases every
+        # actor and placement group started so far, so a long-lived driver is not starved by a failed attempt.
         try:
+            self.plan = plan = placement_plan(cfg)  # every role's placement group, ready (or a PlacementError)
             self.actor = PolicyGroup(cfg, placement=plan["actor"])
             self.reference = ReferenceGroup(cfg, placement=plan["reference"])
             self.reward = RewardGroup(cfg, placement=plan["reward"])
             self.critic = CriticGroup(cfg, placement=plan["critic"]) if self.uses_critic else None
             self.generators = GeneratorGroup(cfg, resolve_model_path(cfg.models.actor.path), plan=plan)
-        except BaseException:
-            self.shutdown()  # no half-built layout left holding the cluster's resources
-            raise
-        log.info("groups up in %.1fs: actor x%d, reference x%d, reward x%d, critic x%s, %d engine(s) x TP%d",
-                 time.time() - started, cfg.placement.actor.num_workers, cfg.placement.reference.num_workers,
-                 cfg.placement.reward.num_workers, cfg.placement.critic.num_workers if self.critic else 0,
-                 cfg.generation.num_engines, cfg.generation.tensor_parallel_size)
-        self.checkpoints = None
-        if cfg.checkpoint.every or cfg.checkpoint.resume:
-            from rlhf_ray.checkpoint import CheckpointManager
+            # Every worker chose its device, backend, dtype (and the engines their transport) in its own process;
+            # the driver only checks that they agree (a DeviceMismatchError names the roles that do not).
+            self.devices = check_agreement(self.worker_reports())
+            log.info("devices: %s", self.devices)
+            log.info("groups up in %.1fs: actor x%d, reference x%d, reward x%d, critic x%s, %d engine(s) x TP%d",
+                     time.time() - started, cfg.placement.actor.num_workers, cfg.placement.reference.num_workers,
+                     cfg.placement.reward.num_workers, cfg.placement.critic.num_workers if self.critic else 0,
+                     cfg.generation.num_engines, cfg.generation.tensor_parallel_size)
+            self.engines_sleep = engines_sleep(cfg.generation.enable_sleep_mode, self.generators.info)
+            self.checkpoints = None
+            if cfg.checkpoint.every or cfg.checkpoint.resume:
+                from rlhf_ray.checkpoint import CheckpointManager
 
-            self.checkpoints = CheckpointManager(self.out_dir / "checkpoints", cfg.checkpoint.keep_last)
-        if cfg.checkpoint.resume:
-            self.resume()
+                self.checkpoints = CheckpointManager(self.out_dir / "checkpoints", cfg.checkpoint.keep_last)
+            if cfg.checkpoint.resume:
+                self.resume()
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def worker_reports(self) -> list[dict]:
+        """What every rank and engine reported choosing (describe()): role, rank, device, backend, dtype, ..."""
+        groups = (self.actor, self.critic, self.reference, self.reward, self.generators)
+        return [r for g in groups if g is not None for r in g.reports]
 
     # -- one iteration, in the order of the module docstring
-    def generate(self, batch_rows: list[dict]) -> tuple[dict, dict]:
+    def generate(self, num_prompts: int) -> tuple[dict, dict]:
+        """Samples for `num_prompts` answered prompts from the stream (too-long ones replaced: answered_rollout)."""
         g = self.cfg.generation
-        prompt_ids = [r["prompt_input_ids"] for r in batch_rows]
-        seeds = [request_seed(self.cfg.run.seed, self.iteration, i) for i in range(len(prompt_ids))]
-        rollout = self.generators.generate(prompt_ids, seeds=seeds)
-        samples = sorted(rollout.samples, key=lambda s: (s.prompt_index, s.sample_index))
+
+        def generate_rows(rows: list[dict], offset: int):
+            seeds = [request_seed(self.cfg.run.seed, self.iteration, offset + i) for i in range(len(rows))]
+            return self.generators.generate([r["prompt_input_ids"] for r in rows], seeds=seeds)
+
+        batch_rows, samples, totals = answered_rollout(self.prompts.take, generate_rows, num_prompts,
+                                                       max_prompts=len(self.prompts.rows))
         rows = [batch_rows[s.prompt_index] for s in samples]
         batch = build_batch([r["prompt_input_ids"] for r in rows], [s.token_ids for s in samples],
                             self.tokenizer.pad_token_id)
@@ -223,8 +357,9 @@ class PPOTrainer:
             vllm_logprobs[i, :len(s.logprobs)] = torch.tensor(s.logprobs)
         info = {"weight_versions": sorted({s.weight_version for s in samples}), "vllm_logprobs": vllm_logprobs,
                 "generated_tokens": sum(len(s.token_ids) for s in samples),
-                "redispatched": rollout.redispatched, "group_size": g.n_samples_per_prompt,
-                "engines_used": sum(1 for n in rollout.engine_prompts.values() if n > 0)}
+                "redispatched": totals["redispatched"], "group_size": g.n_samples_per_prompt,
+                "skipped_prompts": totals["skipped"],
+                "engines_used": sum(1 for n in totals["engine_prompts"].values() if n > 0)}
         return batch, info
 
     def make_experience(self, batch: dict, info: dict) -> tuple[dict, dict]:
@@ -238,15 +373,28 @@ class PPOTrainer:
         if self.critic is not None:
             futures["values"] = self.critic.values(ref, as_ref=True)
         got = dict(zip(futures, ray.get(list(futures.values()))))
-        P, mask = batch["prompt_width"], response_slice(batch["action_mask"], batch["prompt_width"])
+        # Non-finite scores, log-probs or values: those samples are masked out, counted (experience/nonfinite_samples)
+        scores, action_mask, per_token, dropped = drop_nonfinite_samples(
+            got["scores"].float(), batch["action_mask"], {k: got[k] for k in ("ref", "old", "values") if k in got},
+            info["group_size"])
+        got.update(per_token)
+        P, mask = batch["prompt_width"], response_slice(action_mask, batch["prompt_width"])
         ref_lp = response_slice(got["ref"], P)
         old = ref_lp if reuse else response_slice(got["old"], P)  # reuse: KL is measured in the training pass
         values = response_slice(got["values"], P) if self.critic is not None else None
         reward_kl_coef = self.kl_ctl.value if p.kl_penalty == "reward" else 0.0
-        adv = compute_advantages(p, reward_kl_coef, got["scores"].float(), old, ref_lp, mask, info["group_size"],
-                                 values)
-        experience = {k: batch[k] for k in ("input_ids", "attention_mask", "action_mask")}
-        experience["advantages"] = full_width(adv.advantages, P)
+        adv = compute_advantages(p, reward_kl_coef, scores, old, ref_lp, mask, info["group_size"], values)
+        advantages = full_width(adv.advantages, P)
+        returns = full_width(adv.returns, P) if adv.returns is not None else torch.zeros_like(advantages)
+        # Finite inputs can still overflow (k3's exp of a large log-ratio): such rows are dropped the same way.
+        bad = ((~torch.isfinite(advantages) | ~torch.isfinite(returns)) & action_mask.bool()).any(dim=1)
+        if bad.any():
+            dropped |= bad
+            action_mask = action_mask * (~bad)[:, None].to(action_mask.dtype)
+            advantages, returns = (torch.where(bad[:, None], 0.0, x) for x in (advantages, returns))
+        experience = {k: batch[k] for k in ("input_ids", "attention_mask")}
+        experience["action_mask"] = action_mask
+        experience["advantages"] = advantages
         if reuse:
             experience["vllm_logprobs"] = full_width(info["vllm_logprobs"], P)
         else:
@@ -254,9 +402,11 @@ class PPOTrainer:
         if p.kl_penalty == "loss":
             experience["ref_logprobs"] = got["ref"]
         if self.critic is not None:
-            experience.update(old_values=got["values"], returns=full_width(adv.returns, P))
+            experience.update(old_values=got["values"], returns=returns)
+        kept = scores[~dropped]
         stats = {
-            "reward/mean": got["scores"].float().mean().item(), "reward/std": got["scores"].float().std().item(),
+            "reward/mean": kept.mean().item(), "reward/std": kept.std().item(),
+            "experience/nonfinite_samples": int(dropped.sum()),
             "reward/shaped_mean": adv.sequence_rewards.mean().item(), "kl/coef": self.kl_ctl.value,
             "response/length_mean": mask.sum(dim=1).mean().item(),
             "experience/old_logprobs_from_training": float(reuse),
@@ -284,10 +434,12 @@ class PPOTrainer:
             stats["logprob_gap/vllm_vs_learner"] = actor_stats["logprob_gap"]
         if "ptx_loss" in actor_stats:
             stats["loss/ptx"] = actor_stats["ptx_loss"]
+        stats["actor/nonfinite_steps"] = actor_stats["nonfinite_steps"]  # skipped on every rank (learner.py)
         if self.critic is not None:
             critic_stats = self.critic.train(ref)
             stats.update({"loss/value": critic_stats["value_loss"],
-                          "value/clip_fraction": critic_stats.get("value_clip_fraction", float("nan"))})
+                          "value/clip_fraction": critic_stats.get("value_clip_fraction", float("nan")),
+                          "critic/nonfinite_steps": critic_stats["nonfinite_steps"]})
         return stats
 
     def _ptx_batch(self) -> dict:
@@ -303,8 +455,10 @@ class PPOTrainer:
         p, started = self.cfg.ppo, time.time()
         timings = {}
         t = time.time()
-        batch, info = self.generate(self.prompts.take(p.rollout_batch_size))
+        batch, info = self.generate(p.rollout_batch_size)
         timings["time/generate_s"] = time.time() - t
+        if self.engines_sleep:  # the engines' GPU memory goes to the scorers and learners until the sync
+            self.generators.sleep()
         t = time.time()
         experience, stats = self.make_experience(batch, info)
         timings["time/score_s"] = time.time() - t
@@ -312,6 +466,8 @@ class PPOTrainer:
         stats.update(self.train(experience))
         timings["time/train_s"] = time.time() - t
         t = time.time()
+        if self.engines_sleep:
+            self.generators.wake_up()  # weights back on the GPU before they are updated and sampled from
         version = self.generators.sync_weights(self.actor)
         timings["time/sync_s"] = time.time() - t
         self.kl_ctl.update(stats["kl/mean"], len(batch["input_ids"]))
@@ -319,6 +475,7 @@ class PPOTrainer:
         stats.update({"time/iteration_s": time.time() - started, "weight_version": version,
                       "rollout/weight_version": max(info["weight_versions"]),
                       "rollout/redispatched": info["redispatched"], "rollout/engines_used": info["engines_used"],
+                      "rollout/skipped_prompts": info["skipped_prompts"],
                       "throughput/tokens_per_s": info["generated_tokens"] / max(timings["time/generate_s"], 1e-9)})
         return stats
 
@@ -326,10 +483,8 @@ class PPOTrainer:
         from rlhf_ray.metrics import MetricsLogger, plot_curves
 
         cfg = self.cfg
-        logger = MetricsLogger(self.out_dir, filename=cfg.logging.metrics_file, tensorboard=cfg.logging.tensorboard,
-                               wandb_project=cfg.logging.wandb_project, run_name=cfg.run.name,
-                               total_steps=cfg.ppo.num_iterations, initial_step=self.iteration,
-                               append=self.iteration > 0)
+        logger = MetricsLogger.from_config(cfg, self.out_dir, total_steps=cfg.ppo.num_iterations,
+                                           initial_step=self.iteration, append=self.iteration > 0)
         try:
             while self.iteration < cfg.ppo.num_iterations:
                 stats = self.step()
@@ -339,35 +494,34 @@ class PPOTrainer:
                     self.save_checkpoint()
         finally:
             logger.close()
-        final = self.out_dir / "actor"
-        self.actor.save_pretrained(str(final))
+        final = export_actor(self.actor, self.out_dir, cfg.ppo.ema_decay)
         plot_curves(logger.path, self.out_dir / "reward_kl.png")
         return final
 
     # -- checkpoint / resume
     def save_checkpoint(self) -> Path:
-        from rlhf_ray.checkpoint import rng_state
+        from rlhf_ray.checkpoint import rng_state, write_controller_state
 
         def write(folder: Path) -> None:
             self.actor.save_checkpoint(str(folder / "actor"))
             if self.critic is not None:
                 self.critic.save_checkpoint(str(folder / "critic"))
-            torch.save({"iteration": self.iteration, "prompt_position": self.prompts.position,
-                        "kl_controller": self.kl_ctl.state_dict(), "rng": rng_state(),
-                        "weight_version": self.generators.weight_version}, folder / "controller.pt")
+            write_controller_state(folder, {"iteration": self.iteration, "prompt_position": self.prompts.position,
+                                            "kl_controller": self.kl_ctl.state_dict(), "rng": rng_state(),
+                                            "weight_version": self.generators.weight_version})
 
         path = self.checkpoints.save(self.iteration, write)
         log.info("checkpoint %s", path)
         return path
 
     def resume(self) -> None:
-        from rlhf_ray.checkpoint import set_rng_state
+        from rlhf_ray.checkpoint import read_controller_state, set_rng_state
 
         latest = self.checkpoints.latest()
         if latest is None:
             log.info("checkpoint.resume: no checkpoint under %s, starting fresh", self.checkpoints.root)
             return
-        state = torch.load(latest / "controller.pt", weights_only=False)
+        state = read_controller_state(latest)  # JSON: a checkpoint folder is data, never code to unpickle
         self.actor.load_checkpoint(str(latest / "actor"))
         if self.critic is not None:
             self.critic.load_checkpoint(str(latest / "critic"))
@@ -384,6 +538,7 @@ class PPOTrainer:
             if group is not None:
                 group.shutdown()
         remove_placement(self.plan)
+        self.plan = {}  # removed: a second shutdown (a caller's finally after a failed step) has nothing left to do
 
 
 def run_ppo(cfg: Config) -> Path:

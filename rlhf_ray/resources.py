@@ -2,7 +2,7 @@
 
 Convention (see README "Resources on small machines"): a Ray CPU is a *scheduling token*, not a core.
 Every role bundle asks for `placement.<role>.cpus_per_worker` CPUs (GPUs likewise). A cluster we start
-ourselves (no address given and none running) declares
+ourselves (no ray.address and no RAY_ADDRESS given: a private one, even if another Ray runs here) declares
     num_cpus = max(physical cores, sum of every bundle's CPUs in the layout)
 so a full PPO layout — one placement group per role — is always placeable on a 2-core laptop or CI box. Real
 cores are shared by the OS; vLLM engines are bound to cores separately (VLLM_CPU_OMP_THREADS_BIND). On a real
@@ -79,25 +79,32 @@ def local_num_cpus(cfg: Config, extra_cpus: float = 1.0) -> int:
     return max(os.cpu_count() or 1, math.ceil(max(needed, train_needed) + extra_cpus))
 
 
+def ray_address(cfg: Config) -> Optional[str]:
+    """The cluster to attach to: ray.address, else RAY_ADDRESS (set by `ray job submit` for its driver); "auto" only
+    when one of them says so. None (nothing given, or "local"): start a private local cluster. Never a Ray instance
+    merely found on the machine (a test session, another run), whose resources this run would compete for."""
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS") or None
+    return None if address == LOCAL else address
+
+
 def init_ray(cfg: Config, **kwargs):
-    """Attach to the configured / running cluster, or start a local one sized by the convention above."""
+    """Attach to the cluster given (ray_address), or start a private local one sized by the convention above."""
     import ray
 
     if ray.is_initialized():
         return ray.get_runtime_context()
     runtime_env = {"env_vars": worker_env_vars()}
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-    if address and address != LOCAL:
-        log.info("attaching to Ray cluster at %s", address)
+    address = ray_address(cfg)
+    if address is not None:
+        source = "ray.address" if cfg.ray.address else "RAY_ADDRESS"
+        log.info("attaching to the Ray cluster at %s (%s)", address, source)
         return ray.init(address=address, runtime_env=runtime_env, **kwargs)
-    if address is None:
-        try:  # a cluster started with `ray start` on this machine
-            return ray.init(address="auto", runtime_env=runtime_env, **kwargs)
-        except ConnectionError:
-            pass
     num_cpus = local_num_cpus(cfg)
-    log.info("starting a local Ray cluster with %d logical CPUs (%d cores)", num_cpus, os.cpu_count() or 1)
-    return ray.init(num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env, **kwargs)
+    why = "ray.address: local" if cfg.ray.address == LOCAL else "no ray.address or RAY_ADDRESS given"
+    log.info("starting a private local Ray cluster with %d logical CPUs (%d cores): %s", num_cpus,
+             os.cpu_count() or 1, why)
+    # address="local": a new instance even when another Ray runs on this machine (None would join the latest one).
+    return ray.init(address=LOCAL, num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env, **kwargs)
 
 
 def ready_placement_group(role: str, bundles: list[dict[str, float]], strategy: str = "PACK",

@@ -46,6 +46,7 @@ __all__ = [
     "DEFAULTS",
     "AGGREGATION_MODES",
     "KL_ESTIMATORS",
+    "scoring_temperature",
     "logprobs_from_logits",
     "entropy_from_logits",
     "kl_estimate",
@@ -206,6 +207,21 @@ def _row_chunks(n_rows: int, chunk_size: int) -> Iterable[slice]:
     return (slice(start, min(start + chunk_size, n_rows)) for start in range(0, n_rows, chunk_size))
 
 
+def scoring_temperature(temperature: float) -> float:
+    """The temperature tau that log-probs and entropies are scored at: the generator's sampling temperature.
+
+    Tokens sampled from softmax(z / tau) are scored under softmax(z / tau) by the policy, the old policy
+    and the reference alike, so the PPO ratio, the KL and the entropy are those of the sampling distribution
+    (veRL ``dp_actor._forward_micro_batch``: ``logits.div_(temperature)`` for actor, old and reference
+    log-probs and entropy; OpenRLHF ``log_probs_from_logits(logits, labels, temperature)``). vLLM's
+    ``processed_logprobs`` are the same log-softmax(z / tau).
+    tau = 0 (greedy) has no such distribution: scored at 1, as vLLM's greedy path applies no temperature.
+    """
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    return 1.0 if temperature == 0 else float(temperature)
+
+
 def logprobs_from_logits(
     logits: Tensor,
     tokens: Tensor,
@@ -216,12 +232,14 @@ def logprobs_from_logits(
     """log pi(a_t) = z_t[a_t] / tau - logsumexp(z_t / tau)       logits (B, T, V), tokens (B, T) -> (B, T)
 
     ``logits[b, t]`` must be the distribution that produced ``tokens[b, t]`` (the caller does the
-    usual one-position shift). ``temperature`` is the sampling temperature of the generator
-    (veRL divides logits by it so that log-probs match vLLM's). Memory-lean: the (B*T, V) logits
+    usual one-position shift). ``temperature`` is the sampling temperature of the generator, so that
+    the log-probs are those of the distribution the tokens were sampled from (``scoring_temperature``;
+    0, greedy, scores at 1). Memory-lean: the (B*T, V) logits
     are processed ``chunk_size`` tokens at a time (half precision upcast to float32) and only one
     (chunk, V) temporary of logsumexp lives at a time; no softmax copy is kept. 0 on padding when
     ``mask`` is given.
     """
+    temperature = scoring_temperature(temperature)
     flat_logits = logits.reshape(-1, logits.shape[-1])
     flat_tokens = tokens.reshape(-1, 1)
     out = torch.empty(flat_tokens.shape[0], dtype=_float_dtype(logits), device=logits.device)
@@ -237,8 +255,10 @@ def entropy_from_logits(
 ) -> Tensor:
     """H(pi_t) = -sum_v p_v log p_v = logsumexp(z) - sum_v softmax(z)_v z_v,  z = logits / tau.
 
-    logits (B, T, V) -> (B, T). Chunked over tokens like ``logprobs_from_logits``.
+    logits (B, T, V) -> (B, T). Chunked over tokens like ``logprobs_from_logits``; ``temperature``
+    as there (the entropy of the sampling distribution).
     """
+    temperature = scoring_temperature(temperature)
     flat_logits = logits.reshape(-1, logits.shape[-1])
     out = torch.empty(flat_logits.shape[0], dtype=_float_dtype(logits), device=logits.device)
     for rows in _row_chunks(flat_logits.shape[0], chunk_size):

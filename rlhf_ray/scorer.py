@@ -8,7 +8,8 @@
 Inference only. Each rank holds either a plain replica of the model (ZeRO stage 0) or a ZeRO-3 partition of it
 (DeepSpeed engine without an optimizer, as DeepSpeed-Chat's reference model): `ppo.scorer_zero_stage`, or by size
 when unset — models whose weight files exceed `ppo.scorer_replica_max_gib` are partitioned across the role's
-ranks. Precision and micro-batch size follow the matching learner (reference: ppo.actor, reward: ppo.critic).
+ranks. Micro-batch size follows the matching learner (reference: ppo.actor, reward: ppo.critic); precision is the
+run's one precision (config.ppo_precision), resolved by each rank on its own device.
 
 The reward model's score is its value at the last real token of each row (found from attention_mask, so left and
 right padding give the same score). Reward functions (`ppo.reward_functions`) add to it
@@ -16,7 +17,9 @@ right padding give the same score). Reward functions (`ppo.reward_functions`) ad
     a dotted path   "my_pkg.rewards:exact_match" (or "my_pkg.rewards.exact_match"), importable by the actors;
     an HTTP URL     "http://host:port/score", POSTed JSON {"prompts": [...], "responses": [...], <list fields>}
                     and answering {"rewards": [float, ...]}; ppo.reward_http_timeout_s per attempt,
-                    ppo.reward_http_retries more attempts, then a RewardFunctionError naming the URL and the cause.
+                    ppo.reward_http_retries more attempts (after a timeout, connection error, 5xx, 408 or 429;
+                    other 4xx fail at once), then a RewardFunctionError naming the URL and the cause. With
+                    ppo.reward_http_token_env: VAR, "Authorization: Bearer $VAR" (read in the reward actor).
 Both are called as fn(prompts, responses, **fields) -> one float per row, where `fields` are the batch's other
 per-row lists (for example reference answers under "labels"). The texts are decoded from the batch with the
 actor's tokenizer unless the batch carries "prompts" and "responses" itself.
@@ -24,16 +27,18 @@ actor's tokenizer unless the batch carries "prompts" and "responses" itself.
 from __future__ import annotations
 
 import abc
+import dataclasses
 import importlib
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from rlhf_ray.config import Config, DeepSpeedConfig, ModelConfig, PPOConfig
+from rlhf_ray.config import Config, DeepSpeedConfig, ModelConfig, PPOConfig, ppo_precision
 from rlhf_ray.groups import Batch, DistributedWorker, ModelGroup, RolePlacement
 from rlhf_ray.learner import causal_logprobs, forward_accepts, micro_batches, to_device
 from rlhf_ray.train.deepspeed_config import resolve_precision
@@ -61,22 +66,47 @@ def check_rewards(values: Any, n: int, source: str) -> list[float]:
     return out
 
 
-class HttpRewardFunction:
-    """A remote reward: POST JSON, read {"rewards": [...]}; `retries` more attempts after a failure."""
+# Client errors that a later attempt can cure: 408 Request Timeout, 429 Too Many Requests. Any other 4xx (bad
+# request, unauthorised, not found, ...) answers the same way every time: fail at once, no retries.
+RETRYABLE_CLIENT_ERRORS = (408, 429)
 
-    def __init__(self, url: str, timeout_s: float = 10.0, retries: int = 2, backoff_s: float = 0.2):
+
+def bearer_token(token_env: Optional[str]) -> Optional[str]:
+    """The token in the environment variable named `token_env` (ppo.reward_http_token_env), read in this process."""
+    if not token_env:
+        return None
+    token = os.environ.get(token_env)
+    if not token:
+        raise RewardFunctionError(f"ppo.reward_http_token_env names {token_env}, which is not set (or empty) in the "
+                                  f"reward actor's environment (pid {os.getpid()}); set it on the cluster's nodes "
+                                  f"or pass it to the job's runtime environment")
+    return token
+
+
+class HttpRewardFunction:
+    """A remote reward: POST JSON, read {"rewards": [...]}; `retries` more attempts after a timeout, a connection
+    error, a 5xx, 408 or 429 (other 4xx fail at once). With `token`, sends "Authorization: Bearer <token>"."""
+
+    def __init__(self, url: str, timeout_s: float = 10.0, retries: int = 2, backoff_s: float = 0.2,
+                 token: Optional[str] = None):
         self.url, self.timeout_s, self.retries, self.backoff_s = url, timeout_s, retries, backoff_s
+        self.headers = {"Authorization": f"Bearer {token}"} if token else {}
+
+    def __repr__(self) -> str:  # never the token
+        return f"HttpRewardFunction({self.url!r}, auth={'bearer' if self.headers else 'none'})"
 
     def __call__(self, prompts: list[str], responses: list[str], **fields) -> list[float]:
         import requests
 
         payload = {"prompts": list(prompts), "responses": list(responses), **{k: list(v) for k, v in fields.items()}}
         last_error = ""
+        attempts = 0
         for attempt in range(1 + self.retries):
             if attempt:
                 time.sleep(self.backoff_s * 2 ** (attempt - 1))
+            attempts += 1
             try:
-                reply = requests.post(self.url, json=payload, timeout=self.timeout_s)
+                reply = requests.post(self.url, json=payload, timeout=self.timeout_s, headers=self.headers)
             except requests.Timeout:
                 last_error = f"no answer within {self.timeout_s}s"
                 continue
@@ -85,6 +115,8 @@ class HttpRewardFunction:
                 continue
             if reply.status_code != 200:
                 last_error = f"HTTP {reply.status_code}: {reply.text[:200]!r}"
+                if 400 <= reply.status_code < 500 and reply.status_code not in RETRYABLE_CLIENT_ERRORS:
+                    break  # the request itself is wrong (or unauthorised): another attempt gets the same answer
                 continue
             try:
                 body = reply.json()
@@ -99,7 +131,7 @@ class HttpRewardFunction:
             except RewardFunctionError as e:
                 last_error = str(e)
         raise RewardFunctionError(
-            f"reward endpoint {self.url} failed after {1 + self.retries} attempt(s): {last_error}")
+            f"reward endpoint {self.url} failed after {attempts} attempt(s): {last_error}")
 
 
 def import_callable(spec: str) -> Callable:
@@ -120,9 +152,10 @@ def import_callable(spec: str) -> Callable:
     return fn
 
 
-def load_reward_function(spec: str, timeout_s: float = 10.0, retries: int = 2) -> Callable:
+def load_reward_function(spec: str, timeout_s: float = 10.0, retries: int = 2,
+                         token_env: Optional[str] = None) -> Callable:
     if spec.startswith(("http://", "https://")):
-        return HttpRewardFunction(spec, timeout_s, retries)
+        return HttpRewardFunction(spec, timeout_s, retries, token=bearer_token(token_env))
     return import_callable(spec)
 
 
@@ -178,14 +211,15 @@ class ScorerWorker(DistributedWorker, abc.ABC):
     def setup(self) -> None:
         import deepspeed
 
-        from rlhf_ray.env import has_cuda
+        from rlhf_ray.env import PRECISION_DTYPES
 
         torch.manual_seed(self.seed)
         if self.model_cfg is None:
             return
-        cuda = has_cuda()
+        cuda = self.device_type == "cuda"  # chosen in this rank's process (DistributedWorker)
         precision = resolve_precision(self.ds, cuda)
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+        self.dtype_name = PRECISION_DTYPES[precision]
+        dtype = getattr(torch, self.dtype_name)
         path = resolve_model_path(self.model_cfg.path)
         self.zero_stage = self.choose_zero_stage(path)
         if self.zero_stage == 3:
@@ -213,6 +247,10 @@ class ScorerWorker(DistributedWorker, abc.ABC):
 class ReferenceScorer(ScorerWorker):
     """The frozen reference policy (the actor's initial weights unless models.reference is set)."""
 
+    def __init__(self, *args, temperature: float = 1.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.temperature = temperature  # generation.temperature: KL to the reference is of the sampling distribution
+
     def load(self, path: str) -> torch.nn.Module:
         from rlhf_ray.models.loading import load_causal_lm
 
@@ -226,10 +264,11 @@ class ReferenceScorer(ScorerWorker):
 
     @torch.no_grad()
     def logprobs(self, batch: Batch) -> torch.Tensor:
-        """(B, T-1) log-probs of input_ids[:, 1:] under the reference model (0 where the target is padding and, with
-        an action_mask, before its first action column: causal_logprobs)."""
+        """(B, T-1) log-probs of input_ids[:, 1:] under the reference model at the sampling temperature (0 where the
+        target is padding and, with an action_mask, before its first action column: causal_logprobs)."""
         return torch.cat([causal_logprobs(self.model, to_device(mb, self.device), self._position_ids,
-                                          logits_to_keep=self._logits_to_keep)[0].float().cpu()
+                                          logits_to_keep=self._logits_to_keep,
+                                          temperature=self.temperature)[0].float().cpu()
                           for mb in micro_batches(batch, self.ds.micro_batch_size)])
 
 
@@ -239,7 +278,7 @@ class RewardScorer(ScorerWorker):
     def __init__(self, role: str, rank: int, world_size: int, placement_group_id: Optional[str] = None, *,
                  model: Optional[ModelConfig], tokenizer: Optional[ModelConfig] = None,
                  functions: Sequence[str] = (), mode: str = "add", http_timeout_s: float = 10.0,
-                 http_retries: int = 2, **kwargs):
+                 http_retries: int = 2, http_token_env: Optional[str] = None, **kwargs):
         if mode not in ("add", "replace"):
             raise ValueError(f"reward_function_mode must be 'add' or 'replace', got {mode!r}")
         if mode == "replace" and not functions:
@@ -251,13 +290,15 @@ class RewardScorer(ScorerWorker):
         self.tokenizer_cfg = tokenizer
         self.function_specs, self.mode = list(functions), mode
         # Loaded now, so a bad dotted path fails at start-up with its name, not at the first batch.
-        self.functions = [load_reward_function(s, http_timeout_s, http_retries) for s in self.function_specs]
+        self.functions = [load_reward_function(s, http_timeout_s, http_retries, http_token_env)
+                          for s in self.function_specs]
         self.tokenizer = None
 
     def load(self, path: str) -> torch.nn.Module:
         from rlhf_ray.models.value_head import ValueHeadModel
 
-        return ValueHeadModel.from_pretrained(path, dtype=torch.float32)
+        return ValueHeadModel.from_pretrained(path, dtype=torch.float32,
+                                              trust_remote_code=self.model_cfg.trust_remote_code)
 
     def _model_scores(self, batch: Batch) -> torch.Tensor:
         from rlhf_ray.models.value_head import last_token_index
@@ -283,49 +324,64 @@ class RewardScorer(ScorerWorker):
                 if self.tokenizer_cfg is None:
                     raise ValueError("reward functions need a tokenizer to decode the batch (models.actor)")
                 self.tokenizer = load_tokenizer(self.tokenizer_cfg)
+            # The shard's padding rows (copies of the batch's last row, see call_sharded) are never sent to a
+            # function: a service would see duplicates. They score 0 here and are dropped when the shards join.
+            real = n - self.padding_rows
             prompts, responses = batch_texts(batch, self.tokenizer)
-            fields = {k: v for k, v in batch.items()
+            fields = {k: list(v)[:real] for k, v in batch.items()
                       if k not in TEXT_FIELDS and isinstance(v, (list, tuple)) and len(v) == n}
             for spec, fn in zip(self.function_specs, self.functions):
-                parts[spec] = torch.tensor(check_rewards(fn(prompts, responses, **fields), n, spec))
+                values = check_rewards(fn(prompts[:real], responses[:real], **fields), real, spec) if real else []
+                parts[spec] = torch.tensor(values + [0.0] * (n - real))
         total = torch.stack(list(parts.values())).sum(0)
         return {"score": total, **parts} if details else total
 
 
 # ------------------------------------------------------------------------------------------ driver side
+def reference_model(cfg: Config) -> ModelConfig:
+    """models.reference, or else the actor's initial weights (models.actor)."""
+    return cfg.models.reference or cfg.models.actor
+
+
 def _scorer_kwargs(cfg: Config, ds: DeepSpeedConfig) -> dict:
-    return dict(deepspeed=ds, zero_stage=cfg.ppo.scorer_zero_stage, replica_max_gib=cfg.ppo.scorer_replica_max_gib,
+    """`ds`: the matching learner's section (micro-batch size), with the run's one precision (config.ppo_precision)."""
+    return dict(deepspeed=dataclasses.replace(ds, precision=ppo_precision(cfg)), zero_stage=cfg.ppo.scorer_zero_stage, replica_max_gib=cfg.ppo.scorer_replica_max_gib,
                 seed=cfg.run.seed)
 
 
 class ReferenceGroup(ModelGroup):
-    """Driver handle of the reference scorer's ranks (placement.reference; precision of ppo.actor)."""
+    """Driver handle of the reference scorer's ranks (placement.reference; micro-batches of ppo.actor)."""
 
     def __init__(self, cfg: Config, placement: Optional[RolePlacement] = None, model: Optional[ModelConfig] = None,
                  **group_kwargs):
         super().__init__("reference", ReferenceScorer, cfg.placement.reference.num_workers,
                          resources=cfg.placement.reference, placement=placement,
                          placement_timeout_s=cfg.ray.placement_timeout_s,
-                         worker_kwargs=dict(model=model or cfg.models.reference or cfg.models.actor,
+                         worker_kwargs=dict(model=model or reference_model(cfg),
+                                            temperature=cfg.generation.temperature,
                                             **_scorer_kwargs(cfg, cfg.ppo.actor.deepspeed)), **group_kwargs)
 
     def logprobs(self, batch, as_ref: bool = False):
         return self.run_sharded("logprobs", batch, as_ref=as_ref)
 
 
+def reward_worker_kwargs(cfg: Config, model: Optional[ModelConfig] = None) -> dict:
+    """What each RewardScorer rank is built with: models.reward (or `model`), ppo.reward_* and the scorer keys."""
+    p: PPOConfig = cfg.ppo
+    model = model or cfg.models.reward
+    return dict(model=model if model.path else None, tokenizer=cfg.models.actor, functions=p.reward_functions,
+                mode=p.reward_function_mode, http_timeout_s=p.reward_http_timeout_s, http_retries=p.reward_http_retries,
+                http_token_env=p.reward_http_token_env, **_scorer_kwargs(cfg, cfg.ppo.critic.deepspeed))
+
+
 class RewardGroup(ModelGroup):
-    """Driver handle of the reward scorer's ranks (placement.reward; precision of ppo.critic)."""
+    """Driver handle of the reward scorer's ranks (placement.reward; micro-batches of ppo.critic)."""
 
     def __init__(self, cfg: Config, placement: Optional[RolePlacement] = None, model: Optional[ModelConfig] = None,
                  **group_kwargs):
-        p: PPOConfig = cfg.ppo
-        model = model or cfg.models.reward
         super().__init__("reward", RewardScorer, cfg.placement.reward.num_workers, resources=cfg.placement.reward,
                          placement=placement, placement_timeout_s=cfg.ray.placement_timeout_s,
-                         worker_kwargs=dict(model=model if model.path else None, tokenizer=cfg.models.actor,
-                                            functions=p.reward_functions, mode=p.reward_function_mode,
-                                            http_timeout_s=p.reward_http_timeout_s, http_retries=p.reward_http_retries,
-                                            **_scorer_kwargs(cfg, cfg.ppo.critic.deepspeed)), **group_kwargs)
+                         worker_kwargs=reward_worker_kwargs(cfg, model), **group_kwargs)
 
     def scores(self, batch, details: bool = False, as_ref: bool = False):
         return self.run_sharded("scores", batch, details=details, as_ref=as_ref)

@@ -10,7 +10,9 @@ layer's q/k/v or gate/up.
 
 Checksums map the live parameters back to HF names: fused qkv_proj / gate_up_proj are split, each TP worker reports
 the slice of the HF tensor it holds (row- or column-sharded, vocab-sharded embeddings without their padding), and
-the engine actor adds the slices (rlhf_ray.weight_sync.combine_pieces). On CPU vLLM moves linear weights into
+the engine actor adds the slices (rlhf_ray.weight_sync.combine_pieces). What a model's load_weights rewrites beyond
+that generic sharding (GPT-2's transposed Conv1D weights and fused c_attn, BLOOM's per-head query_key_value) is
+undone through one table, HF_LAYOUTS. On CPU vLLM moves linear weights into
 packed oneDNN/SGL kernels and leaves an empty parameter; those are read back exactly through the layer's own
 kernel (`cpu_linear` applied to an identity matrix), so the checksum covers what the engine really computes with.
 """
@@ -20,10 +22,26 @@ from typing import Any
 
 import torch
 
-from rlhf_ray.weight_sync import SyncPlan, checksum_slice, gloo_receive
+from rlhf_ray.weight_sync import SyncPlan, WeightSyncError, checksum_slice, gloo_receive
 
 _DEFAULT_PACKED = {"QKVParallelLinear": ["q_proj", "k_proj", "v_proj"],
                    "MergedColumnParallelLinear": ["gate_proj", "up_proj"]}
+
+# What a model's load_weights (vllm/model_executor/models/<arch>.py) does to a Hugging Face tensor beyond vLLM's
+# generic sharding, by architecture; the checksum undoes it per TP shard.
+#   qkv         layout of a QKVParallelLinear the checkpoint keeps fused under the same name (a leaf that
+#               packed_modules_mapping does not split into q/k/v): "concat" = rows [q | k | v] (gpt2.py),
+#               "per_head" = rows (head, q|k|v, head_dim) (bloom.py `_repack_qkv`).
+#   transposed  leaves whose 2-d weights the checkpoint stores as (in, out): Conv1D (gpt2.py `_transpose_conv1d`).
+# Architectures not listed (Llama, OPT, Mistral, Qwen2, ...) store q/k/v and gate/up as the separate tensors
+# packed_modules_mapping names. One mapping per architecture rather than replaying the engine's loader on the
+# sender's tensors: the inverse of a rewrite is an exact slice of the HF tensor for every TP shard, so checksums stay
+# additive, read the live values in place and need no second copy of the model (BLOOM-176B). A wrong or missing
+# entry cannot pass unnoticed: the names, shapes and position-sensitive checksums must all match the sender's.
+HF_LAYOUTS = {
+    "GPT2LMHeadModel": {"qkv": "concat", "transposed": ("c_attn", "c_proj", "c_fc")},
+    "BloomForCausalLM": {"qkv": "per_head"},
+}
 
 
 def live_tensor(module: torch.nn.Module, pname: str, param: torch.Tensor) -> torch.Tensor:
@@ -76,7 +94,11 @@ def refresh_tied_heads(model: torch.nn.Module, tied: bool) -> int:
     return len(heads)
 
 
-def _piece(name: str, t: torch.Tensor, full_shape: tuple, dim: int, start: int) -> dict:
+def _piece(name: str, t: torch.Tensor, full_shape: tuple, dim: int, start: int, transposed: bool = False) -> dict:
+    """One checksum piece: `t` is the slice [start, start + len) along `dim` of the HF tensor `name` of `full_shape`
+    (all in vLLM's (out, in) layout; `transposed`: the checkpoint stores the matrix as (in, out))."""
+    if transposed and t.dim() == 2:
+        t, full_shape, dim = t.t(), tuple(reversed(tuple(full_shape))), 1 - dim
     return {"name": name, "dim": dim, "start": start, "length": t.shape[dim] if t.dim() else 1,
             "full_shape": tuple(full_shape), "checksum": checksum_slice(t, full_shape, dim, start)}
 
@@ -94,6 +116,7 @@ def hf_pieces(model: torch.nn.Module) -> list[dict]:
     from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
 
     packed = dict(getattr(model, "packed_modules_mapping", None) or {})
+    layout = HF_LAYOUTS.get(type(model).__name__, {})
     pieces, seen = [], set()
     for mod_name, module in model.named_modules():
         if stale_head_kernel(module):  # a piece no learner tensor matches: the sync fails naming it
@@ -105,6 +128,7 @@ def hf_pieces(model: torch.nn.Module) -> list[dict]:
             t = live_tensor(module, pname, param)
             prefix, _, leaf = mod_name.rpartition(".")
             name = f"{mod_name}.{pname}"
+            flip = leaf in layout.get("transposed", ())
             if isinstance(module, QKVParallelLinear):
                 hs, vhs = module.head_size, getattr(module, "v_head_size", module.head_size)
                 nq, nkv = module.num_heads, module.num_kv_heads
@@ -112,7 +136,11 @@ def hf_pieces(model: torch.nn.Module) -> list[dict]:
                 parts = [(nq * hs, module.tp_rank * nq * hs, module.total_num_heads * hs),
                          (nkv * hs, kv_rank * nkv * hs, module.total_num_kv_heads * hs),
                          (nkv * vhs, kv_rank * nkv * vhs, module.total_num_kv_heads * vhs)]
-                pieces += _split_fused(t, prefix, pname, packed.get(leaf, _DEFAULT_PACKED["QKVParallelLinear"]), parts)
+                if leaf in packed or "qkv" not in layout:
+                    names = packed.get(leaf, _DEFAULT_PACKED["QKVParallelLinear"])
+                    pieces += _split_fused(t, prefix, pname, names, parts)
+                else:
+                    pieces += _fused_qkv(t, name, parts, layout["qkv"], hs, flip)
             elif isinstance(module, MergedColumnParallelLinear):
                 local = [s // module.tp_size for s in module.output_sizes]
                 parts = [(n, module.tp_rank * n, full) for n, full in zip(local, module.output_sizes)]
@@ -120,18 +148,42 @@ def hf_pieces(model: torch.nn.Module) -> list[dict]:
                 pieces += _split_fused(t, prefix, pname, names, parts)
             elif isinstance(module, RowParallelLinear) and pname == "weight" and module.tp_size > 1:
                 full = (t.shape[0], module.input_size)
-                pieces.append(_piece(name, t, full, 1, module.tp_rank * module.input_size_per_partition))
+                pieces.append(_piece(name, t, full, 1, module.tp_rank * module.input_size_per_partition, flip))
             elif isinstance(module, ColumnParallelLinear) and module.tp_size > 1:
                 n = module.output_size_per_partition
-                pieces.append(_piece(name, t[:n], _replace_dim(t.shape, 0, module.output_size), 0, module.tp_rank * n))
+                pieces.append(_piece(name, t[:n], _replace_dim(t.shape, 0, module.output_size), 0,
+                                     module.tp_rank * n, flip))
             elif isinstance(module, VocabParallelEmbedding):
                 idx = module.shard_indices
                 rows = idx.org_vocab_end_index - idx.org_vocab_start_index
                 full = _replace_dim(t.shape, 0, module.org_vocab_size)
                 pieces.append(_piece(name, t[:rows], full, 0, idx.org_vocab_start_index))
             else:  # replicated: norms, biases of row-parallel layers, unsharded layers
-                pieces.append(_piece(name, t, t.shape, 0, 0))
+                pieces.append(_piece(name, t, t.shape, 0, 0, flip))
     return pieces
+
+
+def _fused_qkv(t: torch.Tensor, name: str, parts: list[tuple], layout: str, head_size: int,
+               transposed: bool) -> list[dict]:
+    """A QKV layer the checkpoint keeps fused too (HF_LAYOUTS): this worker's rows [q | k | v] -> pieces of `name`.
+    "concat": each part is a slice of its block of [q | k | v]; "per_head": the worker's heads, regrouped as
+    (head, q|k|v, head_dim), are one contiguous block of rows."""
+    full_rows = sum(full for _, _, full in parts)
+    if layout == "concat":
+        out, row, block = [], 0, 0
+        for n, start, full in parts:
+            part = t[row:row + n]
+            out.append(_piece(name, part, _replace_dim(part.shape, 0, full_rows), 0, block + start, transposed))
+            row, block = row + n, block + full
+        return out
+    if layout == "per_head":
+        (nq, start, _), (nk, _, _), (nv, _, _) = parts
+        if not nq == nk == nv:
+            raise WeightSyncError(f"{name}: a per-head fused QKV layout needs as many K/V heads as query heads")
+        heads = nq // head_size
+        regrouped = t[:3 * nq].reshape(3, heads, head_size, *t.shape[1:]).transpose(0, 1).reshape(3 * nq, *t.shape[1:])
+        return [_piece(name, regrouped, _replace_dim(regrouped.shape, 0, full_rows), 0, 3 * start, transposed)]
+    raise WeightSyncError(f"{name}: unknown fused QKV layout {layout!r} in HF_LAYOUTS")
 
 
 def _split_fused(t: torch.Tensor, prefix: str, pname: str, names: list[str], parts: list[tuple]) -> list[dict]:
@@ -151,7 +203,7 @@ class WorkerExtension:
     """Mixed into vLLM's Worker class; `self` is the worker (model_runner, vllm_config, rank, ...)."""
 
     def _rlhf_model(self) -> torch.nn.Module:
-        return self.model_runner.model
+        return self.model_runner.get_model()  # the model class itself, not a CUDA-graph wrapper (HF_LAYOUTS keys)
 
     def rlhf_begin_update(self) -> None:
         from vllm.config import set_current_vllm_config
@@ -180,8 +232,9 @@ class WorkerExtension:
             if hasattr(runner, reset):
                 getattr(runner, reset)()
 
-    def rlhf_receive_gloo(self, plan: SyncPlan, rank_offset: int) -> int:
-        """Join the sync's gloo group as rank_offset + this worker's TP rank and load every bucket it receives."""
+    def rlhf_receive_gloo(self, plan: SyncPlan, rank_offset: int) -> dict:
+        """Join the sync's gloo channel as rank_offset + this worker's TP rank (or reuse this worker's group) and load
+        every bucket it receives: {"buckets": n, "new_group": created}."""
         return gloo_receive(plan, rank_offset + self.rank, self.rlhf_load_bucket)
 
     def rlhf_checksum_pieces(self) -> list[dict]:

@@ -12,10 +12,15 @@ A sync, driven by the generator group:
        object_store  numpy arrays `ray.put` per bucket (zero-copy `ray.get` in the engine actor), each bucket
                      loaded by every engine before the next is put: peak extra memory ~ one bucket
        gloo          a standalone gloo group (TCPStore + ProcessGroupGloo; no global torch.distributed state) of
-                     the sender and every engine worker; bucket metadata travels through the store
+                     the sender and every engine worker; bucket metadata travels through the store as JSON (data
+                     only: the store has no authentication, so nothing read from it is unpickled)
        nccl          GPU: vLLM's NCCL weight-transfer engine on the workers (`weight_transfer_config`), the
-                     sender's PyNcclCommunicator from `vllm.distributed.weight_transfer.nccl_common`
+                     sender's PyNcclCommunicator from `vllm.distributed.weight_transfer.nccl_common`; a GPU
+                     learner's buckets stay on its device and are checksummed there
        ipc           GPU, sender and engine on the same GPU: CUDA IPC handles, vLLM's IPC weight-transfer engine
+     The gloo / NCCL group (and vLLM's transfer engine) is a TransferChannel: created by the first sync, reused by
+     the next ones, rebuilt only when an engine restarts, the engine set or the sending process changes, or a sync
+     on it fails (vLLM's documented lifecycle: init_weight_transfer_engine once, then start / update / finish);
   3. every engine finishes the update, resets its prefix cache and verifies: the checksum of its *live* parameters
      mapped back to HF names (fused q/k/v and gate/up split, TP shards reassembled; see vllm_worker_ext) equals the
      sender's, and its log-probs on a fixed probe sequence equal the source's within a tolerance.
@@ -27,8 +32,9 @@ shard in place and the engine adds the parts: no tensor is moved to verify.
 """
 from __future__ import annotations
 
+import math
+import json
 import os
-import pickle
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -40,10 +46,10 @@ import torch
 
 Bucket = list[tuple[str, torch.Tensor]]
 TRANSPORTS = ("object_store", "gloo", "nccl", "ipc")
+HOST_TRANSPORTS = ("object_store", "gloo")  # send from host memory; nccl and ipc send from the GPU where buckets are
 MASK64 = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)  # odd 64-bit multiplier, as a signed int64
 _BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-END = b"END"
 
 
 class WeightSyncError(RuntimeError):
@@ -55,6 +61,13 @@ def checksum_slice(t: torch.Tensor, full_shape: Iterable[int], dim: int = 0, sta
                    chunk_elems: int = 1 << 22) -> int:
     """Checksum contribution of `t`, the slice [start, start + t.shape[dim]) along `dim` of a tensor of
     `full_shape` (dim 0 for any rank, dim 1 for matrices). The whole tensor: `checksum_slice(t, t.shape)`."""
+    return int(checksum_on_device(t, full_shape, dim, start, chunk_elems)) & MASK64
+
+
+def checksum_on_device(t: torch.Tensor, full_shape: Iterable[int], dim: int = 0, start: int = 0,
+                       chunk_elems: int = 1 << 22) -> torch.Tensor:
+    """checksum_slice as an int64 scalar on t's device (computed there; read it with `int(x) & MASK64` when needed:
+    a sender on GPU reads all its checksums once, at the end of a sync)."""
     full = tuple(int(s) for s in full_shape)
     t = t.detach()
     if t.dim() <= 1:
@@ -67,7 +80,7 @@ def checksum_slice(t: torch.Tensor, full_shape: Iterable[int], dim: int = 0, sta
     else:
         raise ValueError(f"checksum_slice: slices along dim {dim} of a {t.dim()}-d tensor are not supported")
     if t.numel() == 0:
-        return 0
+        return torch.zeros((), dtype=torch.int64, device=t.device)
     bits = t.contiguous().view(_BITS[t.element_size()]).reshape(rows, cols)
     dev = bits.device
     col_weight = torch.arange(cols, dtype=torch.int64, device=dev) * _GOLDEN
@@ -79,7 +92,7 @@ def checksum_slice(t: torch.Tensor, full_shape: Iterable[int], dim: int = 0, sta
         # a per-row offset: sum b * (c*G) + sum_r rowsum_r * (offset_r * G + 1), all mod 2^64 (int64 wraps).
         offsets = (torch.arange(r, r + b.shape[0], dtype=torch.int64, device=dev) + row0) * cols_full + col0
         total += (b * col_weight).sum() + (b.sum(1) * (offsets * _GOLDEN + 1)).sum()
-    return int(total) & MASK64
+    return total
 
 
 def tensor_checksum(t: torch.Tensor, dtype: Optional[torch.dtype] = None) -> int:
@@ -131,6 +144,24 @@ def compare_checksums(expected: dict[str, tuple], live: dict[str, tuple], where:
         raise WeightSyncError(f"{where}: engine parameters with no learner tensor: {extra[:5]}")
 
 
+def compare_probe(mine: list[float], reference: list[float], atol: float, where: str) -> float:
+    """The largest |engine - learner| probe log-prob difference; raise WeightSyncError past `atol`. A NaN or inf on
+    either side is a mismatch (a plain `diff > atol` is False for NaN, and max() of a list with NaN is unreliable)."""
+    if len(mine) != len(reference):
+        raise WeightSyncError(f"{where}: {len(mine)} probe log-probs from the engine, {len(reference)} from the "
+                              f"learner")
+    for i, (a, b) in enumerate(zip(mine, reference)):
+        if not (math.isfinite(a) and math.isfinite(b)):
+            raise WeightSyncError(f"{where}: probe log-prob at position {i + 1} is not finite (engine {a}, "
+                                  f"learner {b})")
+    diffs = [abs(a - b) for a, b in zip(mine, reference)]
+    diff = max(diffs, default=0.0)
+    if not diff <= atol:
+        raise WeightSyncError(f"{where}: probe log-probs differ from the learner's by {diff:.3g} at position "
+                              f"{diffs.index(diff) + 1} (tolerance {atol:g})")
+    return diff
+
+
 # ------------------------------------------------------------------------------------------- wire format
 def to_numpy(t: torch.Tensor) -> tuple[np.ndarray, str]:
     """A CPU numpy view of `t` (bf16 travels as int16 bits) and the torch dtype name to restore it."""
@@ -167,6 +198,47 @@ def iter_buckets(named: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int) -
         yield bucket
 
 
+def bucket_meta(bucket: Optional[Bucket]) -> bytes:
+    """What the gloo receivers need to allocate one bucket, as JSON (data only: the store it travels through has no
+    authentication, so nothing read from it may run code): {"tensors": [[name, shape, dtype name], ...]}. `None`:
+    the end of the sync."""
+    if bucket is None:
+        return json.dumps({"end": True}).encode()
+    return json.dumps({"tensors": [[name, list(t.shape), str(t.dtype).removeprefix("torch.")]
+                                   for name, t in bucket]}).encode()
+
+
+def parse_bucket_meta(raw: bytes, where: str) -> Optional[list[tuple[str, list[int], torch.dtype]]]:
+    """bucket_meta's inverse: [(name, shape, dtype)], or None at the end. Anything else (not JSON, other keys, a
+    dtype name that is not a torch dtype) is refused with WeightSyncError; nothing is ever unpickled."""
+    try:
+        meta = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise WeightSyncError(f"{where}: bucket metadata is not JSON ({raw[:16]!r}...); refused") from None
+    if meta == {"end": True}:
+        return None
+
+    def entry(item) -> tuple[str, list[int], torch.dtype]:
+        name, shape, dtype_name = item
+        dtype = getattr(torch, dtype_name, None) if isinstance(dtype_name, str) else None
+        if not (isinstance(name, str) and isinstance(dtype, torch.dtype) and isinstance(shape, list)
+                and all(isinstance(d, int) and d >= 0 for d in shape)):
+            raise ValueError(item)
+        return name, shape, dtype
+
+    try:
+        if not (isinstance(meta, dict) and list(meta) == ["tensors"] and isinstance(meta["tensors"], list)):
+            raise ValueError(meta)
+        return [entry(item) for item in meta["tensors"]]
+    except (TypeError, ValueError):
+        raise WeightSyncError(f"{where}: malformed bucket metadata {raw[:80]!r}; refused") from None
+
+
+def meta_key(sync_id: str, bucket: int) -> str:
+    """Store key of a sync's bucket metadata (bucket = the count of buckets: the end marker)."""
+    return f"{sync_id}/b{bucket}"
+
+
 # -------------------------------------------------------------------------------------------------- plan
 @dataclass
 class SyncPlan:
@@ -182,6 +254,8 @@ class SyncPlan:
     port: int = 0
     timeout_s: float = 600.0
     sync_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    channel: str = ""  # gloo, nccl, ipc: the transfer group this sync uses (TransferChannel.id), kept across syncs
+    new_channel: bool = True  # every party creates its end of the channel in this sync (else: reuses it)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -199,14 +273,98 @@ def resolve_transport(name: str, cuda: bool) -> str:
     return name
 
 
-def gloo_group(host: str, port: int, rank: int, world_size: int, sync_id: str, timeout_s: float):
+def gloo_group(host: str, port: int, rank: int, world_size: int, channel: str, timeout_s: float):
     """A standalone gloo process group and its key-value store (a client of the driver's TCPStore). It touches no
     global torch.distributed state, so it coexists with DeepSpeed's world and vLLM's own groups."""
     import torch.distributed as dist
 
     timeout = timedelta(seconds=timeout_s)
-    store = dist.PrefixStore(f"rlhf_sync/{sync_id}/", dist.TCPStore(host, port, None, False, timeout=timeout))
+    store = dist.PrefixStore(f"rlhf_sync/{channel}/", dist.TCPStore(host, port, None, False, timeout=timeout))
     return dist.ProcessGroupGloo(dist.PrefixStore("pg/", store), rank, world_size, timeout), store
+
+
+# ------------------------------------------------------------------------------------------------ channels
+_CHANNELS: dict[str, Any] = {}  # per process: its end of each open transfer channel (gloo (pg, store), NCCL comm)
+_RECEIVING: set[str] = set()  # the channels this process receives on (an engine worker: one at a time)
+
+
+def channel_end(plan: SyncPlan, create: Callable[[], Any], receiver: bool = False) -> tuple[Any, bool]:
+    """This process's end of plan.channel, and whether this call created it. A plan that opens a channel creates it
+    (a `receiver` closes its end of the channel it received on before: the driver replaced that one); a plan that
+    reuses one finds it here, or fails naming it."""
+    end = _CHANNELS.get(plan.channel)
+    if end is not None:
+        return end, False
+    if not plan.new_channel:
+        raise WeightSyncError(f"process {os.getpid()}: transfer channel {plan.channel} is not open here (the process "
+                              f"was restarted, or an earlier sync failed); the next sync opens a new one")
+    if receiver:
+        for other in list(_RECEIVING):
+            close_channel(other)
+        _RECEIVING.add(plan.channel)
+    end = _CHANNELS[plan.channel] = create()
+    return end, True
+
+
+def close_channel(channel: str) -> bool:
+    """Release this process's end of `channel` (False: it held none)."""
+    _RECEIVING.discard(channel)
+    end = _CHANNELS.pop(channel, None)
+    destroy = getattr(end, "destroy", None)  # vLLM's PyNcclCommunicator; a gloo group closes when dropped
+    if callable(destroy):
+        destroy()
+    return end is not None
+
+
+@dataclass
+class TransferChannel:
+    """The driver's record of one transfer group (the sender and every worker of the target engines). It is opened
+    once and used by every sync until its key changes (another transport or timeout, other engines, an engine that
+    restarted: a new process, another sending process) or a sync on it fails; each party keeps its end across syncs.
+    gloo: the driver hosts the rendezvous TCPStore, which also carries the bucket metadata, while the channel lives."""
+
+    key: tuple
+    source: Any  # the WeightSource whose process holds the sender's end
+    id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    store: Any = None
+    host: str = ""
+    port: int = 0
+    syncs: int = 0
+
+    @classmethod
+    def open(cls, key: tuple, source, transport: str, timeout_s: float) -> "TransferChannel":
+        channel = cls(key, source)
+        if transport == "gloo":
+            import torch.distributed as dist
+
+            channel.store = dist.TCPStore(local_ip(), 0, None, True, wait_for_workers=False,
+                                          timeout=timedelta(seconds=timeout_s))
+            channel.host, channel.port = local_ip(), channel.store.port
+        elif transport == "nccl":
+            channel.host, channel.port = source.endpoint()  # the sender's node: it hosts the NCCL rendezvous
+        return channel
+
+    def attach(self, plan: SyncPlan) -> None:
+        """Point a sync's plan at this channel (the first sync creates every end)."""
+        plan.channel, plan.new_channel, plan.host, plan.port = self.id, self.syncs == 0, self.host, self.port
+        self.syncs += 1
+
+    def sync_done(self, plan: SyncPlan, buckets: int) -> None:
+        """Every receiver has read the sync's metadata: drop it from the store."""
+        if self.store is not None:
+            for n in range(buckets + 1):
+                self.store.delete_key(f"rlhf_sync/{self.id}/{meta_key(plan.sync_id, n)}")
+
+    def close(self) -> None:
+        """Release the sender's end and the store (receivers still waiting on it fail at once instead of after the
+        timeout). Engines drop their end when the next channel opens, or with their process."""
+        self.store = None
+        try:
+            self.source.close_channel(self.id)
+        except Exception as e:  # the sender's process may be gone; nothing of the channel is used again
+            import logging
+
+            logging.getLogger(__name__).warning("closing transfer channel %s on the sender: %s", self.id, e)
 
 
 # ------------------------------------------------------------------------------------------------ sender
@@ -222,8 +380,9 @@ class _SenderState:
     max_bucket_bytes: int = 0
     checksum_s: float = 0.0  # computing the sender-side checksums
     transfer_s: float = 0.0  # handing buckets to the transport until the engines have them
-    checksums: dict[str, tuple[tuple[int, ...], int]] = field(default_factory=dict)
-    channel: Any = None  # gloo: (pg, store); nccl: communicator
+    checksums: dict[str, tuple[tuple[int, ...], Any]] = field(default_factory=dict)  # checksum: on the tensors' device
+    channel: Any = None  # this process's end of plan.channel: gloo (pg, store); nccl: communicator
+    new_group: bool = False  # this sync created it
 
 
 class BucketSender:
@@ -240,9 +399,9 @@ class BucketSender:
         dtype = self.plan.torch_dtype
         bucket = [(name, t.detach().to(dtype)) for name, t in bucket]
         started = time.perf_counter()
-        if self.verify:
+        if self.verify:  # on the tensors' device (a GPU learner's buckets stay there); read once, in close_sender
             for name, t in bucket:
-                state.checksums[name] = (tuple(t.shape), tensor_checksum(t))
+                state.checksums[name] = (tuple(t.shape), checksum_on_device(t, t.shape))
         nbytes = sum(t.numel() * t.element_size() for _, t in bucket)
         sent = time.perf_counter()
         getattr(self, f"_send_{self.plan.transport}")(state, bucket)
@@ -262,10 +421,11 @@ class BucketSender:
     def _send_gloo(self, state: _SenderState, bucket: Bucket) -> None:
         plan = self.plan
         if state.channel is None:
-            state.channel = gloo_group(plan.host, plan.port, 0, plan.world_size, plan.sync_id, plan.timeout_s)
+            state.channel, state.new_group = channel_end(
+                plan, lambda: gloo_group(plan.host, plan.port, 0, plan.world_size, plan.channel, plan.timeout_s))
         pg, store = state.channel
         bucket = [(name, t.cpu().contiguous()) for name, t in bucket]
-        store.set(f"b{state.buckets}", pickle.dumps([(n, tuple(t.shape), str(t.dtype)) for n, t in bucket]))
+        store.set(meta_key(plan.sync_id, state.buckets), bucket_meta(bucket))
         for _, t in bucket:
             pg.broadcast(t, 0).wait()
 
@@ -274,13 +434,13 @@ class BucketSender:
         from vllm.distributed.weight_transfer.nccl_common import trainer_init
 
         plan = self.plan
-        if state.channel is None:  # the workers join in init_weight_transfer_engine, started by the driver
-            state.channel = trainer_init({"master_address": plan.host, "master_port": plan.port,
-                                          "world_size": plan.world_size})
+        if state.channel is None:  # a new channel: the workers join in init_weight_transfer_engine (VLLMEngine)
+            state.channel, state.new_group = channel_end(plan, lambda: trainer_init(
+                {"master_address": plan.host, "master_port": plan.port, "world_size": plan.world_size}))
         info = {"names": [n for n, _ in bucket], "shapes": [list(t.shape) for _, t in bucket],
                 "dtype_names": [str(t.dtype).removeprefix("torch.") for _, t in bucket]}
         receiving = [engine.update_weights.remote(info) for engine in plan.engines]  # receive while we broadcast
-        for _, t in bucket:
+        for _, t in bucket:  # a GPU learner's buckets are already on its device: no copy
             state.channel.broadcast(t.cuda().contiguous(), src=0, stream=torch.cuda.current_stream())
         torch.cuda.current_stream().synchronize()
         ray.get(receiving)
@@ -299,39 +459,43 @@ class BucketSender:
 
 
 def close_sender(sync_id: str) -> dict:
-    """End a sync in the sending process: tell gloo receivers there are no more buckets, release the channel, and
-    return the stats and the sender-side checksums ({} when the source sent nothing)."""
+    """End a sync in the sending process: tell gloo receivers there are no more buckets and return the stats and the
+    sender-side checksums ({} when the source sent nothing). The channel stays open for the next sync."""
     state = _SENDERS.pop(sync_id, None)
     if state is None:
         return {"buckets": 0, "bytes": 0, "max_bucket_bytes": 0, "checksums": {}, "seconds": 0.0,
-                "checksum_s": 0.0, "transfer_s": 0.0}
+                "checksum_s": 0.0, "transfer_s": 0.0, "new_group": False}
     if state.plan.transport == "gloo" and state.channel is not None:
-        state.channel[1].set(f"b{state.buckets}", END)
-    if state.plan.transport == "nccl" and state.channel is not None:
-        state.channel.destroy() if hasattr(state.channel, "destroy") else None
-    state.channel = None
+        state.channel[1].set(meta_key(sync_id, state.buckets), bucket_meta(None))
+    values = torch.stack([c for _, c in state.checksums.values()]).tolist() if state.checksums else []  # one read
+    checksums = {name: (shape, v & MASK64) for (name, (shape, _)), v in zip(state.checksums.items(), values)}
     return {"buckets": state.buckets, "bytes": state.bytes, "max_bucket_bytes": state.max_bucket_bytes,
-            "checksums": state.checksums, "seconds": time.perf_counter() - state.started,
-            "checksum_s": state.checksum_s, "transfer_s": state.transfer_s}
+            "checksums": checksums, "seconds": time.perf_counter() - state.started,
+            "checksum_s": state.checksum_s, "transfer_s": state.transfer_s, "new_group": state.new_group}
 
 
 # ------------------------------------------------------------------------------------------------ receiver
-def gloo_receive(plan: SyncPlan, rank: int, load: Callable[[Bucket], Any]) -> int:
-    """Receiver side of the gloo transport (runs inside a vLLM worker): join the group as `rank`, receive every
-    bucket the sender announces in the store and hand it to `load`. Returns the number of buckets."""
-    pg, store = gloo_group(plan.host, plan.port, rank, plan.world_size, plan.sync_id, plan.timeout_s)
-    n = 0
-    while True:
-        meta = store.get(f"b{n}")
-        if meta == END:
-            return n
-        bucket = []
-        for name, shape, dtype in pickle.loads(meta):
-            t = torch.empty(shape, dtype=getattr(torch, dtype.removeprefix("torch.")))
-            pg.broadcast(t, 0).wait()
-            bucket.append((name, t))
-        load(bucket)
-        n += 1
+def gloo_receive(plan: SyncPlan, rank: int, load: Callable[[Bucket], Any]) -> dict:
+    """Receiver side of the gloo transport (runs inside a vLLM worker): join the channel's group as `rank` (or reuse
+    it), receive every bucket the sender announces in the store and hand it to `load`. Returns the number of buckets
+    and whether this sync created the group. A failure closes this end: the next sync opens a new channel."""
+    where = f"sync {plan.sync_id}, receiver rank {rank} (pid {os.getpid()})"
+    try:
+        (pg, store), created = channel_end(plan, lambda: gloo_group(plan.host, plan.port, rank, plan.world_size,
+                                                                    plan.channel, plan.timeout_s), receiver=True)
+        n = 0
+        while (meta := parse_bucket_meta(store.get(meta_key(plan.sync_id, n)), where)) is not None:
+            bucket = []
+            for name, shape, dtype in meta:
+                t = torch.empty(shape, dtype=dtype)
+                pg.broadcast(t, 0).wait()
+                bucket.append((name, t))
+            load(bucket)
+            n += 1
+        return {"buckets": n, "new_group": created}
+    except BaseException:
+        close_channel(plan.channel)
+        raise
 
 
 # ------------------------------------------------------------------------------------------------ sources
@@ -342,10 +506,17 @@ class WeightSource(Protocol):
         """Stream every weight into `sender` in buckets, then return close_sender()'s stats from where it ran."""
 
     def probe_logprobs(self, token_ids: list[int]) -> list[float]:
-        """log p(token_ids[t+1] | token_ids[:t+1]) under the source's current weights (len(token_ids) - 1 values)."""
+        """log p(token_ids[t+1] | token_ids[:t+1]) under the source's current weights at temperature 1, as vLLM's
+        prompt log-probs (VLLMEngine.probe_logprobs) whatever generation.temperature is (len(token_ids) - 1 values)."""
 
     def endpoint(self) -> tuple[str, int]:
         """An address and a free port on the node where the sender runs (NCCL rendezvous)."""
+
+    def sender_key(self) -> tuple:
+        """Which process sends (its end of a transfer channel lives there): another key opens another channel."""
+
+    def close_channel(self, channel: str) -> None:
+        """Release the sending process's end of a transfer channel."""
 
 
 def lora_merged_parameters(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
@@ -374,6 +545,11 @@ class ModelSource:
     def __init__(self, model: torch.nn.Module):
         self.model = model
 
+    @property
+    def dtype(self) -> str:
+        """What the probe log-probs are computed in (the probe tolerance follows it)."""
+        return str(next(self.model.parameters()).dtype).removeprefix("torch.")
+
     def push(self, sender: BucketSender, bucket_bytes: int) -> dict:
         try:
             for bucket in iter_buckets(lora_merged_parameters(self.model), bucket_bytes):
@@ -398,9 +574,19 @@ class ModelSource:
             s.bind(("", 0))
             return ray.util.get_node_ip_address(), s.getsockname()[1]
 
+    def sender_key(self) -> tuple:
+        return ("process", os.getpid())  # push runs here
+
+    def close_channel(self, channel: str) -> None:
+        close_channel(channel)
+
 
 def _close_on_worker(worker, sync_id: str) -> dict:
     return close_sender(sync_id)
+
+
+def _close_channel_on_worker(worker, channel: str) -> bool:
+    return close_channel(channel)
 
 
 class LearnerSource:
@@ -409,11 +595,17 @@ class LearnerSource:
     def __init__(self, group):
         self.group = group
 
+    @property
+    def dtype(self) -> Optional[str]:
+        """What the learner ranks reported computing in (the probe tolerance follows it)."""
+        return getattr(self.group, "dtype", None)
+
     def push(self, sender: BucketSender, bucket_bytes: int) -> dict:
         import ray
 
-        try:
-            self.group.run("export_params", bucket_bytes, False, sender)
+        try:  # GPU transports send from the device: buckets are not copied to the host (nor checksummed there)
+            self.group.run("export_params", bucket_bytes, False, sender,
+                           to_cpu=sender.plan.transport in HOST_TRANSPORTS)
         finally:
             stats = ray.get(self.group.workers[0].apply.remote(_close_on_worker, sender.plan.sync_id))
         return stats
@@ -421,7 +613,7 @@ class LearnerSource:
     def probe_logprobs(self, token_ids: list[int]) -> list[float]:
         ids = torch.tensor([token_ids])
         batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-        return self.group.logprobs(batch)[0].tolist()
+        return self.group.logprobs(batch, temperature=1.0)[0].tolist()  # T = 1, as the engines' prompt log-probs
 
     def endpoint(self) -> tuple[str, int]:
         import ray
@@ -430,6 +622,15 @@ class LearnerSource:
         (_, ip), port = ray.get([rank0.node_info.remote(), rank0.pick_master_port.remote()])
         return ip, port
 
+    def sender_key(self) -> tuple:
+        return ("actor", self.group.workers[0]._actor_id.hex())  # rank 0 sends
+
+    def close_channel(self, channel: str) -> None:
+        import ray
+
+        if self.group.workers:  # a learner group already shut down took its end with it
+            ray.get(self.group.workers[0].apply.remote(_close_channel_on_worker, channel), timeout=60)
+
 
 def probe_token_ids(vocab_size: int, length: int, seed: int = 1234) -> list[int]:
     """The fixed probe sequence every version is checked on (ids drawn once from a seeded generator)."""
@@ -437,9 +638,10 @@ def probe_token_ids(vocab_size: int, length: int, seed: int = 1234) -> list[int]
     return torch.randint(0, vocab_size, (length,), generator=g).tolist()
 
 
-def default_probe_atol(dtype: str) -> float:
-    """Engine vs learner log-prob tolerance: different kernels agree to ~2e-5 in fp32, far less in 16-bit."""
-    return 1e-3 if dtype == "float32" else 0.1
+def default_probe_atol(*dtypes: Optional[str]) -> float:
+    """Engine vs learner log-prob tolerance for the dtypes in use on both ends (as the workers reported them):
+    different kernels agree to ~2e-5 when all are fp32, far less when any is 16-bit (or unknown: None)."""
+    return 1e-3 if all(d == "float32" for d in dtypes) else 0.1
 
 
 def local_ip() -> str:

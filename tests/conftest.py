@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-import rlhf_ray  # noqa: F401  (sets DS_ACCELERATOR / TORCH_EXTENSIONS_DIR before deepspeed is imported)
+import rlhf_ray  # noqa: F401  (sets TORCH_EXTENSIONS_DIR and the vLLM switches before deepspeed / vllm are imported)
 from rlhf_ray.config import Config, load_config
 
 

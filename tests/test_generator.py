@@ -193,6 +193,12 @@ def test_killed_engine_is_restarted_resynced_and_its_prompts_redispatched(group,
     assert group.engine_versions() == [version, version]
     direct = [ray.get(e.generate.remote(PROMPTS, GREEDY)) for e in group.engines]
     assert [s.token_ids for s in direct[0]] == [s.token_ids for s in direct[1]]
+    # The weight-sync group of the sync before the kill held engine 0's old process: it is rebuilt (not reused, which
+    # would hang), the restarted engine joins, and the next sync verifies on every engine.
+    before = group.last_sync.channel
+    group.sync_weights(ModelSource(perturbed(tiny_llama, seed=23)))
+    assert group.last_sync.new_channel and group.last_sync.channel != before and group.last_sync.verified
+    assert group.engine_versions() == [version + 1] * 2
 
 
 def test_tp2_engine_matches_tp1_and_syncs_its_shards(ray_cluster, tiny_llama, hf_model):

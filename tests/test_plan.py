@@ -117,6 +117,13 @@ def test_deepspeed_chat_scenarios_fit_as_configured(name):
             assert {q.node for q in p.procs if q.role == proc.role} == {proc.node}
 
 
+@pytest.mark.parametrize("path", [p for p in LAUNCHERS if p.stem != "cpu_demo"], ids=lambda p: p.stem)
+def test_every_large_launcher_checkpoints_during_ppo(path):
+    """Hours of GPU time per run: a crash must lose at most a few iterations (checkpoint.every within the run)."""
+    cfg = load_config(path)
+    assert 0 < cfg.checkpoint.every <= cfg.ppo.num_iterations, path.name
+
+
 def test_openrlhf_70b_layout_on_32_gpus_fits():
     cfg = launcher("llama2_70b_openrlhf")
     assert (cfg.generation.num_engines, cfg.generation.tensor_parallel_size) == (4, 2)
@@ -145,8 +152,7 @@ def test_175b_zero3_learners_without_offload_on_one_8x80_node_do_not_fit():
         "--placement.reference.num_workers", "8", "--placement.critic.num_workers", "8",
         "--placement.critic.gpus_per_worker", "0.25", "--placement.reward.num_workers", "8",
         "--generation.num_engines", "1", "--placement.generator.gpus_per_worker", "0.25",
-        "--sft.num_workers", "8", "--rm.num_workers", "8", "--ppo.actor.deepspeed.global_batch_size", "8",
-        "--ppo.critic.deepspeed.global_batch_size", "32", "--sft.deepspeed.global_batch_size", "8",
+        "--sft.num_workers", "8", "--rm.num_workers", "8", "--sft.deepspeed.global_batch_size", "8",
         "--rm.deepspeed.global_batch_size", "32"])
     assert not cfg.ppo.actor.deepspeed.offload_optimizer and cfg.ppo.actor.deepspeed.zero_stage == 3
     p = plan(cfg)
@@ -267,7 +273,7 @@ OPTIONS = [  # (overrides, metric, direction): the metric must move that way whe
     ({"cluster.gpus_per_node": 4}, lambda p: p.fits, -1),
     ({"cluster.nodes": 2, "generation.num_engines": 11}, lambda p: len({x.node for x in p.procs}), +1),
     ({"data.max_answer_len": 1024}, lambda p: p.stages["sft"][1], +1),
-    ({"ppo.actor.deepspeed.global_batch_size": 16}, lambda p: p.times["training"], +1),  # more optimizer steps
+    ({"ppo.mini_batch_size": 16}, lambda p: p.times["training"], +1),  # more optimizer steps
     ({"models.actor.dtype": "float32"}, lambda p: _engine(p).weights, +1),
     ({"cluster.mfu": 0.2}, lambda p: p.times["training"], +1),
     ({"cluster.mbu": 0.3}, lambda p: p.times["generation"], +1),
@@ -327,3 +333,18 @@ def test_suggestion_for_one_gpu_and_for_too_small_clusters():
     assert not p.fits  # nothing on one node holds 175B without offload
     with pytest.raises(ConfigError, match="gpus_per_node is 0"):
         suggest_placement(load_config(LAUNCHERS[0].parent / "cpu_demo.yaml"))
+
+
+def test_load_peak_counts_where_it_exceeds_the_steady_state():
+    """Without ZeRO-3 every rank first loads the whole model in fp32 (host memory); ZeRO-3 loads into partitions."""
+    cfg = launcher("opt13b_1node", ["--cluster.cpu_memory_gib", "256"])
+    zero2 = plan(with_overrides(cfg, {"sft.deepspeed.zero_stage": 2}))
+    assert zero2.stages["sft"][1] < 80  # each GPU holds its model states...
+    assert not zero2.stages["sft"][2] and any(msg.startswith("sft:") for msg in zero2.problems)  # ...8 x 4 x 13B host
+    zero3 = plan(with_overrides(cfg, {"sft.deepspeed.zero_stage": 3}))
+    assert zero3.stages["sft"][2]
+    # A replicated bf16 reference on CPU keeps 2 bytes per parameter but loads 4 first.
+    cpu = load_config(LAUNCHERS[0].parent / "cpu_demo.yaml", {"ppo.actor.deepspeed.precision": "bf16"})
+    ref = next(x for x in plan(cpu).procs if x.role == "reference").memory
+    smol = model_shape("builtin:smollm2").params
+    assert ref.weights == 2 * smol and ref.peak >= ref.overhead + 4 * smol > ref.overhead + ref.weights + ref.activations

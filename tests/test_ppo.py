@@ -5,7 +5,6 @@ starting reward is low and PPO must find and reinforce it.
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -33,6 +32,8 @@ def ppo_config(tmp_path, actor: str, critic: str, **overrides):
         "ppo.actor.deepspeed.zero_stage": 2, "ppo.critic.deepspeed.zero_stage": 2,
         "ppo.kl_coef": 0.01, "ppo.num_iterations": 30, "logging.tensorboard": False,
     }
+    if overrides.get("ppo.kl_penalty") == "loss":
+        base["ppo.kl_estimator"] = "k3"  # KL in the loss needs k2 or k3 (k1 is rejected at load)
     base.update(overrides)
     return load_config(None, base)
 
@@ -107,14 +108,15 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(ray_cluster, tiny_ll
     assert [r["iteration"] for r in uninterrupted] == [1, 2, 3, 4]
     assert sorted(p.name for p in (run_a / "checkpoints").iterdir()) == ["iter_000002", "iter_000004"]
 
-    # a run that stopped after iteration 2: its folder holds only that checkpoint and the first two metrics rows
+    # a run that crashed before its iteration-4 checkpoint: its folder holds the iteration-2 checkpoint and the
+    # real metrics file with every row it logged (1-4); resuming cuts the file back to iteration 2, never duplicates
     cfg_b = ppo_config(tmp_path / "b", tiny_llama, tiny_value_model, **{
         "ppo.num_iterations": 4, "checkpoint.every": 2, "checkpoint.resume": True,
         "ppo.rollout_batch_size": 8, "ppo.mini_batch_size": 32})
     run_b = Path(cfg_b.run.output_dir) / "ppo"
     (run_b / "checkpoints").mkdir(parents=True)
     shutil.copytree(run_a / "checkpoints" / "iter_000002", run_b / "checkpoints" / "iter_000002")
-    (run_b / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in uninterrupted[:2]))
+    shutil.copy(run_a / "metrics.jsonl", run_b / "metrics.jsonl")
     resumed = PPOTrainer(cfg_b)
     try:
         assert resumed.iteration == 2 and resumed.generators.weight_version == 2
@@ -122,7 +124,7 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(ray_cluster, tiny_ll
     finally:
         resumed.shutdown()
     rows = read_metrics(run_b / "metrics.jsonl")
-    assert [r["iteration"] for r in rows] == [1, 2, 3, 4]
+    assert [r["iteration"] for r in rows] == [1, 2, 3, 4]  # appended after the cut: no iteration twice
     for a, b in zip(uninterrupted[2:], rows[2:]):
         for key, value in a.items():
             if key.startswith(TIMING) or not isinstance(value, (int, float)):

@@ -89,10 +89,65 @@ def test_prompt_stream_resumes_at_its_position():
 
 
 def test_training_pass_supplies_old_logprobs_only_when_exactly_on_policy():
-    on_policy = {"ppo.kl_penalty": "loss", "ppo.ppo_epochs": 1, "ppo.rollout_batch_size": 4,
+    on_policy = {"ppo.kl_penalty": "loss", "ppo.kl_estimator": "k3", "ppo.ppo_epochs": 1, "ppo.rollout_batch_size": 4,
                  "generation.n_samples_per_prompt": 4, "ppo.mini_batch_size": 16}
     assert reuses_train_logprobs(load_config(None, on_policy))
     # KL in the reward needs the actor's log-probs before training; so do a 2nd epoch and a 2nd mini-batch.
     for change in ({"ppo.kl_penalty": "reward"}, {"ppo.ppo_epochs": 2}, {"ppo.mini_batch_size": 8}):
         assert not reuses_train_logprobs(load_config(None, {**on_policy, **change})), change
     assert load_config().ppo.kl_penalty == "reward"  # InstructGPT / DeepSpeed-Chat by default
+
+
+def test_controller_state_round_trips_as_json_without_pickle(tmp_path, monkeypatch):
+    """The checkpoint's controller state is data (JSON): reading it back unpickles nothing and restores the KL
+    controller and every RNG stream exactly."""
+    import json
+    import pickle
+    import random
+
+    import numpy as np
+
+    from rlhf_ray.checkpoint import read_controller_state, rng_state, set_rng_state, write_controller_state
+
+    kl = rl.AdaptiveKLController(0.1, 6.0, 10000)
+    kl.update(3.0, 8)
+    state = {"iteration": 4, "prompt_position": 32, "kl_controller": kl.state_dict(), "rng": rng_state(),
+             "weight_version": 4}
+    expected_draws = (random.random(), np.random.rand(), torch.rand(3).tolist())
+    write_controller_state(tmp_path, state)
+    assert json.loads((tmp_path / "controller.json").read_text())["iteration"] == 4  # plain JSON on disk
+
+    def no_pickle(*args, **kwargs):
+        raise AssertionError("the controller state must load without pickle")
+
+    for name in ("load", "loads", "Unpickler"):
+        monkeypatch.setattr(pickle, name, no_pickle)
+    loaded = read_controller_state(tmp_path)
+    assert {k: loaded[k] for k in ("iteration", "prompt_position", "weight_version")} == {
+        "iteration": 4, "prompt_position": 32, "weight_version": 4}
+    restored = rl.AdaptiveKLController(0.1, 6.0, 10000)
+    restored.load_state_dict(loaded["kl_controller"])
+    assert restored.value == kl.value != 0.1
+    set_rng_state(loaded["rng"])
+    assert (random.random(), np.random.rand(), torch.rand(3).tolist()) == expected_draws
+
+
+def test_resumed_metrics_are_cut_back_to_the_checkpoint_in_jsonl_and_tensorboard(tmp_path):
+    """A run logged iterations 1-3, then resumed from its iteration-2 checkpoint: iteration 3 is logged again and
+    must replace the old row (JSONL) and the old point (TensorBoard), not follow it."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from rlhf_ray.metrics import MetricsLogger, read_metrics
+
+    first = MetricsLogger(tmp_path, tensorboard=True)
+    for step in (1, 2, 3):
+        first.log(step, {"reward/mean": float(step)})
+    first.close()
+    resumed = MetricsLogger(tmp_path, tensorboard=True, initial_step=2, append=True)
+    resumed.log(3, {"reward/mean": 30.0})
+    resumed.close()
+    expected = [(1, 1.0), (2, 2.0), (3, 30.0)]
+    assert [(r["iteration"], r["reward/mean"]) for r in read_metrics(tmp_path / "metrics.jsonl")] == expected
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("reward/mean")] == expected

@@ -44,3 +44,40 @@ def test_unplaceable_group_fails_fast_naming_role_and_resources(ray_cluster):
         ready_placement_group("critic", [{"CPU": too_many}], timeout_s=2)
     assert time.time() - start < 20
     assert "role 'critic'" in str(err.value) and f"'CPU': {too_many}" in str(err.value)
+
+
+@pytest.mark.parametrize("configured, env, expected", [
+    (None, None, "local"),  # nothing given: a private local cluster, never whatever Ray runs on this machine
+    ("local", "10.0.0.1:6379", "local"),  # "local" wins over the environment
+    (None, "10.0.0.1:6379", "10.0.0.1:6379"),  # the driver of `ray job submit` (RAY_ADDRESS)
+    ("10.0.0.2:6379", "10.0.0.1:6379", "10.0.0.2:6379"),  # the config wins over the environment
+    ("auto", None, "auto"),  # attaching to a cluster found on the machine only when asked for
+])
+def test_init_ray_attaches_only_to_an_address_given(monkeypatch, configured, env, expected):
+    """What init_ray asks ray.init for (ray.init itself replaced: which cluster, not Ray, is under test)."""
+    import rlhf_ray.resources as resources
+
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
+    if env is None:
+        monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    else:
+        monkeypatch.setenv("RAY_ADDRESS", env)
+    resources.init_ray(load_config(None, {"ray.address": configured}))
+    assert len(calls) == 1 and calls[0]["address"] == expected
+    assert ("num_cpus" in calls[0]) == (expected == "local")  # only a cluster we start declares its CPUs
+
+
+def test_a_run_without_an_address_starts_its_own_cluster_beside_a_running_one(ray_cluster):
+    """This test session's cluster is running; a run with no ray.address and no RAY_ADDRESS must not join it."""
+    import subprocess
+    import sys
+
+    script = ("import ray\nfrom rlhf_ray.config import load_config\nfrom rlhf_ray.resources import init_ray\n"
+              "init_ray(load_config(None, {}), logging_level='ERROR')\n"
+              "print(ray.get_runtime_context().gcs_address)\nray.shutdown()\n")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-1] != ray_cluster.get_runtime_context().gcs_address

@@ -12,10 +12,10 @@ import pytest
 import ray.cloudpickle
 import torch
 
-from rlhf_ray.config import DeepSpeedConfig, ModelConfig, load_config
+from rlhf_ray.config import ConfigError, DeepSpeedConfig, ModelConfig, load_config
 from rlhf_ray.models.value_head import ValueHeadModel, position_ids_from_mask
 from rlhf_ray.scorer import (HttpRewardFunction, ReferenceGroup, ReferenceScorer, RewardFunctionError, RewardGroup,
-                             RewardScorer, batch_texts, import_callable)
+                             RewardScorer, batch_texts, import_callable, load_reward_function)
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers cannot import test modules
 
@@ -33,10 +33,16 @@ def label_in_response(prompts, responses, labels):
 # ------------------------------------------------------------------------------------------------ fixtures
 class _Handler(BaseHTTPRequestHandler):
     attempts: dict[str, int] = {}
+    received: dict[str, list[str]] = {}  # every response text each path was sent
+    authorization: dict[str, str] = {}  # the last Authorization header each path saw
 
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         _Handler.attempts[self.path] = _Handler.attempts.get(self.path, 0) + 1
+        _Handler.received.setdefault(self.path, []).extend(body["responses"])
+        _Handler.authorization[self.path] = self.headers.get("Authorization", "")
+        if self.path.startswith("/status/"):  # /status/<code>: always answers that code
+            return self._reply(int(self.path.rsplit("/", 1)[1]), b"nope")
         if self.path == "/slow":
             time.sleep(1.0)
         if self.path == "/broken":
@@ -136,6 +142,31 @@ def test_bad_endpoint_fails_clearly_after_its_retries(reward_server, path, messa
     with pytest.raises(RewardFunctionError, match=rf"{reward_server}{path} failed after 3 attempt\(s\): .*{message}"):
         fn(["p", "q"], ["abc", "de"])
     assert _Handler.attempts[path] == 3
+
+
+@pytest.mark.parametrize("code, attempts", [(400, 1), (401, 1), (404, 1), (408, 3), (429, 3), (503, 3)])
+def test_client_errors_are_not_retried_except_408_and_429(reward_server, code, attempts):
+    path = f"/status/{code}"
+    _Handler.attempts.pop(path, None)
+    fn = HttpRewardFunction(reward_server + path, timeout_s=2, retries=2, backoff_s=0.01)
+    with pytest.raises(RewardFunctionError, match=rf"failed after {attempts} attempt\(s\): HTTP {code}"):
+        fn(["p"], ["r"])
+    assert _Handler.attempts[path] == attempts
+
+
+def test_bearer_token_comes_from_the_named_environment_variable(reward_server, monkeypatch):
+    _Handler.authorization.pop("/score", None)
+    HttpRewardFunction(reward_server + "/score", timeout_s=5, retries=0)(["p"], ["r"])
+    assert _Handler.authorization["/score"] == ""  # no token configured: no header
+    monkeypatch.setenv("TEST_REWARD_TOKEN", "s3cret-token")
+    fn = load_reward_function(reward_server + "/score", 5, 0, token_env="TEST_REWARD_TOKEN")
+    assert fn(["p"], ["r"]) == [1.0] and _Handler.authorization["/score"] == "Bearer s3cret-token"
+    assert "s3cret" not in repr(fn)
+    monkeypatch.delenv("TEST_REWARD_TOKEN")
+    with pytest.raises(RewardFunctionError, match="reward_http_token_env names TEST_REWARD_TOKEN, which is not set"):
+        load_reward_function(reward_server + "/score", token_env="TEST_REWARD_TOKEN")
+    with pytest.raises(ConfigError, match="NAME of an environment variable"):
+        load_config(None, {"ppo.reward_http_token_env": "Bearer abc.def"})
 
 
 def test_unreachable_endpoint_and_bad_dotted_path_fail_clearly():
@@ -253,3 +284,24 @@ def test_broken_endpoint_error_reaches_the_driver(reward_group, reward_server):
     url = reward_server + "/broken"
     with pytest.raises(RayTaskError, match=rf"{url} failed after 2 attempt\(s\): HTTP 500"):
         reward_group.apply(lambda w: HttpRewardFunction(url, timeout_s=1, retries=1, backoff_s=0.01)(["p"], ["r"]))
+
+
+def test_sharded_reward_group_sends_each_row_once_with_the_bearer_token(ray_cluster, tiny_llama, tiny_value_model,
+                                                                         reward_server):
+    """2 reward ranks, 3 rows: rank 1's shard is row 2 plus a padding copy of it (run_sharded). The service gets
+    every row exactly once, with the token from the variable that ppo.reward_http_token_env names."""
+    url = reward_server + "/sharded"
+    cfg = scorer_config(tiny_llama, tiny_value_model, **{
+        "placement.reward": {"num_workers": 2, "cpus_per_worker": 0.25}, "ppo.reward_functions": [url],
+        "ppo.reward_function_mode": "replace", "ppo.reward_http_token_env": "TEST_REWARD_TOKEN"})
+    group = RewardGroup(cfg, env_vars={"TEST_REWARD_TOKEN": "s3cret-token"})  # the cluster's environment
+    try:
+        rows = 3
+        batch = {"input_ids": torch.ones(rows, 4, dtype=torch.long), "prompts": PROMPTS[:rows],
+                 "responses": RESPONSES[:rows]}
+        _Handler.received.pop("/sharded", None)
+        assert group.scores(batch).tolist() == [float(len(r)) for r in RESPONSES[:rows]]
+        assert sorted(_Handler.received["/sharded"]) == sorted(RESPONSES[:rows])  # no duplicate, none missing
+        assert _Handler.authorization["/sharded"] == "Bearer s3cret-token"
+    finally:
+        group.shutdown()

@@ -71,6 +71,9 @@ class OneStepTrainer:
     def step(self, path: str, zero_stage: int) -> dict:
         import os
 
+        from rlhf_ray.env import choose_device
+
+        choose_device()  # in this actor's process, before deepspeed is imported (as every rlhf_ray worker does)
         import deepspeed
         from transformers import AutoModelForCausalLM
 

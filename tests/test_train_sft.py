@@ -126,6 +126,10 @@ def test_schedule_and_gradient_accumulation_from_the_reports(zero3):
     assert result.plan.accumulation == 2
     assert all(r["tokens_per_s"] > 0 and r["eta_s"] >= 0 for r in steps)
     assert [r["step"] for r in steps if "eval_loss" in r] == [4, 8]
+    # every worker chose its device, backend and dtype in its own process (nothing shipped from the driver)
+    [start] = [r for r in read_metrics(result.metrics_file) if r["event"] == "start"]
+    assert [(w["rank"], w["device"], w["backend"], w["dtype"]) for w in start["workers"]] == [
+        (0, "cpu", "gloo", "float32"), (1, "cpu", "gloo", "float32")]
 
 
 def test_zero3_output_loads_in_vllm(zero3, ray_cluster):
@@ -205,3 +209,17 @@ def test_sft_on_gpus_with_bf16_and_optimizer_offload(ray_cluster, tiny_llama, tm
     assert result.plan.num_ranks == ranks and result.metrics["step"] == STEPS
     rows = eval_rows(cfg)
     assert hf_eval_loss(str(result.output_dir), rows) < hf_eval_loss(tiny_llama, rows) - 0.1
+
+
+def test_a_finished_stage_leaves_no_ray_train_controller_alive(zero3):
+    """Ray Train's Ctrl-C handler holds its run's controller actor; run_stage puts the previous handler back, so
+    the controller (and the actors it owns) go with the run, not with this long-lived driver."""
+    import time
+
+    from ray._private import state
+
+    deadline = time.monotonic() + 20
+    while (alive := [a["ActorClassName"] for a in state.actors().values() if a["State"] != "DEAD"
+                     and a["ActorClassName"] in ("TrainController", "DatasetManager")]) and time.monotonic() < deadline:
+        time.sleep(0.25)
+    assert alive == []

@@ -13,7 +13,7 @@ import ray.cloudpickle
 import torch
 
 from rlhf_ray.config import load_config
-from rlhf_ray.weight_sync import (MASK64, ModelSource, WeightSyncError, checksum_slice, combine_pieces,
+from rlhf_ray.weight_sync import (MASK64, BucketSender, ModelSource, WeightSyncError, checksum_slice, combine_pieces,
                                   compare_checksums, from_numpy, iter_buckets, lora_merged_parameters,
                                   resolve_transport, tensor_checksum, to_numpy)
 
@@ -80,6 +80,50 @@ def test_buckets_numpy_wire_and_transport_choice():
     assert resolve_transport("object_store", cuda=False) == "object_store"
     with pytest.raises(ValueError, match="needs CUDA"):
         resolve_transport("nccl", cuda=False)
+
+
+class CodeRunningPayload:
+    """What anything reaching the (unauthenticated) sync store could write: unpickling it runs code."""
+
+    def __reduce__(self):
+        return exec, ("import builtins; builtins.rlhf_ray_payload_ran = True",)
+
+
+def test_gloo_bucket_metadata_is_json_and_a_pickle_payload_is_refused_not_run():
+    """The gloo receiver reads each bucket's metadata from the driver's TCPStore: it parses JSON only. A pickle that
+    would run code, put where the receiver reads, is refused with an error naming it and never executed."""
+    import builtins
+    import pickle
+    import threading
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from rlhf_ray.weight_sync import SyncPlan, bucket_meta, gloo_group, gloo_receive, meta_key, parse_bucket_meta
+
+    bucket = [("a.weight", torch.zeros(2, 3)), ("b.bias", torch.zeros(4, dtype=torch.bfloat16))]
+    assert parse_bucket_meta(bucket_meta(bucket), "here") == [("a.weight", [2, 3], torch.float32),
+                                                              ("b.bias", [4], torch.bfloat16)]
+    assert parse_bucket_meta(bucket_meta(None), "here") is None  # the end of a sync
+    with pytest.raises(WeightSyncError, match="here: malformed"):  # data, but not a dtype: refused too
+        parse_bucket_meta(b'{"tensors": [["a", [1], "load"]]}', "here")
+
+    store = dist.TCPStore("127.0.0.1", 0, None, True, wait_for_workers=False, timeout=timedelta(seconds=30))
+    plan = SyncPlan(1, "gloo", "float32", 1 << 20, world_size=2, host="127.0.0.1", port=store.port, timeout_s=30,
+                    channel="test-channel")
+
+    def attacker_as_sender():  # rank 0 of the group writes the payload where bucket 0's metadata goes
+        _, sender_store = gloo_group(plan.host, plan.port, 0, 2, plan.channel, plan.timeout_s)
+        sender_store.set(meta_key(plan.sync_id, 0), pickle.dumps([CodeRunningPayload()]))
+
+    thread = threading.Thread(target=attacker_as_sender)
+    thread.start()
+    try:
+        with pytest.raises(WeightSyncError, match=r"receiver rank 1 .*bucket metadata is not JSON .*refused"):
+            gloo_receive(plan, 1, lambda b: pytest.fail("a bucket was loaded"))
+    finally:
+        thread.join()
+    assert not hasattr(builtins, "rlhf_ray_payload_ran")
 
 
 def test_lora_layers_are_merged_into_hf_names(tiny_llama):
@@ -345,6 +389,149 @@ def test_lora_model_syncs_merged(group, tiny_llama):
     assert greedy_outputs(group, PROMPTS) == [greedy_hf(merged, p, 10) for p in PROMPTS]
 
 
+# ---------------------------------------------------------------------------------------------- architectures
+@pytest.fixture(scope="module")
+def tiny_bloom(tmp_path_factory) -> str:
+    """A tiny BLOOM with tied embeddings, as bigscience/bloom (the BLOOM-176B launcher's model)."""
+    from rlhf_ray.models.tiny import build_tiny_model
+
+    return str(build_tiny_model("bloom", tmp_path_factory.mktemp("tiny_bloom") / "bloom", seed=0, tie_embeddings=True))
+
+
+def stale_k_bucket(family: str, old, new) -> tuple[str, list]:
+    """Every tensor of layer 0's QKV layer (vLLM reloads a layer once all of them arrive) with the new values, except
+    K, left at the old ones; and the name of the HF tensor that holds K (fused with Q and V where the checkpoint
+    fuses them)."""
+    name = {"llama": "model.layers.0.self_attn.k_proj.weight", "opt": "model.decoder.layers.0.self_attn.k_proj.weight",
+            "gpt2": "transformer.h.0.attn.c_attn.weight",  # Conv1D (in, out): columns [q | k | v]
+            "bloom": "transformer.h.0.self_attention.query_key_value.weight"}[family]  # rows (head, q|k|v, head_dim)
+    module = name.rsplit(".", 1)[0]
+    layer = {module.replace("k_proj", part) for part in ("q_proj", "k_proj", "v_proj")}
+    old_t, stale = old.state_dict()[name], new.state_dict()[name].clone()
+    if family == "gpt2":
+        h = stale.shape[0]
+        stale[:, h:2 * h] = old_t[:, h:2 * h]
+    elif family == "bloom":
+        heads = new.config.n_head
+        stale.view(heads, 3, -1)[:, 1] = old_t.view(heads, 3, -1)[:, 1]
+    else:
+        stale = old_t.clone()
+    bucket = [(n, stale if n == name else t.detach().clone()) for n, t in new.state_dict().items()
+              if n.rsplit(".", 1)[0] in layer]
+    assert len(bucket) == {"llama": 3, "opt": 6, "gpt2": 2, "bloom": 2}[family]  # with the biases
+    return name, bucket
+
+
+@pytest.mark.parametrize("layout", ["concat", "per_head"])
+def test_fused_qkv_layouts_map_tp_shards_back_to_the_hf_tensor(layout):
+    """GPT-2's c_attn (Conv1D, [q|k|v]) and BLOOM's query_key_value (per head) as vLLM's own load_weights rewrites
+    them (gpt2.py `_transpose_conv1d`, bloom.py `_repack_qkv`), cut into the rows each of 2 TP ranks holds: the
+    pieces tile the HF tensor and add up to its checksum; a K slice changed on one rank changes it."""
+    from types import SimpleNamespace
+
+    from vllm.model_executor.models.bloom import BloomModel
+    from vllm.model_executor.models.gpt2 import GPT2Model
+
+    from rlhf_ray.vllm_worker_ext import _fused_qkv
+
+    heads, hs, hidden, tp = 4, 8, 32, 2
+    torch.manual_seed(0)
+    if layout == "concat":
+        name, hf = "h.0.attn.c_attn.weight", torch.randn(hidden, 3 * heads * hs)  # (in, out)
+        (_, vllm_full), = GPT2Model._transpose_conv1d(None, [(name, hf)])
+    else:
+        name, hf = "h.0.self_attention.query_key_value.weight", torch.randn(3 * heads * hs, hidden)
+        fake = SimpleNamespace(config=SimpleNamespace(num_attention_heads=heads))
+        (_, vllm_full), = BloomModel._repack_qkv(fake, [(name, hf)])
+    block, local = heads * hs, heads * hs // tp
+
+    def shard(full, rank):  # QKVParallelLinear: rank r holds its heads of q, then of k, then of v
+        return torch.cat([full[j * block + rank * local:j * block + (rank + 1) * local] for j in range(3)])
+
+    def checksum(full):
+        parts = lambda rank: [(local, rank * local, block)] * 3  # noqa: E731  (rows, global start, full rows)
+        pieces = [p for r in range(tp) for p in _fused_qkv(shard(full, r), name, parts(r), layout, hs,
+                                                             transposed=layout == "concat")]
+        return combine_pieces(pieces)[name]
+
+    assert checksum(vllm_full) == (tuple(hf.shape), tensor_checksum(hf))
+    stale = vllm_full.clone()
+    stale[block + local + 3, 5] += 1.0  # one element of K on rank 1
+    assert checksum(stale)[1] != tensor_checksum(hf)
+
+
+@pytest.mark.parametrize("family", ["llama", "opt", "gpt2", "bloom"])
+def test_verified_sync_for_every_architecture(request, ray_cluster, tiny_models, tiny_bloom, family):
+    """Each architecture the launchers name (Llama, OPT, BLOOM) and the built-in GPT-2 syncs verified into a real vLLM
+    engine (BLOOM's ALiBi attention runs on vLLM's CPU backend): the checksums cover exactly the learner's state dict
+    (a tied head counted once, under the embedding's name), fused layers are mapped back to HF layout (GPT-2's
+    transposed [q|k|v] c_attn, BLOOM's per-head query_key_value), and a K slice left stale inside a fused tensor,
+    everything else new, fails verification naming that tensor."""
+    import ray
+    from transformers import AutoModelForCausalLM
+
+    from rlhf_ray.generator import GeneratorGroup
+
+    path = tiny_bloom if family == "bloom" else tiny_models[family]
+    if family == "llama":
+        group = request.getfixturevalue("group")  # this module's engines (tiny Llama): no extra start-up
+        before = with_generation(group, sync_transport="object_store")
+    else:
+        cfg = load_config(None, {"ray.address": "local", "generation.max_model_len": 256,
+                                 "generation.max_restarts": 0, "generation.sync_transport": "object_store"})
+        group = GeneratorGroup(cfg, path)
+    try:
+        model = perturbed(path, seed=40)
+        group.sync_weights(ModelSource(model))
+        assert group.last_sync.verified and all(e["probe_max_diff"] < 1e-3 for e in group.last_sync.engines)
+        assert engine_greedy(group, 0, PROMPTS) == [greedy_hf(model, p, 10) for p in PROMPTS]
+        state = model.state_dict(keep_vars=True)
+        first = {}  # a tied tensor counts once, under the first name (lm_head.weight = word_embeddings.weight)
+        for name, t in state.items():
+            first.setdefault(id(t), name)
+        live = ray.get(group.engines[0].checksums.remote())
+        assert set(live) == set(first.values()) == set(group.last_sync.checksums)
+        assert (family == "bloom") == (len(first) < len(state))
+
+        original = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        name, bucket = stale_k_bucket(family, original, model)
+
+        def reload_layer(worker, bucket):  # through vLLM's own reload path, as a sync that missed K would leave it
+            worker.rlhf_begin_update()
+            worker.rlhf_load_bucket(bucket)
+            worker.rlhf_finish_update()
+
+        ray.get(group.engines[0].collective_rpc.remote(reload_layer, (bucket,)))
+        with pytest.raises(WeightSyncError) as caught:
+            group.verify()
+        assert f"checksum mismatch in {name} " in str(caught.value), str(caught.value)
+        if family == "llama":  # leave the shared engines on a verified version for the next tests
+            group.sync_weights(ModelSource(model))
+    finally:
+        if family == "llama":
+            group.gen = before
+        else:
+            group.shutdown()
+
+
+# ---------------------------------------------------------------------------------------------- channels
+def test_consecutive_syncs_reuse_one_transfer_group(group, tiny_llama):
+    """The learner -> engines group is built once and kept: a second sync from the same sender to the same engine
+    processes reuses it (driver, sender and every engine say so) and still verifies. (An engine restart rebuilds it:
+    tests/test_generator.py::test_killed_engine_is_restarted_resynced_and_its_prompts_redispatched.)"""
+    reports = []
+    for seed in (12, 13):
+        model = perturbed(tiny_llama, seed=seed)
+        group.sync_weights(ModelSource(model))
+        reports.append(group.last_sync)
+    first, second = reports
+    assert first.transport == second.transport == "gloo" and first.channel
+    assert second.verified and second.channel == first.channel and not second.new_channel
+    assert second.sender["new_group"] is False  # the sender's end was kept ...
+    assert [e["transfer_groups"] for e in second.engines] == [e["transfer_groups"] for e in first.engines]  # ... theirs
+    assert greedy_outputs(group, PROMPTS) == [greedy_hf(model, p, 10) for p in PROMPTS]
+
+
 # ---------------------------------------------------------------------------------------------- learner
 def test_sync_from_zero3_learner_after_an_optimizer_step(group, tiny_llama, tmp_path):
     """The sender is a real 2-rank ZeRO-3 learner group (DeepSpeed, gloo) after one optimizer step; rank 0 streams
@@ -408,7 +595,8 @@ def test_engine_without_restarts_left_is_dropped_and_its_prompts_served_elsewher
 # ---------------------------------------------------------------------------------------------- GPU paths
 @pytest.mark.gpu
 def test_cuda_ipc_sync_into_an_engine_on_the_same_gpu(ray_cluster, tiny_llama):
-    """Sender (this process) and engine share the GPU: CUDA IPC handles through vLLM's IPC weight-transfer engine."""
+    """Sender (this process) and engine share the GPU: CUDA IPC handles through vLLM's IPC weight-transfer engine, set
+    up once and reused by the next sync."""
     from rlhf_ray.generator import GeneratorGroup
 
     cfg = load_config(None, {"ray.address": "local", "generation.sync_transport": "ipc",
@@ -419,7 +607,14 @@ def test_cuda_ipc_sync_into_an_engine_on_the_same_gpu(ray_cluster, tiny_llama):
     try:
         model = perturbed(tiny_llama, seed=30).cuda()
         g.sync_weights(ModelSource(model))
-        assert g.last_sync.transport == "ipc" and g.last_sync.verified
+        first = g.last_sync
+        assert first.transport == "ipc" and first.verified and first.new_channel
+        assert greedy_outputs(g, PROMPTS) == [greedy_hf(model, p, 10) for p in PROMPTS]
+        model = perturbed(tiny_llama, seed=31).cuda()
+        g.sync_weights(ModelSource(model))
+        second = g.last_sync
+        assert second.verified and second.channel == first.channel and not second.new_channel
+        assert [e["transfer_groups"] for e in second.engines] == [1]  # the transfer engine was not set up again
         assert greedy_outputs(g, PROMPTS) == [greedy_hf(model, p, 10) for p in PROMPTS]
     finally:
         g.shutdown()
@@ -428,7 +623,7 @@ def test_cuda_ipc_sync_into_an_engine_on_the_same_gpu(ray_cluster, tiny_llama):
 @pytest.mark.gpu
 def test_nccl_sync_from_a_learner_on_another_gpu(ray_cluster, tiny_llama):
     """A 1-rank ZeRO-3 learner on one GPU broadcasts over NCCL (vLLM's NCCL weight-transfer engine) to an engine on
-    another GPU."""
+    another GPU; the NCCL group is created by the first sync and reused by the next."""
     if torch.cuda.device_count() < 2:
         pytest.skip("needs two GPUs: NCCL does not connect two ranks on one device")
     from transformers import AutoModelForCausalLM
@@ -446,10 +641,58 @@ def test_nccl_sync_from_a_learner_on_another_gpu(ray_cluster, tiny_llama):
     g = GeneratorGroup(cfg, tiny_llama)
     try:
         g.sync_weights(learner)
-        assert g.last_sync.transport == "nccl" and g.last_sync.verified
+        first = g.last_sync
+        assert first.transport == "nccl" and first.verified and first.new_channel and first.sender["new_group"]
+        g.sync_weights(learner)
+        second = g.last_sync
+        assert second.verified and second.channel == first.channel and not second.new_channel
+        assert second.sender["new_group"] is False and [e["transfer_groups"] for e in second.engines] == [1]
         exported = AutoModelForCausalLM.from_pretrained(learner.save_pretrained("/tmp/rlhf_ray_nccl_test"),
                                                         dtype=torch.bfloat16).cuda().eval()
         assert greedy_outputs(g, PROMPTS[:1], 4) == [greedy_hf(exported, PROMPTS[0], 4)]
     finally:
         g.shutdown()
         learner.shutdown()
+
+
+class DeviceRecorder(BucketSender):
+    """A sender that notes, in the learner's process, on which device each bucket arrives."""
+
+    def __call__(self, bucket):
+        import builtins
+
+        builtins.rlhf_ray_bucket_devices = getattr(builtins, "rlhf_ray_bucket_devices", []) + \
+            [t.device.type for _, t in bucket]
+        super().__call__(bucket)
+
+
+@pytest.mark.gpu
+def test_gpu_sync_keeps_buckets_and_checksums_on_the_device(ray_cluster, tiny_llama):
+    """A GPU transport sends from the device: LearnerSource has the learner's gathered buckets stay on its GPU (no
+    copy to the host and back) and the sender checksums them there, equal to the host definition."""
+    from transformers import AutoModelForCausalLM
+
+    from rlhf_ray.learner import PolicyGroup
+    from rlhf_ray.weight_sync import LearnerSource, SyncPlan, checksum_on_device
+
+    t = torch.randn(300, 70)
+    on_device = checksum_on_device(t.cuda(), t.shape)
+    assert on_device.device.type == "cuda" and int(on_device) & MASK64 == tensor_checksum(t)
+
+    cfg = load_config(None, {
+        "ray.address": "local", "models.actor.path": tiny_llama,
+        "placement.actor": {"num_workers": 1, "cpus_per_worker": 1, "gpus_per_worker": 1}, "ppo.mini_batch_size": 2,
+        "ppo.actor.deepspeed.zero_stage": 3, "ppo.actor.deepspeed.micro_batch_size": 2,
+        "ppo.actor.deepspeed.precision": "fp32"})
+    learner = PolicyGroup(cfg)
+    try:  # ipc with no engines: the sender's whole path on the learner's GPU, nothing to receive
+        plan = SyncPlan(1, "ipc", "float32", 1 << 20, engines=[])
+        stats = LearnerSource(learner).push(DeviceRecorder(plan), plan.bucket_bytes)
+        [devices] = learner.apply(lambda worker: __import__("builtins").rlhf_ray_bucket_devices)
+        assert len(devices) > 0 and set(devices) == {"cuda"}
+        original = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+        assert stats["checksums"] == {n: (tuple(p.shape), tensor_checksum(p.detach()))
+                                      for n, p in original.named_parameters()}  # read back once, as host integers
+    finally:
+        learner.shutdown()
+

@@ -11,11 +11,14 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 def resolve_dtype(name: str, cuda: Optional[bool] = None) -> torch.dtype:
-    """'auto' is bf16 on GPU and fp32 on CPU (CPU bf16 matmuls are slow and lose the 1e-5 checks)."""
+    """A models.<role>.dtype; 'auto' is what precision 'auto' resolves to on this device (env.resolve_precision:
+    bf16 on GPU, fp32 on CPU). In a PPO run 'auto' follows ppo.actor.deepspeed.precision (config.ppo_precision)."""
     if name == "auto":
+        from rlhf_ray.env import precision_dtype
+
         if cuda is None:
             cuda = torch.cuda.is_available()
-        return torch.bfloat16 if cuda else torch.float32
+        return getattr(torch, precision_dtype("auto", "cuda" if cuda else "cpu"))
     return _DTYPES[name]
 
 
@@ -41,7 +44,7 @@ def load_causal_lm(mc: ModelConfig, dtype: Optional[torch.dtype] = None, **kwarg
 
 
 BUILTIN_PREFIX = "builtin:"
-BUILTIN_MODELS = ("smollm2", "tiny-llama", "tiny-opt", "tiny-gpt2")
+BUILTIN_MODELS = ("smollm2", "tiny-llama", "tiny-opt", "tiny-gpt2", "tiny-bloom")
 
 
 def resolve_model_path(path: str) -> str:

@@ -14,7 +14,7 @@ from pathlib import Path
 from rlhf_ray.env import cache_root
 from rlhf_ray.io import atomic_directory
 
-FAMILIES = ("llama", "opt", "gpt2")
+FAMILIES = ("llama", "opt", "gpt2", "bloom")
 FIXTURE_VERSION = 1  # bump when the recipe changes: cached folders are keyed by it
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = (
@@ -65,7 +65,7 @@ def build_tokenizer(vocab_size: int = 512):
 def tiny_config(family: str, vocab_size: int, eos_id: int, pad_id: int, bos_id: int, tie_embeddings: bool = False):
     """hidden 64, 2 heads of 32, 2 layers: ~100k parameters, instant on CPU. `tie_embeddings`: lm_head shares the
     input embedding, as in SmolLM2 (what weight sync must handle: no tensor of the head's own arrives)."""
-    from transformers import GPT2Config, LlamaConfig, OPTConfig
+    from transformers import BloomConfig, GPT2Config, LlamaConfig, OPTConfig
 
     common = dict(vocab_size=vocab_size, eos_token_id=eos_id, pad_token_id=pad_id, bos_token_id=bos_id,
                   tie_word_embeddings=tie_embeddings)
@@ -80,6 +80,9 @@ def tiny_config(family: str, vocab_size: int, eos_id: int, pad_id: int, bos_id: 
     if family == "gpt2":
         return GPT2Config(n_embd=64, n_layer=2, n_head=2, n_positions=512, initializer_range=0.2,
                           resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **common)
+    if family == "bloom":  # ALiBi positions, fused query_key_value laid out per head (BLOOM-176B's layout)
+        return BloomConfig(hidden_size=64, n_layer=2, n_head=2, initializer_range=0.2, layer_norm_epsilon=1e-5,
+                           hidden_dropout=0.0, attention_dropout=0.0, **common)
     raise ValueError(f"unknown tiny model family {family!r}; choose one of {', '.join(FAMILIES)}")
 
 

@@ -25,6 +25,12 @@ HEAD_WEIGHTS = "value_head.safetensors"
 HEAD_META = "value_head.json"
 
 
+def is_value_head_folder(path: str | Path) -> bool:
+    """Whether `path` is a folder in the format above (what `ValueHeadModel.from_pretrained` loads); a builtin: or
+    hub name never is. Cheap: the driver checks PPO's reward and critic paths before starting anything."""
+    return (Path(path).expanduser() / HEAD_META).is_file()
+
+
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     """Index of the last real token of each row, for left and right padding alike: max_t (t * mask_t)."""
     positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)

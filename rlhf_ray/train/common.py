@@ -2,7 +2,8 @@
 
     driver:  tokenize the stage's data once -> object store; TorchTrainer(train_loop, ScalingConfig(workers),
              RunConfig(storage, FailureConfig)) .fit(); copy the exported Hugging Face folder to the output dir
-    worker:  Ray Train already made the process group (gloo on CPU, NCCL on GPU); DeepSpeed wraps it, builds the
+    worker:  chooses its own device (env.choose_device; rank 0 logs every rank's choice, metrics "workers");
+             Ray Train already made the process group (gloo on CPU, NCCL on GPU); DeepSpeed wraps it, builds the
              ZeRO engine, restores the latest checkpoint (after a worker death) or `resume_from`, trains the
              planned steps, reports metrics every `log_every` steps and a DeepSpeed checkpoint every
              `checkpoint_every` steps; the last checkpoint also carries the exported folder (`hf/`).
@@ -182,6 +183,52 @@ def enable_gradient_checkpointing(model) -> None:
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
+def is_zero3(ds_config: dict) -> bool:
+    return ds_config["zero_optimization"]["stage"] == 3
+
+
+def load_dtype(ds_config: dict) -> torch.dtype:
+    """The dtype to load weights in. Under ZeRO-3 the one DeepSpeed keeps the partitions in (zero.Init casts to it
+    anyway; loading in it halves the transient copies under bf16/fp16); otherwise fp32, DeepSpeed casts later."""
+    if is_zero3(ds_config) and ds_config.get("bf16", {}).get("enabled"):
+        return torch.bfloat16
+    if is_zero3(ds_config) and ds_config.get("fp16", {}).get("enabled"):
+        return torch.float16
+    return torch.float32
+
+
+def build_partitioned(build, ds_config: dict) -> torch.nn.Module:
+    """`build()`, the model for deepspeed.initialize(config=ds_config), such that under ZeRO-3 no rank ever holds
+    it whole: while HfDeepSpeedConfig lives, transformers' from_pretrained creates every module straight into its
+    ZeRO-3 partition (deepspeed.zero.Init) and loads the checkpoint one module at a time (rank 0 fills the gathered
+    module, then it is re-partitioned). Parameters `build` creates itself (a value head, LoRA adapters: small) are
+    created whole and partitioned here, before deepspeed.initialize, which would do the same. SFT, RM, the PPO
+    learners share this. Below ZeRO-3 it just calls `build()`."""
+    if not is_zero3(ds_config):
+        return build()
+    import deepspeed
+    from transformers.integrations import HfDeepSpeedConfig
+
+    hf_ds = HfDeepSpeedConfig(ds_config)  # transformers looks for it through a weak reference: keep it alive
+    try:
+        model = build()
+    finally:
+        del hf_ds
+    # As deepspeed.initialize converts them (DeepSpeedZeRoOffload._convert_to_zero_parameters): rank 0's values win.
+    partitioned = [p for p in model.parameters() if hasattr(p, "ds_id")]
+    whole = [p for p in model.parameters() if not hasattr(p, "ds_id")]
+    if whole and partitioned:
+        partitioned[0].convert_to_zero_parameters(param_list=whole)
+    elif whole:
+        deepspeed.zero.Init(module=model, config_dict_or_path=ds_config)
+    return model
+
+
+def build_stage_model(task, cfg: Config, stage_cfg: TrainStageConfig, ds_config: dict) -> torch.nn.Module:
+    """The SFT / RM worker's trainable model, as deepspeed.initialize takes it (partitioned under ZeRO-3)."""
+    return build_partitioned(lambda: task.build_model(cfg, stage_cfg, dtype=load_dtype(ds_config)), ds_config)
+
+
 # ------------------------------------------------------------------------------ optimizer and schedule
 NO_DECAY = ("bias", "norm", "ln_")  # biases and LayerNorm/RMSNorm weights (DeepSpeed-Chat's no-decay list)
 
@@ -304,13 +351,17 @@ def _setup_worker_logging() -> None:
 
 def train_loop(loop_cfg: dict) -> Optional[dict]:
     """Ray Train's per-worker function (every rank runs it). Returns the final metrics on rank 0."""
+    from rlhf_ray.env import PRECISION_DTYPES, check_agreement, choose_device
+
+    # First thing, in this worker's own process: its device, and DS_ACCELERATOR before deepspeed is imported here.
+    device_type = choose_device()
     import deepspeed
     import ray
     import ray.train
     import torch.distributed as dist
     from ray.train import Checkpoint
 
-    from rlhf_ray.train.deepspeed_config import deepspeed_config
+    from rlhf_ray.train.deepspeed_config import deepspeed_config, precision
 
     _setup_worker_logging()
     cfg: Config = loop_cfg["cfg"]
@@ -320,20 +371,27 @@ def train_loop(loop_cfg: dict) -> Optional[dict]:
     stage_cfg: TrainStageConfig = getattr(cfg, stage)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    cuda = torch.cuda.is_available()
+    cuda = device_type == "cuda"
     if cuda:
         torch.cuda.set_device(ray.train.torch.get_device())
-    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")  # wraps Ray Train's process group
+    backend = "nccl" if cuda else "gloo"
+    deepspeed.init_distributed(dist_backend=backend)  # wraps Ray Train's process group
+    chosen = {"role": stage, "rank": rank, "device": device_type, "backend": backend,
+              "dtype": PRECISION_DTYPES[precision(stage_cfg, cuda)], "pid": os.getpid(),
+              "node": ray.util.get_node_ip_address()}
+    workers: list = [None] * world
+    dist.all_gather_object(workers, chosen)  # every rank's own choice, checked and logged by rank 0
+    devices = check_agreement(workers)
 
     train_rows, eval_rows = ray.get(loop_cfg["train_rows"]), ray.get(loop_cfg["eval_rows"])
     tokenizer = task.load_tokenizer(cfg)
     pad_id = tokenizer.pad_token_id
     torch.manual_seed(cfg.run.seed)  # identical initial weights (value head, LoRA) on every rank
-    model = task.build_model(cfg, stage_cfg)
+    ds_config = deepspeed_config(stage_cfg, world, cuda)
+    model = build_stage_model(task, cfg, stage_cfg, ds_config)  # under ZeRO-3 never whole on any rank
     optimizer = build_optimizer(model, stage_cfg.optim, offload=stage_cfg.deepspeed.offload_optimizer)
     scheduler = build_lr_scheduler(optimizer, stage_cfg.optim, plan.total_steps)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                      config=deepspeed_config(stage_cfg, world, cuda))
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
     device = engine.device
 
     # Restore: Ray Train's latest checkpoint of this run (after a worker death) wins over resume_from.
@@ -349,10 +407,10 @@ def train_loop(loop_cfg: dict) -> Optional[dict]:
         start_step = int(client_state["step"])
     metrics_log = MetricsLog(loop_cfg["metrics_file"] if rank == 0 else None)
     metrics_log.write({"event": "start", "start_step": start_step, "total_steps": plan.total_steps,
-                       "restored_from": checkpoint.path if checkpoint is not None else None})
+                       "restored_from": checkpoint.path if checkpoint is not None else None, "workers": workers})
     if rank == 0:
-        log.info("%s: %d ranks, %d steps (%d per epoch), global batch %d = %d x %d ranks x %d accumulation%s",
-                 stage, world, plan.total_steps, plan.steps_per_epoch, plan.global_batch_size,
+        log.info("%s: %d ranks (%s), %d steps (%d per epoch), global batch %d = %d x %d ranks x %d accumulation%s",
+                 stage, world, devices, plan.total_steps, plan.steps_per_epoch, plan.global_batch_size,
                  plan.micro_batch_size, world, plan.accumulation,
                  f", resumed at step {start_step}" if checkpoint is not None else "")
 
@@ -384,9 +442,8 @@ def train_loop(loop_cfg: dict) -> Optional[dict]:
             window_loss, window_micro, window_tokens = window_loss + loss.item(), window_micro + 1, window_tokens + tokens
         done = step + 1
         last = done == plan.total_steps
-        do_eval = last or (stage_cfg.eval_every > 0 and done % stage_cfg.eval_every == 0)
-        do_checkpoint = last or (stage_cfg.checkpoint_every > 0 and done % stage_cfg.checkpoint_every == 0)
-        if not (last or do_eval or do_checkpoint or done % stage_cfg.log_every == 0):
+        do_eval, do_checkpoint, do_log = step_actions(stage_cfg, done, plan.total_steps)
+        if not do_log:
             continue
         stats = torch.tensor([window_loss, window_micro, window_tokens], dtype=torch.float64, device=device)
         dist.all_reduce(stats)
@@ -439,13 +496,12 @@ def stage_output_dir(cfg: Config, stage: str) -> Path:
     return Path(stage_cfg.output_dir or Path(cfg.run.output_dir) / stage).expanduser().resolve()
 
 
-def _worker_env(use_gpu: bool) -> dict[str, str]:
+def _worker_env() -> dict[str, str]:
+    """Folders and switches for the workers; never a device choice (each worker makes its own: train_loop)."""
     from rlhf_ray.env import worker_env_vars
 
     env = worker_env_vars()
     env.update({k: v for k, v in os.environ.items() if k.startswith("RLHF_RAY_")})
-    if use_gpu:
-        env["DS_ACCELERATOR"] = "cuda"  # the driver may have no GPU while the workers do
     return env
 
 
@@ -453,10 +509,49 @@ def _as_config(config: Config | str | Path, overrides) -> Config:
     return config if isinstance(config, Config) else load_config(config, overrides)
 
 
+def step_actions(stage_cfg: TrainStageConfig, done: int, total: int) -> tuple[bool, bool, bool]:
+    """(eval, checkpoint, log) after optimizer step `done` of `total`: every eval_every / checkpoint_every (0: only
+    at the end) and log_every steps, and all three at the last step. A step that evaluates or checkpoints logs too."""
+    last = done == total
+    do_eval = last or (stage_cfg.eval_every > 0 and done % stage_cfg.eval_every == 0)
+    do_checkpoint = last or (stage_cfg.checkpoint_every > 0 and done % stage_cfg.checkpoint_every == 0)
+    return do_eval, do_checkpoint, do_eval or do_checkpoint or done % stage_cfg.log_every == 0
+
+
+def resume_checkpoint(stage_cfg: TrainStageConfig, stage: str) -> Optional[str]:
+    """<stage>.resume_from as an absolute folder (None when unset); a folder that is not there is a ConfigError."""
+    if not stage_cfg.resume_from:
+        return None
+    path = Path(stage_cfg.resume_from).expanduser().resolve()
+    if not path.is_dir():
+        raise ConfigError(f"{stage}.resume_from: no checkpoint folder at {path}")
+    return str(path)
+
+
+def run_config(cfg: Config, stage_cfg: TrainStageConfig, run_name: str, work_dir: Path):
+    """Ray Train's RunConfig: restarts after worker failures (<stage>.max_failures), checkpoints kept
+    (checkpoint.keep_last), storage under the stage's work folder."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+
+    return RunConfig(name=run_name, storage_path=str(work_dir / "ray"),
+                     failure_config=FailureConfig(max_failures=stage_cfg.max_failures),
+                     checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last),
+                     worker_runtime_env={"env_vars": _worker_env()})
+
+
+def scaling_config(stage_cfg: TrainStageConfig, cluster_gpus: float):
+    """The stage's Ray Train workers: num_workers of cpus_per_worker CPUs, plus one GPU each when use_gpu (None:
+    when the cluster has GPUs)."""
+    from ray.train import ScalingConfig
+
+    use_gpu = stage_cfg.use_gpu if stage_cfg.use_gpu is not None else cluster_gpus > 0
+    return ScalingConfig(num_workers=stage_cfg.num_workers, use_gpu=use_gpu,
+                         resources_per_worker={"CPU": stage_cfg.cpus_per_worker, **({"GPU": 1} if use_gpu else {})})
+
+
 def run_stage(config: Config | str | Path, stage: str, overrides: Optional[list[str] | dict] = None) -> StageResult:
     """Run one training stage ("sft" or "rm") as a Ray Train job on the current (or a local) Ray cluster."""
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from rlhf_ray.data import load_stage_dataset
@@ -475,29 +570,30 @@ def run_stage(config: Config | str | Path, stage: str, overrides: Optional[list[
     train_rows = task.rows(load_stage_dataset(cfg, stage, tokenizer, split="train"))
     eval_rows = task.rows(load_stage_dataset(cfg, stage, tokenizer, split="eval"))
     plan = make_plan(stage_cfg, len(train_rows), stage_cfg.num_workers, cfg.run.seed, stage)
-    use_gpu = stage_cfg.use_gpu if stage_cfg.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+    scaling = scaling_config(stage_cfg, ray.cluster_resources().get("GPU", 0))
+    use_gpu = scaling.use_gpu
     run_name = f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
     metrics_file = work_dir / "logs" / f"{run_name}.jsonl"
-    resume_from = str(Path(stage_cfg.resume_from).expanduser().resolve()) if stage_cfg.resume_from else None
-    if resume_from and not Path(resume_from).is_dir():
-        raise ConfigError(f"{stage}.resume_from: no checkpoint folder at {resume_from}")
+    resume_from = resume_checkpoint(stage_cfg, stage)
     log.info("%s: %d train / %d eval rows, %d steps on %d %s workers -> %s", stage, len(train_rows), len(eval_rows),
              plan.total_steps, stage_cfg.num_workers, "GPU" if use_gpu else "CPU", output_dir)
 
-    resources = {"CPU": stage_cfg.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"cfg": cfg, "stage": stage, "plan": plan, "train_rows": ray.put(train_rows),
                            "eval_rows": ray.put(eval_rows), "metrics_file": str(metrics_file),
                            "resume_from": resume_from},
-        scaling_config=ScalingConfig(num_workers=stage_cfg.num_workers, use_gpu=use_gpu,
-                                     resources_per_worker=resources),
-        run_config=RunConfig(name=run_name, storage_path=str(work_dir / "ray"),
-                             failure_config=FailureConfig(max_failures=stage_cfg.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last),
-                             worker_runtime_env={"env_vars": _worker_env(use_gpu)}),
+        scaling_config=scaling,
+        run_config=run_config(cfg, stage_cfg, run_name, work_dir),
     )
-    result = trainer.fit()
+    sigint_handler = signal.getsignal(signal.SIGINT)
+    try:
+        result = trainer.fit()
+    finally:
+        # Ray Train's Ctrl-C handler holds the run's controller actor: with ours back, that actor (and the actors it
+        # owns) go when the run does, not when this driver exits.
+        if signal.getsignal(signal.SIGINT) is not sigint_handler:
+            signal.signal(signal.SIGINT, sigint_handler)
     if result.error is not None:
         raise result.error
     with result.checkpoint.as_directory() as ckpt_dir, atomic_directory(output_dir) as tmp:

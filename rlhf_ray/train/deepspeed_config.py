@@ -1,4 +1,4 @@
-"""Our TrainStageConfig -> the DeepSpeed JSON config. A pure function: SFT, RM and the PPO learners share it.
+"""Our learner settings -> the DeepSpeed JSON config. A pure function: SFT, RM and the PPO learners share it.
 
     ds = deepspeed_config(cfg.sft, num_ranks=8, cuda=True)
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=ds)
@@ -11,35 +11,47 @@ from __future__ import annotations
 
 from typing import Optional
 
-from rlhf_ray.config import ConfigError, DeepSpeedConfig, TrainStageConfig
+from rlhf_ray.config import ConfigError, DeepSpeedConfig, PPOLearnerConfig
 
 
 def resolve_precision(ds: DeepSpeedConfig, cuda: bool) -> str:
-    """'auto' is bf16 on GPU and fp32 on CPU (CPU bf16 matmuls are slow and lose exactness checks)."""
-    return ("bf16" if cuda else "fp32") if ds.precision == "auto" else ds.precision
+    """ds.precision on the calling worker's device; 'auto' is decided in one place (env.resolve_precision)."""
+    from rlhf_ray.env import resolve_precision as resolve
+
+    return resolve(ds.precision, "cuda" if cuda else "cpu")
 
 
-def precision(stage_cfg: TrainStageConfig, cuda: bool) -> str:
+def precision(stage_cfg: PPOLearnerConfig, cuda: bool) -> str:
     return resolve_precision(stage_cfg.deepspeed, cuda)
 
 
-def gradient_accumulation_steps(stage_cfg: TrainStageConfig, num_ranks: int, train_batch_size: Optional[int] = None) -> int:
+def gradient_accumulation_steps(stage_cfg: PPOLearnerConfig, num_ranks: int,
+                                train_batch_size: Optional[int] = None) -> int:
     ds = stage_cfg.deepspeed
-    batch = ds.global_batch_size if train_batch_size is None else train_batch_size
+    batch = _step_batch(ds, train_batch_size)
     per_step = ds.micro_batch_size * num_ranks
     if num_ranks < 1 or batch % per_step:
-        raise ConfigError(f"the optimizer-step batch ({batch}, deepspeed.global_batch_size) must be a multiple "
-                          f"of micro_batch_size ({ds.micro_batch_size}) x ranks ({num_ranks})")
+        raise ConfigError(f"the optimizer-step batch ({batch}: deepspeed.global_batch_size, ppo.mini_batch_size for "
+                          f"PPO) must be a multiple of micro_batch_size ({ds.micro_batch_size}) x ranks ({num_ranks})")
     return batch // per_step
 
 
-def deepspeed_config(stage_cfg: TrainStageConfig, num_ranks: int, cuda: bool,
+def _step_batch(ds: DeepSpeedConfig, train_batch_size: Optional[int]) -> int:
+    if train_batch_size is not None:
+        return train_batch_size
+    if not hasattr(ds, "global_batch_size"):
+        raise ValueError("a PPO learner's deepspeed section has no global_batch_size: pass train_batch_size "
+                         "(ppo.mini_batch_size)")
+    return ds.global_batch_size
+
+
+def deepspeed_config(stage_cfg: PPOLearnerConfig, num_ranks: int, cuda: bool,
                      train_batch_size: Optional[int] = None) -> dict:
     """The DeepSpeed config dict for `num_ranks` data-parallel ranks, on GPU (`cuda`) or CPU.
-    `train_batch_size` (samples per optimizer step across ranks) defaults to deepspeed.global_batch_size;
-    PPO learners pass ppo.mini_batch_size."""
+    `train_batch_size` (samples per optimizer step across ranks) defaults to a stage's deepspeed.global_batch_size;
+    PPO learners (no global batch of their own) pass ppo.mini_batch_size."""
     ds = stage_cfg.deepspeed
-    batch = ds.global_batch_size if train_batch_size is None else train_batch_size
+    batch = _step_batch(ds, train_batch_size)
     prec = precision(stage_cfg, cuda)
     if not cuda and prec == "fp16":
         raise ConfigError("deepspeed.precision fp16 needs a GPU; use fp32 or bf16 on CPU")

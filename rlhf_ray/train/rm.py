@@ -40,8 +40,9 @@ def rows(dataset) -> list[dict]:
     return dataset.select_columns(list(COLUMNS)).to_list()
 
 
-def build_model(cfg: Config, stage_cfg: TrainStageConfig):
-    """ValueHeadModel in fp32 on CPU with a fresh head (seeded by the caller); dropout, checkpointing, LoRA."""
+def build_model(cfg: Config, stage_cfg: TrainStageConfig, dtype: torch.dtype = torch.float32):
+    """ValueHeadModel (fp32 unless told) with a fresh head (seeded by the caller); dropout, checkpointing, LoRA.
+    Under ZeRO-3 the worker calls it inside common.build_partitioned, which loads it straight into partitions."""
     from rlhf_ray.models import ValueHeadModel
     from rlhf_ray.models.loading import resolve_model_path
     from rlhf_ray.train.common import apply_lora, enable_gradient_checkpointing, hf_model_config, zero_dropout_modules
@@ -50,7 +51,7 @@ def build_model(cfg: Config, stage_cfg: TrainStageConfig):
     path = resolve_model_path(mc.path)
     extra = {"gguf_file": mc.gguf_file} if mc.gguf_file else {}
     config = hf_model_config(path, stage_cfg.disable_dropout, trust_remote_code=mc.trust_remote_code, **extra)
-    model = ValueHeadModel.from_causal_lm(path, dtype=torch.float32, config=config,
+    model = ValueHeadModel.from_causal_lm(path, dtype=dtype, config=config,
                                           trust_remote_code=mc.trust_remote_code, **extra)
     if stage_cfg.disable_dropout:
         zero_dropout_modules(model)

@@ -39,8 +39,9 @@ def rows(dataset) -> list[dict]:
     return dataset.select_columns(list(COLUMNS)).to_list()
 
 
-def build_model(cfg: Config, stage_cfg: TrainStageConfig):
-    """The trainable causal LM in fp32 on CPU (DeepSpeed casts and places it): dropout, checkpointing, LoRA."""
+def build_model(cfg: Config, stage_cfg: TrainStageConfig, dtype: torch.dtype = torch.float32):
+    """The trainable causal LM (fp32 unless told; DeepSpeed casts and places it): dropout, checkpointing, LoRA.
+    Under ZeRO-3 the worker calls it inside common.build_partitioned, which loads it straight into partitions."""
     from rlhf_ray.models.loading import load_causal_lm, resolve_model_path
     from rlhf_ray.train.common import apply_lora, enable_gradient_checkpointing, hf_model_config, zero_dropout_modules
 
@@ -48,7 +49,7 @@ def build_model(cfg: Config, stage_cfg: TrainStageConfig):
     extra = {"gguf_file": mc.gguf_file} if mc.gguf_file else {}
     config = hf_model_config(resolve_model_path(mc.path), stage_cfg.disable_dropout,
                              trust_remote_code=mc.trust_remote_code, **extra)
-    model = load_causal_lm(mc, dtype=torch.float32, config=config)
+    model = load_causal_lm(mc, dtype=dtype, config=config)
     if stage_cfg.disable_dropout:
         zero_dropout_modules(model)
     model.config.use_cache = False

@@ -1,0 +1,150 @@
+"""Issue 13, point 1: the driver decides nothing for the workers.
+
+Every device, dtype, backend and weight-sync transport is chosen inside the process that uses it (env.choose_device,
+env.resolve_precision); each worker reports its choice (describe()) and the driver only checks agreement
+(env.check_agreement). One key, ppo.actor.deepspeed.precision, decides the precision of every PPO model.
+"""
+from __future__ import annotations
+
+import sys
+
+import pytest
+import ray
+import torch
+
+from rlhf_ray.config import ConfigError, load_config, ppo_precision
+from rlhf_ray.env import DeviceMismatchError, check_agreement, choose_device, resolve_precision, worker_env_vars
+from rlhf_ray.weight_sync import default_probe_atol
+
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers cannot import test modules
+
+
+# ------------------------------------------------------------------------------------------- pure logic
+def test_precision_auto_is_resolved_on_the_workers_own_device():
+    assert resolve_precision("auto", "cuda") == "bf16" and resolve_precision("auto", "cpu") == "fp32"
+    assert resolve_precision("bf16", "cpu") == "bf16"  # explicit wins on any device
+
+
+@pytest.mark.parametrize("overrides, keys", [
+    ({"models.actor.dtype": "bfloat16", "ppo.actor.deepspeed.precision": "fp32"},
+     ("models.actor.dtype", "ppo.actor.deepspeed.precision")),
+    ({"models.reward.dtype": "float16", "ppo.actor.deepspeed.precision": "bf16"},
+     ("models.reward.dtype", "ppo.actor.deepspeed.precision")),
+    ({"ppo.critic.deepspeed.precision": "bf16", "ppo.actor.deepspeed.precision": "fp32"},
+     ("ppo.critic.deepspeed.precision", "ppo.actor.deepspeed.precision")),
+])
+def test_an_explicit_dtype_that_differs_from_the_precision_is_a_config_error(overrides, keys):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    assert all(k in str(err.value) for k in keys), str(err.value)
+
+
+def test_one_key_decides_the_precision_of_every_ppo_model():
+    assert ppo_precision(load_config(None, {})) == "auto"
+    assert ppo_precision(load_config(None, {"ppo.actor.deepspeed.precision": "bf16"})) == "bf16"
+    # restating the same precision is fine; 'auto' dtypes and the critic's 'auto' follow the actor's key
+    cfg = load_config(None, {"ppo.actor.deepspeed.precision": "fp32", "models.actor.dtype": "float32"})
+    assert ppo_precision(cfg) == "fp32"
+    from rlhf_ray.config import ppo_learner
+
+    assert ppo_learner(cfg, "critic").deepspeed.precision == "fp32" and cfg.ppo.critic.deepspeed.precision == "auto"
+
+
+def _report(role, rank=0, device="cpu", backend="gloo", dtype="float32", transport=None):
+    return {"role": role, "rank": rank, "device": device, "backend": backend, "dtype": dtype, "transport": transport}
+
+
+def test_agreement_check_names_the_roles_that_disagree():
+    ok = [_report("actor", 0), _report("actor", 1), _report("reward", dtype=None),
+          _report("generator", backend=None, transport="gloo")]
+    assert "actor x2 cpu/gloo/float32" in check_agreement(ok)
+    with pytest.raises(DeviceMismatchError, match=r"bfloat16: generator\[0\].*ppo.actor.deepspeed.precision"):
+        check_agreement([_report("actor"), _report("generator", backend=None, dtype="bfloat16", transport="gloo")])
+    with pytest.raises(DeviceMismatchError, match=r"ranks of critic disagree on device"):
+        check_agreement([_report("critic", 0), _report("critic", 1, device="cuda", backend="nccl")])
+    with pytest.raises(DeviceMismatchError, match=r"transport nccl.*sender actor\[0\] is on cpu"):
+        check_agreement([_report("actor"), _report("generator", device="cuda", backend=None, transport="nccl")])
+    with pytest.raises(DeviceMismatchError, match=r"different weight-sync transports"):
+        check_agreement([_report("generator", 0, transport="gloo"), _report("generator", 1, transport="object_store")])
+
+
+def test_probe_tolerance_follows_the_dtypes_in_use_on_both_ends():
+    assert default_probe_atol("float32", "float32") == 1e-3
+    assert default_probe_atol("float32", "bfloat16") == 0.1 and default_probe_atol("float32", None) == 0.1
+
+
+def test_no_device_choice_is_shipped_to_the_workers(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert "DS_ACCELERATOR" not in worker_env_vars()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert "DS_ACCELERATOR" not in worker_env_vars()
+
+
+# ------------------------------------------------------------------------------------------ real workers
+def _choice_in_a_zero_gpu_actor():
+    """In a Ray worker without a GPU whose node has CUDA (faked here) and an inherited DS_ACCELERATOR=cuda."""
+    import os
+
+    torch.cuda.is_available = lambda: True
+    return choose_device(), os.environ["DS_ACCELERATOR"]
+
+
+def test_a_ray_worker_without_a_gpu_of_its_own_uses_the_cpu(ray_cluster):
+    # Ray 2.60 leaves CUDA_VISIBLE_DEVICES alone for zero-GPU actors: they would see every GPU of their node.
+    fn = ray.remote(num_cpus=0, max_calls=1,  # the worker exits after: the patched torch leaves with it
+                    runtime_env={"env_vars": {"DS_ACCELERATOR": "cuda"}})(_choice_in_a_zero_gpu_actor)
+    assert ray.get(fn.remote(), timeout=120) == ("cpu", "cpu")
+
+
+def test_a_gpu_driver_decides_nothing_for_cpu_workers(ray_cluster, tiny_llama, tiny_value_model, tmp_path,
+                                                      monkeypatch):
+    """The driver believes it has CUDA (a GPU head); every worker still chooses CPU / gloo / float32 for itself,
+    and the weight sync runs over the transport the engines chose. Before: bf16 engines and an NCCL sync."""
+    from rlhf_ray.ppo import PPOTrainer
+
+    cfg = load_config(None, {
+        "ray.address": "local", "run.output_dir": str(tmp_path / "run"), "data.cache_dir": str(tmp_path / "data"),
+        "data.max_prompt_len": 32, "models.actor.path": tiny_llama, "models.reward.path": tiny_value_model,
+        "placement.actor.num_workers": 1, "placement.critic.num_workers": 1,
+        "ppo.rollout_batch_size": 4, "generation.n_samples_per_prompt": 1, "ppo.mini_batch_size": 4,
+        "ppo.actor.deepspeed.micro_batch_size": 4, "ppo.critic.deepspeed.micro_batch_size": 4,
+        "generation.max_new_tokens": 4, "generation.kv_cache_gib": 1, "logging.tensorboard": False})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # in this (driver) process only
+    trainer = PPOTrainer(cfg)
+    try:
+        assert [i["dtype"] for i in trainer.generators.info] == ["float32"]
+        reports = trainer.worker_reports()
+        assert sorted(r["role"] for r in reports) == ["actor", "critic", "generator", "reference", "reward"]
+        for r in reports:
+            assert (r["device"], r["dtype"]) == ("cpu", "float32"), r
+            assert (r["transport"] if r["role"] == "generator" else r["backend"]) == "gloo", r
+        stats = trainer.step()  # the sync runs over the engines' transport, checked at fp32 tolerance
+        assert trainer.generators.last_sync.transport == "gloo" and trainer.generators.last_sync.verified
+        assert trainer.generators.probe_atol == 1e-3 and stats["weight_version"] == 1
+    finally:
+        trainer.shutdown()
+
+
+@pytest.mark.gpu
+def test_each_worker_reports_its_own_device_on_a_gpu_node(ray_cluster, tiny_llama):
+    """On a GPU node: an engine with a GPU picks cuda / bfloat16 / nccl, a rank with a GPU cuda / nccl, and a rank
+    without one the CPU (gloo), although CUDA is visible to it (Ray 2.60 leaves CUDA_VISIBLE_DEVICES alone)."""
+    from rlhf_ray.config import GenerationConfig, RoleResources
+    from rlhf_ray.generator import start_engine
+    from rlhf_ray.groups import DistributedWorker, ModelGroup
+    from rlhf_ray.resources import ready_placement_group
+
+    pg = ready_placement_group("generator", [{"CPU": 1, "GPU": 1}], timeout_s=60)
+    engine = start_engine(tiny_llama, GenerationConfig(gpu_memory_utilization=0.2), placement_group=pg, gpus=1)
+    try:
+        report = ray.get(engine.describe.remote())
+        assert (report["device"], report["dtype"], report["transport"]) == ("cuda", "bfloat16", "nccl")
+    finally:
+        ray.kill(engine)
+        ray.util.remove_placement_group(pg)
+    for gpus, expected in ((1, ("cuda", "nccl")), (0, ("cpu", "gloo"))):
+        group = ModelGroup("probe", DistributedWorker, 1, resources=RoleResources(1, 1.0, gpus))
+        try:
+            assert [(r["device"], r["backend"]) for r in group.reports] == [expected]
+        finally:
+            group.shutdown()
