@@ -532,6 +532,31 @@ def test_consecutive_syncs_reuse_one_transfer_group(group, tiny_llama):
     assert greedy_outputs(group, PROMPTS) == [greedy_hf(model, p, 10) for p in PROMPTS]
 
 
+def test_learner_source_sends_gpu_transports_from_the_device(ray_cluster):
+    """The CPU-side decision behind the GPU path: a learner exports host copies only for the host transports; for
+    nccl / ipc its gathered buckets stay where they are (export_params(to_cpu=False)). A stand-in group records it."""
+    import ray
+
+    from rlhf_ray.weight_sync import BucketSender, LearnerSource, SyncPlan
+
+    class Rank0:
+        class apply:  # noqa: N801 (an actor method's .remote)
+            @staticmethod
+            def remote(fn, sync_id):
+                return ray.put({"buckets": 0})
+
+    class Group:
+        workers = [Rank0()]
+
+        def run(self, method, *args, **kwargs):
+            self.call = (method, kwargs)
+
+    for transport, to_cpu in (("object_store", True), ("gloo", True), ("nccl", False), ("ipc", False)):
+        g = Group()
+        LearnerSource(g).push(BucketSender(SyncPlan(1, transport, "float32", 1 << 20)), 1 << 20)
+        assert g.call == ("export_params", {"to_cpu": to_cpu}), transport
+
+
 # ---------------------------------------------------------------------------------------------- learner
 def test_sync_from_zero3_learner_after_an_optimizer_step(group, tiny_llama, tmp_path):
     """The sender is a real 2-rank ZeRO-3 learner group (DeepSpeed, gloo) after one optimizer step; rank 0 streams
@@ -576,13 +601,16 @@ def test_sync_from_zero3_learner_after_an_optimizer_step(group, tiny_llama, tmp_
         learner.shutdown()
 
 
-def test_engine_without_restarts_left_is_dropped_and_its_prompts_served_elsewhere(group):
+def test_engine_without_restarts_left_is_dropped_and_its_prompts_served_elsewhere(group, tiny_llama):
     """generation.max_restarts 0 (this module's group): a killed engine stays dead; the group notices, counts its
-    prompts as re-dispatched and serves them on the other engine. (Restarts: tests/test_generator.py.)"""
+    prompts as re-dispatched and serves them on the other engine, and the next weight sync builds a new transfer
+    group of the engine left. (Restarts: tests/test_generator.py.)"""
     import ray
 
     from rlhf_ray.generator import Sampling
 
+    group.sync_weights(ModelSource(perturbed(tiny_llama, seed=14)))
+    both = group.last_sync.channel
     pending = group.generate_async(PROMPTS * 2, Sampling(temperature=0.0, max_new_tokens=6, ignore_eos=True))
     ray.kill(group.engines[1], no_restart=False)  # a crash: Ray would restart it if max_restarts allowed
     rollout = pending.result()
@@ -590,6 +618,10 @@ def test_engine_without_restarts_left_is_dropped_and_its_prompts_served_elsewher
     assert rollout.redispatched == 3 and rollout.engine_prompts == {0: 6}
     assert group.alive == [True, False] and group.restarts == [0, 0]
     assert group.generate(PROMPTS, Sampling(temperature=0.0, max_new_tokens=4)).engine_prompts == {0: 3}
+    group.sync_weights(ModelSource(perturbed(tiny_llama, seed=15)))
+    report = group.last_sync
+    assert report.new_channel and report.channel != both and [e["engine"] for e in report.engines] == [0]
+    assert report.verified
 
 
 # ---------------------------------------------------------------------------------------------- GPU paths

@@ -217,6 +217,9 @@ def build_partitioned(build, ds_config: dict) -> torch.nn.Module:
     # As deepspeed.initialize converts them (DeepSpeedZeRoOffload._convert_to_zero_parameters): rank 0's values win.
     partitioned = [p for p in model.parameters() if hasattr(p, "ds_id")]
     whole = [p for p in model.parameters() if not hasattr(p, "ds_id")]
+    for p in whole:  # in the partitions' dtype, which ZeRO-3 requires of all (peft keeps LoRA weights in fp32)
+        if p.is_floating_point():
+            p.data = p.data.to(load_dtype(ds_config))
     if whole and partitioned:
         partitioned[0].convert_to_zero_parameters(param_list=whole)
     elif whole:
