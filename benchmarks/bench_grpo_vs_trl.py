@@ -76,7 +76,7 @@ def prompts_in_order(cfg, n: int) -> list[dict]:
     """The rows rlhf_ray's controller takes, in its order (PromptStream with the run seed)."""
     from rlhf_ray.data import load_stage_dataset
     from rlhf_ray.models.loading import load_tokenizer
-    from rlhf_ray.ppo import PromptStream
+    from rlhf_ray.experience import PromptStream
 
     tokenizer = load_tokenizer(cfg.models.actor)
     rows = load_stage_dataset(cfg, "ppo", tokenizer, split="train")

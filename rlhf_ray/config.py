@@ -124,6 +124,13 @@ class DeepSpeedConfig:
     offload_params: bool = False  # GPU only, ZeRO-3: parameters offloaded to CPU
     gradient_checkpointing: bool = False
     micro_batch_size: int = 2  # per rank
+    # ZeRO++ (Wang et al. 2023, arXiv 2306.10209; DeepSpeed zero_optimization keys), ZeRO-3 only, also for the
+    # scorers that follow this learner. hpz_partition_size: a second copy of the weights partitioned over this many
+    # ranks (a node's GPUs) so gathers after the first forward of a step stay inside the node; quantized_weights:
+    # int8 weight gathers (half the bytes, GPU only); quantized_gradients: int4 gradient reduce (GPU only).
+    zero_hpz_partition_size: int = 1
+    zero_quantized_weights: bool = False
+    zero_quantized_gradients: bool = False
 
 
 @dataclass
@@ -194,7 +201,9 @@ class GenerationConfig:
 
 @dataclass
 class PPOConfig:
-    advantage_estimator: Literal["gae", "grpo", "rloo", "reinforce_pp"] = "gae"
+    # dr_grpo: GRPO's group advantage without the division by the group's std (Dr. GRPO, arXiv 2503.20783); pair it
+    # with loss_aggregation seq-mean-token-sum-norm for the paper's whole recipe (seq-mean-token-mean is rejected).
+    advantage_estimator: Literal["gae", "grpo", "dr_grpo", "rloo", "reinforce_pp"] = "gae"
     num_iterations: int = 10
     rollout_batch_size: int = 8  # prompts per iteration
     ppo_epochs: int = 1
@@ -211,14 +220,38 @@ class PPOConfig:
     kl_target: float = 6.0  # Ziegler et al. adaptive controller
     kl_horizon: int = 10000
     clip_ratio: float = 0.2
+    # The ratio's clip range [1 - clip_ratio_low, 1 + clip_ratio_high]; null: clip_ratio (policy_loss gspo: 3e-4 / 4e-4,
+    # the GSPO paper's). DAPO's clip-higher: 0.2 / 0.28.
+    clip_ratio_low: Optional[float] = None
+    clip_ratio_high: Optional[float] = None
     dual_clip: Optional[float] = None
+    # ppo: token-level importance ratios (PPO); gspo: one length-normalised ratio per sequence, clipped per sequence
+    # (GSPO, arXiv 2507.18071; needs loss_aggregation seq-mean-token-mean).
+    policy_loss: Literal["ppo", "gspo"] = "ppo"
     value_clip: float = 0.2
     reward_clip: float = 5.0
     gamma: float = 1.0
     lam: float = 0.95
     entropy_coef: float = 0.0
-    loss_aggregation: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = "token-mean"
+    # Over each whole mini-batch (all its micro-batches and ranks): token-mean divides the summed token losses by the
+    # mini-batch's response tokens (DAPO, veRL); seq-mean-* by its sequences; seq-mean-token-sum-norm also by
+    # generation.max_new_tokens (Dr. GRPO). The actor's and the critic's losses and the KL / entropy terms alike.
+    loss_aggregation: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum",
+                              "seq-mean-token-sum-norm"] = "token-mean"
     whiten_advantages: bool = True
+    # grpo / rloo with kl_penalty "reward": per_token subtracts kl_coef * KL_t from token t's advantage; return_to_go
+    # subtracts kl_coef * sum_{j>=t} KL_j (OpenRLHF). per_token by default: it keeps the earlier behaviour and a
+    # penalty that does not grow with the response length.
+    kl_reward_shape: Literal["per_token", "return_to_go"] = "per_token"
+    # DAPO dynamic sampling: drop prompt groups whose scores all tie (no signal) and generate more prompts, at most
+    # dynamic_sampling_max_rounds extra rounds; still short then: filled with the last round's tied groups.
+    dynamic_sampling: bool = False
+    dynamic_sampling_max_rounds: int = 4
+    # DAPO overlong handling: overlong_mask takes samples cut at max_new_tokens (finish_reason 'length') out of the
+    # loss; overlong_buffer > 0 adds the soft penalty, 0 to -overlong_penalty over the last overlong_buffer tokens.
+    overlong_mask: bool = False
+    overlong_buffer: int = 0
+    overlong_penalty: float = 1.0
     ema_decay: Optional[float] = None  # DeepSpeed-Chat --enable_ema (0.992)
     ptx_coef: float = 0.0  # InstructGPT's pretraining mix; needs data.ptx
     actor: PPOLearnerConfig = field(default_factory=PPOLearnerConfig)
@@ -275,8 +308,19 @@ class ClusterConfig:
     intra_node_gbs: float = 300.0  # GPU-to-GPU within a node, GB/s per GPU (NVLink 3: 300)
     inter_node_gbs: float = 25.0  # network per node, GB/s (one 200 Gb/s InfiniBand NIC: 25; DGX A100, 8 NICs: 200)
     pcie_gbs: float = 25.0  # GPU-host copies (offload), GB/s per GPU
-    mfu: float = 0.4  # assumed model-FLOPs utilisation: training, forward passes, prefill
-    mbu: float = 0.6  # assumed memory-bandwidth utilisation: decoding
+    # mfu and decode_step_overhead_s are fitted (least squares in log time) to 5 of DeepSpeed-Chat's 10 published
+    # step-3 times (DeepSpeedExamples applications/DeepSpeed-Chat/README.md, Table 1) and checked on the other 5
+    # within 1.5x: tests/test_plan.py::test_calibration_against_deepspeed_chat_table_1.
+    mfu: float = 0.2  # model-FLOPs utilisation: training, forward passes, prefill (fitted, see above)
+    mbu: float = 0.6  # HBM utilisation while decoding; assumed, not fitted (0.4-0.8 moves those 10 points < 10%)
+    # Per decoding step of an engine beyond its weight and KV reads (kernel launches, sampling, scheduling); fitted
+    # to DeepSpeed-Chat's Hybrid Engine (HF generate); vLLM's CUDA graphs likely need less (generation conservative).
+    decode_step_overhead_s: float = 0.012
+    # Timing only: "separate" times our layout (engines on their own GPUs, weights broadcast after each step);
+    # "hybrid_engine" times DeepSpeed-Chat's Hybrid Engine (DeepSpeedExamples applications/DeepSpeed-Chat README):
+    # the actor's own ranks generate in tensor-parallel groups of generation.tensor_parallel_size, each GPU
+    # ppo.actor.deepspeed.micro_batch_size sequences at a time, after one ZeRO-3 gather of the actor per batch.
+    timing_layout: Literal["separate", "hybrid_engine"] = "separate"
 
 
 @dataclass
@@ -471,7 +515,19 @@ def validate(cfg: Config) -> Config:
     need(g.verify_probe_atol is None or g.verify_probe_atol >= 0, "generation.verify_probe_atol must be >= 0")
     p = cfg.ppo
     need(p.kl_coef >= 0, "ppo.kl_coef must be >= 0")
-    need(p.clip_ratio > 0, "ppo.clip_ratio must be > 0")
+    need(0 < p.clip_ratio < 1, "ppo.clip_ratio must be in (0, 1)")
+    need(p.clip_ratio_low is None or 0 < p.clip_ratio_low < 1, "ppo.clip_ratio_low must be in (0, 1) (or null: "
+         "ppo.clip_ratio)")
+    need(p.clip_ratio_high is None or p.clip_ratio_high > 0,
+         "ppo.clip_ratio_high must be > 0 (or null: ppo.clip_ratio)")
+    need(p.policy_loss != "gspo" or p.loss_aggregation == "seq-mean-token-mean",
+         f"ppo.policy_loss gspo needs ppo.loss_aggregation seq-mean-token-mean, got '{p.loss_aggregation}': GSPO's "
+         f"loss is the mean over sequences of each sequence's clipped objective (each token of a sequence carries "
+         f"1/|y_i| of it); another aggregation weighs sequences by their length")
+    need(not (p.advantage_estimator == "dr_grpo" and p.loss_aggregation == "seq-mean-token-mean"),
+         "ppo.advantage_estimator dr_grpo with ppo.loss_aggregation seq-mean-token-mean puts back the 1/|o_i| "
+         "per-sequence length normalisation that Dr. GRPO removes; use seq-mean-token-sum-norm (Dr. GRPO's), "
+         "token-mean or seq-mean-token-sum")
     need(p.dual_clip is None or p.dual_clip > 1, "ppo.dual_clip must be > 1 (or null to disable)")
     need(0 <= p.gamma <= 1 and 0 <= p.lam <= 1, "ppo.gamma and ppo.lam must be in [0, 1]")
     need(p.reward_clip > 0, "ppo.reward_clip must be > 0")
@@ -501,13 +557,37 @@ def validate(cfg: Config) -> Config:
          "the policy; use ppo.kl_estimator k3 (unbiased, GRPO) or k2")
     need(p.reward_function_mode == "add" or bool(p.reward_functions),
          "ppo.reward_function_mode 'replace' needs ppo.reward_functions")
-    if p.advantage_estimator in ("grpo", "rloo"):
+    if p.advantage_estimator in ("grpo", "dr_grpo", "rloo"):
         need(g.n_samples_per_prompt >= 2,
              f"ppo.advantage_estimator={p.advantage_estimator} needs generation.n_samples_per_prompt >= 2")
+    need(p.kl_reward_shape == "per_token"
+         or (p.advantage_estimator in ("grpo", "dr_grpo", "rloo") and p.kl_penalty == "reward"),
+         f"ppo.kl_reward_shape return_to_go shapes the KL reward of grpo / rloo with ppo.kl_penalty 'reward'; with "
+         f"ppo.advantage_estimator {p.advantage_estimator} and ppo.kl_penalty '{p.kl_penalty}' it would do nothing "
+         f"(gae and reinforce_pp already sum the per-token KL reward into their returns)")
+    need(not p.dynamic_sampling or g.n_samples_per_prompt >= 2,
+         "ppo.dynamic_sampling drops groups whose scores tie: it needs generation.n_samples_per_prompt >= 2 (a group "
+         "of one always ties)")
+    need(not p.dynamic_sampling or p.advantage_estimator != "gae",
+         "ppo.dynamic_sampling with ppo.advantage_estimator gae: the critic's advantages still carry signal when a "
+         "group's scores tie, so dropping those groups discards data; use grpo, rloo or reinforce_pp")
+    need(p.dynamic_sampling_max_rounds >= 0, "ppo.dynamic_sampling_max_rounds must be >= 0")
+    need(0 <= p.overlong_buffer < g.max_new_tokens,
+         f"ppo.overlong_buffer ({p.overlong_buffer}) must be >= 0 and below generation.max_new_tokens "
+         f"({g.max_new_tokens})")
+    need(p.overlong_penalty >= 0, "ppo.overlong_penalty must be >= 0")
+    need(not (p.overlong_mask and g.ignore_eos),
+         "ppo.overlong_mask with generation.ignore_eos: every sample runs to max_new_tokens, so all would be masked")
     for name in ("sft", "rm"):
         _validate_stage(getattr(cfg, name), name, need)
     _validate_learner(p.actor, "ppo.actor", need)
     _validate_learner(p.critic, "ppo.critic", need)
+    for learner, roles in (("actor", ("actor", "reference")), ("critic", ("critic", "reward"))):
+        h = getattr(p, learner).deepspeed.zero_hpz_partition_size  # ZeRO++ groups within each engine's ranks
+        for role in roles if learner == "actor" or p.advantage_estimator == "gae" else ("reward",):
+            n = getattr(cfg.placement, role).num_workers
+            need(n == 1 or n % h == 0, f"ppo.{learner}.deepspeed.zero_hpz_partition_size ({h}) must divide "
+                             f"placement.{role}.num_workers ({n})")
     for role in ("actor", "critic", "reference", "reward", "generator"):
         r = getattr(cfg.placement, role)
         need(r.num_workers >= 1, f"placement.{role}.num_workers must be >= 1")
@@ -546,6 +626,11 @@ def _validate_learner(s: PPOLearnerConfig, name: str, need) -> None:
     ds = s.deepspeed
     need(ds.micro_batch_size >= 1, f"{name}.deepspeed.micro_batch_size must be >= 1")
     need(not ds.offload_params or ds.zero_stage == 3, f"{name}.deepspeed.offload_params needs zero_stage 3")
+    need(ds.zero_hpz_partition_size >= 1, f"{name}.deepspeed.zero_hpz_partition_size must be >= 1")
+    need(ds.zero_stage == 3 or (ds.zero_hpz_partition_size == 1 and not ds.zero_quantized_weights
+                                and not ds.zero_quantized_gradients),
+         f"{name}.deepspeed.zero_hpz_partition_size / zero_quantized_weights / zero_quantized_gradients (ZeRO++) "
+         f"need zero_stage 3")
     need(s.optim.lr > 0, f"{name}.optim.lr must be > 0")
     need(s.optim.grad_clip >= 0, f"{name}.optim.grad_clip must be >= 0")
     need(s.optim.warmup_steps >= 0 and s.optim.weight_decay >= 0, f"{name}.optim: warmup_steps and weight_decay must be >= 0")
@@ -557,6 +642,9 @@ def _validate_stage(s: TrainStageConfig, name: str, need) -> None:
     _validate_learner(s, name, need)
     ds, ranks = s.deepspeed, s.num_workers
     need(s.num_workers >= 1, f"{name}.num_workers must be >= 1")
+    need(s.num_workers % max(1, ds.zero_hpz_partition_size) == 0,
+         f"{name}.deepspeed.zero_hpz_partition_size ({ds.zero_hpz_partition_size}) must divide {name}.num_workers "
+         f"({s.num_workers})")
     need(ds.global_batch_size % (ds.micro_batch_size * ranks) == 0,
          f"{name}.deepspeed.global_batch_size ({ds.global_batch_size}) must be a multiple of micro_batch_size "
          f"({ds.micro_batch_size}) x ranks ({ranks})")

@@ -42,7 +42,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 
 from rlhf_ray import rl
-from rlhf_ray.config import Config, DeepSpeedConfig, ModelConfig, PPOConfig, PPOLearnerConfig, ppo_learner
+from rlhf_ray.config import Config, ModelConfig, PPOConfig, PPOLearnerConfig, ppo_learner
 from rlhf_ray.groups import Batch, DistributedWorker, ModelGroup, RolePlacement, batch_rows, mean_stats, shard_batch
 from rlhf_ray.models.loading import resolve_model_path
 from rlhf_ray.train.common import build_partitioned, hf_model_config
@@ -152,31 +152,40 @@ class NonfiniteSteps:
 
 
 # ------------------------------------------------------------------------------------------ objectives
-def policy_objective(p: PPOConfig, logprobs: torch.Tensor, entropy: torch.Tensor, mb: Batch,
-                     kl_coef: float) -> tuple[torch.Tensor, dict]:
+def policy_objective(p: PPOConfig, logprobs: torch.Tensor, entropy: torch.Tensor, mb: Batch, kl_coef: float,
+                     aggregation: Optional[rl.Aggregation] = None) -> tuple[torch.Tensor, dict]:
     """The actor's loss on one micro-batch, from its (B, T-1) log-probs and entropy: the clipped surrogate
-    (ppo.clip_ratio, dual_clip), + kl_coef x KL to the reference (ppo.kl_estimator) when `mb` has ref_logprobs,
-    + the entropy bonus (ppo.entropy_coef), each aggregated by ppo.loss_aggregation. The learner adds PTX."""
+    (ppo.policy_loss: ppo or gspo; ppo.clip_ratio / clip_ratio_low / clip_ratio_high, dual_clip), + kl_coef x KL to
+    the reference (ppo.kl_estimator) when `mb` has ref_logprobs, + the entropy bonus (ppo.entropy_coef), each
+    aggregated by `aggregation` (the learner's: ppo.loss_aggregation over the whole mini-batch; None: over `mb`
+    alone). The learner adds PTX."""
     mask = mb["action_mask"]
+    agg = aggregation or rl.Aggregation(p.loss_aggregation)
     old = mb["old_logprobs"] if "old_logprobs" in mb else logprobs.detach()
-    loss, stats = rl.policy_loss(logprobs, old, mb["advantages"], mask, clip_ratio=p.clip_ratio,
-                                 dual_clip=p.dual_clip, aggregation=p.loss_aggregation)
+    if p.policy_loss == "gspo":  # unset clip ratios: the GSPO paper's, not clip_ratio (a sequence ratio stays near 1)
+        low = rl.DEFAULTS.gspo_clip_ratio_low if p.clip_ratio_low is None else p.clip_ratio_low
+        high = rl.DEFAULTS.gspo_clip_ratio_high if p.clip_ratio_high is None else p.clip_ratio_high
+        loss, stats = rl.gspo_loss(logprobs, old, mb["advantages"], mask, low, high, p.dual_clip, agg)
+    else:
+        loss, stats = rl.policy_loss(logprobs, old, mb["advantages"], mask, p.clip_ratio, p.dual_clip, agg,
+                                     p.clip_ratio_low, p.clip_ratio_high)
     stats = {"policy_loss": loss.detach(), **stats, "entropy": rl.masked_mean(entropy.detach(), mask)}
     if "ref_logprobs" in mb:
-        kl_term, kl = rl.kl_loss(logprobs, mb["ref_logprobs"], mask, kl_coef, p.kl_estimator, p.loss_aggregation)
+        kl_term, kl = rl.kl_loss(logprobs, mb["ref_logprobs"], mask, kl_coef, p.kl_estimator, agg)
         loss = loss + kl_term
         stats.update(kl_loss=kl_term.detach(), kl_sequence=(kl.detach() * mask).sum(dim=1).mean())
     if "vllm_logprobs" in mb:
         stats["logprob_gap"] = rl.masked_mean((mb["vllm_logprobs"] - logprobs.detach()).abs(), mask)
     if p.entropy_coef > 0:
-        loss = loss + rl.entropy_bonus(entropy, mask, p.entropy_coef, p.loss_aggregation)
+        loss = loss + rl.entropy_bonus(entropy, mask, p.entropy_coef, agg)
     return loss, stats
 
 
-def value_objective(p: PPOConfig, values: torch.Tensor, mb: Batch) -> tuple[torch.Tensor, dict]:
-    """The critic's loss on one micro-batch: clipped value loss (ppo.value_clip) by ppo.loss_aggregation."""
+def value_objective(p: PPOConfig, values: torch.Tensor, mb: Batch,
+                    aggregation: Optional[rl.Aggregation] = None) -> tuple[torch.Tensor, dict]:
+    """The critic's loss on one micro-batch: clipped value loss (ppo.value_clip), aggregated as policy_objective's."""
     loss, stats = rl.value_loss(values, mb["old_values"], mb["returns"], mb["action_mask"], value_clip=p.value_clip,
-                                aggregation=p.loss_aggregation)
+                                aggregation=aggregation or rl.Aggregation(p.loss_aggregation))
     return loss, {"value_loss": loss.detach(), "value_clip_fraction": stats["clip_fraction"]}
 
 
@@ -185,9 +194,11 @@ class EngineWorker(DistributedWorker, abc.ABC):
     """One rank of a DeepSpeed learner: engine, optional EMA, export, checkpoints. Subclasses build the model."""
 
     def __init__(self, role: str, rank: int, world_size: int, placement_group_id: Optional[str] = None, *,
-                 model: ModelConfig, stage: PPOLearnerConfig, ppo: PPOConfig, total_steps: int = 1, seed: int = 0):
+                 model: ModelConfig, stage: PPOLearnerConfig, ppo: PPOConfig, total_steps: int = 1, seed: int = 0,
+                 max_new_tokens: Optional[int] = None):
         super().__init__(role, rank, world_size, placement_group_id)
         self.model_cfg, self.stage, self.ppo = model, stage, ppo
+        self.max_new_tokens = max_new_tokens  # generation.max_new_tokens: seq-mean-token-sum-norm's constant
         self.total_steps, self.seed = total_steps, seed
         self.engine = None
         self.ema: Optional[dict[str, torch.Tensor]] = None
@@ -334,9 +345,27 @@ class EngineWorker(DistributedWorker, abc.ABC):
             stats["grad_norm"] = float(norm)
         return stats
 
-    def _train_loop(self, experience: Batch, micro_loss: Callable[[Batch, int], tuple[torch.Tensor, dict]]) -> dict:
+    def _mini_batch_aggregation(self, mini: Batch) -> rl.Aggregation:
+        """ppo.loss_aggregation over one whole mini-batch (this rank's rows `mini` and the other ranks' rows of the
+        same step): its count N of response tokens (token-mean) or of sequences with one (seq-mean-*), summed over
+        the ranks with one all_reduce, is shared out over the micro-batches x ranks whose gradients DeepSpeed
+        averages (engine.backward divides by gradient_accumulation_steps, the all-reduce by the ranks). Each
+        micro-batch's loss is then its own sum / that share, and the step's gradient that of sum / N over the whole
+        mini-batch, as veRL and DAPO do: a short micro-batch weighs less than a long one. (Sequence counts are equal
+        per micro-batch unless samples are masked out, dropped as non-finite or overlong.)"""
+        import torch.distributed as dist
+
+        mode = self.ppo.loss_aggregation
+        count = rl.aggregation_units(mini["action_mask"], mode).to(self.device, torch.float64).reshape(1)
+        dist.all_reduce(count)
+        shares = self.engine.gradient_accumulation_steps() * self.world_size
+        return rl.Aggregation(mode, units=max(float(count.item()), 1.0) / shares, max_len=self.max_new_tokens)
+
+    def _train_loop(self, experience: Batch,
+                    micro_loss: Callable[[Batch, int, rl.Aggregation], tuple[torch.Tensor, dict]]) -> dict:
         """ppo_epochs passes over this rank's rows in micro-batches; DeepSpeed steps the optimizer every
-        gradient_accumulation_steps micro-batches (one mini-batch of ppo.mini_batch_size samples over all ranks).
+        gradient_accumulation_steps micro-batches (one mini-batch of ppo.mini_batch_size samples over all ranks),
+        each micro-batch's loss aggregated over its whole mini-batch (_mini_batch_aggregation).
         Rows are taken in order, as DeepSpeed-Chat does: the controller shuffles the experience if it wants to.
 
         A step whose loss (on any rank) or gradient norm is not finite is skipped on every rank (_boundary_step) and
@@ -355,30 +384,32 @@ class EngineWorker(DistributedWorker, abc.ABC):
         index = count = skipped_count = steps = skipped = 0
         window_finite = True
         for _ in range(self.ppo.ppo_epochs):
-            for micro in micro_batches(experience, self.stage.deepspeed.micro_batch_size):
-                loss, stats = micro_loss(to_device(micro, self.device), index)
-                index += 1
-                window.append(stats)
-                window_finite &= bool(torch.isfinite(loss.detach()).all())
-                boundary = self.engine.is_gradient_accumulation_boundary()
-                skip = boundary and self._any_rank(not window_finite)
-                if skip:  # NaN gradients everywhere: every rank's optimizer wrapper then discards the step
-                    loss = loss * float("nan")
-                self.engine.backward(loss)
-                if not boundary:
-                    self.engine.step()  # accumulation only
-                    continue
-                steps_before = self.engine.global_steps
-                applied = self._boundary_step(skip)
-                steps += self._optimizer_step_taken(steps_before)
-                skipped += not applied
-                for stats in window:
-                    target = sums if applied else skipped_sums
-                    for k, v in stats.items():
-                        target[k] = target.get(k, 0.0) + float(v)
-                count, skipped_count = count + applied * len(window), skipped_count + (not applied) * len(window)
-                window, window_finite = [], True
-                self.nonfinite.record(skipped=not applied)
+            for mini in micro_batches(experience, per_rank_mini):  # one optimizer step each
+                aggregation = self._mini_batch_aggregation(mini)
+                for micro in micro_batches(mini, self.stage.deepspeed.micro_batch_size):
+                    loss, stats = micro_loss(to_device(micro, self.device), index, aggregation)
+                    index += 1
+                    window.append(stats)
+                    window_finite &= bool(torch.isfinite(loss.detach()).all())
+                    boundary = self.engine.is_gradient_accumulation_boundary()
+                    skip = boundary and self._any_rank(not window_finite)
+                    if skip:  # NaN gradients everywhere: every rank's optimizer wrapper then discards the step
+                        loss = loss * float("nan")
+                    self.engine.backward(loss)
+                    if not boundary:
+                        self.engine.step()  # accumulation only
+                        continue
+                    steps_before = self.engine.global_steps
+                    applied = self._boundary_step(skip)
+                    steps += self._optimizer_step_taken(steps_before)
+                    skipped += not applied
+                    for stats in window:
+                        target = sums if applied else skipped_sums
+                        for k, v in stats.items():
+                            target[k] = target.get(k, 0.0) + float(v)
+                    count, skipped_count = count + applied * len(window), skipped_count + (not applied) * len(window)
+                    window, window_finite = [], True
+                    self.nonfinite.record(skipped=not applied)
         if not count:
             sums, count = skipped_sums, skipped_count
         return self._finish_stats(sums, count, steps, skipped)
@@ -605,10 +636,10 @@ class PolicyLearner(EngineWorker):
             ptx_shard, _ = shard_batch(ptx, self.rank, self.world_size, pad=True)
         micro_size = self.stage.deepspeed.micro_batch_size
 
-        def micro_loss(mb: Batch, index: int):
+        def micro_loss(mb: Batch, index: int, aggregation: rl.Aggregation):
             # entropy is always reported; it carries gradient only with an entropy bonus
             logprobs, entropy = self._forward(mb, entropy=True if p.entropy_coef > 0 else "detached")
-            loss, stats = policy_objective(p, logprobs, entropy, mb, kl_coef)
+            loss, stats = policy_objective(p, logprobs, entropy, mb, kl_coef, aggregation)
             if ptx_shard is not None:  # the next micro-batch of pretraining rows, cycling
                 rows = torch.arange(index * micro_size, (index + 1) * micro_size) % batch_rows(ptx_shard)
                 ptx_mb = to_device({k: v[rows] for k, v in ptx_shard.items() if isinstance(v, torch.Tensor)},
@@ -667,8 +698,8 @@ class CriticLearner(EngineWorker):
     def train(self, experience: Batch) -> dict:
         p = self.ppo
 
-        def micro_loss(mb: Batch, index: int):
-            return value_objective(p, self._values(mb), mb)
+        def micro_loss(mb: Batch, index: int, aggregation: rl.Aggregation):
+            return value_objective(p, self._values(mb), mb, aggregation)
 
         return self._train_loop(experience, micro_loss)
 
@@ -716,6 +747,7 @@ class PolicyGroup(_LearnerGroup):
                          worker_kwargs=dict(model=model or cfg.models.actor, stage=ppo_learner(cfg, "actor"),
                                             ppo=cfg.ppo,
                                             total_steps=ppo_total_steps(cfg), seed=cfg.run.seed,
+                                            max_new_tokens=cfg.generation.max_new_tokens,
                                             temperature=cfg.generation.temperature), **group_kwargs)
 
     def logprobs(self, batch, as_ref: bool = False, temperature: Optional[float] = None):
@@ -738,8 +770,8 @@ class CriticGroup(_LearnerGroup):
                          placement=placement, placement_timeout_s=cfg.ray.placement_timeout_s,
                          worker_kwargs=dict(model=model or critic_model(cfg),
                                             stage=ppo_learner(cfg, "critic"), ppo=cfg.ppo,
-                                            total_steps=ppo_total_steps(cfg),
-                                            seed=cfg.run.seed), **group_kwargs)
+                                            total_steps=ppo_total_steps(cfg), seed=cfg.run.seed,
+                                            max_new_tokens=cfg.generation.max_new_tokens), **group_kwargs)
 
     def values(self, batch, as_ref: bool = False):
         return self.run_sharded("values", batch, as_ref=as_ref)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import itertools
 import json
 import math
 from dataclasses import dataclass, field
@@ -269,6 +270,7 @@ class Plan:
     host_used: dict[int, float] = field(default_factory=dict)  # node -> bytes
     problems: list[str] = field(default_factory=list)
     times: dict[str, float] = field(default_factory=dict)
+    parts: dict[str, dict[str, float]] = field(default_factory=dict)  # phase -> term -> seconds
     stages: dict[str, tuple[int, float, bool]] = field(default_factory=dict)  # SFT/RM: ranks, GiB per rank, fits
 
     @property
@@ -309,6 +311,7 @@ def _learner_memory(shape: ModelShape, s: PPOLearnerConfig, ranks: int, seq: int
     if ds.zero_stage == 3:
         m.gather = gathered * (1 - 1 / ranks)
         m.sync = shape.largest_tensor * wb * (1 - 1 / ranks) if sends_weights else 0.0
+        m.weights += _hpz_copy_bytes(total, ds, wb)
     if ds.offload_optimizer and on_gpu:
         m.offloaded += m.optimizer + trainable * 4 / (ranks if ds.zero_stage >= 1 else 1)  # + fp32 grad copy
         m.optimizer = 0.0
@@ -320,6 +323,12 @@ def _learner_memory(shape: ModelShape, s: PPOLearnerConfig, ranks: int, seq: int
     m.overhead = (GPU_CONTEXT_GIB if on_gpu else HOST_GIB_PER_CPU_PROCESS) * GIB
     _set_load(m, shape, total, ds.zero_stage == 3, ranks, wb, on_gpu, ds.offload_params)
     return m
+
+
+def _hpz_copy_bytes(params: float, ds, wb: int) -> float:
+    """ZeRO++ hpZ: the second copy of the weights, partitioned over zero_hpz_partition_size ranks."""
+    h = ds.zero_hpz_partition_size
+    return params * wb / h if h > 1 else 0.0
 
 
 def load_bytes(params: float, largest_tensor: float, zero3: bool, ranks: int, wb: int, on_gpu: bool) -> float:
@@ -362,6 +371,7 @@ def _frozen_memory(shape: ModelShape, learner: PPOLearnerConfig, ranks: int, sha
     m = Memory(weights=shape.params * wb / n)
     if sharded and ranks > 1:
         m.gather = min(2 * shape.layer_params, shape.params) * wb * (1 - 1 / ranks)
+        m.weights += _hpz_copy_bytes(shape.params, learner.deepspeed, wb)
     m.activations = activation_bytes(shape, micro, seq, wb, False, lm, training=False)
     m.overhead = (GPU_CONTEXT_GIB if on_gpu else HOST_GIB_PER_CPU_PROCESS) * GIB
     _set_load(m, shape, shape.params, sharded, n, wb, on_gpu)
@@ -424,12 +434,14 @@ def _check_cluster(c: ClusterConfig) -> None:
             raise ConfigError(f"cluster.{key} must be > 0")
     if not (0 < c.mfu <= 1 and 0 < c.mbu <= 1):
         raise ConfigError("cluster.mfu and cluster.mbu must be in (0, 1]")
+    if c.decode_step_overhead_s < 0:
+        raise ConfigError("cluster.decode_step_overhead_s must be >= 0")
 
 
 def _role_procs(cfg: Config, models: dict[str, ModelShape], layout: list[RoleLayout], on_gpu: dict[str, bool],
                 problems: list[str]) -> list[Proc]:
     """Every process of the layout with its memory, assigned to a group and bundle."""
-    p, ppo, gen = cfg.placement, cfg.ppo, cfg.generation
+    p, gen = cfg.placement, cfg.generation
     seq = cfg.data.max_prompt_len + gen.max_new_tokens
     procs: list[Proc] = []
     for gi, group in enumerate(layout):
@@ -584,87 +596,139 @@ def _link_gbs(plan: Plan, procs: list[Proc]) -> float:
     return min(c.intra_node_gbs, c.inter_node_gbs / max(1, c.gpus_per_node)) * 1e9
 
 
+def _gather_seconds(plan: Plan, procs: list[Proc], params: float, wb: int, ds, gathers: int, cross: int) -> float:
+    """ZeRO-3 parameter all-gathers of a role: `gathers` full-model gathers, of which `cross` (the first forward
+    after the weights change) must use the primary partition over every rank. ZeRO++ (arXiv 2306.10209): hpZ
+    serves the others from a copy partitioned inside zero_hpz_partition_size ranks (NVLink when that fits a node);
+    quantized weights move int8 instead of 16-bit values."""
+    n, h = len(procs), ds.zero_hpz_partition_size
+    if n <= 1 or gathers <= 0:
+        return 0.0
+    size = params * wb * (0.5 if ds.zero_quantized_weights and procs[0].gpus else 1)
+    link = _link_gbs(plan, procs)
+    if h <= 1:
+        return gathers * size * (n - 1) / n / link
+    local = plan.cluster.intra_node_gbs * 1e9 if procs[0].gpus and h <= plan.cluster.gpus_per_node else link
+    cross = min(cross, gathers)
+    return cross * size * (n - 1) / n / link + (gathers - cross) * size * (h - 1) / h / local
+
+
 def _parallel(procs: list[Proc]) -> int:
     """How many processes compute at once: every GPU rank, but CPU ranks on one node share its cores."""
     return len(procs) if procs[0].gpus else len({p.node for p in procs})
 
 
 def _estimate_time(cfg: Config, plan: Plan) -> None:
+    """Seconds per PPO iteration, per phase and per term (plan.parts): the phases run one after the other."""
     c, gen, ppo = cfg.cluster, cfg.generation, cfg.ppo
     by_role = {r: [p for p in plan.procs if p.role == r] for r in {p.role for p in plan.procs}}
-    actor = plan.models["actor"]
+    actor, actors = plan.models["actor"], by_role["actor"]
+    a, cr = ppo.actor.deepspeed, ppo.critic.deepspeed
     seqs = ppo.rollout_batch_size * gen.n_samples_per_prompt
     prompt, new = cfg.data.max_prompt_len, gen.max_new_tokens
     ctx = prompt + new
     tokens = seqs * ctx
+    parts: dict[str, dict[str, float]] = {"generation": {}, "experience": {}, "training": {}, "weight_sync": {}}
+
+    def add(phase: str, term: str, seconds: float) -> None:
+        parts[phase][term] = parts[phase].get(term, 0.0) + seconds
 
     # Generation: prefill is compute bound, decoding reads every weight (and the KV cache) once per step.
+    # hybrid_engine (DeepSpeed-Chat): the actor's own ranks generate in groups of tensor_parallel_size, each GPU
+    # a micro-batch of sequences at a time, after one ZeRO-3 gather of the actor per generation batch.
+    hybrid = c.timing_layout == "hybrid_engine"
+    tp = gen.tensor_parallel_size
     engines = [r for r in by_role if r.startswith("generator")]
-    eng = by_role[engines[0]][0]
+    eng = actors[0] if hybrid else by_role[engines[0]][0]
+    n_engines = max(1, len(actors) // tp) if hybrid else len(engines)
     flops, hbm = _rates(c, bool(eng.gpus))
-    tp, wb = gen.tensor_parallel_size, _dtype_bytes(ppo_precision(cfg), bool(eng.gpus))
+    wb = _dtype_bytes(ppo_precision(cfg), bool(eng.gpus))
     kv_token = actor.kv_bytes_per_token(wb) / tp
-    per_engine = math.ceil(seqs / len(engines))
-    workspace = (ENGINE_WORKSPACE_GIB if eng.gpus else CPU_ENGINE_WORKSPACE_GIB) * GIB
-    kv_free = max(eng.memory.kv_cache - workspace, kv_token * ctx)
-    concurrent = max(1, min(per_engine, VLLM_MAX_NUM_SEQS, int(kv_free // (kv_token * ctx))))
+    per_engine = math.ceil(seqs / n_engines)
+    if hybrid:
+        concurrent = max(1, min(per_engine, tp * a.micro_batch_size))
+    else:
+        workspace = (ENGINE_WORKSPACE_GIB if eng.gpus else CPU_ENGINE_WORKSPACE_GIB) * GIB
+        kv_free = max(eng.memory.kv_cache - workspace, kv_token * ctx)
+        concurrent = max(1, min(per_engine, VLLM_MAX_NUM_SEQS, int(kv_free // (kv_token * ctx))))
     waves = math.ceil(per_engine / concurrent)
-    step = max((actor.params * wb / tp + concurrent * (prompt + new / 2) * kv_token) / hbm,
-               2 * actor.params / tp * concurrent / flops)
+    add("generation", "compute", per_engine * prompt * 2 * actor.params / (tp * flops))
+    read = (actor.params * wb / tp + concurrent * (prompt + new / 2) * kv_token) / hbm
+    math_ = 2 * actor.params / tp * concurrent / flops
+    add("generation", "decode bandwidth" if read >= math_ else "compute", waves * new * max(read, math_))
+    add("generation", "decode overhead", waves * new * c.decode_step_overhead_s)
     if tp > 1:
-        step += 2 * actor.layers * (concurrent * actor.hidden * wb * 2 * (tp - 1) / tp / (c.intra_node_gbs * 1e9)
-                                    + COLLECTIVE_LATENCY_S)
-    plan.times["generation"] = per_engine * prompt * 2 * actor.params / (tp * flops) + waves * new * step
+        add("generation", "tensor-parallel all-reduce", waves * new * 2 * actor.layers * (
+            concurrent * actor.hidden * wb * 2 * (tp - 1) / tp / (c.intra_node_gbs * 1e9) + COLLECTIVE_LATENCY_S))
 
     # Experience: forward passes of actor (old log-probs), reference, critic (values), reward over every token.
-    def forward(role: str, stage3: bool, micro: int) -> float:
+    def forward(role: str, ds, learner: bool) -> None:
         procs = by_role.get(role, [])
         if not procs:
-            return 0.0
+            return
         shape, n = plan.models[role], len(procs)
         f, _ = _rates(c, bool(procs[0].gpus))
-        t = 2 * shape.params * tokens / (_parallel(procs) * f)
-        if stage3 and n > 1:
-            t += math.ceil(seqs / (n * micro)) * shape.params * 2 * (n - 1) / n / _link_gbs(plan, procs)
-        return t
+        add("experience", "compute", 2 * shape.params * tokens / (_parallel(procs) * f))
+        stage3 = ds.zero_stage == 3 if learner else _scorer_sharded(cfg, shape, n)
+        if stage3:
+            add("experience", "gather bandwidth", _gather_seconds(
+                plan, procs, shape.params, 2 if procs[0].gpus else 4, ds, math.ceil(seqs / (n * ds.micro_batch_size)),
+                cross=1 if learner else 0))  # frozen scorers keep their hpZ copy for the whole run
 
-    a, cr = ppo.actor.deepspeed, ppo.critic.deepspeed
-    plan.times["experience"] = (forward("actor", a.zero_stage == 3, a.micro_batch_size)
-                                + forward("reference", a.zero_stage == 3, a.micro_batch_size)
-                                + forward("critic", cr.zero_stage == 3, cr.micro_batch_size)
-                                + forward("reward", cr.zero_stage == 3, cr.micro_batch_size))
+    forward("actor", a, True)
+    forward("reference", a, False)
+    forward("critic", cr, True)
+    forward("reward", cr, False)
 
     # Training: forward + backward (+ recompute) FLOPs and the ZeRO collectives, per PPO epoch.
-    def train(role: str, s: PPOLearnerConfig) -> float:
+    def train(role: str, s: PPOLearnerConfig) -> None:
         procs = by_role.get(role, [])
         if not procs:
-            return 0.0
+            return
         shape, n, ds = plan.models[role], len(procs), s.deepspeed
         f, _ = _rates(c, bool(procs[0].gpus))
         lora = shape.lora_params(s.lora.dim, s.lora.module_names)
         trainable = lora if (lora and s.lora.only_optimize_lora) else shape.params + lora
         per_token = 4 * shape.params + 2 * trainable + (2 * shape.params if ds.gradient_checkpointing else 0)
-        t = ppo.ppo_epochs * tokens * per_token / (_parallel(procs) * f)
+        add("training", "compute", ppo.ppo_epochs * tokens * per_token / (_parallel(procs) * f))
         steps = ppo.ppo_epochs * math.ceil(seqs / ppo.mini_batch_size)  # a PPO learner steps on mini-batches
         micro_steps = ppo.mini_batch_size // (ds.micro_batch_size * n)
         wb = 2 if procs[0].gpus else 4
         if n > 1:
-            volume = (micro_steps * 2 * shape.params * wb if ds.zero_stage == 3 else 0) + 2 * trainable * wb
-            t += steps * volume * (n - 1) / n / _link_gbs(plan, procs)
+            if ds.zero_stage == 3:  # forward and backward gather every micro-batch
+                add("training", "gather bandwidth",
+                    _gather_seconds(plan, procs, shape.params, wb, ds, steps * micro_steps * 2, cross=steps))
+            quantized = 0.25 if ds.zero_quantized_gradients and procs[0].gpus else 1.0  # ZeRO++ qgZ: int4
+            add("training", "gradient reduce",
+                steps * 2 * trainable * wb * quantized * (n - 1) / n / _link_gbs(plan, procs))
         if ds.offload_optimizer and procs[0].gpus:  # gradients down, updated weights up, every step
-            t += steps * trainable * (4 + wb) / n / (c.pcie_gbs * 1e9)
-        return t
+            add("training", "offload (PCIe)", steps * trainable * (4 + wb) / n / (c.pcie_gbs * 1e9))
 
-    plan.times["training"] = train("actor", ppo.actor) + train("critic", ppo.critic)
+    train("actor", ppo.actor)
+    train("critic", ppo.critic)
 
-    # Weight sync: gather (ZeRO-3) on the actor, then one broadcast from actor rank 0 to every engine.
-    actors = by_role["actor"]
+    # Weight sync: gather (ZeRO-3) on the actor, then one broadcast from actor rank 0 to every engine; the hybrid
+    # engine instead gathers the actor on every rank once per generation batch.
     wb = 2 if actors[0].gpus else 4
-    t = actor.params * wb * (1 - 1 / len(actors)) / _link_gbs(plan, actors) if a.zero_stage == 3 else 0.0
-    engine_procs = [p for r in engines for p in by_role[r]]
-    t += actor.params * wb / _link_gbs(plan, [actors[0]] + engine_procs)
-    plan.times["weight_sync"] = t
+    gather = actor.params * wb * (1 - 1 / len(actors)) / _link_gbs(plan, actors) if a.zero_stage == 3 else 0.0
+    if hybrid:
+        add("weight_sync", "sync", waves * gather)
+    else:
+        engine_procs = [p for r in engines for p in by_role[r]]
+        add("weight_sync", "sync", gather + actor.params * wb / _link_gbs(plan, [actors[0]] + engine_procs))
+    plan.parts = parts
+    plan.times = {phase: sum(terms.values()) for phase, terms in parts.items()}
     plan.times["total"] = sum(plan.times.values())
+
+
+def dominant_terms(p: Plan) -> dict[str, tuple[str, float]]:
+    """Per phase, the term that takes the most time and its share of the phase (what to change to speed it up)."""
+    out = {}
+    for phase, terms in p.parts.items():
+        if terms and p.times[phase] > 0:
+            term = max(terms, key=terms.get)
+            out[phase] = (term, terms[term] / p.times[phase])
+    return out
 
 
 # ------------------------------------------------------------------------------------------- planning
@@ -696,6 +760,13 @@ def plan(cfg: Config) -> Plan:
         out.problems.append(f"data.max_prompt_len + generation.max_new_tokens = {seq} exceeds {actor.name}'s "
                             f"context of {limit} tokens")
     out.procs = _role_procs(cfg, models, layout, on_gpu, out.problems)
+    for learner, roles in (("actor", ("actor", "reference")), ("critic", ("critic", "reward"))):
+        h = getattr(cfg.ppo, learner).deepspeed.zero_hpz_partition_size
+        for role in roles:
+            ranks = sum(1 for proc in out.procs if proc.role == role)
+            if h > 1 and ranks > 1 and ranks % h:
+                out.problems.append(f"ppo.{learner}.deepspeed.zero_hpz_partition_size={h} does not divide the "
+                                    f"{ranks} {role} rank(s)")
     _place(out, layout)
     _account(out)
     _stage_plans(cfg, out)
@@ -778,11 +849,49 @@ def suggest_placement(cfg: Config) -> tuple[dict[str, Any], Plan]:
     best = None
     for cand in candidates:
         p = plan(with_overrides(cfg, cand))
-        overfull = max(p.max_gpu_gib() / c.gpu_memory_gib, p.max_host_gib() / c.cpu_memory_gib)
-        key = (not p.fits, p.times["total"] if p.fits else overfull)
+        key = _rank(p)
         if best is None or key < best[0]:
             best = (key, cand, p)
+    # Then the learners' own options on the best split, one learner at a time; only layouts validation accepts.
+    for learner in ("actor", "critic") if critic else ("actor",):
+        base = best[1]
+        for variant in _learner_variants(with_overrides(cfg, base), learner):
+            cand = {**base, **variant}
+            try:
+                p = plan(validate(with_overrides(cfg, cand)))
+            except ConfigError:
+                continue
+            key = _rank(p)
+            if key < best[0]:
+                best = (key, cand, p)
     return best[1], best[2]
+
+
+def _rank(p: Plan) -> tuple[bool, float]:
+    """Fitting plans by time, the others by how overfull they are."""
+    c = p.cluster
+    overfull = max(p.max_gpu_gib() / c.gpu_memory_gib, p.max_host_gib() / c.cpu_memory_gib)
+    return not p.fits, p.times["total"] if p.fits else overfull
+
+
+def _learner_variants(cfg: Config, learner: str) -> list[dict[str, Any]]:
+    """Micro-batch, gradient checkpointing, optimizer offload and, under ZeRO-3, ZeRO++ (hpZ inside a node,
+    quantized weights and gradients) for ppo.<learner>; only keys that differ from cfg's."""
+    ds, c = getattr(cfg.ppo, learner).deepspeed, cfg.cluster
+    ranks, key = getattr(cfg.placement, learner).num_workers, f"ppo.{learner}.deepspeed."
+    micros = [m for m in (ds.micro_batch_size, 2 * ds.micro_batch_size, 4 * ds.micro_batch_size)
+              if cfg.ppo.mini_batch_size % (m * ranks) == 0]
+    hpz = [1] + ([c.gpus_per_node] if ds.zero_stage == 3 and 1 < c.gpus_per_node < ranks
+                 and ranks % c.gpus_per_node == 0 else [])
+    quant = [False, True] if ds.zero_stage == 3 else [False]
+    out = []
+    for micro, ckpt, offload, h, qw, qg in itertools.product(micros, (True, False), (False, True), hpz, quant, quant):
+        values = {"micro_batch_size": micro, "gradient_checkpointing": ckpt, "offload_optimizer": offload,
+                  "zero_hpz_partition_size": h, "zero_quantized_weights": qw, "zero_quantized_gradients": qg}
+        changed = {key + k: v for k, v in values.items() if getattr(ds, k) != v}
+        if changed:
+            out.append(changed)
+    return out
 
 
 # -------------------------------------------------------------------------------------------- report
@@ -845,8 +954,12 @@ def format_plan(cfg: Config, p: Plan, source: str = "") -> str:
     lines.append(f"time per PPO iteration ~{t['total']:.1f} s: generation {t['generation']:.1f} s, experience "
                  f"{t['experience']:.1f} s, training {t['training']:.1f} s, weight sync {t['weight_sync']:.1f} s "
                  f"({cfg.ppo.rollout_batch_size} prompts x {cfg.generation.n_samples_per_prompt} samples, "
-                 f"{cfg.data.max_prompt_len}+{cfg.generation.max_new_tokens} tokens)")
-    lines.append(f"assumptions: MFU {c.mfu:g}, decode bandwidth use {c.mbu:g}, "
+                 f"{cfg.data.max_prompt_len}+{cfg.generation.max_new_tokens} tokens"
+                 + (", timed as DeepSpeed-Chat's hybrid engine" if c.timing_layout == "hybrid_engine" else "") + ")")
+    lines.append("dominant terms: " + "; ".join(f"{phase} {term} ({share:.0%})"
+                                                for phase, (term, share) in dominant_terms(p).items()))
+    lines.append(f"assumptions: MFU {c.mfu:g}, decode bandwidth use {c.mbu:g}, decode step overhead "
+                 f"{c.decode_step_overhead_s * 1e3:g} ms, "
                  + (f"{c.gpu_tflops:g} TFLOPS and {c.gpu_memory_bandwidth_gbs:g} GB/s HBM per GPU, NVLink "
                     f"{c.intra_node_gbs:g} GB/s per GPU, network {c.inter_node_gbs:g} GB/s per node, PCIe "
                     f"{c.pcie_gbs:g} GB/s; " if c.gpus_per_node else

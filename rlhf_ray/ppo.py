@@ -3,33 +3,31 @@
     for iteration in range(start, num_iterations):
         prompts    = next prompt batch (data position checkpointed)
         rollout    = generators.generate(prompts)                       # vLLM engines, weight version recorded
+                     (dynamic sampling: score each round, drop tied groups, refill from the stream)
         experience = make_experience(rollout)                           # reference / reward / critic / old log-probs
         advantages = rl.* (GAE with critic | GRPO | RLOO | REINFORCE++)  # pure torch, rlhf_ray/rl.py
         actor.train(experience); critic.train(experience)               # DeepSpeed ZeRO groups
         generators.sync_weights(actor)                                  # broadcast + verify, version += 1
         log metrics; checkpoint every N iterations
 
-Tensor layout (learner.py's convention): a batch holds prompt + response rows, prompts LEFT-padded to a common
-length P and responses RIGHT-padded, so every row's response starts at column P. Per-token tensors are (B, T-1),
-column t scoring token t+1; the response tokens are columns P-1 .. T-2. The RL math runs on that response slice
-[:, P-1:], which is right-padded exactly as rlhf_ray/rl.py expects, and the results are put back into (B, T-1).
-The scored batch and the experience travel to the groups as Ray object references.
+The batches, the prompt stream and the RL math applied to a rollout are pure pieces in rlhf_ray/experience.py
+(its docstring gives the tensor layout). The scored batch and the experience travel to the groups as Ray object
+references.
 """
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import logging
-import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 
 from rlhf_ray import rl
 from rlhf_ray.config import Config, ConfigError, PPOConfig, validate_ppo
+from rlhf_ray.experience import (PromptStream, answered_rollout, build_batch, compute_advantages,
+                                 drop_nonfinite_samples, full_width, length_penalised, request_seed,
+                                 response_slice, reuses_train_logprobs, rollout_with_signal)
 
 log = logging.getLogger(__name__)
 
@@ -44,104 +42,7 @@ METRIC_KEYS = (
 )  # loss/value only with a critic (advantage_estimator: gae)
 
 
-# ---------------------------------------------------------------------------------------- pure pieces
-def request_seed(run_seed: int, iteration: int, row: int) -> int:
-    """A per-request sampling seed: the same (seed, iteration, row) samples the same tokens, resumed or not."""
-    digest = hashlib.blake2b(f"{run_seed}:{iteration}:{row}".encode(), digest_size=4).digest()
-    return int.from_bytes(digest, "little") & 0x7FFFFFFF
-
-
-def build_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> dict[str, Any]:
-    """Rows = prompt (left-padded to P) + response (right-padded to R). Returns input_ids, attention_mask (B, P+R),
-    action_mask (B, P+R-1: 1 where column t+1 is a response token) and prompt_width P."""
-    P = max(len(p) for p in prompts)
-    R = max(1, max(len(r) for r in responses))
-    B = len(prompts)
-    input_ids = torch.full((B, P + R), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((B, P + R), dtype=torch.long)
-    for i, (p, r) in enumerate(zip(prompts, responses)):
-        input_ids[i, P - len(p):P] = torch.tensor(p, dtype=torch.long)
-        attention_mask[i, P - len(p):P] = 1
-        if r:
-            input_ids[i, P:P + len(r)] = torch.tensor(r, dtype=torch.long)
-            attention_mask[i, P:P + len(r)] = 1
-    action_mask = torch.zeros((B, P + R - 1), dtype=torch.float32)
-    action_mask[:, P - 1:] = attention_mask[:, P:].float()
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "action_mask": action_mask, "prompt_width": P}
-
-
-def response_slice(per_token: torch.Tensor, prompt_width: int) -> torch.Tensor:
-    """(B, T-1) -> (B, R): the columns that score response tokens."""
-    return per_token[:, prompt_width - 1:]
-
-
-def full_width(response: torch.Tensor, prompt_width: int) -> torch.Tensor:
-    """(B, R) -> (B, T-1) with zeros over the prompt columns (what the learners consume)."""
-    return torch.cat([response.new_zeros(response.shape[0], prompt_width - 1), response], dim=1)
-
-
-@dataclass
-class Advantages:
-    advantages: torch.Tensor  # (B, R)
-    returns: Optional[torch.Tensor]  # (B, R), critic targets (GAE only)
-    rewards: torch.Tensor  # (B, R) per-token rewards after shaping
-    kl: torch.Tensor  # (B, R) per-token KL estimate to the reference
-    sequence_rewards: torch.Tensor  # (B,) what a sequence earned in total (for logging)
-
-
-def compute_advantages(p: PPOConfig, kl_coef: float, scores: torch.Tensor, logprobs: torch.Tensor,
-                       ref_logprobs: torch.Tensor, mask: torch.Tensor, group_size: int,
-                       values: Optional[torch.Tensor] = None) -> Advantages:
-    """Rewards and advantages on the response slice (B, R), by ppo.advantage_estimator.
-
-    gae          per-token r = -kl_coef * KL, + clip(score) on the last token (InstructGPT); GAE with the critic.
-    reinforce_pp the same shaped rewards; discounted returns, group baseline when n > 1, global whitening.
-    grpo / rloo  clip(score) normalised within each prompt's group of n samples (GRPO: mean/std; RLOO:
-                 leave-one-out mean), broadcast over the tokens, minus kl_coef * KL_t per token.
-    """
-    rewards, kl = rl.shape_rewards(scores, logprobs, ref_logprobs, mask, kl_coef=kl_coef,
-                                   reward_clip=p.reward_clip, kl_estimator=p.kl_estimator)
-    returns = None
-    if p.advantage_estimator == "gae":
-        advantages, returns = rl.gae_advantages(rewards, values, mask, gamma=p.gamma, lam=p.lam)
-        if p.whiten_advantages:
-            advantages = rl.masked_whiten(advantages, mask)
-    elif p.advantage_estimator == "reinforce_pp":
-        advantages = rl.reinforce_pp_advantages(rewards, mask, gamma=p.gamma,
-                                                group_size=group_size if group_size > 1 else None)
-    else:
-        clipped = scores.clamp(-p.reward_clip, p.reward_clip)
-        group = rl.grpo_advantages if p.advantage_estimator == "grpo" else rl.rloo_advantages
-        # The KL penalty stays per token and outside the group normalisation: normalising it with the scores
-        # turns KL noise into unit-size advantages whenever a group's scores tie (all 0 early in training).
-        advantages = group(clipped, group_size, mask) - kl_coef * kl
-    return Advantages(advantages * mask, returns, rewards, kl, (rewards * mask).sum(dim=1))
-
-
-def drop_nonfinite_samples(scores: torch.Tensor, action_mask: torch.Tensor, per_token: dict[str, torch.Tensor],
-                           group_size: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
-    """Drop the samples whose score is not finite (a reward model gone NaN/inf), or whose per-token inputs (log-probs,
-    values; (B, T-1)) are not finite on their response tokens. Returns (scores, action_mask, per_token, dropped).
-
-    A dropped sample keeps its row, masked out rather than removed: the batch must still split into whole
-    mini-batches over the learner ranks, and GRPO/RLOO groups are n consecutive rows. Its action mask is cleared (no
-    loss, whitening or statistic counts it), its per-token inputs are zeroed (a NaN under a zero mask still turns a
-    gradient into NaN: 0 * NaN) and its score becomes the mean of its group's finite scores, which leaves GRPO's
-    group mean where the finite samples put it (the group std and RLOO's leave-one-out baselines move slightly)."""
-    act = action_mask.bool()
-    dropped = ~torch.isfinite(scores)
-    for x in per_token.values():
-        dropped |= (~torch.isfinite(x) & act).any(dim=1)
-    if not dropped.any():
-        return scores, action_mask, per_token, dropped
-    keep = ~dropped
-    kept_sum = torch.where(keep, scores, 0.0).view(-1, group_size).sum(dim=1)
-    group_mean = kept_sum / keep.view(-1, group_size).sum(dim=1).clamp(min=1)  # 0 for a group with none left
-    scores = torch.where(keep, scores, group_mean.repeat_interleave(group_size))
-    per_token = {k: torch.where(keep[:, None], x, torch.zeros((), dtype=x.dtype)) for k, x in per_token.items()}
-    return scores, action_mask * keep[:, None].to(action_mask.dtype), per_token, dropped
-
-
+# ------------------------------------------------------------------------------------ controller pieces
 def value_model_paths(cfg: Config) -> list[tuple[str, str]]:
     """(config key, path) of every model PPO loads as a value-head folder: the reward model (unless the reward is
     functions only) and, under GAE, the critic (models.critic, else initialised from the reward model)."""
@@ -165,84 +66,6 @@ def check_value_models(cfg: Config) -> None:
                 f"reward-model folders as `rlhf-ray rm CONFIG` writes them (<run.output_dir>/rm). Train one (after "
                 f"`rlhf-ray sft CONFIG`), or run `rlhf-ray pipeline CONFIG`; `rlhf-ray ppo CONFIG` uses the run's "
                 f"own sft/ and rm/ folders when models.reward is not one and both exist")
-
-
-def reuses_train_logprobs(cfg: Config) -> bool:
-    """Whether the actor's training pass supplies the old log-probs (no separate actor forward while scoring).
-
-    Exact when the KL penalty sits in the loss (advantages then need no actor log-probs) and each iteration makes
-    one optimizer step over the whole rollout (ppo_epochs 1, one mini-batch): the weights that sampled the rollout
-    are the weights of the training pass, so old = current.detach() and the ratio is 1, as in TRL and veRL."""
-    p = cfg.ppo
-    return (p.kl_penalty == "loss" and p.ppo_epochs == 1
-            and p.mini_batch_size == p.rollout_batch_size * cfg.generation.n_samples_per_prompt)
-
-
-class PromptStream:
-    """The PPO prompts in a seeded order, reshuffled every epoch; `position` is checkpointed for resume."""
-
-    def __init__(self, rows: list[dict], seed: int, position: int = 0):
-        if not rows:
-            raise ValueError("the PPO prompt data set is empty")
-        self.rows, self.seed, self.position = rows, seed, position
-        self._epoch, self._order_cache = -1, []
-
-    @classmethod
-    def from_dataset(cls, rows, seed: int) -> "PromptStream":
-        """The stream over a tokenized PPO split (load_stage_dataset): the columns the controller reads."""
-        return cls([{"prompt_input_ids": r["prompt_input_ids"], "prompt": r["prompt"],
-                     "reference": r.get("reference", "")} for r in rows], seed=seed)
-
-    def _order(self, epoch: int) -> list[int]:
-        if epoch != self._epoch:
-            g = torch.Generator().manual_seed(self.seed + epoch)
-            self._epoch, self._order_cache = epoch, torch.randperm(len(self.rows), generator=g).tolist()
-        return self._order_cache
-
-    def take(self, n: int) -> list[dict]:
-        out = []
-        for _ in range(n):
-            epoch, index = divmod(self.position, len(self.rows))
-            out.append(self.rows[self._order(epoch)[index]])
-            self.position += 1
-        return out
-
-
-def answered_rollout(take, generate, want: int, max_prompts: int) -> tuple[list[dict], list, dict]:
-    """Prompts and their samples until `want` prompts are answered. Prompts the engines skip as too long
-    (generation.long_prompt: skip) are replaced by the stream's next ones, so an iteration always trains on
-    rollout_batch_size x n_samples_per_prompt samples: the whole mini-batches the learners need (checked at load).
-
-    `take(k)` -> k prompt rows; `generate(rows, offset)` -> a Rollout of those rows (offset: how many prompts this
-    iteration asked for before, for per-request seeds). Returns (rows, samples with prompt_index into rows, totals:
-    skipped, redispatched, engine_prompts). Fails when `max_prompts` (one pass over the data) were not enough."""
-    rows: list[dict] = []
-    samples: list = []
-    totals = {"skipped": 0, "redispatched": 0, "engine_prompts": {}}
-    asked = 0
-    while len(rows) < want:
-        if asked >= max_prompts:
-            raise ValueError(f"generation.long_prompt: skip: {totals['skipped']} of {asked} prompts were longer than "
-                             f"the engines' max_model_len, too few left for ppo.rollout_batch_size ({want}); shorten "
-                             f"data.max_prompt_len or raise generation.max_model_len")
-        batch = take(want - len(rows))
-        rollout = generate(batch, asked)
-        asked += len(batch)
-        skipped = set(rollout.skipped)
-        totals["skipped"] += len(skipped)
-        totals["redispatched"] += rollout.redispatched
-        for engine, n in rollout.engine_prompts.items():
-            totals["engine_prompts"][engine] = totals["engine_prompts"].get(engine, 0) + n
-        by_prompt: dict[int, list] = {}
-        for sample in rollout.samples:
-            by_prompt.setdefault(sample.prompt_index, []).append(sample)
-        for i, row in enumerate(batch):
-            if i in skipped:
-                continue
-            rows.append(row)
-            samples += [dataclasses.replace(x, prompt_index=len(rows) - 1)
-                        for x in sorted(by_prompt.get(i, []), key=lambda x: x.sample_index)]
-    return rows, samples, totals
 
 
 def kl_controller(p: PPOConfig):
@@ -338,15 +161,52 @@ class PPOTrainer:
 
     # -- one iteration, in the order of the module docstring
     def generate(self, num_prompts: int) -> tuple[dict, dict]:
-        """Samples for `num_prompts` answered prompts from the stream (too-long ones replaced: answered_rollout)."""
-        g = self.cfg.generation
+        """Samples for `num_prompts` answered prompts from the stream (too-long ones replaced: answered_rollout).
+        With ppo.dynamic_sampling each round is also scored here, and only prompts whose samples' scores differ are
+        kept (rollout_with_signal); info["scores"] then holds the scores, and make_experience does not score again.
+        Every prompt taken from the stream is trained on or counted: skipped (too long) or dropped (scores tied)."""
+        import ray
 
-        def generate_rows(rows: list[dict], offset: int):
-            seeds = [request_seed(self.cfg.run.seed, self.iteration, offset + i) for i in range(len(rows))]
-            return self.generators.generate([r["prompt_input_ids"] for r in rows], seeds=seeds)
+        g, p = self.cfg.generation, self.cfg.ppo
+        start = self.prompts.position
+        totals = {"skipped": 0, "redispatched": 0, "engines": set(), "generated_tokens": 0}
 
-        batch_rows, samples, totals = answered_rollout(self.prompts.take, generate_rows, num_prompts,
-                                                       max_prompts=len(self.prompts.rows))
+        def answered(k: int) -> tuple[list[dict], list]:
+            first = self.prompts.position - start  # per-request seeds continue across dynamic-sampling rounds
+
+            def generate_rows(rows: list[dict], offset: int):
+                seeds = [request_seed(self.cfg.run.seed, self.iteration, first + offset + i) for i in range(len(rows))]
+                return self.generators.generate([r["prompt_input_ids"] for r in rows], seeds=seeds)
+
+            rows, samples, got = answered_rollout(self.prompts.take, generate_rows, k, max_prompts=len(self.prompts.rows))
+            totals["skipped"] += got["skipped"]
+            totals["redispatched"] += got["redispatched"]
+            totals["engines"] |= {e for e, n in got["engine_prompts"].items() if n > 0}
+            totals["generated_tokens"] += sum(len(s.token_ids) for s in samples)
+            return rows, samples
+
+        def scored_round(k: int) -> tuple[list[dict], list, torch.Tensor]:
+            rows, samples = answered(k)
+            batch, info = self.rollout_batch(rows, samples)
+            return rows, samples, self.scores_trained_on(ray.get(self.reward.scores(ray.put(batch), as_ref=True)), info)
+
+        counts = {}
+        if p.dynamic_sampling:
+            rows, samples, scores, counts = rollout_with_signal(scored_round, num_prompts, g.n_samples_per_prompt,
+                                                                p.dynamic_sampling_max_rounds)
+        else:
+            rows, samples = answered(num_prompts)
+        batch, info = self.rollout_batch(rows, samples)
+        if p.dynamic_sampling:
+            info["scores"] = scores
+        info.update(redispatched=totals["redispatched"], skipped_prompts=totals["skipped"],
+                    engines_used=len(totals["engines"]), generated_tokens=totals["generated_tokens"],
+                    prompts_consumed=self.prompts.position - start, dynamic_sampling=counts)
+        return batch, info
+
+    def rollout_batch(self, batch_rows: list[dict], samples: list) -> tuple[dict, dict]:
+        """The learners' batch (build_batch) of these prompts' samples, with the texts the reward reads; info: what
+        only the controller needs (vLLM log-probs, weight versions, response lengths, truncation)."""
         rows = [batch_rows[s.prompt_index] for s in samples]
         batch = build_batch([r["prompt_input_ids"] for r in rows], [s.token_ids for s in samples],
                             self.tokenizer.pad_token_id)
@@ -356,29 +216,41 @@ class PPOTrainer:
         for i, s in enumerate(samples):
             vllm_logprobs[i, :len(s.logprobs)] = torch.tensor(s.logprobs)
         info = {"weight_versions": sorted({s.weight_version for s in samples}), "vllm_logprobs": vllm_logprobs,
-                "generated_tokens": sum(len(s.token_ids) for s in samples),
-                "redispatched": totals["redispatched"], "group_size": g.n_samples_per_prompt,
-                "skipped_prompts": totals["skipped"],
-                "engines_used": sum(1 for n in totals["engine_prompts"].values() if n > 0)}
+                "group_size": self.cfg.generation.n_samples_per_prompt,
+                "response_lengths": torch.tensor([len(s.token_ids) for s in samples]),
+                # cut at max_new_tokens (or max_model_len) before an EOS or stop string
+                "truncated": torch.tensor([s.finish_reason == "length" for s in samples])}
         return batch, info
+
+    def scores_trained_on(self, scores: torch.Tensor, info: dict) -> torch.Tensor:
+        """The reward's scores plus, with ppo.overlong_buffer, DAPO's soft overlong penalty."""
+        return length_penalised(self.cfg.ppo, self.cfg.generation.max_new_tokens, scores.float(),
+                                info["response_lengths"])
 
     def make_experience(self, batch: dict, info: dict) -> tuple[dict, dict]:
         import ray
 
         p, reuse = self.cfg.ppo, self.reuses_train_logprobs
         ref = ray.put(batch)  # every group reads the rollout from the object store
-        futures = {"ref": self.reference.logprobs(ref, as_ref=True), "scores": self.reward.scores(ref, as_ref=True)}
+        futures = {"ref": self.reference.logprobs(ref, as_ref=True)}
+        if "scores" not in info:  # dynamic sampling scored every round while generating
+            futures["scores"] = self.reward.scores(ref, as_ref=True)
         if not reuse:
             futures["old"] = self.actor.logprobs(ref, as_ref=True)
         if self.critic is not None:
             futures["values"] = self.critic.values(ref, as_ref=True)
         got = dict(zip(futures, ray.get(list(futures.values()))))
+        scores = info["scores"] if "scores" in info else self.scores_trained_on(got["scores"], info)
         # Non-finite scores, log-probs or values: those samples are masked out, counted (experience/nonfinite_samples)
         scores, action_mask, per_token, dropped = drop_nonfinite_samples(
-            got["scores"].float(), batch["action_mask"], {k: got[k] for k in ("ref", "old", "values") if k in got},
+            scores, batch["action_mask"], {k: got[k] for k in ("ref", "old", "values") if k in got},
             info["group_size"])
         got.update(per_token)
-        P, mask = batch["prompt_width"], response_slice(action_mask, batch["prompt_width"])
+        P = batch["prompt_width"]
+        lengths = response_slice(action_mask, P).sum(dim=1)
+        if p.overlong_mask:  # DAPO overlong filtering: samples cut at max_new_tokens take no part in the loss
+            action_mask = action_mask * (~info["truncated"])[:, None].to(action_mask.dtype)
+        mask = response_slice(action_mask, P)
         ref_lp = response_slice(got["ref"], P)
         old = ref_lp if reuse else response_slice(got["old"], P)  # reuse: KL is measured in the training pass
         values = response_slice(got["values"], P) if self.critic is not None else None
@@ -408,9 +280,16 @@ class PPOTrainer:
             "reward/mean": kept.mean().item(), "reward/std": kept.std().item(),
             "experience/nonfinite_samples": int(dropped.sum()),
             "reward/shaped_mean": adv.sequence_rewards.mean().item(), "kl/coef": self.kl_ctl.value,
-            "response/length_mean": mask.sum(dim=1).mean().item(),
+            "response/length_mean": lengths.mean().item(),
+            "response/truncated_fraction": info["truncated"].float().mean().item(),
             "experience/old_logprobs_from_training": float(reuse),
         }
+        if p.overlong_mask:
+            stats["experience/overlong_masked"] = int(info["truncated"].sum())
+        if p.overlong_buffer:
+            stats["reward/overlong_penalty_mean"] = rl.overlong_penalty(
+                info["response_lengths"], self.cfg.generation.max_new_tokens, p.overlong_buffer,
+                p.overlong_penalty).mean().item()
         if not reuse:  # else both come from the training pass (train())
             n_tokens = mask.sum().clamp(min=1).item()
             stats["kl/mean"] = (adv.kl * mask).sum(dim=1).mean().item()
@@ -476,6 +355,8 @@ class PPOTrainer:
                       "rollout/weight_version": max(info["weight_versions"]),
                       "rollout/redispatched": info["redispatched"], "rollout/engines_used": info["engines_used"],
                       "rollout/skipped_prompts": info["skipped_prompts"],
+                      "rollout/prompts_consumed": info["prompts_consumed"],
+                      **{f"dynamic_sampling/{k}": v for k, v in info["dynamic_sampling"].items()},
                       "throughput/tokens_per_s": info["generated_tokens"] / max(timings["time/generate_s"], 1e-9)})
         return stats
 

@@ -28,7 +28,12 @@ References
 [GRPO]          Shao et al. 2024, "DeepSeekMath" (Group Relative Policy Optimization).
 [RLOO]          Ahmadian et al. 2024, "Back to Basics: Revisiting REINFORCE Style Optimization for RLHF".
 [REINFORCE++]   Hu 2025, "REINFORCE++: A Simple and Efficient Approach for Aligning LLMs" (OpenRLHF).
+[DAPO]          Yu et al. 2025, "DAPO: An Open-Source LLM Reinforcement Learning System at Scale" (arXiv 2503.14476).
 [DS-Chat]       DeepSpeed-Chat, applications/DeepSpeed-Chat/dschat (ppo_trainer.py, main.py).
+[DAPO]          Yu et al. 2025, "DAPO: An Open-Source LLM Reinforcement Learning System at Scale", arXiv 2503.14476.
+[Dr.GRPO]       Liu et al. 2025, "Understanding R1-Zero-Like Training: A Critical Perspective", arXiv 2503.20783.
+[GSPO]          Zheng et al. 2025, "Group Sequence Policy Optimization", arXiv 2507.18071.
+[veRL]          volcengine/verl, verl/trainer/ppo/core_algos.py (agg_loss, compute_policy_loss_gspo).
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ __all__ = [
     "PPODefaults",
     "DEFAULTS",
     "AGGREGATION_MODES",
+    "POLICY_LOSSES",
     "KL_ESTIMATORS",
     "scoring_temperature",
     "logprobs_from_logits",
@@ -62,9 +68,17 @@ __all__ = [
     "gae_advantages",
     "grpo_advantages",
     "rloo_advantages",
+    "group_mean_baseline",
     "reinforce_pp_advantages",
+    "kl_penalty_for_advantages",
+    "KL_REWARD_SHAPES",
+    "groups_with_signal",
+    "overlong_penalty",
+    "aggregation_units",
     "aggregate",
+    "Aggregation",
     "policy_loss",
+    "gspo_loss",
     "value_loss",
     "entropy_bonus",
     "ema_update",
@@ -97,6 +111,9 @@ class PPODefaults:
                            initial beta 0.2 are the values TRL's PPOConfig adopted from it.
     adaptive_kl_clip = 0.2 [Ziegler] proportional error clipped to [-0.2, 0.2].
     dual_clip = 3.0        [DualClip] uses c = 3 (only applied when dual clipping is enabled).
+    gspo_clip_ratio_low = 3e-4, gspo_clip_ratio_high = 4e-4
+                           [GSPO] Sec. 5 (experiments): the clip range of the sequence-level ratio, left 3e-4,
+                           right 4e-4 (a length-normalised ratio stays close to 1: orders smaller than PPO's).
     group_eps = 1e-6       veRL compute_grpo_outcome_advantage ``epsilon=1e-6``.
     whiten_eps = 1e-8      TRL/OpenRLHF ``masked_whiten`` (``torch.rsqrt(var + 1e-8)``).
     """
@@ -116,6 +133,8 @@ class PPODefaults:
     adaptive_kl_horizon: int = 10000
     adaptive_kl_clip: float = 0.2
     dual_clip: float = 3.0
+    gspo_clip_ratio_low: float = 3e-4
+    gspo_clip_ratio_high: float = 4e-4
     group_eps: float = 1e-6
     whiten_eps: float = 1e-8
 
@@ -123,7 +142,9 @@ class PPODefaults:
 DEFAULTS = PPODefaults()
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
-AGGREGATION_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
+KL_REWARD_SHAPES = ("per_token", "return_to_go")
+AGGREGATION_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+POLICY_LOSSES = ("ppo", "gspo")
 
 
 # --------------------------------------------------------------------------------------------
@@ -482,28 +503,83 @@ def rloo_advantages(scores: Tensor, group_size: int, mask: Tensor) -> Tensor:
     return _zero_pad(advantage.reshape(-1, 1).expand(mask.shape), mask)
 
 
+def group_mean_baseline(scores: Tensor, group_size: int) -> Tensor:
+    """s'_i = s_i - mean_g(s): each score minus the mean score of its prompt's group  [OpenRLHF ``reinforce_baseline``].
+
+    scores (B,) grouped consecutively by ``group_size``. Returns (B,). REINFORCE++-baseline subtracts this
+    baseline from the *score* before the KL-shaped rewards and returns are formed (OpenRLHF experience_maker
+    ``compute_advantages_and_returns``: ``rewards - rewards.mean(-1)`` per prompt, then ``compute_reward``).
+    """
+    groups = _groups(scores, group_size)
+    return (groups - groups.mean(-1, keepdim=True)).reshape(-1)
+
+
 def reinforce_pp_advantages(
     rewards: Tensor,
     mask: Tensor,
     gamma: float = DEFAULTS.gamma,
-    group_size: Optional[int] = None,
     eps: float = DEFAULTS.whiten_eps,
 ) -> Tensor:
     """REINFORCE++  [REINFORCE++ Sec. 3; OpenRLHF ``reinforce`` / ``reinforce_baseline``]:
 
         G_t = sum_{j >= t} gamma^(j-t) r_j                        (return-to-go of shaped rewards)
-        G_t <- G_t - mean_g(G_0)                                  (only with group_size: group baseline
-                                                                   on the sequence return G_0)
         A_t = (G_t - mean_batch(G)) / sqrt(var_batch(G) + eps)    (global whitening over all masked tokens)
 
     rewards (B, T) per-token (e.g. from ``shape_rewards``), right-padded. Returns (B, T), 0 on padding.
+    REINFORCE++-baseline is the same on rewards shaped from ``group_mean_baseline(scores)`` (the group mean
+    of the score, not of the return, as OpenRLHF defines it). OpenRLHF whitens with the biased variance and
+    ``clamp(var, 1e-8)``; ``masked_whiten``'s Bessel-corrected variance differs by a factor n/(n-1) over the
+    n response tokens of the batch.
     """
     returns = _zero_pad(discounted_cumsum(_float(_zero_pad(rewards, mask)), gamma), mask)
-    if group_size is not None:
-        sequence_return = returns[:, 0]
-        group_baseline = _groups(sequence_return, group_size).mean(-1, keepdim=True)
-        returns = _zero_pad(returns - group_baseline.expand(-1, group_size).reshape(-1, 1), mask)
     return masked_whiten(returns, mask, shift_mean=True, eps=eps)
+
+
+def kl_penalty_for_advantages(kl: Tensor, mask: Tensor, kl_coef: float, shape: str = "per_token") -> Tensor:
+    """The KL penalty subtracted from outcome advantages (GRPO, RLOO) when the KL is a reward, (B, T):
+
+        per_token     P_t = beta * KL_t                           (each token pays its own KL)
+        return_to_go  P_t = beta * sum_{j >= t} KL_j              (the KL reward summed to the end, gamma = 1:
+                                                                   OpenRLHF ``compute_reward`` then
+                                                                   ``get_cumulative_returns`` for rloo/group_norm)
+
+    ``A_t = group_advantage_i - P_t``. 0 on padding.
+    """
+    kl = _float(_zero_pad(kl, mask))
+    if shape == "per_token":
+        penalty = kl
+    elif shape == "return_to_go":
+        penalty = discounted_cumsum(kl, 1.0)
+    else:
+        raise ValueError(f"unknown KL reward shape {shape!r}; expected one of {KL_REWARD_SHAPES}")
+    return _zero_pad(kl_coef * penalty, mask)
+
+
+def groups_with_signal(scores: Tensor, group_size: int) -> Tensor:
+    """keep_g = not (s_i == s_1 for all i in g): the group's scores differ, (G,) bool  [DAPO Eq. 11: 0 < |{o_i
+    correct}| < G].
+
+    A group whose n scores tie has zero group-relative advantage for every sample: no gradient signal.
+    Exact equality (veRL's DAPO filter keeps a group when ``std(scores) > 0``); a non-finite score counts as
+    signal, so the non-finite filter later names it.
+    """
+    groups = _groups(scores, group_size)
+    return ~(groups == groups[:, :1]).all(dim=-1)
+
+
+def overlong_penalty(lengths: Tensor, max_new_tokens: int, buffer: int, factor: float = 1.0) -> Tensor:
+    """Soft overlong punishment  [DAPO Eq. 13; OpenRLHF ``apply_overlong_penalty``], added to the score, (B,):
+
+        R_len(|y|) = 0                                     |y| <= L_max - L_cache
+                   = factor * ((L_max - L_cache) - |y|) / L_cache    L_max - L_cache < |y| <= L_max
+                   = -factor                               |y| > L_max
+
+    L_max = max_new_tokens, L_cache = buffer (> 0). Linear from 0 to -factor over the buffer.
+    """
+    if not 0 < buffer <= max_new_tokens:
+        raise ValueError(f"overlong buffer must be in (0, max_new_tokens={max_new_tokens}], got {buffer}")
+    excess = (_float(lengths) - (max_new_tokens - buffer)).clamp(min=0, max=buffer)
+    return -factor * excess / buffer
 
 
 # --------------------------------------------------------------------------------------------
@@ -511,23 +587,97 @@ def reinforce_pp_advantages(
 # --------------------------------------------------------------------------------------------
 
 
-def aggregate(loss_per_token: Tensor, mask: Tensor, mode: str = "token-mean") -> Tensor:
-    """Reduce a (B, T) per-token loss to a scalar:
+def aggregation_units(mask: Tensor, mode: str = "token-mean") -> Tensor:
+    """The count N that ``aggregate`` divides by, for this batch:
 
-        token-mean           loss = sum_{i,t} m l / sum_{i,t} m     (every token weighs the same; OpenRLHF, DAPO)
-        seq-mean-token-mean  loss = mean_i [ sum_t m l / sum_t m ]  (every sequence weighs the same; GRPO paper)
-        seq-mean-token-sum   loss = mean_i [ sum_t m l ]            (sequence-level sum; veRL option)
-
-    The sequence means run over rows with at least one real token.
+        N = sum_{i,t} m_i,t            (token-mean: real tokens)
+        N = #{i : sum_t m_i,t > 0}     (seq-mean-*: sequences with at least one real token)
     """
+    if mode not in AGGREGATION_MODES:
+        raise ValueError(f"unknown aggregation {mode!r}; expected one of {AGGREGATION_MODES}")
+    return _count(mask) if mode == "token-mean" else (_count(mask, dim=-1) > 0).sum()
+
+
+def aggregate(
+    loss_per_token: Tensor,
+    mask: Tensor,
+    mode: str = "token-mean",
+    units: Optional[float | Tensor] = None,
+    max_len: Optional[int] = None,
+) -> Tensor:
+    """Reduce a (B, T) per-token loss to a scalar, a sum over this batch divided by a count N:
+
+        token-mean               loss = sum_{i,t} m l / N                  N tokens: every token weighs the same
+                                                                           ([DAPO] Sec. 3.3; veRL, OpenRLHF)
+        seq-mean-token-mean      loss = sum_i [sum_t m l / sum_t m] / N    N sequences: every sequence the same
+                                                                           ([GRPO] Eq. 3)
+        seq-mean-token-sum       loss = sum_i [sum_t m l] / N              N sequences (veRL option)
+        seq-mean-token-sum-norm  loss = sum_i [sum_t m l] / (N * max_len)  N sequences: GRPO's 1/|o_i| replaced by a
+                                                                           constant, the generation budget max_len
+                                                                           ([Dr.GRPO] Sec. 3.2; veRL's mode)
+
+    ``units`` is N; None: this batch's own count (``aggregation_units``). A learner that splits a mini-batch over
+    micro-batches and data-parallel ranks passes N = (the whole mini-batch's count) / (micro-batches x ranks):
+    the average over them that gradient accumulation and data parallelism take then yields sum / count over the
+    whole mini-batch, as if it were one batch (veRL ``agg_loss`` with ``batch_num_tokens`` / ``global_batch_size``).
+    ``max_len`` (seq-mean-token-sum-norm only, required there): generation.max_new_tokens.
+    """
+    batch_count = aggregation_units(mask, mode)  # (raises on an unknown mode)
+    count = batch_count.clamp(min=1) if units is None else units
     if mode == "token-mean":
-        return masked_mean(loss_per_token, mask)
-    has_tokens = _count(mask, dim=-1) > 0
+        return masked_sum(loss_per_token, mask) / count
     if mode == "seq-mean-token-mean":
-        return masked_mean(masked_mean(loss_per_token, mask, dim=-1), has_tokens)
-    if mode == "seq-mean-token-sum":
-        return masked_mean(masked_sum(loss_per_token, mask, dim=-1), has_tokens)
-    raise ValueError(f"unknown aggregation {mode!r}; expected one of {AGGREGATION_MODES}")
+        return masked_mean(loss_per_token, mask, dim=-1).sum() / count
+    if mode == "seq-mean-token-sum-norm":
+        if max_len is None or max_len < 1:
+            raise ValueError("aggregation 'seq-mean-token-sum-norm' needs max_len >= 1 (the generation limit)")
+        return masked_sum(loss_per_token, mask) / (count * max_len)
+    return masked_sum(loss_per_token, mask) / count  # seq-mean-token-sum
+
+
+@dataclass(frozen=True)
+class Aggregation:
+    """An ``aggregate`` setting to hand to the losses:  loss = aggregate(l, m, mode, units, max_len).
+
+    A plain mode string means ``Aggregation(mode)``: this batch's own count, no max_len.
+    """
+
+    mode: str = "token-mean"
+    units: Optional[float] = None
+    max_len: Optional[int] = None
+
+    def __call__(self, loss_per_token: Tensor, mask: Tensor) -> Tensor:
+        return aggregate(loss_per_token, mask, self.mode, self.units, self.max_len)
+
+
+def _aggregation(aggregation: str | Aggregation) -> Aggregation:
+    return Aggregation(aggregation) if isinstance(aggregation, str) else aggregation
+
+
+def _clip_range(clip_ratio: float, low: Optional[float], high: Optional[float]) -> Tuple[float, float]:
+    low, high = (clip_ratio if low is None else low), (clip_ratio if high is None else high)
+    if not (0 < low < 1 and high > 0):
+        raise ValueError(f"clip ratios must satisfy 0 < low < 1 and high > 0, got low {low}, high {high}")
+    return low, high
+
+
+def _clipped_surrogate(
+    ratio: Tensor, advantages: Tensor, mask: Tensor, low: float, high: float, dual_clip: Optional[float]
+) -> Tuple[Tensor, Dict[str, Tensor]]:
+    """L_t = max(-r_t A_t, -clip(r_t, 1 - low, 1 + high) A_t);  L_t = min(L_t, -c A_t) where A_t < 0 (dual clip c)."""
+    if dual_clip is not None and dual_clip <= 1.0:
+        raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
+    advantages = _zero_pad(advantages, mask)
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1 - low, 1 + high)
+    loss_per_token = torch.max(unclipped, clipped)
+    stats = {"clip_fraction": masked_mean((clipped > unclipped).to(ratio.dtype), mask)}
+    if dual_clip is not None:
+        dual_clipped = torch.min(loss_per_token, -dual_clip * advantages)
+        dual_clip_active = (advantages < 0) & (dual_clipped < loss_per_token)
+        stats["dual_clip_fraction"] = masked_mean(dual_clip_active.to(ratio.dtype), mask)
+        loss_per_token = torch.where(advantages < 0, dual_clipped, loss_per_token)
+    return loss_per_token, stats
 
 
 def policy_loss(
@@ -537,36 +687,65 @@ def policy_loss(
     mask: Tensor,
     clip_ratio: float = DEFAULTS.clip_ratio,
     dual_clip: Optional[float] = None,
-    aggregation: str = "token-mean",
+    aggregation: str | Aggregation = "token-mean",
+    clip_ratio_low: Optional[float] = None,
+    clip_ratio_high: Optional[float] = None,
 ) -> Tuple[Tensor, Dict[str, Tensor]]:
     """PPO clipped surrogate  [PPO Eq. 7; DS-Chat actor_loss_fn], optionally dual-clipped [DualClip]:
 
         r_t    = exp(log pi(a_t) - log pi_old(a_t))
-        L_t    = max(-r_t A_t, -clip(r_t, 1 - eps, 1 + eps) A_t)
+        L_t    = max(-r_t A_t, -clip(r_t, 1 - eps_low, 1 + eps_high) A_t)
         L_t    = min(L_t, -c A_t)   if A_t < 0 and dual_clip = c > 1   (OpenRLHF PolicyLoss)
 
+    eps_low = clip_ratio_low, eps_high = clip_ratio_high, each clip_ratio when None. A larger eps_high than eps_low
+    is DAPO's clip-higher ([DAPO] Sec. 3.1: 0.2 / 0.28), which lets low-probability tokens rise further.
     Returns ``(loss, stats)``; stats (detached scalars):
         clip_fraction       mean_m [ -clip(r) A > -r A ]     (tokens where the clip is active)
         dual_clip_fraction  mean_m [ dual clip active ]      (only with dual_clip)
         approx_kl           mean_m [ (r - 1) - log r ]       (k3 estimate of KL(pi_old || pi) [KL-approx])
         ratio_mean          mean_m [ r ]
     """
-    if dual_clip is not None and dual_clip <= 1.0:
-        raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
+    low, high = _clip_range(clip_ratio, clip_ratio_low, clip_ratio_high)
     log_ratio = _zero_pad(logprobs - old_logprobs, mask)
     ratio = torch.exp(log_ratio)
-    advantages = _zero_pad(advantages, mask)
-    unclipped = -advantages * ratio
-    clipped = -advantages * ratio.clamp(1 - clip_ratio, 1 + clip_ratio)
-    loss_per_token = torch.max(unclipped, clipped)
-    stats = {"clip_fraction": masked_mean((clipped > unclipped).to(ratio.dtype), mask)}
-    if dual_clip is not None:
-        dual_clipped = torch.min(loss_per_token, -dual_clip * advantages)
-        dual_clip_active = (advantages < 0) & (dual_clipped < loss_per_token)
-        stats["dual_clip_fraction"] = masked_mean(dual_clip_active.to(ratio.dtype), mask)
-        loss_per_token = torch.where(advantages < 0, dual_clipped, loss_per_token)
-    loss = aggregate(loss_per_token, mask, aggregation)
+    loss_per_token, stats = _clipped_surrogate(ratio, advantages, mask, low, high, dual_clip)
+    loss = _aggregation(aggregation)(loss_per_token, mask)
     stats["approx_kl"] = masked_mean(ratio - 1 - log_ratio, mask)
+    stats["ratio_mean"] = masked_mean(ratio, mask)
+    return loss, {name: value.detach() for name, value in stats.items()}
+
+
+def gspo_loss(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    clip_ratio_low: float = DEFAULTS.gspo_clip_ratio_low,
+    clip_ratio_high: float = DEFAULTS.gspo_clip_ratio_high,
+    dual_clip: Optional[float] = None,
+    aggregation: str | Aggregation = "seq-mean-token-mean",
+) -> Tuple[Tensor, Dict[str, Tensor]]:
+    """GSPO: the importance ratio of a whole sequence, length-normalised, clipped per sequence  [GSPO Sec. 4]:
+
+        s_i    = exp( (1/|y_i|) sum_t log(pi(y_i,t) / pi_old(y_i,t)) )   (the geometric mean of the token ratios)
+        s_i,t  = sg[s_i] * pi(y_i,t) / sg[pi(y_i,t)]                       (GSPO-token: value s_i, gradient
+                                                                             s_i * grad log pi(y_i,t))
+        L_i,t  = max(-s_i,t A_i,t, -clip(s_i,t, 1 - eps_low, 1 + eps_high) A_i,t)
+        loss   = (1/G) sum_i (1/|y_i|) sum_t L_i,t                           (seq-mean-token-mean)
+
+    With one advantage per sequence (A_i,t = A_i, as GRPO's) this is GSPO's sequence objective
+    (1/G) sum_i max(-s_i A_i, -clip(s_i) A_i) in value and gradient (as the paper notes for GSPO-token); per-token
+    advantages are GSPO-token's case (veRL compute_policy_loss_gspo). The clip acts on whole sequences: with one
+    advantage per sequence all its tokens are clipped or none. Stats as ``policy_loss`` (clip_fraction over tokens,
+    approx_kl of the token ratios, ratio_mean of s_i over tokens).
+    """
+    log_ratio = _zero_pad(logprobs - old_logprobs, mask)
+    sequence_log_ratio = masked_mean(log_ratio, mask, dim=-1).detach().unsqueeze(-1)
+    current = _zero_pad(logprobs, mask)
+    ratio = _zero_pad(torch.exp(sequence_log_ratio + current - current.detach()), mask)
+    loss_per_token, stats = _clipped_surrogate(ratio, advantages, mask, clip_ratio_low, clip_ratio_high, dual_clip)
+    loss = _aggregation(aggregation)(loss_per_token, mask)
+    stats["approx_kl"] = masked_mean(torch.exp(log_ratio) - 1 - log_ratio, mask)
     stats["ratio_mean"] = masked_mean(ratio, mask)
     return loss, {name: value.detach() for name, value in stats.items()}
 
@@ -577,7 +756,7 @@ def kl_loss(
     mask: Tensor,
     kl_coef: float,
     kl_estimator: str = "k3",
-    aggregation: str = "token-mean",
+    aggregation: str | Aggregation = "token-mean",
 ) -> Tuple[Tensor, Tensor]:
     """The KL to the reference as a loss term instead of a reward penalty  [GRPO Eq. 3; veRL use_kl_loss]:
 
@@ -586,7 +765,7 @@ def kl_loss(
     Returns ``(loss, kl)`` with the per-token estimate ``kl`` (B, T), 0 on padding.
     """
     kl = kl_estimate(logprobs, ref_logprobs, kl_estimator, mask)
-    return kl_coef * aggregate(kl, mask, aggregation), kl
+    return kl_coef * _aggregation(aggregation)(kl, mask), kl
 
 
 def value_loss(
@@ -595,7 +774,7 @@ def value_loss(
     returns: Tensor,
     mask: Tensor,
     value_clip: Optional[float] = DEFAULTS.value_clip,
-    aggregation: str = "token-mean",
+    aggregation: str | Aggregation = "token-mean",
 ) -> Tuple[Tensor, Dict[str, Tensor]]:
     """Clipped value loss  [DS-Chat critic_loss_fn; PPO2 baselines]:
 
@@ -614,16 +793,16 @@ def value_loss(
         clipped = (values_clipped - returns) ** 2
         loss_per_token = torch.max(unclipped, clipped)
         clip_fraction = masked_mean((clipped > unclipped).to(values.dtype), mask)
-    loss = 0.5 * aggregate(loss_per_token, mask, aggregation)
+    loss = 0.5 * _aggregation(aggregation)(loss_per_token, mask)
     return loss, {"clip_fraction": clip_fraction.detach()}
 
 
-def entropy_bonus(entropy: Tensor, mask: Tensor, coef: float, aggregation: str = "token-mean") -> Tensor:
+def entropy_bonus(entropy: Tensor, mask: Tensor, coef: float, aggregation: str | Aggregation = "token-mean") -> Tensor:
     """Entropy regulariser as a term to ADD to the loss:  L_H = -coef * aggregate(H_t)  [PPO Eq. 9].
 
     Minimising ``loss + L_H`` maximises entropy for coef > 0 (DS-Chat default coef = 0).
     """
-    return -coef * aggregate(entropy, mask, aggregation)
+    return -coef * _aggregation(aggregation)(entropy, mask)
 
 
 # --------------------------------------------------------------------------------------------

@@ -41,7 +41,7 @@ import torch
 from rlhf_ray.config import Config, DeepSpeedConfig, ModelConfig, PPOConfig, ppo_precision
 from rlhf_ray.groups import Batch, DistributedWorker, ModelGroup, RolePlacement
 from rlhf_ray.learner import causal_logprobs, forward_accepts, micro_batches, to_device
-from rlhf_ray.train.deepspeed_config import resolve_precision
+from rlhf_ray.train.deepspeed_config import resolve_precision, zero_plus_plus
 from rlhf_ray.models.loading import resolve_model_path
 
 TEXT_FIELDS = ("prompts", "responses")
@@ -227,7 +227,8 @@ class ScorerWorker(DistributedWorker, abc.ABC):
 
             micro = self.ds.micro_batch_size
             config = {"train_batch_size": micro * self.world_size, "train_micro_batch_size_per_gpu": micro,
-                      "zero_optimization": {"stage": 3}, "bf16": {"enabled": precision == "bf16"},
+                      "zero_optimization": {"stage": 3, **zero_plus_plus(self.ds, self.world_size, cuda, False)},
+                      "bf16": {"enabled": precision == "bf16"},
                       "fp16": {"enabled": precision == "fp16"}, "steps_per_print": 10**9}
             hf_ds = HfDeepSpeedConfig(config)  # load straight into partitions
             module = self.load(path).to(dtype)

@@ -127,6 +127,9 @@ REGISTRY: dict[str, str | dict] = {
     "ppo.kl_horizon": _T + "test_kl_controller_follows_the_ppo_section",
     "ppo.clip_ratio": _T + "test_loss_keys_change_the_learners_objectives",
     "ppo.dual_clip": _T + "test_loss_keys_change_the_learners_objectives",
+    "ppo.clip_ratio_low": "tests/test_loss_options.py::test_loss_options_reach_the_learners_gradient",
+    "ppo.clip_ratio_high": "tests/test_loss_options.py::test_loss_options_reach_the_learners_gradient",
+    "ppo.policy_loss": "tests/test_loss_options.py::test_loss_options_reach_the_learners_gradient",
     "ppo.value_clip": _T + "test_loss_keys_change_the_learners_objectives",
     "ppo.reward_clip": _T + "test_advantage_keys_change_the_advantages",
     "ppo.gamma": _T + "test_advantage_keys_change_the_advantages",
@@ -134,6 +137,12 @@ REGISTRY: dict[str, str | dict] = {
     "ppo.entropy_coef": _T + "test_loss_keys_change_the_learners_objectives",
     "ppo.loss_aggregation": _T + "test_loss_keys_change_the_learners_objectives",
     "ppo.whiten_advantages": "tests/test_ppo_unit.py::test_gae_estimator_matches_the_rl_module_and_uses_kl_coef",
+    "ppo.kl_reward_shape": "tests/test_ppo_unit.py::test_kl_reward_shape_return_to_go_sums_the_kl_to_the_end",
+    "ppo.dynamic_sampling": "tests/test_ppo.py::test_dapo_options_change_the_rollout_and_the_experience",
+    "ppo.dynamic_sampling_max_rounds": "tests/test_ppo.py::test_dapo_options_change_the_rollout_and_the_experience",
+    "ppo.overlong_mask": "tests/test_ppo.py::test_dapo_options_change_the_rollout_and_the_experience",
+    "ppo.overlong_buffer": "tests/test_ppo.py::test_dapo_options_change_the_rollout_and_the_experience",
+    "ppo.overlong_penalty": "tests/test_ppo.py::test_dapo_options_change_the_rollout_and_the_experience",
     "ppo.ema_decay": _T + "test_ema_actor_is_exported_next_to_the_actor",
     "ppo.ptx_coef": "tests/test_learner.py::test_ptx_loss_trains_on_pretraining_rows",
     "ppo.reward_functions": "tests/test_scorer.py::test_reward_functions_add_to_the_model_score",
@@ -170,6 +179,9 @@ for _section in ("sft", "rm", "ppo.actor", "ppo.critic"):
     REGISTRY[f"{_section}.disable_dropout"] = _T + "test_learner_keys_reach_model_optimizer_and_schedule"
     REGISTRY[f"{_section}.deepspeed.gradient_checkpointing"] = \
         _T + "test_learner_keys_reach_model_optimizer_and_schedule"
+    for _key in ("zero_hpz_partition_size", "zero_quantized_weights", "zero_quantized_gradients"):  # ZeRO++
+        REGISTRY[f"{_section}.deepspeed.{_key}"] = \
+            "tests/test_plan.py::test_zero_plus_plus_keys_reach_the_deepspeed_configs"
 for _stage in ("sft", "rm"):
     REGISTRY |= {
         f"{_stage}.deepspeed.global_batch_size": _T + "test_deepspeed_keys_reach_the_deepspeed_config",
@@ -192,8 +204,9 @@ REGISTRY["placement.generator.num_workers"] = {"rejects": "placement.generator.n
                                                           "generation.num_engines",
                                                "with": {"placement.generator.num_workers": 2}}
 for _key in ("nodes", "gpus_per_node", "gpu_memory_gib", "cpu_memory_gib", "gpu_tflops", "gpu_memory_bandwidth_gbs",
-             "intra_node_gbs", "pcie_gbs", "mfu", "mbu"):
+             "intra_node_gbs", "pcie_gbs", "mfu", "mbu", "decode_step_overhead_s"):
     REGISTRY[f"cluster.{_key}"] = "tests/test_plan.py::test_option_changes_the_plan"
+REGISTRY["cluster.timing_layout"] = "tests/test_plan.py::test_calibration_against_deepspeed_chat_table_1"
 for _key in ("cpu_tflops", "cpu_memory_bandwidth_gbs", "inter_node_gbs"):
     REGISTRY[f"cluster.{_key}"] = "tests/test_plan.py::test_network_and_cpu_options_change_time"
 
@@ -481,11 +494,36 @@ def test_batch_divisibility_is_checked_at_load():
     load_config(None, {"ppo.critic.deepspeed.micro_batch_size": 3, "ppo.advantage_estimator": "reinforce_pp"})
 
 
+def test_dapo_and_kl_shape_contradictions_fail_at_load_naming_the_keys():
+    grpo = {"ppo.advantage_estimator": "grpo", "generation.n_samples_per_prompt": 2}
+    load_config(None, {**grpo, "ppo.dynamic_sampling": True, "ppo.overlong_mask": True, "ppo.overlong_buffer": 16,
+                       "ppo.kl_reward_shape": "return_to_go"})
+    cases = [
+        ({"ppo.advantage_estimator": "reinforce_pp", "ppo.dynamic_sampling": True},
+         "ppo.dynamic_sampling drops groups whose scores tie: it needs generation.n_samples_per_prompt >= 2"),
+        ({"generation.n_samples_per_prompt": 2, "ppo.dynamic_sampling": True},
+         "ppo.dynamic_sampling with ppo.advantage_estimator gae"),
+        ({**grpo, "ppo.dynamic_sampling": True, "ppo.dynamic_sampling_max_rounds": -1},
+         "ppo.dynamic_sampling_max_rounds must be >= 0"),
+        ({"ppo.overlong_buffer": 64}, "ppo.overlong_buffer (64) must be >= 0 and below generation.max_new_tokens (64)"),
+        ({"ppo.overlong_penalty": -1.0}, "ppo.overlong_penalty must be >= 0"),
+        ({"ppo.overlong_mask": True, "generation.ignore_eos": True}, "ppo.overlong_mask with generation.ignore_eos"),
+        ({"ppo.kl_reward_shape": "return_to_go"},
+         "with ppo.advantage_estimator gae and ppo.kl_penalty 'reward' it would do nothing"),
+        ({**grpo, "ppo.kl_reward_shape": "return_to_go", "ppo.kl_penalty": "loss", "ppo.kl_estimator": "k3"},
+         "with ppo.advantage_estimator grpo and ppo.kl_penalty 'loss' it would do nothing"),
+    ]
+    for overrides, message in cases:
+        with pytest.raises(ConfigError) as raised:
+            load_config(None, overrides)
+        assert message in str(raised.value), (overrides, raised.value)
+
+
 def test_skipped_prompts_are_replaced_so_batches_stay_whole():
     """generation.long_prompt: skip drops prompts the engines cannot take; the controller asks the stream for more
     until rollout_batch_size prompts are answered, so the sample count stays whole mini-batches."""
     from rlhf_ray.generator import Rollout, Sample
-    from rlhf_ray.ppo import PromptStream, answered_rollout
+    from rlhf_ray.experience import PromptStream, answered_rollout
 
     rows = [{"prompt_input_ids": [1] * (9 if i % 3 == 0 else 2), "prompt": f"p{i}", "reference": ""}
             for i in range(12)]
@@ -551,7 +589,7 @@ def test_kl_controller_follows_the_ppo_section():
 
 def test_advantage_keys_change_the_advantages():
     """ppo.gamma, lam and reward_clip, as compute_advantages reads them."""
-    from rlhf_ray.ppo import compute_advantages
+    from rlhf_ray.experience import compute_advantages
 
     g = torch.Generator().manual_seed(0)
     logprobs, ref = torch.randn(4, 6, generator=g), torch.randn(4, 6, generator=g)

@@ -16,7 +16,7 @@ import torch
 
 from rlhf_ray.config import ConfigError, load_config, ppo_learner
 from rlhf_ray.learner import NonfiniteStepError, NonfiniteSteps, PolicyGroup, PolicyLearner
-from rlhf_ray.ppo import compute_advantages, drop_nonfinite_samples
+from rlhf_ray.experience import compute_advantages, drop_nonfinite_samples
 from rlhf_ray.weight_sync import WeightSyncError, compare_probe
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers cannot import test modules

@@ -174,3 +174,60 @@ def test_killing_a_generator_actor_does_not_stop_the_run(ray_cluster, tiny_llama
     assert restarts[0] >= 1  # the death was noticed and the engine came back ...
     assert after[-1]["rollout/engines_used"] == 2  # ... re-synced, and took work again
     assert all(s["response/length_mean"] > 0 for s in after)
+
+
+def test_dapo_options_change_the_rollout_and_the_experience(ray_cluster, tiny_llama, tiny_value_model, tmp_path):
+    """Dynamic sampling, overlong mask and penalty, and the KL as a return-to-go, from the config through the controller
+    (one training step), then on one fixed rollout the experience with each option on and off."""
+    import dataclasses
+
+    import torch
+
+    from rlhf_ray import rl
+
+    cfg = ppo_config(tmp_path, tiny_llama, tiny_value_model, **{
+        "ppo.advantage_estimator": "grpo", "ppo.rollout_batch_size": 8, "ppo.mini_batch_size": 32,
+        "generation.stop_token_ids": list(range(100, 130)),  # some samples stop early, the others hit the limit
+        "ppo.dynamic_sampling": True, "ppo.dynamic_sampling_max_rounds": 1, "ppo.overlong_mask": True,
+        "ppo.overlong_buffer": 4, "ppo.overlong_penalty": 0.5, "ppo.kl_reward_shape": "return_to_go"})
+    trainer = PPOTrainer(cfg)
+    try:
+        stats = trainer.step()  # trains once, so the policy moves off the reference (KL > 0 below)
+        trainer.iteration += 1
+        position = trainer.prompts.position
+        batch, info = trainer.generate(8)
+        on = trainer.make_experience(batch, info)
+        variants = {}
+        for name, change in {"per_token": {"kl_reward_shape": "per_token"},
+                             "off": {"kl_reward_shape": "per_token", "overlong_mask": False, "overlong_buffer": 0,
+                                     "dynamic_sampling": False}}.items():
+            trainer.cfg = dataclasses.replace(cfg, ppo=dataclasses.replace(cfg.ppo, **change))
+            unscored = {k: v for k, v in info.items() if k != "scores"}  # the reward scores it again, no penalty
+            variants[name] = trainer.make_experience(batch, unscored if name == "off" else info)
+    finally:
+        trainer.shutdown()
+    # dynamic sampling: at most one extra round; every prompt consumed is trained on, dropped or skipped
+    counts = info["dynamic_sampling"]
+    assert stats["dynamic_sampling/extra_rounds"] <= 1 and counts["extra_rounds"] <= 1
+    assert info["prompts_consumed"] == trainer.prompts.position - position
+    assert info["prompts_consumed"] == 8 + counts["groups_dropped"] + info["skipped_prompts"]
+    assert stats["rollout/prompts_consumed"] == 8 + stats["dynamic_sampling/groups_dropped"] + stats[
+        "rollout/skipped_prompts"]
+    tied = (~rl.groups_with_signal(info["scores"], 4)).sum().item()
+    assert tied == counts["groups_filled"]  # a tied group is trained on only when the bound was hit
+    # overlong mask: exactly the truncated samples leave the loss
+    truncated = info["truncated"]
+    assert 0 < truncated.sum() < 32, truncated  # the stop tokens make both kinds
+    (exp_on, st_on), (exp_off, st_off) = on, variants["off"]
+    assert st_on["response/truncated_fraction"] == pytest.approx(truncated.float().mean().item())
+    assert (exp_on["action_mask"][truncated] == 0).all() and exp_on["action_mask"][~truncated].sum() > 0
+    assert (exp_off["action_mask"] == batch["action_mask"]).all()
+    # overlong penalty: 0 to -0.5 over the last 4 of 16 tokens, added to the scores
+    penalty = rl.overlong_penalty(info["response_lengths"], 16, 4, 0.5)
+    assert penalty[truncated].tolist() == [-0.5] * int(truncated.sum())
+    assert st_on["reward/overlong_penalty_mean"] == pytest.approx(penalty.mean().item())
+    assert st_on["reward/mean"] == pytest.approx(st_off["reward/mean"] + penalty.mean().item(), abs=1e-5)
+    # KL as a return-to-go vs per token: other advantages on the same samples
+    kept = ~truncated
+    exp_per_token = variants["per_token"][0]
+    assert not torch.allclose(exp_on["advantages"][kept], exp_per_token["advantages"][kept])

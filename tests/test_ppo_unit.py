@@ -4,8 +4,8 @@ import torch
 
 from rlhf_ray import rl
 from rlhf_ray.config import load_config
-from rlhf_ray.ppo import (PromptStream, build_batch, compute_advantages, full_width, request_seed,
-                          response_slice, reuses_train_logprobs)
+from rlhf_ray.experience import (PromptStream, build_batch, compute_advantages, full_width, request_seed,
+                                 response_slice, reuses_train_logprobs)
 
 
 def test_build_batch_left_pads_prompts_right_pads_responses():
@@ -151,3 +151,94 @@ def test_resumed_metrics_are_cut_back_to_the_checkpoint_in_jsonl_and_tensorboard
     events = EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()
     assert [(e.step, e.value) for e in events.Scalars("reward/mean")] == expected
+
+
+# ------------------------------------------------------------------- issue 19: REINFORCE++-baseline, KL shape
+def test_reinforce_pp_baseline_is_the_group_mean_of_the_score():
+    p = load_config(None, {"ppo.advantage_estimator": "reinforce_pp", "generation.n_samples_per_prompt": 2}).ppo
+    scores, lp, ref, mask, _ = _inputs()
+    got = compute_advantages(p, 0.1, scores, lp, ref, mask, 2).advantages
+    rewards, _ = rl.shape_rewards(rl.group_mean_baseline(scores, 2), lp, ref, mask, 0.1, p.reward_clip)
+    assert torch.allclose(got, rl.reinforce_pp_advantages(rewards, mask, p.gamma), atol=1e-6)
+    # shifting one group's scores by a constant changes nothing: the baseline is the group's mean score
+    shifted = compute_advantages(p, 0.1, scores + torch.tensor([3.0, 3.0, 0.0, 0.0]), lp, ref, mask, 2).advantages
+    assert torch.allclose(got, shifted, atol=1e-6)
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "rloo"])
+def test_kl_reward_shape_return_to_go_sums_the_kl_to_the_end(estimator):
+    overrides = {"ppo.advantage_estimator": estimator, "generation.n_samples_per_prompt": 2}
+    per_token = load_config(None, overrides).ppo
+    to_go = load_config(None, {**overrides, "ppo.kl_reward_shape": "return_to_go"}).ppo
+    assert per_token.kl_reward_shape == "per_token"  # the default
+    scores, lp, ref, mask, _ = _inputs()
+    no_kl = compute_advantages(to_go, 0.0, scores, lp, ref, mask, 2).advantages
+    got = compute_advantages(to_go, 0.5, scores, lp, ref, mask, 2)
+    kl = (lp - ref) * mask  # k1
+    kl_to_go = torch.stack([torch.stack([kl[i, t:].sum() for t in range(4)]) for i in range(4)]) * mask
+    assert torch.allclose(got.advantages, no_kl - 0.5 * kl_to_go, atol=1e-6)
+    assert not torch.allclose(got.advantages, compute_advantages(per_token, 0.5, scores, lp, ref, mask, 2).advantages)
+
+
+# ------------------------------------------------------------------------- issue 19: DAPO dynamic sampling
+def _dynamic_sampling_world(n_rows=40, n=2, too_long=(), signal=lambda i: i % 3 == 0):
+    """A prompt stream and a fake engine + reward: prompt i (row id) is too long when i in too_long, and its n scores
+    differ when signal(i). Returns (stream, scored_round, log of each round's row ids)."""
+    from rlhf_ray.generator import Rollout, Sample
+    from rlhf_ray.experience import answered_rollout
+
+    stream = PromptStream([{"id": i} for i in range(n_rows)], seed=5, position=3)
+    rounds: list[list[int]] = []
+
+    def generate(rows, offset):
+        skipped = [j for j, r in enumerate(rows) if r["id"] in too_long]
+        samples = [Sample(j, [r["id"], k], [0.0, 0.0], "stop", sample_index=k)
+                   for j, r in enumerate(rows) if j not in skipped for k in reversed(range(n))]
+        return Rollout(samples, weight_version=0, skipped=skipped)
+
+    def scored_round(k):
+        rows, samples, _ = answered_rollout(stream.take, generate, k, max_prompts=n_rows)
+        rounds.append([r["id"] for r in rows])
+        scores = torch.tensor([float(s.sample_index) if signal(rows[s.prompt_index]["id"]) else 1.0 for s in samples])
+        return rows, samples, scores
+
+    return stream, scored_round, rounds
+
+
+def test_dynamic_sampling_keeps_only_groups_with_signal_and_accounts_for_every_prompt():
+    from rlhf_ray.experience import rollout_with_signal
+
+    too_long = {4, 9, 17}
+    stream, scored_round, rounds = _dynamic_sampling_world(too_long=too_long)
+    rows, samples, scores, counts = rollout_with_signal(scored_round, want=5, group_size=2, max_rounds=20)
+    trained = [r["id"] for r in rows]
+    assert len(trained) == 5 and all(i % 3 == 0 for i in trained)  # only groups whose scores differ
+    assert [s.prompt_index for s in samples] == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
+    assert all(s.token_ids[0] == trained[s.prompt_index] for s in samples)  # samples follow their prompt
+    assert scores.view(5, 2).tolist() == [[0.0, 1.0]] * 5  # and so do the scores
+    assert [len(r) for r in rounds][0] == 5 and counts["extra_rounds"] == len(rounds) - 1 >= 1
+    assert counts["groups_filled"] == 0
+    # every prompt taken from the stream is trained on, dropped (tied scores) or skipped (too long), exactly once
+    consumed = stream.position - 3
+    taken = [r["id"] for r in PromptStream([{"id": i} for i in range(40)], seed=5, position=3).take(consumed)]
+    dropped = [i for ids in rounds for i in ids if i not in trained]
+    skipped = [i for i in taken if i in too_long]
+    assert sorted(trained + dropped + skipped) == sorted(taken) and len(set(taken)) == len(taken)
+    assert counts["groups_dropped"] == len(dropped) and consumed == 5 + len(dropped) + len(skipped)
+
+
+def test_dynamic_sampling_bound_fills_the_batch_with_the_last_rounds_tied_groups():
+    from rlhf_ray.experience import rollout_with_signal
+
+    stream, scored_round, rounds = _dynamic_sampling_world(signal=lambda i: i % 10 == 0)
+    rows, samples, scores, counts = rollout_with_signal(scored_round, want=6, group_size=2, max_rounds=1)
+    assert len(rounds) == 2 and counts["extra_rounds"] == 1  # the bound: one round after the first
+    trained = [r["id"] for r in rows]
+    with_signal = [i for ids in rounds for i in ids if i % 10 == 0]
+    assert len(trained) == 6 and len(samples) == 12 and trained[:len(with_signal)] == with_signal
+    filled = trained[len(with_signal):]
+    assert counts["groups_filled"] == len(filled) > 0 and set(filled) <= set(rounds[-1])  # from the last round
+    assert counts["groups_dropped"] == len(rounds[0]) + len(rounds[1]) - 6
+    assert stream.position - 3 == len(rounds[0]) + len(rounds[1])
+    with pytest.raises(ValueError, match="dynamic sampling: 3 samples for 2 prompts x 2"):
+        rollout_with_signal(lambda k: ([{}, {}], [None] * 3, torch.zeros(3)), want=2, group_size=2, max_rounds=0)

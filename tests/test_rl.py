@@ -217,7 +217,7 @@ def oracle_rloo(scores, n, mask):
     return torch.tensor(out)
 
 
-def oracle_reinforce_pp(rewards, mask, gamma, group_size=None, eps=1e-8):
+def oracle_reinforce_pp(rewards, mask, gamma, eps=1e-8):
     returns = []
     for rr, rm in zip(L(rewards), L(mask)):
         acc, row = 0.0, [0.0] * len(rr)
@@ -226,16 +226,13 @@ def oracle_reinforce_pp(rewards, mask, gamma, group_size=None, eps=1e-8):
                 acc = rr[t] + gamma * acc
                 row[t] = acc
         returns.append(row)
-    if group_size is not None:
-        seq_returns = [row[0] for row in returns]
-        for i, row in enumerate(returns):
-            start = (i // group_size) * group_size
-            baseline = sum(seq_returns[start : start + group_size]) / group_size
-            returns[i] = [v - baseline if m else 0.0 for v, m in zip(row, L(mask)[i])]
     return oracle_whiten(torch.tensor(returns), mask, shift_mean=True, eps=eps)
 
 
-def oracle_aggregate(loss, mask, mode):
+MAX_LEN = 10  # seq-mean-token-sum-norm's constant (generation.max_new_tokens) in these tests
+
+
+def oracle_aggregate(loss, mask, mode, max_len=MAX_LEN):
     rows = [[v for v, m in zip(rl_, rm) if m] for rl_, rm in zip(L(loss), L(mask))]
     if mode == "token-mean":
         flat = [v for r in rows for v in r]
@@ -243,6 +240,8 @@ def oracle_aggregate(loss, mask, mode):
     rows = [r for r in rows if r]
     if mode == "seq-mean-token-mean":
         return sum(sum(r) / len(r) for r in rows) / len(rows)
+    if mode == "seq-mean-token-sum-norm":
+        return sum(sum(r) / max_len for r in rows) / len(rows)
     return sum(sum(r) for r in rows) / len(rows)
 
 
@@ -653,23 +652,45 @@ def test_rloo_hand_case_and_oracle():
 
 
 def test_reinforce_pp_hand_case():
-    # T = 1, sequence returns G = [1, 3 | 10, 14], group_size 2 -> baselines 2, 12 -> [-1, 1, -2, 2]
-    # whiten: mean 0, unbiased var (1 + 1 + 4 + 4) / 3 = 10/3, std 1.825742 -> [-0.547723, 0.547723, -1.095445, 1.095445]
-    # no baseline: G = [1, 3, 10, 14], mean 7, var (36 + 16 + 9 + 49) / 3 = 110/3 -> (G - 7) / 6.055301
+    # T = 1, G = [1, 3, 10, 14], mean 7, unbiased var (36 + 16 + 9 + 49) / 3 = 110/3 -> (G - 7) / 6.055301
     rewards, mask = torch.tensor([[1.0], [3.0], [10.0], [14.0]]), torch.ones(4, 1)
-    adv = rl.reinforce_pp_advantages(rewards, mask, gamma=1.0, group_size=2)
-    assert torch.allclose(adv[:, 0], torch.tensor([-0.547723, 0.547723, -1.095445, 1.095445]), atol=1e-6)
     adv = rl.reinforce_pp_advantages(rewards, mask, gamma=1.0)
     assert torch.allclose(adv[:, 0], torch.tensor([-6.0, -4.0, 3.0, 7.0]) / math.sqrt(110 / 3), atol=1e-6)
 
 
+def test_group_mean_baseline_hand_case():
+    # groups of 2: [1, 3] mean 2, [10, 14] mean 12
+    assert rl.group_mean_baseline(torch.tensor([1.0, 3.0, 10.0, 14.0]), 2).tolist() == [-1.0, 1.0, -2.0, 2.0]
+    with pytest.raises(ValueError):
+        rl.group_mean_baseline(torch.ones(3), 2)
+
+
+def test_reinforce_pp_baseline_subtracts_the_group_mean_score_before_the_kl_return():
+    # OpenRLHF reinforce_baseline: scores [1, 3 | 10, 14] -> centred [-1, 1, -2, 2] on each row's last token,
+    # KL reward -0.5 * k1 per token (k1 = logprob - ref), returns to go (gamma 1), then whitening over all 7 tokens.
+    scores = torch.tensor([1.0, 3.0, 10.0, 14.0])
+    logprobs = torch.tensor([[0.2, 0.4], [0.2, 0.0], [0.2, 0.0], [0.4, 9.9]])
+    mask = torch.tensor([[1.0, 1.0], [1.0, 1.0], [1.0, 1.0], [1.0, 0.0]])
+    rewards, _ = rl.shape_rewards(rl.group_mean_baseline(scores, 2), logprobs, torch.zeros(4, 2), mask,
+                                  kl_coef=0.5, reward_clip=None)
+    # rewards [[-0.1, -0.2 - 1], [-0.1, 1], [-0.1, -2], [-0.2 + 2]] -> returns to go:
+    returns = [-1.3, -1.2, 0.9, 1.0, -2.1, -2.0, 1.8]
+    mean = sum(returns) / 7
+    std = math.sqrt(sum((g - mean) ** 2 for g in returns) / 6 + 1e-8)
+    adv = rl.reinforce_pp_advantages(rewards, mask, gamma=1.0)
+    assert adv[mask.bool()].tolist() == pytest.approx([(g - mean) / std for g in returns], abs=1e-6)
+    # the former variant subtracted the group mean of the KL-shaped sequence return G_0 from the return:
+    # raw returns [[0.7, 0.8], [2.9, 3.0], [9.9, 10.0], [13.8]], G_0 group means 1.8 and 11.85 -> other values
+    former = torch.tensor([[-1.1, -1.0], [1.1, 1.2], [-1.95, -1.85], [1.95, 0.0]])
+    assert not torch.allclose(adv, rl.masked_whiten(former, mask), atol=1e-3)
+
+
 @pytest.mark.parametrize("gamma", [1.0, 0.9])
-@pytest.mark.parametrize("group_size", [None, 2, 3])
-def test_reinforce_pp_matches_loop_oracle(gamma, group_size):
+def test_reinforce_pp_matches_loop_oracle(gamma):
     g, mask, x = random_batch(B=6, T=7, seed=15)
     rewards = x()
-    adv = rl.reinforce_pp_advantages(rewards, mask, gamma, group_size)
-    assert torch.allclose(adv, oracle_reinforce_pp(rewards, mask, gamma, group_size), **TOL)
+    adv = rl.reinforce_pp_advantages(rewards, mask, gamma)
+    assert torch.allclose(adv, oracle_reinforce_pp(rewards, mask, gamma), **TOL)
     assert rl.masked_mean(adv, mask).abs().item() < 1e-10  # globally whitened
 
 
@@ -677,8 +698,36 @@ def test_reinforce_pp_options_change_result():
     g, mask, x = random_batch(B=6, T=7, seed=16)
     rewards = x()
     base = rl.reinforce_pp_advantages(rewards, mask, 1.0)
-    assert not torch.allclose(base, rl.reinforce_pp_advantages(rewards, mask, 1.0, group_size=3))
     assert not torch.allclose(base, rl.reinforce_pp_advantages(rewards, mask, 0.5))
+
+
+def test_kl_penalty_per_token_or_as_return_to_go_hand_case():
+    kl = torch.tensor([[0.1, 0.2, 0.3], [0.4, 0.5, float("nan")]])  # padding is never read
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    per_token = rl.kl_penalty_for_advantages(kl, mask, 0.5, "per_token")
+    assert torch.allclose(per_token, torch.tensor([[0.05, 0.1, 0.15], [0.2, 0.25, 0.0]]), atol=1e-7)
+    # 0.5 x [[0.1+0.2+0.3, 0.2+0.3, 0.3], [0.4+0.5, 0.5, 0]]
+    to_go = rl.kl_penalty_for_advantages(kl, mask, 0.5, "return_to_go")
+    assert torch.allclose(to_go, torch.tensor([[0.3, 0.25, 0.15], [0.45, 0.25, 0.0]]), atol=1e-7)
+    with pytest.raises(ValueError, match="unknown KL reward shape"):
+        rl.kl_penalty_for_advantages(kl, mask, 0.5, "per_sequence")
+
+
+def test_groups_with_signal_hand_case():
+    # groups of 2: [1, 1] tied, [0, 1] signal, [2, 2] tied, [nan, nan] kept (the non-finite filter names it later)
+    scores = torch.tensor([1.0, 1.0, 0.0, 1.0, 2.0, 2.0, float("nan"), float("nan")])
+    assert rl.groups_with_signal(scores, 2).tolist() == [False, True, False, True]
+    assert rl.groups_with_signal(torch.tensor([0.5, 0.5, 0.5]), 3).tolist() == [False]
+
+
+def test_overlong_penalty_hand_case():
+    # DAPO Eq. 13, L_max 16, L_cache 4: free up to 12 tokens, then linear to -factor at 16
+    lengths = torch.tensor([3, 12, 13, 14, 16])
+    assert rl.overlong_penalty(lengths, 16, 4, factor=0.5).tolist() == [0.0, 0.0, -0.125, -0.25, -0.5]
+    assert rl.overlong_penalty(lengths, 16, 16).tolist() == pytest.approx([-3 / 16, -12 / 16, -13 / 16, -14 / 16, -1])
+    for bad in (0, 17):
+        with pytest.raises(ValueError, match="overlong buffer"):
+            rl.overlong_penalty(lengths, 16, bad)
 
 
 # ============================================================================================
@@ -689,9 +738,12 @@ def test_reinforce_pp_options_change_result():
 def test_aggregate_hand_case_and_modes_differ():
     # loss [[1, 2, 3], [4, pad, pad]]:
     #   token-mean = 10 / 4 = 2.5 ; seq-mean-token-mean = (2 + 4) / 2 = 3 ; seq-mean-token-sum = (6 + 4) / 2 = 5
+    #   seq-mean-token-sum-norm, max_len 4 (Dr. GRPO) = (6 + 4) / (2 * 4) = 1.25
     loss, mask = torch.tensor([[1.0, 2.0, 3.0], [4.0, 99.0, float("nan")]]), torch.tensor([[1, 1, 1], [1, 0, 0]])
-    got = [rl.aggregate(loss, mask, m).item() for m in rl.AGGREGATION_MODES]
-    assert got == pytest.approx([2.5, 3.0, 5.0])
+    got = [rl.aggregate(loss, mask, m, max_len=4).item() for m in rl.AGGREGATION_MODES]
+    assert got == pytest.approx([2.5, 3.0, 5.0, 1.25])
+    with pytest.raises(ValueError, match="max_len"):
+        rl.aggregate(loss, mask, "seq-mean-token-sum-norm")
     with pytest.raises(ValueError):
         rl.aggregate(loss, mask, "sum")
 
@@ -700,7 +752,8 @@ def test_aggregate_matches_loop_oracle():
     g, mask, x = random_batch(B=6, T=7, seed=17, lengths=[7, 1, 0, 4, 6, 2])
     loss = x()
     for mode in rl.AGGREGATION_MODES:
-        assert rl.aggregate(loss, mask, mode).item() == pytest.approx(oracle_aggregate(loss, mask, mode), rel=1e-12)
+        got = rl.aggregate(loss, mask, mode, max_len=MAX_LEN).item()
+        assert got == pytest.approx(oracle_aggregate(loss, mask, mode), rel=1e-12)
 
 
 def test_policy_loss_hand_case():
@@ -724,7 +777,8 @@ def test_policy_loss_hand_case():
 def test_policy_loss_matches_loop_oracle(dual_clip, mode):
     g, mask, x = random_batch(B=6, T=7, seed=18)
     lp, old, adv = x() * 0.5, x() * 0.5, x()
-    loss, stats = rl.policy_loss(lp, old, adv, mask, clip_ratio=0.2, dual_clip=dual_clip, aggregation=mode)
+    loss, stats = rl.policy_loss(lp, old, adv, mask, clip_ratio=0.2, dual_clip=dual_clip,
+                                 aggregation=rl.Aggregation(mode, max_len=MAX_LEN))
     per_token, clipped = oracle_policy_loss_per_token(lp, old, adv, 0.2, dual_clip)
     assert loss.item() == pytest.approx(oracle_aggregate(per_token, mask, mode), rel=1e-10)
     assert stats["clip_fraction"].item() == pytest.approx(oracle_mean(clipped, mask), rel=1e-12)
@@ -761,8 +815,9 @@ def test_dual_clip_bounds_loss_for_negative_advantages():
 def test_policy_loss_options_change_result():
     g, mask, x = random_batch(B=6, T=7, seed=21, lengths=[7, 1, 3, 5, 2, 6])
     lp, old, adv = x() * 2, x() * 2, x()
-    losses = {m: rl.policy_loss(lp, old, adv, mask, aggregation=m)[0].item() for m in rl.AGGREGATION_MODES}
-    assert len({round(v, 9) for v in losses.values()}) == 3
+    losses = {m: rl.policy_loss(lp, old, adv, mask, aggregation=rl.Aggregation(m, max_len=MAX_LEN))[0].item()
+              for m in rl.AGGREGATION_MODES}
+    assert len({round(v, 9) for v in losses.values()}) == 4
     base = rl.policy_loss(lp, old, adv, mask)[0]
     assert base != rl.policy_loss(lp, old, adv, mask, dual_clip=1.5)[0]
     assert base != rl.policy_loss(lp, old, adv, mask, clip_ratio=0.1)[0]
@@ -779,6 +834,93 @@ def test_policy_loss_gradient_flows_only_through_logprobs():
     assert all(not v.requires_grad for v in stats.values())
 
 
+def test_clip_higher_hand_case():
+    # r = [1.25, 0.75, 1.35], A = [+1, -1, +1]
+    # symmetric eps 0.2:      max(-1.25, -1.2) = -1.2 ; max(0.75, 0.8) = 0.8 ; max(-1.35, -1.2) = -1.2   -> mean -1.6 / 3
+    # clip-higher 0.2 / 0.28: max(-1.25, -1.25) = -1.25 (not clipped) ; 0.8 ; max(-1.35, -1.28) = -1.28 -> -1.73 / 3
+    # low 0.1, high = clip_ratio 0.2: -1.2 ; max(0.75, 0.9) = 0.9 ; -1.2                                -> -1.5 / 3
+    lp = torch.log(torch.tensor([[1.25, 0.75, 1.35]]))
+    old, adv, mask = torch.zeros(1, 3), torch.tensor([[1.0, -1.0, 1.0]]), torch.ones(1, 3)
+    loss, stats = rl.policy_loss(lp, old, adv, mask, clip_ratio=0.2)
+    assert loss.item() == pytest.approx(-1.6 / 3) and stats["clip_fraction"].item() == pytest.approx(1.0)
+    loss, stats = rl.policy_loss(lp, old, adv, mask, clip_ratio=0.2, clip_ratio_low=0.2, clip_ratio_high=0.28)
+    assert loss.item() == pytest.approx(-1.73 / 3) and stats["clip_fraction"].item() == pytest.approx(2 / 3)
+    loss, _ = rl.policy_loss(lp, old, adv, mask, clip_ratio=0.2, clip_ratio_low=0.1)
+    assert loss.item() == pytest.approx(-1.5 / 3)
+    # dual clip still bounds a negative advantage with clip-higher: r = 4, A = -1 -> max(4, 1.28) = 4 -> min(4, 3) = 3
+    one = torch.log(torch.tensor([[4.0]]))
+    loss, stats = rl.policy_loss(one, torch.zeros(1, 1), -torch.ones(1, 1), torch.ones(1, 1), clip_ratio_high=0.28,
+                                 dual_clip=3.0)
+    assert loss.item() == pytest.approx(3.0) and stats["dual_clip_fraction"].item() == 1.0
+    with pytest.raises(ValueError, match="clip ratios"):
+        rl.policy_loss(lp, old, adv, mask, clip_ratio_low=1.0)
+
+
+def test_aggregation_over_a_whole_mini_batch_hand_case():
+    """Two micro-batches of one mini-batch: [[1, 2, 3]] (3 tokens) and [[4, pad, pad], [pad, pad, pad]] (1 token, one
+    empty row). Each divides its own sum by N / 2 (N counted over both, 2 micro-batches); their mean is then the loss of
+    the whole mini-batch at once:
+        token-mean               N = 4 tokens:    6 / 2 = 3, 4 / 2 = 2          -> 2.5  = 10 / 4   (their own means: 3)
+        seq-mean-token-mean      N = 2 sequences: 2 / 1, 4 / 1                  -> 3    = (2 + 4) / 2
+        seq-mean-token-sum       N = 2:           6 / 1, 4 / 1                  -> 5    = (6 + 4) / 2
+        seq-mean-token-sum-norm  N = 2, max_len 4: 6 / 4, 4 / 4                 -> 1.25 = 10 / (2 * 4)"""
+    first, first_mask = torch.tensor([[1.0, 2.0, 3.0]]), torch.ones(1, 3)
+    second, second_mask = torch.tensor([[4.0, 9.0, 9.0], [9.0, 9.0, 9.0]]), torch.tensor([[1.0, 0, 0], [0, 0, 0]])
+    expected = {"token-mean": 2.5, "seq-mean-token-mean": 3.0, "seq-mean-token-sum": 5.0, "seq-mean-token-sum-norm": 1.25}
+    assert set(expected) == set(rl.AGGREGATION_MODES)
+    for mode, value in expected.items():
+        n = int(rl.aggregation_units(first_mask, mode) + rl.aggregation_units(second_mask, mode))
+        assert n == (4 if mode == "token-mean" else 2), mode
+        agg = rl.Aggregation(mode, units=n / 2, max_len=4)
+        assert (agg(first, first_mask) + agg(second, second_mask)).item() / 2 == pytest.approx(value), mode
+    # Each micro-batch on its own (the old token-mean): (6 / 3 + 4 / 1) / 2 = 3, not 2.5.
+    assert (rl.aggregate(first, first_mask) + rl.aggregate(second, second_mask)).item() / 2 == pytest.approx(3.0)
+
+
+def test_dr_grpo_advantages_hand_case():
+    """ppo.advantage_estimator dr_grpo: GRPO's group advantage without the std division (Dr. GRPO Sec. 3.2).
+    Groups [1, 2, 3] (std 1) and [1, 3, 5] (std 2): grpo -> [-1, 0, 1] twice; dr_grpo -> [-1, 0, 1], [-2, 0, 2]."""
+    from rlhf_ray.config import load_config
+    from rlhf_ray.experience import compute_advantages
+
+    scores, mask = torch.tensor([1.0, 2.0, 3.0, 1.0, 3.0, 5.0]), torch.tensor([[1.0, 1], [1, 0], [1, 1]] * 2)
+    zeros = torch.zeros(6, 2)
+
+    def advantages(estimator: str) -> torch.Tensor:
+        p = load_config(None, {"ppo.advantage_estimator": estimator, "generation.n_samples_per_prompt": 3}).ppo
+        return compute_advantages(p, 0.0, scores, zeros, zeros, mask, 3).advantages
+
+    expected_grpo = torch.tensor([-1.0, 0, 1, -1, 0, 1])[:, None] * mask
+    expected_dr = torch.tensor([-1.0, 0, 1, -2, 0, 2])[:, None] * mask
+    assert torch.allclose(advantages("grpo"), expected_grpo, atol=1e-5)
+    assert torch.allclose(advantages("dr_grpo"), expected_dr, atol=1e-12)
+
+
+def test_gspo_loss_hand_case():
+    """Two sequences, clip range 0.1 / 0.2 (and then the paper's 3e-4 / 4e-4):
+        seq 0: log r = [0.1, 0.3]         -> s_0 = e^0.2  = 1.221403, A = +1: clipped to 1.2      -> L_0 = -1.2
+        seq 1: log r = [-0.2, 0.0, -0.1]  -> s_1 = e^-0.1 = 0.904837, A = -2: inside [0.9, 1.2]   -> L_1 = 1.809675
+        seq-mean-token-mean: (-1.2 + 1.809675) / 2 = 0.304837 ; clipped tokens 2 of 5
+        gradient: seq 0 clipped -> 0 ; seq 1: d/d log pi_t of -A s_1 / 2 = 2 * s_1 / 3 / 2 = 0.301612 per token
+        paper's range: s_0 -> 1.0004, L_0 = -1.0004 ; s_1 -> 0.9997 (clipped for A < 0), L_1 = 1.9994 -> 0.4995"""
+    old = torch.zeros(2, 3)
+    mask = torch.tensor([[1.0, 1, 0], [1, 1, 1]])
+    lp = torch.tensor([[0.1, 0.3, float("nan")], [-0.2, 0.0, -0.1]], requires_grad=True)
+    adv = torch.tensor([[1.0, 1.0, 0.0], [-2.0, -2.0, -2.0]])
+    loss, stats = rl.gspo_loss(lp, old, adv, mask, clip_ratio_low=0.1, clip_ratio_high=0.2)
+    assert loss.item() == pytest.approx((-1.2 + 2 * math.exp(-0.1)) / 2)
+    assert stats["clip_fraction"].item() == pytest.approx(2 / 5)
+    assert stats["ratio_mean"].item() == pytest.approx((2 * math.exp(0.2) + 3 * math.exp(-0.1)) / 5)
+    loss.backward()
+    expected_grad = torch.tensor([[0.0, 0.0, 0.0], [1.0, 1.0, 1.0]]) * math.exp(-0.1) / 3
+    assert torch.allclose(lp.grad, expected_grad, atol=1e-7)
+    loss, _ = rl.gspo_loss(lp, old, adv, mask)  # the paper's 3e-4 / 4e-4 by default
+    assert loss.item() == pytest.approx((-1.0004 + 2 * 0.9997) / 2)
+    # Token-level PPO on the same tensors clips token by token: another loss.
+    assert rl.policy_loss(lp, old, adv, mask, clip_ratio_low=0.1, clip_ratio_high=0.2,
+                          aggregation="seq-mean-token-mean")[0].item() != pytest.approx((-1.2 + 2 * math.exp(-0.1)) / 2)
+
+
 def test_value_loss_hand_case():
     # V = 1.0, V_old = 0.5, R = 2.0, eps = 0.2: V_clip = 0.7
     # clipped: 0.5 * max((1 - 2)^2, (0.7 - 2)^2) = 0.5 * 1.69 = 0.845 ; unclipped (value_clip=None): 0.5 * 1 = 0.5
@@ -793,7 +935,7 @@ def test_value_loss_hand_case():
 def test_value_loss_matches_loop_oracle(value_clip, mode):
     g, mask, x = random_batch(B=6, T=7, seed=23)
     v, old, R = x(), x(), x()
-    loss, _ = rl.value_loss(v, old, R, mask, value_clip=value_clip, aggregation=mode)
+    loss, _ = rl.value_loss(v, old, R, mask, value_clip=value_clip, aggregation=rl.Aggregation(mode, max_len=MAX_LEN))
     assert loss.item() == pytest.approx(0.5 * oracle_aggregate(oracle_value_loss_per_token(v, old, R, value_clip), mask, mode), rel=1e-10)
 
 
@@ -873,14 +1015,15 @@ def test_padding_never_changes_any_result():
         assert same(pair_small, pair_big)
     assert same(rl.grpo_advantages(scores, 3, mask), rl.grpo_advantages(scores, 3, big))
     assert same(rl.rloo_advantages(scores, 3, mask), rl.rloo_advantages(scores, 3, big))
-    for gs in (None, 2):
-        assert same(rl.reinforce_pp_advantages(a, mask, 0.9, gs), rl.reinforce_pp_advantages(A, big, 0.9, gs))
+    assert same(rl.reinforce_pp_advantages(a, mask, 0.9), rl.reinforce_pp_advantages(A, big, 0.9))
+    for shape in rl.KL_REWARD_SHAPES:
+        assert same(rl.kl_penalty_for_advantages(a, mask, 0.1, shape), rl.kl_penalty_for_advantages(A, big, 0.1, shape))
     for shift in (True, False):
         assert same(rl.masked_whiten(a, mask, shift), rl.masked_whiten(A, big, shift))
     assert torch.allclose(rl.masked_mean(a, mask), rl.masked_mean(A, big), **TOL)
     assert torch.allclose(rl.masked_var(a, mask), rl.masked_var(A, big), **TOL)
-    for mode in rl.AGGREGATION_MODES:
-        assert torch.allclose(rl.aggregate(a, mask, mode), rl.aggregate(A, big, mode), **TOL)
+    for mode in (rl.Aggregation(m, max_len=MAX_LEN) for m in rl.AGGREGATION_MODES):
+        assert torch.allclose(mode(a, mask), mode(A, big), **TOL)
         l1, s1 = rl.policy_loss(a, b, c, mask, 0.2, 2.0, mode)
         l2, s2 = rl.policy_loss(A, B_, C, big, 0.2, 2.0, mode)
         assert torch.allclose(l1, l2, **TOL) and all(torch.allclose(s1[k], s2[k], **TOL) for k in s1)

@@ -90,7 +90,7 @@ def rollout(groups, cfg, tiny_llama):
     from transformers import AutoTokenizer
 
     from rlhf_ray.generator import Sampling
-    from rlhf_ray.ppo import build_batch, full_width
+    from rlhf_ray.experience import build_batch, full_width
 
     generators = groups[2]
     sampling = Sampling.from_config(cfg.generation, n=2, max_new_tokens=8, ignore_eos=True, seed=0)

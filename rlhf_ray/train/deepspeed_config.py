@@ -45,6 +45,25 @@ def _step_batch(ds: DeepSpeedConfig, train_batch_size: Optional[int]) -> int:
     return ds.global_batch_size
 
 
+def zero_plus_plus(ds: DeepSpeedConfig, num_ranks: int, cuda: bool, training: bool = True) -> dict:
+    """ZeRO++'s zero_optimization keys for a ZeRO-3 engine of `num_ranks` ranks (empty when none is set)."""
+    out: dict = {}
+    if ds.zero_hpz_partition_size > 1 and num_ranks > 1:  # one rank: nothing to partition
+        if num_ranks % ds.zero_hpz_partition_size:
+            raise ConfigError(f"deepspeed.zero_hpz_partition_size ({ds.zero_hpz_partition_size}) must divide the "
+                              f"engine's {num_ranks} ranks")
+        out["zero_hpz_partition_size"] = ds.zero_hpz_partition_size
+    quantized = ds.zero_quantized_weights or (training and ds.zero_quantized_gradients)
+    if quantized and not cuda:
+        raise ConfigError("deepspeed.zero_quantized_weights / zero_quantized_gradients need a GPU (DeepSpeed's "
+                          "quantizer is a CUDA kernel); set them to false on CPU")
+    if ds.zero_quantized_weights:
+        out["zero_quantized_weights"] = True
+    if training and ds.zero_quantized_gradients:
+        out["zero_quantized_gradients"] = True
+    return out
+
+
 def deepspeed_config(stage_cfg: PPOLearnerConfig, num_ranks: int, cuda: bool,
                      train_batch_size: Optional[int] = None) -> dict:
     """The DeepSpeed config dict for `num_ranks` data-parallel ranks, on GPU (`cuda`) or CPU.
@@ -66,7 +85,8 @@ def deepspeed_config(stage_cfg: PPOLearnerConfig, num_ranks: int, cuda: bool,
     if ds.zero_stage == 3:
         # Export gathers full weights at the end; these keep ZeRO-3's live working set small (DeepSpeed-Chat).
         zero.update({"stage3_gather_16bit_weights_on_model_save": True, "stage3_param_persistence_threshold": 1e4,
-                     "stage3_max_live_parameters": 3e7, "stage3_prefetch_bucket_size": 3e7})
+                     "stage3_max_live_parameters": 3e7, "stage3_prefetch_bucket_size": 3e7,
+                     **zero_plus_plus(ds, num_ranks, cuda)})
     return {
         "train_batch_size": batch,
         "train_micro_batch_size_per_gpu": ds.micro_batch_size,
