@@ -223,16 +223,14 @@ class ScorerWorker(DistributedWorker, abc.ABC):
         path = resolve_model_path(self.model_cfg.path)
         self.zero_stage = self.choose_zero_stage(path)
         if self.zero_stage == 3:
-            from transformers.integrations import HfDeepSpeedConfig
+            from rlhf_ray.train.common import build_partitioned
 
             micro = self.ds.micro_batch_size
             config = {"train_batch_size": micro * self.world_size, "train_micro_batch_size_per_gpu": micro,
                       "zero_optimization": {"stage": 3, **zero_plus_plus(self.ds, self.world_size, cuda, False)},
                       "bf16": {"enabled": precision == "bf16"},
                       "fp16": {"enabled": precision == "fp16"}, "steps_per_print": 10**9}
-            hf_ds = HfDeepSpeedConfig(config)  # load straight into partitions
-            module = self.load(path).to(dtype)
-            del hf_ds
+            module = build_partitioned(lambda: self.load(path).to(dtype), config)  # straight into partitions
             module.requires_grad_(False)
             self.model, *_ = deepspeed.initialize(model=module, config=config)
             self.device = self.model.device
