@@ -1,7 +1,8 @@
 """Benchmark SFT throughput: Ray Train + DeepSpeed (rlhf_ray.train.run_sft) vs a bare single-process torch loop.
 
     flock /tmp/rlhf_ray_heavy.lock .venv/bin/python benchmarks/bench_sft.py [--model builtin:tiny-llama]
-        [--workers 2] [--zero-stage 2] [--micro-batch 2] [--global-batch 8] [--steps 40]
+        [--workers 2] [--zero-stage 2] [--micro-batch 2] [--global-batch 8] [--steps 40] [--precision fp32|bf16]
+        [--no-one-rank]
 
 Not a test. Both sides train the same model on the same built-in SFT rows with the same micro-batch and global
 batch (the bare loop accumulates workers x accumulation micro-batches per optimizer step), and count the same
@@ -9,11 +10,20 @@ tokens (non-padding tokens of every micro-batch). Ray Train's rate is what its w
 steps (one report at the end: ray.train.report blocks until the controller's next 2 s poll when reports come
 faster, which would measure Ray's polling, not training); the fit wall time, start-up included, is shown too.
 The bare loop runs in this process with all cores (torch's default threads); each Ray Train worker gets
-OMP_NUM_THREADS = its CPUs. Prints both rates and the ratio ray / bare.
+OMP_NUM_THREADS = its CPUs. Prints both rates and the ratio ray / bare. A second row (unless --no-one-rank) runs
+the same training as ONE Ray Train worker with all cores (sft.cpus_per_worker = the bare loop's threads) against the
+same bare loop: the learner's own overhead at equal threads, without data-parallel communication.
+Precision: fp32 both sides, or bf16: DeepSpeed's bf16 mode (bf16 weights and compute, fp32 master weights) vs the
+bare loop under torch.autocast(cpu, bfloat16) over fp32 weights (torch's own mixed precision, what HF Trainer / TRL
+run with bf16=True on CPU: the matmuls in bf16 like DeepSpeed's, fp32 weights and optimizer like its master copy).
+The bare loop uses torch's fused AdamW (common.build_optimizer(fused=True)), what one CPU worker uses (several
+ZeRO workers keep torch's default AdamW): the stronger baseline for both rows.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import sys
 import tempfile
 import time
@@ -25,21 +35,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rlhf_ray.config import load_config  # noqa: E402
 from rlhf_ray.train import common, read_metrics, run_sft, sft  # noqa: E402
+from rlhf_ray.train.deepspeed_config import zero_stage  # noqa: E402
 
 
-def bare_loop_tokens_per_s(cfg, rows: list[dict], plan: common.StagePlan, steps: int, pad_id: int) -> float:
+def bare_loop_tokens_per_s(cfg, rows: list[dict], plan: common.StagePlan, steps: int, pad_id: int,
+                           precision: str = "fp32") -> float:
     """Plain torch: one process, AdamW, gradient accumulation over the same micro-batches Ray Train's ranks see."""
     torch.manual_seed(cfg.run.seed)
     model = sft.build_model(cfg, cfg.sft).train()
-    optimizer = common.build_optimizer(model, cfg.sft.optim)
+    optimizer = common.build_optimizer(model, cfg.sft.optim, fused=True)
     micro_per_step = plan.accumulation * plan.num_ranks
+    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision == "bf16" else contextlib.nullcontext
 
     def one_step(step: int) -> int:
         tokens = 0
         for micro in range(plan.accumulation):
             for rank in range(plan.num_ranks):
                 batch = sft.collate([rows[i] for i in common.micro_batch_indices(plan, step, micro, rank)], pad_id)
-                loss, n = sft.train_loss(model, batch)
+                with autocast():
+                    loss, n = sft.train_loss(model, batch)
                 (loss / micro_per_step).backward()
                 tokens += n
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.sft.optim.grad_clip)
@@ -62,7 +76,10 @@ def main() -> None:
     ap.add_argument("--micro-batch", type=int, default=2)
     ap.add_argument("--global-batch", type=int, default=8)
     ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
+    ap.add_argument("--no-one-rank", action="store_true", help="skip the one-worker row")
     args = ap.parse_args()
+    threads = torch.get_num_threads()
 
     with tempfile.TemporaryDirectory(prefix="bench_sft_") as tmp:
         cfg = load_config(None, {
@@ -70,27 +87,41 @@ def main() -> None:
             "sft.deepspeed.zero_stage": args.zero_stage, "sft.deepspeed.micro_batch_size": args.micro_batch,
             "sft.deepspeed.global_batch_size": args.global_batch, "sft.max_steps": args.steps,
             "sft.log_every": args.steps, "sft.eval_every": 0, "sft.checkpoint_every": 0,
-            "data.eval_fraction": 0.0, "sft.optim.lr": 1e-4})
+            "data.eval_fraction": 0.0, "sft.optim.lr": 1e-4, "sft.deepspeed.precision": args.precision})
 
-        start = time.perf_counter()
-        result = run_sft(cfg)
-        ray_wall = time.perf_counter() - start
-        windows = [r for r in read_metrics(result.metrics_file) if r["event"] == "report" and r["step"] > 0]
-        ray_rate = windows[-1]["tokens_per_s"]  # the one window: every training step
+        result, ray_rate, ray_wall = fit(cfg)
+        one = None
+        if not args.no_one_rank:
+            one_cfg = dataclasses.replace(cfg, sft=dataclasses.replace(cfg.sft, num_workers=1, cpus_per_worker=threads))
+            one = fit(one_cfg)
 
         from rlhf_ray.data import load_stage_dataset
 
         tokenizer = sft.load_tokenizer(cfg)
         rows = sft.rows(load_stage_dataset(cfg, "sft", tokenizer, split="train"))
-        bare_rate = bare_loop_tokens_per_s(cfg, rows, result.plan, args.steps, tokenizer.pad_token_id)
+        torch.set_num_threads(threads)
+        bare_rate = bare_loop_tokens_per_s(cfg, rows, result.plan, args.steps, tokenizer.pad_token_id, args.precision)
 
     plan = result.plan
-    print(f"\nmodel {args.model}: {args.steps} steps, global batch {plan.global_batch_size} = micro "
+    print(f"\nmodel {args.model}, {args.precision}: {args.steps} steps, global batch {plan.global_batch_size} = micro "
           f"{plan.micro_batch_size} x {plan.num_ranks} workers x {plan.accumulation} accumulation, ZeRO-{args.zero_stage}")
     print(f"Ray Train + DeepSpeed ({plan.num_ranks} workers): {ray_rate:,.0f} tokens/s over the training steps; "
           f"fit wall {ray_wall:.1f}s incl. start-up")
-    print(f"bare torch loop (1 process, {torch.get_num_threads()} threads): {bare_rate:,.0f} tokens/s")
+    print(f"bare torch loop (1 process, {threads} threads): {bare_rate:,.0f} tokens/s")
     print(f"ratio ray/bare: {ray_rate / bare_rate:.2f}")
+    if one is not None:
+        print(f"Ray Train + DeepSpeed (1 worker, {threads} CPUs, ZeRO stage run: "
+              f"{zero_stage(cfg.sft.deepspeed, 1)}): {one[1]:,.0f} tokens/s; fit wall {one[2]:.1f}s")
+        print(f"ratio one-worker ray/bare (equal threads): {one[1] / bare_rate:.2f}")
+
+
+def fit(cfg):
+    """run_sft, its tokens/s over the training steps (the workers' one report window) and the fit's wall time."""
+    start = time.perf_counter()
+    result = run_sft(cfg)
+    wall = time.perf_counter() - start
+    windows = [r for r in read_metrics(result.metrics_file) if r["event"] == "report" and r["step"] > 0]
+    return result, windows[-1]["tokens_per_s"], wall  # the one window: every training step
 
 
 if __name__ == "__main__":

@@ -127,6 +127,27 @@ def cmd_chat(args) -> int:
     return run_chat(args)
 
 
+DATA_STAGES = ("sft", "rm", "ppo", "ptx")
+
+
+def cmd_data(args) -> int:
+    from rlhf_ray.data.preview import cmd_data as run_data
+
+    # --stage / --examples are accepted after CONFIG too (argparse leaves them among the dotted overrides)
+    late = argparse.ArgumentParser(prog="rlhf-ray data", add_help=False, allow_abbrev=False)
+    late.add_argument("--stage", choices=DATA_STAGES, default=args.stage)
+    late.add_argument("--examples", type=int, default=args.examples)
+    known, overrides = late.parse_known_args(args.overrides)
+    args.stage, args.examples = known.stage, known.examples
+    return run_data(args, load_config(args.config, overrides))
+
+
+def cmd_serve_reward(args) -> int:
+    from rlhf_ray.serve_reward import cmd_serve_reward as run_server
+
+    return run_server(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlhf-ray", description=(
         "Ray-distributed RLHF (SFT -> reward model -> PPO) with DeepSpeed ZeRO learners and vLLM generators."))
@@ -185,6 +206,46 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--out", required=True, help="output folder")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(func=cmd_models_tiny)
+
+    p = sub.add_parser("data", help=(
+        "what the data pipeline makes of data.*: rows per source and split, dropped rows per reason (first row of "
+        "each), truncations, token-length percentiles and rendered examples; exit 1 with the data error when a "
+        "source loses more than data.max_bad_fraction of its rows"))
+    p.add_argument("--stage", choices=DATA_STAGES,
+                   help="one stage (default: sft, rm, ppo, and ptx when configured)")
+    p.add_argument("--examples", type=int, default=2, help="train rows to print decoded, special tokens included")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_data)
+
+    from rlhf_ray.serve_reward import TOKEN_ENV
+
+    p = sub.add_parser("serve-reward", help=(
+        "serve a reward model (value-head folder) over HTTP for ppo.reward_functions: POST /score "
+        "{prompts, responses} -> {rewards}; concurrent requests are batched; runs in this process"),
+        description=(
+            "Serve a trained reward model at http://HOST:PORT/score, the protocol ppo.reward_functions speaks: "
+            "POST {\"prompts\": [...], \"responses\": [...]} -> {\"rewards\": [...]}; GET /health gives counters. "
+            f"Every POST needs 'Authorization: Bearer <token>', the token read from ${TOKEN_ENV} (or the variable "
+            "--token-env names; PPO clients send it with ppo.reward_http_token_env). Requests arriving within "
+            "--batch-window-ms share forward passes of up to --max-batch-rows rows. Errors: 401 wrong token, "
+            "413 body over --max-body-bytes, 400 malformed JSON or fields (with a message); it keeps serving."))
+    p.add_argument("--path", required=True, help="reward model folder (rlhf-ray rm output, e.g. <run>/rm)")
+    p.add_argument("--tokenizer", help="tokenizer folder or hub name (default: the reward model folder's)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed)")
+    p.add_argument("--token-env", default=TOKEN_ENV,
+                   help=f"environment variable holding the token (default {TOKEN_ENV})")
+    p.add_argument("--no-auth", action="store_true", help="serve without a token when the variable is unset")
+    p.add_argument("--batch-window-ms", type=float, default=10.0, help="how long a request waits for others to join")
+    p.add_argument("--max-batch-rows", type=int, default=64, help="rows per forward pass at most")
+    p.add_argument("--max-body-bytes", type=int, default=16 << 20, help="larger requests get 413")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--max-prompt-len", type=int, default=256, help="prompt tokens kept (the last ones), as data.*")
+    p.add_argument("--max-answer-len", type=int, default=256, help="response tokens kept (the first ones), as data.*")
+    p.add_argument("--no-chat-template", action="store_true",
+                   help="HH 'Human:/Assistant:' text instead of the chat template (data.use_chat_template: false)")
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.set_defaults(func=cmd_serve_reward)
 
     from rlhf_ray.plan import cmd_plan
 

@@ -49,7 +49,7 @@ class ModelConfig:
     path: str = ""
     tokenizer: Optional[str] = None  # default: same as path
     gguf_file: Optional[str] = None  # a GGUF file inside `path` (de-quantised to float on load)
-    # auto: follows ppo.actor.deepspeed.precision (PPO) and resolves per worker: bf16 on GPU, fp32 on CPU
+    # auto: follows ppo.actor.deepspeed.precision (PPO) and resolves per worker (env.auto_precision)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     trust_remote_code: bool = False
 
@@ -117,8 +117,9 @@ class DeepSpeedConfig:
     ppo.mini_batch_size samples, so it has no global batch of its own."""
 
     zero_stage: Literal[0, 1, 2, 3] = 2
-    # auto: bf16 on GPU, fp32 on CPU, decided by each worker on its own device. ppo.actor's decides every PPO model
-    # (learners, scorers, engines: config.ppo_precision); sft / rm decide their own stage.
+    # auto: bf16 on GPU and on CPUs with AMX / AVX-512 BF16, else fp32, decided by each worker on its own device
+    # (env.auto_precision). ppo.actor's decides every PPO model (learners, scorers, engines: config.ppo_precision);
+    # sft / rm decide their own stage.
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     offload_optimizer: bool = False  # GPU only: ZeRO-Offload of optimizer states to CPU
     offload_params: bool = False  # GPU only, ZeRO-3: parameters offloaded to CPU
@@ -180,7 +181,7 @@ class GenerationConfig:
     n_samples_per_prompt: int = 1
     stop: list[str] = field(default_factory=list)
     max_model_len: Optional[int] = None  # None: the model config's own limit
-    kv_cache_gib: float = 1.0  # CPU engines only: VLLM_CPU_KVCACHE_SPACE (whole GiB, >= 1)
+    kv_cache_gib: float = 1.0  # CPU engines only: vLLM kv_cache_memory_bytes (fractions allowed, e.g. 0.25)
     gpu_memory_utilization: float = 0.5  # GPU engines only: their share of the GPU, KV cache included
     enforce_eager: bool = True
     long_prompt: Literal["error", "skip"] = "error"  # a prompt >= max_model_len: fail naming it, or skip and count
@@ -196,7 +197,7 @@ class GenerationConfig:
     sync_timeout_s: float = 600.0
     verify_weights: bool = True  # after each sync: live-parameter checksums and probe log-probs vs the learner's
     verify_probe_len: int = 16  # tokens of the fixed probe sequence
-    verify_probe_atol: Optional[float] = None  # max |engine - learner| probe log-prob; None: 1e-3 fp32, 0.1 16-bit
+    verify_probe_atol: Optional[float] = None  # max |engine - learner| probe log-prob; None: PROBE_ATOL[dtype]
 
 
 @dataclass
@@ -288,6 +289,9 @@ class PlacementConfig:
     generator: RoleResources = field(default_factory=RoleResources)
     colocate_actor_reference: bool = False
     colocate_critic_reward: bool = False
+    # separate: every engine in a placement group of its own (generation.num_engines); hybrid: one vLLM engine inside
+    # the actor learner's rank process (rlhf_ray/hybrid.py), fed from the learner's parameters in-process
+    layout: Literal["separate", "hybrid"] = "separate"
 
 
 @dataclass
@@ -596,6 +600,7 @@ def validate(cfg: Config) -> Config:
     need(cfg.placement.generator.num_workers == 1,
          "placement.generator.num_workers: engines are counted by generation.num_engines, each with "
          "generation.tensor_parallel_size workers of placement.generator's resources; leave it 1")
+    _validate_hybrid(cfg, need)
     need(cfg.checkpoint.every >= 0 and cfg.checkpoint.keep_last >= 1,
          "checkpoint.every must be >= 0 and checkpoint.keep_last >= 1")
     need(cfg.logging.log_every >= 1, "logging.log_every must be >= 1")
@@ -620,6 +625,25 @@ def validate(cfg: Config) -> Config:
         need(src.weight > 0, f"data: dataset '{src.path}' needs weight > 0")
     ppo_precision(cfg)  # conflicting explicit precisions / dtypes fail at load, naming both keys
     return cfg
+
+
+def _validate_hybrid(cfg: Config, need) -> None:
+    """placement.layout hybrid: what the one-rank hybrid (rlhf_ray/hybrid.py) does not do is refused here."""
+    if cfg.placement.layout != "hybrid":
+        return
+    g, why = cfg.generation, "placement.layout hybrid runs one vLLM engine inside the actor's one learner rank"
+    need(cfg.placement.actor.num_workers == 1,
+         f"placement.actor.num_workers is {cfg.placement.actor.num_workers}: {why}; more ranks (vLLM's "
+         f"external_launcher inside the learners' world) are not supported yet: set it to 1, or use "
+         f"placement.layout separate")
+    need(g.num_engines == 1, f"generation.num_engines is {g.num_engines}: {why}; set it to 1 or use placement.layout "
+         f"separate")
+    need(g.tensor_parallel_size == 1, f"generation.tensor_parallel_size is {g.tensor_parallel_size}: {why} (TP 1); "
+         f"set it to 1 or use placement.layout separate")
+    need(g.max_restarts == 0, f"generation.max_restarts is {g.max_restarts}: {why}, and learner ranks are not "
+         f"restarted (a dead rank ends the run); set generation.max_restarts 0")
+    need(g.sync_transport == "auto", f"generation.sync_transport is {g.sync_transport}: {why}, which loads the "
+         f"learner's own tensors in-process (transport in_process); leave it auto")
 
 
 def _validate_learner(s: PPOLearnerConfig, name: str, need) -> None:
@@ -676,7 +700,7 @@ _DTYPE_PRECISION = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 def ppo_precision(cfg: Config) -> str:
     """The one precision of a PPO run's learners, reference and reward scorers and vLLM engines:
-    ppo.actor.deepspeed.precision ('auto': bf16 on GPU, fp32 on CPU, resolved by each worker on its own device,
+    ppo.actor.deepspeed.precision ('auto': bf16 on GPU or a CPU with native bf16, else fp32, resolved by each worker,
     env.resolve_precision). ppo.critic.deepspeed.precision and models.{actor,critic,reference,reward}.dtype stay
     'auto' to follow it or restate it (with the actor's key 'auto', a restated value decides); two explicit values
     that differ are a ConfigError naming both keys."""

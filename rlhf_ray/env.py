@@ -10,6 +10,7 @@ vLLM engine actors, Ray Train workers), resolves its precision with `resolve_pre
 """
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from pathlib import Path
@@ -79,12 +80,44 @@ def choose_device() -> str:
 
 PRECISION_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
+# x86 CPU flags of native bf16 matmul: AMX (Sapphire Rapids and later) and AVX-512 BF16 (Cooper Lake, Zen 4 and
+# later). Without them torch still runs bf16 (mkldnn emulates it on any AVX-512 CPU), but slower than fp32.
+NATIVE_BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+def parse_cpu_flags(cpuinfo: str) -> frozenset[str]:
+    """The flags of /proc/cpuinfo's first 'flags' line (x86 Linux; other systems have none: empty)."""
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            return frozenset(value.split())
+    return frozenset()
+
+
+def auto_precision(device: str, cpu_flags: frozenset[str]) -> str:
+    """What 'auto' means for a worker on `device` whose CPU has `cpu_flags`: bf16 on GPU and on a CPU with native
+    bf16 matmul (mixed precision: DeepSpeed keeps fp32 master weights and optimizer states), fp32 otherwise."""
+    if device == "cuda" or any(flag in cpu_flags for flag in NATIVE_BF16_CPU_FLAGS):
+        return "bf16"
+    return "fp32"
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """This machine's CPU flags, read in the worker itself. /proc/cpuinfo lists only what the kernel enabled (AMX
+    needs kernel support to be usable), unlike torch.backends.mkldnn's bf16 check (true on any AVX-512 CPU, where
+    bf16 is emulated) or get_cpu_capability() (says AVX512, not whether it has bf16). Unreadable: no flags, fp32."""
+    try:
+        return parse_cpu_flags(Path("/proc/cpuinfo").read_text())
+    except OSError:
+        return frozenset()
+
 
 def resolve_precision(precision: str, device: str) -> str:
-    """The one place 'auto' is decided, in the worker with its own device: bf16 on GPU, fp32 on CPU. Learners,
+    """The one place 'auto' is decided, in the worker with its own device and CPU (auto_precision). Learners,
     scorers and engines of a PPO run all resolve ppo.actor.deepspeed.precision (config.ppo_precision) here."""
     if precision == "auto":
-        return "bf16" if device == "cuda" else "fp32"
+        return auto_precision(device, frozenset() if device == "cuda" else cpu_flags())
     if precision not in PRECISION_DTYPES:
         raise ValueError(f"unknown precision {precision!r}; choose auto or one of {', '.join(PRECISION_DTYPES)}")
     return precision
@@ -118,7 +151,8 @@ def check_agreement(reports: list[dict], sender_role: str = "actor") -> str:
     if len(dtypes) > 1:
         raise DeviceMismatchError("workers compute in different dtypes: " + "; ".join(
             f"{dtype}: {_ranks(rs)}" for dtype, rs in dtypes.items()) + ". One precision serves every model: set "
-            "ppo.actor.deepspeed.precision explicitly (auto is bf16 on GPU and fp32 on CPU, decided by each worker)")
+            "ppo.actor.deepspeed.precision explicitly (auto is bf16 on GPU and on CPUs with AMX or AVX-512 BF16, "
+            "fp32 elsewhere, decided by each worker)")
     by_role: dict[str, list[dict]] = {}
     for r in reports:
         by_role.setdefault(r["role"], []).append(r)

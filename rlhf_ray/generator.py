@@ -9,7 +9,7 @@ Engines run in-process inside their actor (VLLM_ENABLE_V1_MULTIPROCESSING=0, set
 less memory, and tensors handed to `collective_rpc` reach the worker by reference. On CPU each engine is bound to
 its own cores (generation.cpu_cores, default one core per TP worker, engine after engine): TP workers through
 VLLM_CPU_OMP_THREADS_BIND, which vLLM applies to the processes it spawns, and an in-process TP=1 engine by pinning
-the actor's compute thread; its KV cache is sized by VLLM_CPU_KVCACHE_SPACE. On GPU the bundle's GPU and
+the actor's compute thread; its KV cache is sized by generation.kv_cache_gib. On GPU the bundle's GPU and
 gpu_memory_utilization do it.
 
 Dispatch: the prompts of a call are split into one contiguous chunk per live engine and each chunk goes to the
@@ -120,6 +120,7 @@ class SyncReport:
     probe: Optional[tuple] = field(default=None, repr=False)  # (probe ids, source log-probs, tolerance)
     channel: str = ""  # the transfer channel used (gloo, nccl, ipc): the same one sync after sync
     new_channel: bool = False  # this sync opened it (the first sync, an engine restart, another sender)
+    steps_s: dict = field(default_factory=dict)  # driver-side wall seconds: start, push, probe, finish
 
     @property
     def mb_per_s(self) -> float:
@@ -131,9 +132,11 @@ class VLLMEngine:
     """Body of one generator actor: a vLLM engine of tensor_parallel_size workers, plus the weight-update steps."""
 
     def __init__(self, model_path: str, gen: GenerationConfig, precision: str = "auto", seed: int = 0,
-                 tokenizer: Optional[str] = None, engine_index: int = 0, trust_remote_code: bool = False):
+                 tokenizer: Optional[str] = None, engine_index: int = 0, trust_remote_code: bool = False,
+                 transport: Optional[str] = None):
         """`precision`: the run's one precision setting (config.ppo_precision, or an explicit fp32 / bf16 / fp16);
-        device, dtype and weight-sync transport are decided here, in the engine's own process (describe())."""
+        device, dtype and weight-sync transport are decided here, in the engine's own process (describe()).
+        `transport`: 'in_process' for an engine inside the learner's rank (rlhf_ray/hybrid.py)."""
         from vllm import LLM
         from vllm.platforms import current_platform
 
@@ -150,15 +153,20 @@ class VLLMEngine:
         self._load_s = 0.0  # seconds spent loading object-store buckets during the current update
         self._channel: Optional[str] = None  # nccl/ipc: the channel vLLM's weight-transfer engine is set up for
         self.transfer_groups = 0  # transfer groups (weight-sync channels) this engine's workers have joined
+        self._live_shapes: Optional[dict] = None  # {HF name: shape} of the live parameters, from the first full check
         self.sleep_enabled = gen.enable_sleep_mode and cuda  # vLLM sleep/wake frees nothing on CPU
         kwargs: dict[str, Any] = {}
-        self.transport = transport = resolve_transport(gen.sync_transport, cuda)
+        self.transport = transport = transport or resolve_transport(gen.sync_transport, cuda)
         if transport in ("nccl", "ipc"):  # vLLM's own weight-transfer engine on every worker
             kwargs["weight_transfer_config"] = {"backend": transport}
         if gen.tensor_parallel_size > 1:  # GPU: workers in this engine's bundles; CPU: processes vLLM binds itself
             kwargs["distributed_executor_backend"] = "ray" if cuda else "mp"
         elif not cuda:
             bind_this_process(os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "nobind"))
+        if not cuda:
+            # generation.kv_cache_gib decides; an inherited VLLM_CPU_KVCACHE_SPACE would override it in vLLM
+            os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
+            kwargs["kv_cache_memory_bytes"] = cpu_kv_cache_bytes(gen)
         self.llm = LLM(model=model_path, tokenizer=tokenizer or model_path, dtype=self.dtype,
                        trust_remote_code=trust_remote_code,  # models.actor.trust_remote_code
                        tensor_parallel_size=gen.tensor_parallel_size, max_model_len=gen.max_model_len,
@@ -178,7 +186,8 @@ class VLLMEngine:
         return {"pid": os.getpid(), "engine": self.engine_index, "weight_version": self.weight_version,
                 "placement_group": pg.id.hex() if pg else None, "omp_bind": os.environ.get("VLLM_CPU_OMP_THREADS_BIND"),
                 "pinned_cores": pinned_cores(), "max_model_len": self.max_model_len, "vocab_size": self.vocab_size,
-                "dtype": self.dtype, "sleep_enabled": self.sleep_enabled}
+                "dtype": self.dtype, "sleep_enabled": self.sleep_enabled,
+                "kv_cache_bytes": self.llm.llm_engine.vllm_config.cache_config.kv_cache_memory_bytes}
 
     def describe(self) -> dict:
         """What this engine chose in its own process (the driver checks agreement: env.check_agreement)."""
@@ -225,10 +234,11 @@ class VLLMEngine:
         return [entry[tok].logprob for tok, entry in zip(token_ids[1:], out.prompt_logprobs[1:])]
 
     # -- weight update (see weight_sync.py for the order of the steps)
-    def begin_weight_update(self) -> None:
+    def begin_weight_update(self, verify: bool = True) -> None:
+        """`verify`: the workers checksum every tensor as it arrives (vllm_worker_ext.rlhf_begin_update)."""
         self.weight_version = -1  # unknown until finish_weight_update verifies the new weights
         self._load_s = 0.0
-        self.llm.collective_rpc("rlhf_begin_update")
+        self.llm.collective_rpc("rlhf_begin_update", args=(verify,))
 
     def receive_bucket(self, payload: list) -> int:
         """Object-store transport: one bucket of (name, numpy array, dtype name), loaded into every worker."""
@@ -242,7 +252,7 @@ class VLLMEngine:
 
     def receive_weights_gloo(self, plan, rank_offset: int) -> int:
         """gloo: every worker joins the plan's channel (or reuses its group) and loads the buckets it receives."""
-        self.begin_weight_update()
+        self.begin_weight_update(plan.verify)
         plan = replace(plan, engines=[])  # actor handles mean nothing inside vLLM's (non-Ray) worker processes
         workers = self.llm.collective_rpc("rlhf_receive_gloo", args=(plan, rank_offset))
         self.transfer_groups += any(w["new_group"] for w in workers)
@@ -291,6 +301,11 @@ class VLLMEngine:
 
     def finish_weight_update(self, version: int, transport: str, expected: Optional[dict],
                              probe: Optional[tuple]) -> dict:
+        """Finish the update and verify it: the checksums of what every worker received (computed as the buckets
+        arrived: gloo, object store, in-process) or of the live parameters (nccl, ipc: vLLM's transfer engine receives
+        them) against `expected`, and the probe. A probe without reference log-probs ((ids, None, atol)) returns
+        this engine's under "probe_logprobs": the driver compares them with the source's, scored meanwhile (a
+        mismatch then calls reject_weights)."""
         started = time.perf_counter()
         if transport in ("nccl", "ipc"):
             self.llm.collective_rpc("finish_weight_update")  # the transfer engine stays up for the next sync
@@ -300,26 +315,46 @@ class VLLMEngine:
         report = {"engine": self.engine_index, "finish_s": time.perf_counter() - started,
                   "load_s": self._load_s, "transfer_groups": self.transfer_groups}
         if expected is not None:
-            report.update(self.verify_weights(version, expected, probe))
+            report.update(self.verify_weights(version, expected, probe, received=transport not in ("nccl", "ipc")))
         self.weight_version = version
         return report
 
-    def verify_weights(self, version: int, expected: dict, probe: Optional[tuple]) -> dict:
-        """Checksum of the live parameters (HF names) == the sender's, and probe log-probs within tolerance."""
+    def verify_weights(self, version: int, expected: dict, probe: Optional[tuple], received: bool = False) -> dict:
+        """Checksums (HF names) == the sender's, and probe log-probs within tolerance. The checksums are those of the
+        live parameters, or with `received` those every worker recorded while receiving this update (the same
+        tensors, checksummed before loading: no pass over the engine's weights; the names and shapes must still be
+        every live parameter's, known from this engine's first sync, which checks the live parameters in full)."""
         from rlhf_ray.weight_sync import WeightSyncError, compare_checksums, compare_probe
 
         where = f"engine {self.engine_index} (pid {os.getpid()}), weight version {version}"
         started = time.perf_counter()
+        out = {}
         try:
-            compare_checksums(expected, self.checksums(), where)
+            if received and self._live_shapes is not None:
+                compare_checksums({name: (shape, 0) for name, (shape, _) in expected.items()},
+                                  {name: (shape, 0) for name, shape in self._live_shapes.items()}, where)
+                for worker in self.llm.collective_rpc("rlhf_received_checksums"):
+                    compare_checksums(expected, worker, where)
+            else:
+                live = self.checksums()
+                compare_checksums(expected, live, where)
+                self._live_shapes = {name: shape for name, (shape, _) in live.items()}
             checksum_s, diff = time.perf_counter() - started, 0.0
             if probe is not None:
                 token_ids, reference, atol = probe
-                diff = compare_probe(self.probe_logprobs(token_ids), reference, atol, where)
+                mine = self.probe_logprobs(token_ids)
+                if reference is None:
+                    out["probe_logprobs"] = mine
+                else:
+                    diff = compare_probe(mine, reference, atol, where)
         except WeightSyncError:
             self.weight_version = -1
             raise
-        return {"verify_s": time.perf_counter() - started, "checksum_s": checksum_s, "probe_max_diff": diff}
+        return {"verify_s": time.perf_counter() - started, "checksum_s": checksum_s, "probe_max_diff": diff, **out}
+
+    def reject_weights(self) -> None:
+        """The driver found this engine's probe off the source's: it holds no verified version."""
+        self.weight_version = -1
 
     def checksums(self) -> dict:
         from rlhf_ray.weight_sync import combine_pieces
@@ -393,10 +428,16 @@ def engine_cores(gen: GenerationConfig, engine_index: int, ncpu: Optional[int] =
     return "|".join(str((engine_index * tp + rank) % ncpu) for rank in range(tp))
 
 
+def cpu_kv_cache_bytes(gen: GenerationConfig) -> int:
+    """A CPU engine's KV cache (generation.kv_cache_gib), passed to vLLM as kv_cache_memory_bytes: any size, where
+    VLLM_CPU_KVCACHE_SPACE takes whole GiB (vLLM zero-fills it at start, so all of it is resident)."""
+    return int(gen.kv_cache_gib * 2**30)
+
+
 def engine_env(gen: GenerationConfig, cpu_cores: Optional[str] = None, engine_index: int = 0) -> dict[str, str]:
-    """Per-engine environment: KV cache size and, on CPU, which cores its OpenMP threads are bound to."""
-    return {"VLLM_CPU_KVCACHE_SPACE": str(max(1, round(gen.kv_cache_gib))),
-            "VLLM_CPU_OMP_THREADS_BIND": cpu_cores or engine_cores(gen, engine_index)}
+    """Per-engine environment: on CPU, which cores its OpenMP threads are bound to (the KV cache size is an engine
+    argument: cpu_kv_cache_bytes)."""
+    return {"VLLM_CPU_OMP_THREADS_BIND": cpu_cores or engine_cores(gen, engine_index)}
 
 
 def _engine_actor(model_path: str, gen: GenerationConfig, *, placement_group, bundle_index: int = 0,
@@ -423,7 +464,7 @@ def start_engine(model_path: str, gen: GenerationConfig, *, placement_group, bun
                  cpus: float = 1.0, gpus: float = 0.0, precision: str = "auto", seed: int = 0,
                  cpu_cores: Optional[str] = None, max_restarts: int = 0, engine_index: int = 0):
     """Start one engine actor in `placement_group` and wait until its engine is up. `precision` is resolved by the
-    engine on its own device ('auto': bf16 on GPU, fp32 on CPU)."""
+    engine on its own device ('auto': env.auto_precision)."""
     import ray
 
     actor = _engine_actor(model_path, gen, placement_group=placement_group, bundle_index=bundle_index, cpus=cpus,
@@ -440,11 +481,12 @@ class GeneratorGroup:
     learners'."""
 
     def __init__(self, cfg: Config, model_path: str, *, plan: Optional[dict] = None, precision: Optional[str] = None,
-                 start_timeout_s: float = 900.0):
+                 start_timeout_s: float = 900.0, hosts: Optional[list] = None):
         """`plan`: groups.placement_plan(cfg)'s roles, whose 'generator[i]' placement groups the engines take;
-        without it the group creates (and later removes) its own. `precision`: default the run's one precision
-        (config.ppo_precision); each engine resolves it on its own device and reports its dtype and weight-sync
-        transport (`reports`), which this group then uses."""
+        without it the group creates (and later removes) its own. `hosts`: actors that already run one engine each
+        (placement.layout hybrid: the actor's ranks, rlhf_ray/hybrid.py), adopted instead of started. `precision`:
+        default the run's one precision (config.ppo_precision); each engine resolves it on its own device and
+        reports its dtype and weight-sync transport (`reports`), which this group then uses."""
         import ray
 
         from rlhf_ray.config import ppo_precision
@@ -454,10 +496,10 @@ class GeneratorGroup:
         gen, res = self.gen, cfg.placement.generator
         precision = precision or ppo_precision(cfg)
         self.start_timeout_s = start_timeout_s
-        self._own_placements = plan is None
-        self.placements, self.engines = [], []
+        self._own_placements = plan is None and hosts is None
+        self.placements, self.engines = [], list(hosts or [])
         try:  # any failure from here on kills the engines started so far and removes the placement groups we made
-            for i in range(gen.num_engines):  # appended one by one: a failure at engine i still releases 0..i-1
+            for i in range(0 if hosts else gen.num_engines):  # one by one: a failure at engine i releases 0..i-1
                 self.placements.append(plan[f"generator[{i}]"].placement_group if plan else _own_placement_group(cfg, i))
             for i, pg in enumerate(self.placements):
                 self.engines.append(_engine_actor(
@@ -465,7 +507,8 @@ class GeneratorGroup:
                     precision=precision, seed=cfg.run.seed, max_restarts=gen.max_restarts, engine_index=i,
                     tokenizer=cfg.models.actor.tokenizer, trust_remote_code=cfg.models.actor.trust_remote_code))
             self.info = ray.get([e.ready.remote() for e in self.engines], timeout=start_timeout_s)
-            self.reports: list[dict] = ray.get([e.describe.remote() for e in self.engines], timeout=start_timeout_s)
+            self.reports: list[dict] = ray.get([(e.engine_describe if hosts else e.describe).remote()
+                                                for e in self.engines], timeout=start_timeout_s)
             check_agreement(self.reports)
         except BaseException:
             self.shutdown()
@@ -615,7 +658,7 @@ class GeneratorGroup:
         engines = [self.engines[i] for i in targets]
         offsets = [1 + k * tp for k in range(len(engines))]  # sender is rank 0, then each engine's TP workers
         plan = SyncPlan(version, transport, self.dtype, int(gen.sync_bucket_mb * (1 << 20)), engines=engines,
-                        world_size=1 + tp * len(engines), timeout_s=gen.sync_timeout_s)
+                        world_size=1 + tp * len(engines), timeout_s=gen.sync_timeout_s, verify=gen.verify_weights)
         sender = BucketSender(plan, verify=gen.verify_weights)
         started = time.perf_counter()
         channel = None if transport == "object_store" else self._transfer_channel(source, targets, transport)
@@ -625,15 +668,17 @@ class GeneratorGroup:
             if transport == "gloo":
                 receiving = [e.receive_weights_gloo.remote(plan, off) for e, off in zip(engines, offsets)]
             elif transport == "object_store":
-                ray.get([e.begin_weight_update.remote() for e in engines])
+                ray.get([e.begin_weight_update.remote(gen.verify_weights) for e in engines])
                 receiving = []
             else:
                 receiving = [e.init_weight_transfer.remote(plan, off) for e, off in zip(engines, offsets)]
                 if transport == "ipc":
                     ray.get(receiving)
                     receiving = []
+            steps = {"start": time.perf_counter() - started}
             stats = source.push(sender, plan.bucket_bytes)
             ray.get(receiving)
+            steps["push"] = time.perf_counter() - started - steps["start"]
         except BaseException:
             self._close_channel()  # its group is in an unknown state; receivers waiting on its store fail at once
             raise
@@ -646,17 +691,50 @@ class GeneratorGroup:
             if recorded is not None and expected != recorded:
                 raise WeightSyncError(f"re-sync of engines {targets} to weight version {version}: the source no "
                                       f"longer holds that version (its checksums changed since the sync)")
-            probe = (self.probe_ids, source.probe_logprobs(self.probe_ids), self.probe_atol_for(source))
-        reports = ray.get([e.finish_weight_update.remote(version, transport, expected, probe) for e in engines])
+            probe = (self.probe_ids, None, self.probe_atol_for(source))
+        finish_started = time.perf_counter()
+        # The engines finish, check their checksums and score the probe while the source scores it.
+        finishing = [e.finish_weight_update.remote(version, transport, expected, probe) for e in engines]
+        if probe is not None:
+            try:
+                probe = (probe[0], source.probe_logprobs(probe[0]), probe[2])
+            except BaseException:  # nothing to check the engines against: they hold no verified version
+                ray.wait(finishing, num_returns=len(finishing), timeout=gen.sync_timeout_s)
+                ray.get([e.reject_weights.remote() for e in engines])
+                raise
+            steps["probe"] = time.perf_counter() - finish_started
+        reports = ray.get(finishing)
+        steps["finish"] = time.perf_counter() - finish_started
+        if probe is not None:
+            self._compare_probes(targets, version, reports, probe)
         report = SyncReport(version, transport, time.perf_counter() - started, stats["bytes"], stats["buckets"],
                             stats["max_bucket_bytes"], gen.verify_weights, reports,
                             {k: stats[k] for k in ("seconds", "checksum_s", "transfer_s", "new_group")}, expected,
                             probe, channel=channel.id if channel else "",
-                            new_channel=bool(channel) and plan.new_channel)
+                            new_channel=bool(channel) and plan.new_channel, steps_s=steps)
         log.info("weight sync v%d over %s to %d engine(s): %.1f MB in %d bucket(s), %.2fs (%.0f MB/s)%s", version,
                  transport, len(engines), report.bytes / 1e6, report.buckets, report.seconds, report.mb_per_s,
                  ", verified" if gen.verify_weights else "")
         return report
+
+    def _compare_probes(self, targets: list[int], version: int, reports: list[dict], probe: tuple) -> None:
+        """Each engine's probe log-probs (its report's "probe_logprobs") against the source's; an engine off by more
+        than the tolerance gives up the version (reject_weights) and the sync fails naming it."""
+        import ray
+
+        from rlhf_ray.weight_sync import WeightSyncError, compare_probe
+
+        _, reference, atol = probe
+        failed = []
+        for i, report in zip(targets, reports):
+            where = f"engine {i} (pid {self.info[i]['pid']}), weight version {version}"
+            try:
+                report["probe_max_diff"] = compare_probe(report.pop("probe_logprobs"), reference, atol, where)
+            except WeightSyncError as e:
+                failed.append((i, e))
+        if failed:
+            ray.get([self.engines[i].reject_weights.remote() for i, _ in failed])
+            raise failed[0][1]
 
     def _transfer_channel(self, source, targets: list[int], transport: str):
         """The open transfer channel to `targets`, or a new one (replacing the old) when anything it was built for

@@ -81,6 +81,9 @@ def placement_plan(cfg: Config, roles: Optional[list[str]] = None) -> dict[str, 
             members = layout.role.split("+")
             if roles is not None and not set(members) & set(roles):
                 continue
+            if cfg.placement.layout == "hybrid" and layout.role.startswith("generator"):
+                continue  # the engine lives in the actor's rank, in the actor's placement group
+
             pg = ready_placement_group(unique_label(layout.role), layout.bundles, layout.strategy,
                                        cfg.ray.placement_timeout_s)
             for role in members:
@@ -322,6 +325,8 @@ class ModelGroup:
         out = [w.call_sharded.options(num_returns=2).remote(method, ref, *args, pad=pad, **kwargs)
                for w in self.workers]
         n_refs, result_refs = [o[0] for o in out], [o[1] for o in out]
+        if as_ref and len(result_refs) == 1:
+            return result_refs[0]  # one rank, no padding: its result is the gathered one (no join task, no worker)
         if as_ref:
             return _remote_concat().remote(n_refs[0], *result_refs)
         return concat_results(ray.get(result_refs), ray.get(n_refs[0]))

@@ -19,11 +19,12 @@ Batch format and ALIGNMENT CONVENTION (every per-token tensor here is (B, T-1)):
     `logprobs` and `values` are 0 where attention_mask[:, 1:] is 0.
 
 DeepSpeed configuration comes from PPOLearnerConfig (ppo.actor / ppo.critic): ZeRO stage, precision (one for the
-whole run, config.ppo_precision; 'auto': bf16 on GPU, fp32 on CPU, decided by each rank on its own device),
+whole run, config.ppo_precision; 'auto': bf16 on GPU or a CPU with native bf16, decided by each rank for itself),
 optimizer/parameter offload (GPU only: ignored with a warning on CPU), gradient checkpointing, LoRA (peft), gradient
 clipping, micro-batch size. The optimizer-step batch of a PPO learner is
 ppo.mini_batch_size samples across ranks: gradient accumulation = mini_batch / (micro_batch x ranks).
-Optimizer: torch AdamW on CPU (no JIT build), FusedAdam on GPU, DeepSpeedCPUAdam with optimizer offload.
+Optimizer: torch AdamW on CPU (fused at one rank; no JIT build), FusedAdam on GPU, DeepSpeedCPUAdam with offload.
+One rank runs ZeRO-1/2 as stage 0 (nothing to partition; deepspeed_config.zero_stage).
 
 Options (DeepSpeed-Chat): ppo.ema_decay keeps an exponential moving average of the trainable weights
 (partitioned like the weights under ZeRO-3), exported with ema=True; ppo.ptx_coef mixes a language-modelling
@@ -45,7 +46,7 @@ from rlhf_ray import rl
 from rlhf_ray.config import Config, ModelConfig, PPOConfig, PPOLearnerConfig, ppo_learner
 from rlhf_ray.groups import Batch, DistributedWorker, ModelGroup, RolePlacement, batch_rows, mean_stats, shard_batch
 from rlhf_ray.models.loading import resolve_model_path
-from rlhf_ray.train.common import build_partitioned, hf_model_config
+from rlhf_ray.train.common import build_partitioned, hf_model_config, is_zero3, skip_one_rank_allreduce
 from rlhf_ray.train.deepspeed_config import deepspeed_config, precision
 
 log = logging.getLogger(__name__)
@@ -219,17 +220,17 @@ class EngineWorker(DistributedWorker, abc.ABC):
 
         torch.manual_seed(self.seed)
         self.cuda = self.device_type == "cuda"  # chosen in this rank's process (DistributedWorker)
-        ds = self.stage.deepspeed
         self.dtype_name = PRECISION_DTYPES[precision(self.stage, self.cuda)]
-        self.zero3 = ds.zero_stage == 3
         self.ds_config = deepspeed_config(self.stage, self.world_size, self.cuda,
                                           train_batch_size=self.ppo.mini_batch_size)
+        self.zero3 = is_zero3(self.ds_config)
         # Under ZeRO-3 straight into partitions, never whole on any rank (the helper SFT and RM use too).
         model = build_partitioned(lambda: self.prepare_model(self.build_model()), self.ds_config)
         optimizer = self.make_optimizer([p for p in model.parameters() if p.requires_grad])
         scheduler = self.make_scheduler(optimizer)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config)
+        skip_one_rank_allreduce(self.engine)
         self.device = self.engine.device
         if self.ppo.ema_decay is not None:
             self.ema = {name: self._local(p).detach().float().clone() for name, p in self._trainable()}
@@ -255,8 +256,8 @@ class EngineWorker(DistributedWorker, abc.ABC):
     def make_optimizer(self, params):
         optim = self.stage.optim
         kwargs = dict(lr=optim.lr, betas=tuple(optim.betas), weight_decay=optim.weight_decay)
-        if not self.cuda:
-            return torch.optim.AdamW(params, **kwargs)
+        if not self.cuda:  # one rank: torch's one-pass kernel (train.common.build_optimizer)
+            return torch.optim.AdamW(params, **({"fused": True} if self.world_size == 1 else {}), **kwargs)
         if self.stage.deepspeed.offload_optimizer:
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 
@@ -311,7 +312,9 @@ class EngineWorker(DistributedWorker, abc.ABC):
         return bool(flags.item())
 
     def _grads_finite(self) -> bool:
-        return all(bool(torch.isfinite(p.grad).all()) for _, p in self._trainable() if p.grad is not None)
+        grads = [p.grad for _, p in self._trainable() if p.grad is not None]
+        # max |g| of every tensor in one fused call (NaN and inf propagate): finite exactly when every element is
+        return not grads or bool(torch.stack(torch._foreach_norm(grads, float("inf"))).isfinite().all())
 
     def _boundary_step(self, skip: bool) -> bool:
         """The optimizer step at a gradient-accumulation boundary, or its skip on every rank; True when applied.
@@ -740,15 +743,18 @@ class _LearnerGroup(ModelGroup):
 class PolicyGroup(_LearnerGroup):
     """Driver handle of the PPO actor's ranks (ppo.actor learner config, placement.actor resources)."""
 
+    worker_cls: type = PolicyLearner  # hybrid.HybridPolicyGroup: a rank that also hosts a vLLM engine
+
     def __init__(self, cfg: Config, placement: Optional[RolePlacement] = None, model: Optional[ModelConfig] = None,
-                 **group_kwargs):
-        super().__init__("actor", PolicyLearner, cfg.placement.actor.num_workers, resources=cfg.placement.actor,
+                 worker_kwargs: Optional[dict] = None, **group_kwargs):
+        super().__init__("actor", self.worker_cls, cfg.placement.actor.num_workers, resources=cfg.placement.actor,
                          placement=placement, placement_timeout_s=cfg.ray.placement_timeout_s,
                          worker_kwargs=dict(model=model or cfg.models.actor, stage=ppo_learner(cfg, "actor"),
                                             ppo=cfg.ppo,
                                             total_steps=ppo_total_steps(cfg), seed=cfg.run.seed,
                                             max_new_tokens=cfg.generation.max_new_tokens,
-                                            temperature=cfg.generation.temperature), **group_kwargs)
+                                            temperature=cfg.generation.temperature, **(worker_kwargs or {})),
+                         **group_kwargs)
 
     def logprobs(self, batch, as_ref: bool = False, temperature: Optional[float] = None):
         """Log-probs at generation.temperature, or at `temperature` when given (the weight-sync probe: 1)."""

@@ -397,7 +397,7 @@ def _engine_memory(cfg: Config, shape: ModelShape, on_gpu: bool, problems: list[
         overhead = GPU_CONTEXT_GIB * GIB
         weights_fit = weights <= claim
     else:
-        kv_blocks = max(1, round(gen.kv_cache_gib)) * GIB  # VLLM_CPU_KVCACHE_SPACE (generator.engine_env)
+        kv_blocks = gen.kv_cache_gib * GIB  # kv_cache_memory_bytes (generator.cpu_kv_cache_bytes)
         kv = kv_blocks + CPU_ENGINE_WORKSPACE_GIB * GIB
         overhead = HOST_GIB_PER_CPU_PROCESS * GIB
         weights_fit = True
@@ -812,7 +812,8 @@ def suggest_placement(cfg: Config) -> tuple[dict[str, Any], Plan]:
             rest = round(1 - util, 2)
             for share in (0.5, 0.6, 0.7):
                 a = round(rest * share, 2)
-                cand = {"generation.num_engines": 1, "generation.tensor_parallel_size": 1,
+                cand = {"placement.layout": "separate",  # the engine on a GPU slice of its own
+                        "generation.num_engines": 1, "generation.tensor_parallel_size": 1,
                         "generation.gpu_memory_utilization": util, "placement.generator.gpus_per_worker": util,
                         "placement.actor.num_workers": 1, "placement.actor.gpus_per_worker": a,
                         "placement.reference.num_workers": 1, "placement.colocate_actor_reference": True,
@@ -833,7 +834,8 @@ def suggest_placement(cfg: Config) -> tuple[dict[str, Any], Plan]:
                     engines = (total - a - cr) // tp
                     if engines < 1 or not _divides(cfg, "actor", a) or critic and not _divides(cfg, "critic", cr):
                         continue
-                    cand = {"generation.num_engines": engines, "generation.tensor_parallel_size": tp,
+                    cand = {"placement.layout": "separate",  # the engines on GPUs of their own
+                            "generation.num_engines": engines, "generation.tensor_parallel_size": tp,
                             "generation.gpu_memory_utilization": 0.9, "placement.generator.gpus_per_worker": 1.0,
                             "placement.actor.num_workers": a, "placement.actor.gpus_per_worker": 1.0,
                             "placement.reference.num_workers": a, "placement.colocate_actor_reference": True}

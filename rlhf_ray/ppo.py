@@ -103,6 +103,7 @@ class PPOTrainer:
         from rlhf_ray.env import check_agreement
         from rlhf_ray.generator import GeneratorGroup
         from rlhf_ray.groups import placement_plan
+        from rlhf_ray.hybrid import HybridGeneratorGroup, HybridPolicyGroup
         from rlhf_ray.learner import CriticGroup, PolicyGroup
         from rlhf_ray.models.loading import load_tokenizer, resolve_model_path
         from rlhf_ray.resources import init_ray
@@ -129,11 +130,14 @@ class PPOTrainer:
         # actor and placement group started so far, so a long-lived driver is not starved by a failed attempt.
         try:
             self.plan = plan = placement_plan(cfg)  # every role's placement group, ready (or a PlacementError)
-            self.actor = PolicyGroup(cfg, placement=plan["actor"])
+            # placement.layout hybrid: the engine lives in the actor's rank (rlhf_ray/hybrid.py)
+            hybrid = cfg.placement.layout == "hybrid"
+            self.actor = (HybridPolicyGroup if hybrid else PolicyGroup)(cfg, placement=plan["actor"])
             self.reference = ReferenceGroup(cfg, placement=plan["reference"])
             self.reward = RewardGroup(cfg, placement=plan["reward"])
             self.critic = CriticGroup(cfg, placement=plan["critic"]) if self.uses_critic else None
-            self.generators = GeneratorGroup(cfg, resolve_model_path(cfg.models.actor.path), plan=plan)
+            self.generators = HybridGeneratorGroup(cfg, self.actor) if hybrid else \
+                GeneratorGroup(cfg, resolve_model_path(cfg.models.actor.path), plan=plan)
             # Every worker chose its device, backend, dtype (and the engines their transport) in its own process;
             # the driver only checks that they agree (a DeviceMismatchError names the roles that do not).
             self.devices = check_agreement(self.worker_reports())

@@ -205,8 +205,9 @@ class ScorerWorker(DistributedWorker, abc.ABC):
         return 3 if self.world_size > 1 and size is not None and size > self.replica_max_gib else 0
 
     @abc.abstractmethod
-    def load(self, path: str) -> torch.nn.Module:
-        """The fp32 model from `path` (loaded while ZeRO-3's HfDeepSpeedConfig is alive)."""
+    def load(self, path: str, dtype: torch.dtype) -> torch.nn.Module:
+        """The model from `path` in `dtype` (loaded while ZeRO-3's HfDeepSpeedConfig is alive). Loaded straight in
+        the run's dtype: an fp32 copy cast afterwards would be a transient extra copy the allocator may keep."""
 
     def setup(self) -> None:
         import deepspeed
@@ -230,13 +231,13 @@ class ScorerWorker(DistributedWorker, abc.ABC):
                       "zero_optimization": {"stage": 3, **zero_plus_plus(self.ds, self.world_size, cuda, False)},
                       "bf16": {"enabled": precision == "bf16"},
                       "fp16": {"enabled": precision == "fp16"}, "steps_per_print": 10**9}
-            module = build_partitioned(lambda: self.load(path).to(dtype), config)  # straight into partitions
+            module = build_partitioned(lambda: self.load(path, dtype), config)  # straight into partitions
             module.requires_grad_(False)
             self.model, *_ = deepspeed.initialize(model=module, config=config)
             self.device = self.model.device
         else:
             self.device = torch.device("cuda", 0) if cuda else torch.device("cpu")
-            self.model = self.load(path).to(self.device, dtype).requires_grad_(False)
+            self.model = self.load(path, dtype).to(self.device).requires_grad_(False)
         self.model.eval()
 
     def zero_stage_used(self) -> int:
@@ -250,10 +251,10 @@ class ReferenceScorer(ScorerWorker):
         super().__init__(*args, **kwargs)
         self.temperature = temperature  # generation.temperature: KL to the reference is of the sampling distribution
 
-    def load(self, path: str) -> torch.nn.Module:
+    def load(self, path: str, dtype: torch.dtype) -> torch.nn.Module:
         from rlhf_ray.models.loading import load_causal_lm
 
-        return load_causal_lm(self.model_cfg, dtype=torch.float32)
+        return load_causal_lm(self.model_cfg, dtype=dtype)
 
     def setup(self) -> None:
         super().setup()
@@ -293,10 +294,10 @@ class RewardScorer(ScorerWorker):
                           for s in self.function_specs]
         self.tokenizer = None
 
-    def load(self, path: str) -> torch.nn.Module:
+    def load(self, path: str, dtype: torch.dtype) -> torch.nn.Module:
         from rlhf_ray.models.value_head import ValueHeadModel
 
-        return ValueHeadModel.from_pretrained(path, dtype=torch.float32,
+        return ValueHeadModel.from_pretrained(path, dtype=dtype,
                                               trust_remote_code=self.model_cfg.trust_remote_code)
 
     def _model_scores(self, batch: Batch) -> torch.Tensor:

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from rlhf_ray.weight_sync import SyncPlan, WeightSyncError, checksum_slice, gloo_receive
+from rlhf_ray.weight_sync import SyncPlan, WeightSyncError, checksum_received, checksum_slice, gloo_receive
 
 _DEFAULT_PACKED = {"QKVParallelLinear": ["q_proj", "k_proj", "v_proj"],
                    "MergedColumnParallelLinear": ["gate_proj", "up_proj"]}
@@ -205,19 +205,32 @@ class WorkerExtension:
     def _rlhf_model(self) -> torch.nn.Module:
         return self.model_runner.get_model()  # the model class itself, not a CUDA-graph wrapper (HF_LAYOUTS keys)
 
-    def rlhf_begin_update(self) -> None:
+    def rlhf_begin_update(self, verify: bool = True) -> None:
+        """Start a layerwise reload; with `verify`, every tensor received until the next begin is checksummed as it
+        arrives (rlhf_received_checksums): the sync's check needs no second pass over the loaded weights."""
         from vllm.config import set_current_vllm_config
         from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
 
+        self._rlhf_received = {} if verify else None
         with set_current_vllm_config(self.vllm_config):
             initialize_layerwise_reload(self._rlhf_model())
 
     def rlhf_load_bucket(self, bucket: list[tuple[str, torch.Tensor]]) -> int:
+        received = getattr(self, "_rlhf_received", None)
+        if received is not None:
+            checksum_received(bucket, received)
+        return self._rlhf_load(bucket)
+
+    def _rlhf_load(self, bucket: list[tuple[str, torch.Tensor]]) -> int:
         from vllm.config import set_current_vllm_config
 
         with set_current_vllm_config(self.vllm_config), torch.no_grad():
             self._rlhf_model().load_weights(iter(bucket))
         return len(bucket)
+
+    def rlhf_received_checksums(self) -> dict:
+        """{HF name: (shape, checksum)} of what this worker received since rlhf_begin_update(verify=True)."""
+        return dict(getattr(self, "_rlhf_received", None) or {})
 
     def rlhf_finish_update(self) -> None:
         from vllm.config import set_current_vllm_config
@@ -234,8 +247,9 @@ class WorkerExtension:
 
     def rlhf_receive_gloo(self, plan: SyncPlan, rank_offset: int) -> dict:
         """Join the sync's gloo channel as rank_offset + this worker's TP rank (or reuse this worker's group) and load
-        every bucket it receives: {"buckets": n, "new_group": created}."""
-        return gloo_receive(plan, rank_offset + self.rank, self.rlhf_load_bucket)
+        every bucket it receives, checksummed as it arrives when the plan verifies: {"buckets": n, "new_group": ...}."""
+        self._rlhf_received = {} if plan.verify else None
+        return gloo_receive(plan, rank_offset + self.rank, self._rlhf_load, self._rlhf_received)
 
     def rlhf_checksum_pieces(self) -> list[dict]:
         return hf_pieces(self._rlhf_model())

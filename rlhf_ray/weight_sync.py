@@ -21,9 +21,14 @@ A sync, driven by the generator group:
      The gloo / NCCL group (and vLLM's transfer engine) is a TransferChannel: created by the first sync, reused by
      the next ones, rebuilt only when an engine restarts, the engine set or the sending process changes, or a sync
      on it fails (vLLM's documented lifecycle: init_weight_transfer_engine once, then start / update / finish);
-  3. every engine finishes the update, resets its prefix cache and verifies: the checksum of its *live* parameters
-     mapped back to HF names (fused q/k/v and gate/up split, TP shards reassembled; see vllm_worker_ext) equals the
-     sender's, and its log-probs on a fixed probe sequence equal the source's within a tolerance.
+  3. every engine finishes the update, resets its prefix cache and verifies: the checksums its workers computed on
+     every tensor as it arrived (checksum_received; the sender computes its own while the bucket is in flight) equal
+     the sender's, the names and shapes are every live parameter's, and its log-probs on a short fixed probe
+     sequence equal the source's (scored by the source meanwhile) within a tolerance. An engine's first sync, and
+     `GeneratorGroup.verify()` at any time, check the checksum of its *live* parameters instead, mapped back to HF
+     names (fused q/k/v and gate/up split, TP shards reassembled; see vllm_worker_ext): on CPU that reads every
+     packed kernel back, 1.4 s of a 2.3 s sync on SmolLM2-135M (benchmarks/results/phase_overheads.md). GPU
+     transports (vLLM's transfer engine receives the tensors) check the live parameters every time.
 
 Checksum: sum over elements of bits(x_i) * (i * G + 1) mod 2^64, where bits are the raw element bits (the tensor in
 the engine's dtype) and i is the element's flat index in the full HF tensor. Exact, sensitive to position (a
@@ -58,16 +63,17 @@ class WeightSyncError(RuntimeError):
 
 # ---------------------------------------------------------------------------------------------- checksums
 def checksum_slice(t: torch.Tensor, full_shape: Iterable[int], dim: int = 0, start: int = 0,
-                   chunk_elems: int = 1 << 22) -> int:
+                   chunk_elems: int = 1 << 20) -> int:
     """Checksum contribution of `t`, the slice [start, start + t.shape[dim]) along `dim` of a tensor of
     `full_shape` (dim 0 for any rank, dim 1 for matrices). The whole tensor: `checksum_slice(t, t.shape)`."""
     return int(checksum_on_device(t, full_shape, dim, start, chunk_elems)) & MASK64
 
 
 def checksum_on_device(t: torch.Tensor, full_shape: Iterable[int], dim: int = 0, start: int = 0,
-                       chunk_elems: int = 1 << 22) -> torch.Tensor:
+                       chunk_elems: int = 1 << 20) -> torch.Tensor:
     """checksum_slice as an int64 scalar on t's device (computed there; read it with `int(x) & MASK64` when needed:
-    a sender on GPU reads all its checksums once, at the end of a sync)."""
+    a sender on GPU reads all its checksums once, at the end of a sync). Chunks of 2^20 elements keep the int64
+    temporaries in cache: 1.7x faster than 2^22 on CPU (benchmarks/results/phase_overheads.md)."""
     full = tuple(int(s) for s in full_shape)
     t = t.detach()
     if t.dim() <= 1:
@@ -100,6 +106,15 @@ def tensor_checksum(t: torch.Tensor, dtype: Optional[torch.dtype] = None) -> int
     if dtype is not None and t.dtype != dtype:
         t = t.to(dtype)
     return checksum_slice(t, t.shape)
+
+
+def checksum_received(named: Iterable[tuple[str, torch.Tensor]], into: dict) -> dict:
+    """Record {HF name: (shape, checksum)} of whole tensors as a receiver gets them (before or while it loads them),
+    in the form the sender's checksums take: a sync compares the two with compare_checksums, with no second pass over
+    the engine's weights. Used by every receiving path (gloo, object store, an in-process hand-off)."""
+    for name, t in named:
+        into[name] = (tuple(t.shape), checksum_slice(t, t.shape))
+    return into
 
 
 def combine_pieces(pieces: Iterable[dict]) -> dict[str, tuple[tuple[int, ...], int]]:
@@ -256,6 +271,7 @@ class SyncPlan:
     sync_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     channel: str = ""  # gloo, nccl, ipc: the transfer group this sync uses (TransferChannel.id), kept across syncs
     new_channel: bool = True  # every party creates its end of the channel in this sync (else: reuses it)
+    verify: bool = True  # receivers checksum what they receive (generation.verify_weights)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -399,26 +415,31 @@ class BucketSender:
         dtype = self.plan.torch_dtype
         bucket = [(name, t.detach().to(dtype)) for name, t in bucket]
         started = time.perf_counter()
+        # Host transports return while the bucket is in flight (gloo's threads send it, the engines load it): the
+        # checksums are computed meanwhile. GPU transports checksum on the device first (kernels queued in order).
+        pending = getattr(self, f"_send_{self.plan.transport}")(state, bucket)
+        sent = time.perf_counter()
         if self.verify:  # on the tensors' device (a GPU learner's buckets stay there); read once, in close_sender
             for name, t in bucket:
                 state.checksums[name] = (tuple(t.shape), checksum_on_device(t, t.shape))
+        checked = time.perf_counter()
+        if pending is not None:
+            pending()
         nbytes = sum(t.numel() * t.element_size() for _, t in bucket)
-        sent = time.perf_counter()
-        getattr(self, f"_send_{self.plan.transport}")(state, bucket)
-        state.checksum_s += sent - started
-        state.transfer_s += time.perf_counter() - sent
+        state.checksum_s += checked - sent
+        state.transfer_s += (sent - started) + (time.perf_counter() - checked)
         state.buckets += 1
         state.bytes += nbytes
         state.max_bucket_bytes = max(state.max_bucket_bytes, nbytes)
 
-    def _send_object_store(self, state: _SenderState, bucket: Bucket) -> None:
+    def _send_object_store(self, state: _SenderState, bucket: Bucket) -> Callable[[], None]:
         import ray
 
         ref = ray.put([(name, *to_numpy(t)) for name, t in bucket])
-        ray.get([engine.receive_bucket.remote(ref) for engine in self.plan.engines])  # one bucket in flight
-        del ref
+        loading = [engine.receive_bucket.remote(ref) for engine in self.plan.engines]
+        return lambda: ray.get(loading)  # one bucket in flight: the caller waits before making the next
 
-    def _send_gloo(self, state: _SenderState, bucket: Bucket) -> None:
+    def _send_gloo(self, state: _SenderState, bucket: Bucket) -> Callable[[], None]:
         plan = self.plan
         if state.channel is None:
             state.channel, state.new_group = channel_end(
@@ -426,8 +447,8 @@ class BucketSender:
         pg, store = state.channel
         bucket = [(name, t.cpu().contiguous()) for name, t in bucket]
         store.set(meta_key(plan.sync_id, state.buckets), bucket_meta(bucket))
-        for _, t in bucket:
-            pg.broadcast(t, 0).wait()
+        works = [pg.broadcast(t, 0) for _, t in bucket]  # queued on the group's threads, sent in order
+        return lambda: [w.wait() for w in works]
 
     def _send_nccl(self, state: _SenderState, bucket: Bucket) -> None:
         import ray
@@ -475,21 +496,24 @@ def close_sender(sync_id: str) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ receiver
-def gloo_receive(plan: SyncPlan, rank: int, load: Callable[[Bucket], Any]) -> dict:
+def gloo_receive(plan: SyncPlan, rank: int, load: Callable[[Bucket], Any], checksums: Optional[dict] = None) -> dict:
     """Receiver side of the gloo transport (runs inside a vLLM worker): join the channel's group as `rank` (or reuse
-    it), receive every bucket the sender announces in the store and hand it to `load`. Returns the number of buckets
-    and whether this sync created the group. A failure closes this end: the next sync opens a new channel."""
+    it), receive every bucket the sender announces in the store and hand it to `load`. With `checksums`, each tensor
+    is checksummed into it as soon as it has arrived, while the rest of its bucket is still coming
+    (checksum_received). Returns the number of buckets and whether this sync created the group. A failure closes
+    this end: the next sync opens a new channel."""
     where = f"sync {plan.sync_id}, receiver rank {rank} (pid {os.getpid()})"
     try:
         (pg, store), created = channel_end(plan, lambda: gloo_group(plan.host, plan.port, rank, plan.world_size,
                                                                     plan.channel, plan.timeout_s), receiver=True)
         n = 0
         while (meta := parse_bucket_meta(store.get(meta_key(plan.sync_id, n)), where)) is not None:
-            bucket = []
-            for name, shape, dtype in meta:
-                t = torch.empty(shape, dtype=dtype)
-                pg.broadcast(t, 0).wait()
-                bucket.append((name, t))
+            bucket = [(name, torch.empty(shape, dtype=dtype)) for name, shape, dtype in meta]
+            works = [pg.broadcast(t, 0) for _, t in bucket]  # all posted: gloo's threads receive in order
+            for item, work in zip(bucket, works):
+                work.wait()
+                if checksums is not None:
+                    checksum_received([item], checksums)
             load(bucket)
             n += 1
         return {"buckets": n, "new_group": created}
@@ -638,10 +662,18 @@ def probe_token_ids(vocab_size: int, length: int, seed: int = 1234) -> list[int]
     return torch.randint(0, vocab_size, (length,), generator=g).tolist()
 
 
+# Engine vs learner probe log-prob tolerance by dtype. Different kernels agree to ~2e-5 in fp32. bf16 logits keep 8
+# significant bits (a logit near 20 rounds to 0.125), so the error grows with |log-prob| (random probe tokens: 7-30
+# nats). Measured (bf16 engine, bf16 source, 16-64 token probe): tiny Llama 0.03 fresh, 0.11 after 14 PPO steps;
+# SmolLM2-135M 0.23-0.31 (0.42 from an fp32 source), while an engine one version behind (weights 0.01 apart) is off
+# by 1.65 (tiny) and 4.9 (SmolLM2). fp16 keeps 3 bits more.
+PROBE_ATOL = {"float32": 1e-3, "float16": 0.1, "bfloat16": 1.0}
+
+
 def default_probe_atol(*dtypes: Optional[str]) -> float:
-    """Engine vs learner log-prob tolerance for the dtypes in use on both ends (as the workers reported them):
-    different kernels agree to ~2e-5 when all are fp32, far less when any is 16-bit (or unknown: None)."""
-    return 1e-3 if all(d == "float32" for d in dtypes) else 0.1
+    """Engine vs learner log-prob tolerance for the dtypes in use on both ends (as the workers reported them): the
+    loosest of theirs (PROBE_ATOL; an unknown dtype, None, counts as bf16)."""
+    return max(PROBE_ATOL.get(d or "bfloat16", PROBE_ATOL["bfloat16"]) for d in dtypes)
 
 
 def local_ip() -> str:

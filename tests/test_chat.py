@@ -37,7 +37,7 @@ def hf_greedy_reply(model, tokenizer, messages: list[dict], max_new_tokens: int)
     return tokenizer.decode(out, skip_special_tokens=True).strip()
 
 
-def test_chat_runs_on_a_cluster_engine_never_in_the_driver(ray_cluster, base_config, tiny_llama, monkeypatch, tmp_path):
+def test_chat_runs_on_a_cluster_engine_never_in_the_driver(ray_cluster, tiny_llama, monkeypatch, tmp_path):
     """vLLM in this (driver) process is made to fail: the conversation must still work, served by an engine actor,
     and the actor and its placement group are gone afterwards, also when a turn fails."""
     import io
@@ -54,7 +54,11 @@ def test_chat_runs_on_a_cluster_engine_never_in_the_driver(ray_cluster, base_con
         raise AssertionError("vLLM was started in the driver process")
 
     monkeypatch.setattr(vllm, "LLM", no_vllm_in_the_driver)
-    session = ChatSession(tiny_llama, max_new_tokens=6, cfg=base_config)
+    from rlhf_ray.config import load_config
+
+    # fp32: the replies are compared with transformers' fp32 greedy ones
+    cfg = load_config(None, {"ray.address": "local", "models.actor.dtype": "float32"})
+    session = ChatSession(tiny_llama, max_new_tokens=6, cfg=cfg)
     transcript = tmp_path / "chat.txt"
     with pytest.raises(PromptTooLongError):
         with session:

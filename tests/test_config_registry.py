@@ -156,6 +156,7 @@ REGISTRY: dict[str, str | dict] = {
     # placement
     "placement.colocate_actor_reference": "tests/test_resources.py::test_layout_follows_colocation_and_estimator",
     "placement.colocate_critic_reward": "tests/test_resources.py::test_layout_follows_colocation_and_estimator",
+    "placement.layout": "tests/test_hybrid.py::test_hybrid_places_no_generator_group",
     # logging, checkpoint
     "logging.log_every": _T + "test_metrics_logger_follows_the_logging_section",
     "logging.metrics_file": _T + "test_metrics_logger_follows_the_logging_section",
@@ -423,9 +424,9 @@ def test_trust_remote_code_reaches_every_loader(tiny_llama, tmp_path):
             "critic": lambda: CriticLearner("critic", 0, 1, model=critic_model(cfg), stage=cfg.ppo.critic,
                                             ppo=cfg.ppo).build_model(),
             "reference": lambda: ReferenceScorer("reference", 0, 1, model=reference_model(cfg),
-                                                 deepspeed=cfg.ppo.actor.deepspeed).load(lm),
+                                                 deepspeed=cfg.ppo.actor.deepspeed).load(lm, torch.float32),
             "reward": lambda: RewardScorer("reward", 0, 1, model=cfg.models.reward,
-                                           deepspeed=cfg.ppo.critic.deepspeed).load(value),
+                                           deepspeed=cfg.ppo.critic.deepspeed).load(value, torch.float32),
         }
 
     def config(trust: bool, reward: str) -> Config:  # RM training starts from a causal LM, PPO reads a value head
@@ -658,10 +659,13 @@ def test_reward_and_scorer_keys_reach_the_scorers(monkeypatch, tiny_llama):
 
 
 def test_kv_cache_gib_sizes_the_cpu_engines_cache():
-    from rlhf_ray.generator import engine_env
+    """What VLLMEngine passes as kv_cache_memory_bytes on CPU; a live engine reports it back
+    (test_generator.py::test_two_engines_greedy_ids_and_logprobs_equal_transformers, kv_cache_gib 0.5)."""
+    from rlhf_ray.generator import cpu_kv_cache_bytes
 
-    assert engine_env(load_config(None, {"generation.kv_cache_gib": 3}).generation)["VLLM_CPU_KVCACHE_SPACE"] == "3"
-    assert engine_env(load_config(None, {}).generation)["VLLM_CPU_KVCACHE_SPACE"] == "1"
+    assert cpu_kv_cache_bytes(load_config(None, {"generation.kv_cache_gib": 3}).generation) == 3 * 2**30
+    assert cpu_kv_cache_bytes(load_config(None, {"generation.kv_cache_gib": 0.25}).generation) == 2**28
+    assert cpu_kv_cache_bytes(load_config(None, {}).generation) == 2**30
 
 
 # ------------------------------------------------------------------------------------------ logging

@@ -13,16 +13,37 @@ import ray
 import torch
 
 from rlhf_ray.config import ConfigError, load_config, ppo_precision
-from rlhf_ray.env import DeviceMismatchError, check_agreement, choose_device, resolve_precision, worker_env_vars
+from rlhf_ray import env
+from rlhf_ray.env import (DeviceMismatchError, auto_precision, check_agreement, choose_device, parse_cpu_flags,
+                          precision_dtype, resolve_precision, worker_env_vars)
 from rlhf_ray.weight_sync import default_probe_atol
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers cannot import test modules
 
 
 # ------------------------------------------------------------------------------------------- pure logic
-def test_precision_auto_is_resolved_on_the_workers_own_device():
-    assert resolve_precision("auto", "cuda") == "bf16" and resolve_precision("auto", "cpu") == "fp32"
-    assert resolve_precision("bf16", "cpu") == "bf16"  # explicit wins on any device
+SAPPHIRE_RAPIDS = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512bw amx_bf16 amx_tile amx_int8\n"
+ZEN4 = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512bw avx512_bf16\n"
+SKYLAKE = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512bw avx512_vnni\n"  # AVX-512, bf16 only emulated
+GRAVITON = "processor\t: 0\nFeatures\t: fp asimd bf16\n"  # aarch64: no 'flags' line, not detected
+
+
+def test_precision_auto_is_bf16_where_the_hardware_has_it():
+    """auto: bf16 on GPU and on a CPU with native bf16 matmul (AMX or AVX-512 BF16), fp32 on a CPU without."""
+    assert parse_cpu_flags(ZEN4) == {"fpu", "sse2", "avx2", "avx512f", "avx512bw", "avx512_bf16"}
+    assert auto_precision("cpu", parse_cpu_flags(SAPPHIRE_RAPIDS)) == auto_precision("cpu", parse_cpu_flags(ZEN4)) \
+        == "bf16"
+    for cpu in (SKYLAKE, GRAVITON, ""):
+        assert auto_precision("cpu", parse_cpu_flags(cpu)) == "fp32", cpu
+    assert auto_precision("cuda", frozenset()) == "bf16"
+
+
+def test_precision_auto_is_resolved_with_this_workers_own_cpu_flags(monkeypatch):
+    for cpu, expected in ((ZEN4, "bf16"), (SKYLAKE, "fp32")):
+        monkeypatch.setattr(env, "cpu_flags", lambda: parse_cpu_flags(cpu))
+        assert resolve_precision("auto", "cpu") == expected and resolve_precision("auto", "cuda") == "bf16"
+        assert precision_dtype("auto", "cpu") == {"bf16": "bfloat16", "fp32": "float32"}[expected]
+        assert resolve_precision("bf16", "cpu") == "bf16" and resolve_precision("fp32", "cuda") == "fp32"  # explicit
 
 
 @pytest.mark.parametrize("overrides, keys", [
@@ -70,7 +91,10 @@ def test_agreement_check_names_the_roles_that_disagree():
 
 def test_probe_tolerance_follows_the_dtypes_in_use_on_both_ends():
     assert default_probe_atol("float32", "float32") == 1e-3
-    assert default_probe_atol("float32", "bfloat16") == 0.1 and default_probe_atol("float32", None) == 0.1
+    assert default_probe_atol("float32", "float16") == 0.1 == default_probe_atol("float16", "float16")
+    # bf16 rounds logits to 8 significant bits: SmolLM2's probe differs by ~0.3 with right weights, > 1.6 with stale
+    assert default_probe_atol("bfloat16", "bfloat16") == 1.0 == default_probe_atol("float32", "bfloat16")
+    assert default_probe_atol("float32", None) == 1.0  # unknown: the loosest
 
 
 def test_no_device_choice_is_shipped_to_the_workers(monkeypatch):
@@ -98,9 +122,13 @@ def test_a_ray_worker_without_a_gpu_of_its_own_uses_the_cpu(ray_cluster):
 
 def test_a_gpu_driver_decides_nothing_for_cpu_workers(ray_cluster, tiny_llama, tiny_value_model, tmp_path,
                                                       monkeypatch):
-    """The driver believes it has CUDA (a GPU head); every worker still chooses CPU / gloo / float32 for itself,
-    and the weight sync runs over the transport the engines chose. Before: bf16 engines and an NCCL sync."""
+    """The driver believes it has CUDA (a GPU head); every worker still chooses CPU / gloo and its CPU's own dtype
+    (bfloat16 where the CPU has native bf16, else float32) for itself, and the weight sync runs over the transport
+    the engines chose. Before: NCCL engines and an NCCL sync."""
     from rlhf_ray.ppo import PPOTrainer
+    from rlhf_ray.weight_sync import default_probe_atol
+
+    cpu_dtype = precision_dtype("auto", "cpu")  # this machine's CPU, as the local workers see it
 
     cfg = load_config(None, {
         "ray.address": "local", "run.output_dir": str(tmp_path / "run"), "data.cache_dir": str(tmp_path / "data"),
@@ -112,15 +140,16 @@ def test_a_gpu_driver_decides_nothing_for_cpu_workers(ray_cluster, tiny_llama, t
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # in this (driver) process only
     trainer = PPOTrainer(cfg)
     try:
-        assert [i["dtype"] for i in trainer.generators.info] == ["float32"]
+        assert [i["dtype"] for i in trainer.generators.info] == [cpu_dtype]
         reports = trainer.worker_reports()
         assert sorted(r["role"] for r in reports) == ["actor", "critic", "generator", "reference", "reward"]
         for r in reports:
-            assert (r["device"], r["dtype"]) == ("cpu", "float32"), r
+            assert (r["device"], r["dtype"]) == ("cpu", cpu_dtype), r
             assert (r["transport"] if r["role"] == "generator" else r["backend"]) == "gloo", r
-        stats = trainer.step()  # the sync runs over the engines' transport, checked at fp32 tolerance
+        stats = trainer.step()  # the sync runs over the engines' transport, checked at the dtype's tolerance
         assert trainer.generators.last_sync.transport == "gloo" and trainer.generators.last_sync.verified
-        assert trainer.generators.probe_atol == 1e-3 and stats["weight_version"] == 1
+        assert trainer.generators.probe_atol == default_probe_atol(cpu_dtype, cpu_dtype)
+        assert stats["weight_version"] == 1
     finally:
         trainer.shutdown()
 

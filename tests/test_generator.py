@@ -1,4 +1,5 @@
-"""The generator group on real vLLM engines in Ray actors (tiny Llama, fp32, CPU): agreement with transformers,
+"""The generator group on real vLLM engines in Ray actors (tiny Llama, CPU): agreement with transformers (in fp32,
+pinned: greedy ids and log-probs are compared exactly with transformers' fp32 ones, which bf16 rounding would not meet),
 sampling options, long prompts, load balancing, core binding, engine death, tensor parallelism.
 
 Two TP=1 engines are shared by the module; the engine-killing test runs last among them. A TP=2 engine is started
@@ -47,9 +48,9 @@ def hf_model(tiny_llama):
 @pytest.fixture(scope="module")
 def group(ray_cluster, tiny_llama):
     cfg = load_config(None, {"ray.address": "local", "generation.num_engines": 2, "generation.max_model_len": 256,
-                             "generation.sync_timeout_s": 60,
+                             "generation.sync_timeout_s": 60, "generation.kv_cache_gib": 0.5,
                              "generation.max_restarts": 2})
-    g = GeneratorGroup(cfg, tiny_llama)
+    g = GeneratorGroup(cfg, tiny_llama, precision="fp32")  # the agreement with transformers is checked to 1e-4
     yield g
     g.shutdown()
 
@@ -78,6 +79,7 @@ def test_sampling_from_config_and_core_assignment():
 def test_two_engines_greedy_ids_and_logprobs_equal_transformers(group, hf_model):
     rollout = group.generate(PROMPTS, GREEDY)
     assert rollout.engine_prompts == {0: 2, 1: 2}  # both engines answered
+    assert [info["kv_cache_bytes"] for info in group.info] == [2**29] * 2  # generation.kv_cache_gib 0.5
     assert [s.prompt_index for s in rollout.samples] == [0, 1, 2, 3]
     for prompt, sample in zip(PROMPTS, rollout.samples):
         ids, logprobs = hf_greedy_with_logprobs(hf_model, prompt, 12)
@@ -206,7 +208,7 @@ def test_tp2_engine_matches_tp1_and_syncs_its_shards(ray_cluster, tiny_llama, hf
     checksums reassemble the q/k/v heads, gate/up halves, row-parallel columns and vocab shards of both workers."""
     cfg = load_config(None, {"ray.address": "local", "generation.tensor_parallel_size": 2,
                              "generation.cpu_cores": ["0|1"], "generation.max_model_len": 256})
-    g = GeneratorGroup(cfg, tiny_llama)
+    g = GeneratorGroup(cfg, tiny_llama, precision="fp32")  # greedy ids equal transformers' fp32 ones
     try:
         assert ray.get(g.engines[0].ready.remote())["omp_bind"] == "0|1"
         tp2 = [s.token_ids for s in g.generate(PROMPTS, GREEDY).samples]

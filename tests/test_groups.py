@@ -116,6 +116,22 @@ def test_run_sharded_splits_by_rank_and_gathers_in_order(echo_group):
     assert isinstance(ref, ray.ObjectRef) and torch.equal(ray.get(ref), echo_group.run_sharded("rows", batch))
 
 
+def test_one_rank_group_returns_its_result_without_a_join_task(ray_cluster, monkeypatch):
+    """A join task runs in a Ray worker process that stays alive (and holds torch) after it: a one-rank group has
+    nothing to join, so its result's ref is returned as it is."""
+    import ray
+
+    import rlhf_ray.groups as groups
+
+    group = ModelGroup("probe1", EchoWorker, 1, resources=RoleResources(num_workers=1, cpus_per_worker=0.25))
+    try:
+        monkeypatch.setattr(groups, "_remote_concat", lambda: pytest.fail("a join task for a one-rank group"))
+        ref = group.run_sharded("rows", ray.put({"x": torch.arange(3.0)}), as_ref=True)
+        assert ray.get(ref)[:, 0].tolist() == [0.0, 1.0, 2.0]
+    finally:
+        group.shutdown()
+
+
 def test_colocated_roles_share_one_placement_group(ray_cluster):
     cfg = load_config(None, {"ray.address": "local", "placement.colocate_actor_reference": True,
                              "placement.colocate_critic_reward": True, "placement.actor.cpus_per_worker": 0.5,

@@ -12,6 +12,7 @@ import ray.cloudpickle
 import torch
 
 from rlhf_ray.config import Config, ConfigError, load_config
+from rlhf_ray.env import precision_dtype
 from rlhf_ray.learner import CriticGroup, PolicyGroup, hf_param_name
 from rlhf_ray.train.deepspeed_config import deepspeed_config
 from rlhf_ray.models.value_head import ValueHeadModel, position_ids_from_mask
@@ -141,7 +142,7 @@ def test_deepspeed_config_from_stage_config(tiny_llama):
     ds = deepspeed_config(cfg.ppo.actor, 2, cuda=False, train_batch_size=8)
     assert ds["zero_optimization"]["stage"] == 3
     assert ds["gradient_accumulation_steps"] == 2 and ds["gradient_clipping"] == 0.5
-    assert not ds["bf16"]["enabled"]
+    assert ds["bf16"]["enabled"] == (precision_dtype("auto", "cpu") == "bfloat16")  # auto: this CPU decides
     offload = ppo_config(tiny_llama, "", **{"ppo.actor.deepspeed.offload_optimizer": True})
     gpu = deepspeed_config(offload.ppo.actor, 2, cuda=True, train_batch_size=8)
     assert gpu["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
@@ -364,6 +365,54 @@ def test_critic_starts_from_reward_model_and_moves_toward_returns(ray_cluster, t
         critic.shutdown()
 
 
+def _precision_state(worker, moments: bool = False) -> dict:
+    """The dtypes the model holds, every trainable parameter's fp32 master (DeepSpeed's documented accessor) and,
+    after a step (the optimizer state exists from then on), the dtypes of the Adam moments the optimizer keeps."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    params = worker._trainable()
+    state = worker.engine.optimizer.optimizer.state.values() if moments else []  # the torch AdamW under ZeRO
+    moments = {str(v.dtype) for st in state for k, v in st.items() if k in ("exp_avg", "exp_avg_sq")}
+    return {"module": {str(p.dtype) for _, p in params}, "moments": moments,
+            "master": {hf_param_name(n): safe_get_full_fp32_param(p).detach().cpu().clone() for n, p in params}}
+
+
+def test_auto_on_a_bf16_cpu_is_mixed_precision_with_fp32_master_weights(ray_cluster, tiny_llama, tiny_value_model,
+                                                                        batch):
+    """precision auto on a CPU with native bf16: the model computes in bf16 while DeepSpeed keeps fp32 master weights
+    and Adam moments. A step far below bf16's resolution (lr 1e-6) still moves every master weight, and what the
+    engines are sent (the bf16 weights) is exactly the master rounded: nothing learnt is lost, nothing stale sent."""
+    from rlhf_ray.env import NATIVE_BF16_CPU_FLAGS, cpu_flags
+
+    if not cpu_flags() & set(NATIVE_BF16_CPU_FLAGS):
+        pytest.skip("this CPU has no native bf16 matmul: auto is fp32 here (the choice is tested as logic)")
+    cfg = ppo_config(tiny_llama, tiny_value_model, **{  # 2 ranks, ZeRO-2: DeepSpeed's ZeRO optimizer holds the master
+        "ppo.actor.optim.lr": 1e-6, "ppo.actor.deepspeed.precision": "auto", "ppo.critic.deepspeed.precision": "auto"})
+    group = PolicyGroup(cfg)
+    try:
+        assert group.dtype == "bfloat16"
+        before = group.apply(_precision_state)[0]
+        assert all(m.dtype == torch.float32 for m in before["master"].values())
+        stats = group.train(experience(batch, group.logprobs(batch), advantage=1.0))
+        assert stats["optimizer_steps"] == 2  # 8 rows, mini-batches of 4
+        after = group.apply(_precision_state, True)[0]
+        sent = dict(exported(group))
+    finally:
+        group.shutdown()
+    assert after["module"] == {"torch.bfloat16"} and after["moments"] == {"torch.float32"}
+    moved = rounded_away = total = 0
+    for name, master in after["master"].items():
+        assert master.dtype == torch.float32 and sent[name].dtype == torch.bfloat16
+        assert torch.equal(sent[name], master.to(torch.bfloat16)), name  # the engines get the master, rounded
+        if "embed_tokens" in name:
+            continue  # rows of tokens absent from the batch get no gradient
+        moved += int((master != before["master"][name]).sum())
+        rounded_away += int((sent[name] == before["master"][name].to(torch.bfloat16)).sum())
+        total += master.numel()
+    assert moved > 0.9 * total  # every weight took the small (Adam: ~lr) step in fp32 ...
+    assert rounded_away > 0.9 * total  # ... which bf16 alone would have lost for almost all of them
+
+
 # ------------------------------------------------------------------------------------------------ GPU
 @pytest.mark.gpu
 def test_policy_on_gpu_bf16_zero3_offload(ray_cluster, tiny_llama, tiny_value_model, batch, hf_model):
@@ -386,3 +435,43 @@ def test_policy_on_gpu_bf16_zero3_offload(ray_cluster, tiny_llama, tiny_value_mo
         assert len(exported(group)) == len(list(hf_model.parameters()))
     finally:
         group.shutdown()
+
+
+def test_one_rank_learner_steps_like_a_bare_torch_loop(ray_cluster, tiny_llama, tiny_value_model, batch, hf_model):
+    """One rank runs no ZeRO-1/2 machinery (stage 0, no all-reduce with itself, torch's fused AdamW on CPU), and its
+    step equals the same PPO loss, accumulated over the same micro-batches, clipped and stepped by hand."""
+    from rlhf_ray import rl
+    from rlhf_ray.learner import causal_logprobs, policy_objective
+
+    cfg = ppo_config(tiny_llama, tiny_value_model, **{"placement.actor": {"num_workers": 1, "cpus_per_worker": 0.25}})
+    group = PolicyGroup(cfg)  # ZeRO-2 asked (the default), micro-batch 2, mini-batch 4: 2 micro-batches per step
+    try:
+        engine = group.apply(lambda w: (w.engine.zero_optimization_stage(), w.engine.enable_backward_allreduce,
+                                        w.engine.optimizer.defaults.get("fused")))[0]
+        assert engine == (0, False, True)
+        rows = {k: v[:4] for k, v in batch.items()}
+        exp = experience(rows, group.logprobs(rows), advantage=1.0)
+        group.train(exp)
+        after = group.logprobs(rows)
+    finally:
+        group.shutdown()
+
+    import copy
+
+    model = copy.deepcopy(hf_model).train()
+    optim = cfg.ppo.actor.optim
+    optimizer = torch.optim.AdamW(model.parameters(), lr=optim.lr, betas=tuple(optim.betas),
+                                  weight_decay=optim.weight_decay)
+    units = float(rl.aggregation_units(exp["action_mask"], cfg.ppo.loss_aggregation))
+    for half in (slice(0, 2), slice(2, 4)):
+        mb = {k: v[half] for k, v in exp.items()}
+        lp, ent = causal_logprobs(model, mb, True, "detached", True, cfg.generation.temperature)
+        loss, _ = policy_objective(cfg.ppo, lp, ent, mb, 0.0, rl.Aggregation(cfg.ppo.loss_aggregation, units=units))
+        loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip)
+    optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        expected = causal_logprobs(model, rows, True, logits_to_keep=True, temperature=cfg.generation.temperature)[0]
+    assert (after - exp["old_logprobs"]).abs().max() > 1e-3  # the step moved the weights
+    assert_scored_like(after, expected, rows, atol=1e-5)  # (columns before a micro-batch's first action: 0)

@@ -70,12 +70,17 @@ def test_atomic_directory_never_leaves_a_partial_folder(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temporary left behind
 
 
-def test_resolve_model_path_and_dtype(tmp_path):
+def test_resolve_model_path_and_dtype(tmp_path, monkeypatch):
+    from rlhf_ray import env
+
     assert resolve_model_path("facebook/opt-1.3b") == "facebook/opt-1.3b"  # hub names pass through untouched
     with pytest.raises(ValueError, match="unknown built-in model 'builtin:nope'"):
         resolve_model_path("builtin:nope")
     assert resolve_dtype("auto", cuda=True) == torch.bfloat16
+    monkeypatch.setattr(env, "cpu_flags", lambda: frozenset({"avx512f"}))  # a CPU without native bf16
     assert resolve_dtype("auto", cuda=False) == torch.float32
+    monkeypatch.setattr(env, "cpu_flags", lambda: frozenset({"amx_bf16"}))  # one with
+    assert resolve_dtype("auto", cuda=False) == torch.bfloat16
     assert resolve_dtype("bfloat16") == torch.bfloat16
 
 

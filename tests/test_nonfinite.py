@@ -1,7 +1,7 @@
 """Non-finite values (NaN/inf) never train the model, and the KL term in the loss really moves the gradient.
 
 Pure pieces: the probe comparison after a weight sync, dropping samples with a non-finite score, the counter of
-skipped steps, and the config rule against `kl_penalty: loss` with k1. One real learner (2 ranks, ZeRO-2, fp32,
+skipped steps, and the config rule against `kl_penalty: loss` with k1. One real learner (2 ranks, ZeRO-2, auto,
 tiny Llama) shows a step with a NaN loss on one rank skipped on both, and the KL-in-loss gradient.
 """
 from __future__ import annotations
@@ -126,13 +126,14 @@ def tok(tiny_llama):
     return AutoTokenizer.from_pretrained(tiny_llama)
 
 
-def learner_group(request, tiny_llama: str, tiny_value_model: str, zero_stage: int) -> PolicyGroup:
+def learner_group(request, tiny_llama: str, tiny_value_model: str, zero_stage: int,
+                  precision: str = "auto") -> PolicyGroup:
     cfg = load_config(None, {
         "ray.address": "local", "run.seed": 0, "models.actor.path": tiny_llama, "models.reward.path": tiny_value_model,
         "placement.actor": {"num_workers": 2, "cpus_per_worker": 0.25}, "ppo.mini_batch_size": ROWS,
         "ppo.actor.deepspeed.zero_stage": zero_stage, "ppo.actor.deepspeed.micro_batch_size": 2,
-        "ppo.actor.deepspeed.precision": "fp32", "ppo.actor.optim.lr": 1e-3, "ppo.actor.optim.lr_schedule": "constant",
-        "ppo.kl_estimator": "k3", "ppo.max_nonfinite_steps": 2})
+        "ppo.actor.deepspeed.precision": precision, "ppo.actor.optim.lr": 1e-3,
+        "ppo.actor.optim.lr_schedule": "constant", "ppo.kl_estimator": "k3", "ppo.max_nonfinite_steps": 2})
     group = PolicyGroup(cfg)
     request.addfinalizer(group.shutdown)
     return group
@@ -140,14 +141,15 @@ def learner_group(request, tiny_llama: str, tiny_value_model: str, zero_stage: i
 
 @pytest.fixture(scope="module")
 def learner(ray_cluster, tiny_llama, tiny_value_model, request):
-    """ZeRO-2 (the default): DeepSpeed's ZeRO optimizer discards a step whose gradient is NaN."""
+    """ZeRO-2 (the default), precision auto (bf16 on a CPU with it): DeepSpeed's ZeRO optimizer discards a step whose
+    gradient is NaN (its bf16 mode checks too: check_grad_overflow)."""
     return learner_group(request, tiny_llama, tiny_value_model, zero_stage=2)
 
 
 @pytest.fixture(scope="module")
 def zero0_learner(ray_cluster, tiny_llama, tiny_value_model, request):
     """ZeRO-0 with the plain torch AdamW (fp32): nothing in DeepSpeed checks its gradients, learner.py does."""
-    return learner_group(request, tiny_llama, tiny_value_model, zero_stage=0)
+    return learner_group(request, tiny_llama, tiny_value_model, zero_stage=0, precision="fp32")  # that path is fp32
 
 
 def test_kl_in_the_loss_changes_the_actor_gradient(learner, tok, tmp_path):

@@ -143,6 +143,7 @@ def test_generation_scales_independently_of_training(ray_cluster, tiny_llama, ti
     trainer = PPOTrainer(cfg)
     try:
         assert trainer.generators.num_engines == engines and len(trainer.actor.workers) == learner_ranks
+        dtype = trainer.generators.dtype  # precision auto: what this machine's workers chose
         stats = trainer.step()
     finally:
         trainer.shutdown()
@@ -151,11 +152,16 @@ def test_generation_scales_independently_of_training(ray_cluster, tiny_llama, ti
     # 8 prompts x 4 samples = one mini-batch of 32, one epoch: with the KL in the loss, the training pass (on both
     # ranks) supplies the old log-probs, so the ratio is exactly 1, and measures KL and the engine-vs-learner gap.
     reuse = kl_penalty == "loss"
+    print(dtype, {k: stats[k] for k in ("kl/mean", "logprob_gap/vllm_vs_learner", "loss/kl") if k in stats})
+    # One set of weights everywhere: what differs is rounding, ~1e-5 in fp32; bf16 logits keep 8 mantissa bits, and
+    # actor, reference and engine batch (and so round) differently.
+    tol = 1e-3 if dtype == "float32" else 5e-2
     assert stats["experience/old_logprobs_from_training"] == float(reuse)
-    assert ("loss/kl" in stats) == reuse and abs(stats["kl/mean"]) < 1e-3  # the policy is still the reference
-    assert 0 <= stats["logprob_gap/vllm_vs_learner"] < 1e-3
+    assert ("loss/kl" in stats) == reuse and abs(stats["kl/mean"]) < tol  # the policy is still the reference
+    assert 0 <= stats["logprob_gap/vllm_vs_learner"] < tol
     if reuse:
-        assert stats["policy/clip_fraction"] == 0 and stats["policy/approx_kl"] == 0 and abs(stats["loss/kl"]) < 1e-4
+        assert stats["policy/clip_fraction"] == 0 and stats["policy/approx_kl"] == 0
+        assert abs(stats["loss/kl"]) < tol / 10
 
 
 def test_killing_a_generator_actor_does_not_stop_the_run(ray_cluster, tiny_llama, tiny_value_model, tmp_path):

@@ -34,7 +34,7 @@ def vllm_greedy(path: str, prompts: list[list[int]], n_tokens: int) -> list[list
     """Greedy ids from a real vLLM engine hosted by a Ray actor in its own placement group."""
     gen = GenerationConfig(max_new_tokens=n_tokens, kv_cache_gib=1)
     pg = ready_placement_group("generator", [{"CPU": 1}], timeout_s=60)
-    engine = start_engine(path, gen, placement_group=pg)
+    engine = start_engine(path, gen, placement_group=pg, precision="fp32")  # the oracle is transformers in fp32
     try:
         samples = ray.get(engine.generate.remote(prompts, greedy=True, ignore_eos=True), timeout=300)
     finally:

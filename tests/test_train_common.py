@@ -32,10 +32,15 @@ def test_published_opt_sft_recipe_is_expressible():
     assert deepspeed_config(s, num_ranks=4, cuda=True)["gradient_accumulation_steps"] == 2
 
 
-def test_deepspeed_config_by_device_and_options():
+def test_deepspeed_config_by_device_and_options(monkeypatch):
+    from rlhf_ray import env
+
     s = stage({"deepspeed.zero_stage": 3, "deepspeed.global_batch_size": 8, "deepspeed.micro_batch_size": 2})
+    monkeypatch.setattr(env, "cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16"}))
+    assert deepspeed_config(s, num_ranks=2, cuda=False)["bf16"]["enabled"]  # auto: bf16 on a CPU with native bf16
+    monkeypatch.setattr(env, "cpu_flags", lambda: frozenset({"avx512f"}))
     cpu = deepspeed_config(s, num_ranks=2, cuda=False)
-    assert not cpu["bf16"]["enabled"] and not cpu["fp16"]["enabled"]  # auto: fp32 on CPU
+    assert not cpu["bf16"]["enabled"] and not cpu["fp16"]["enabled"]  # auto: fp32 on a CPU without
     assert cpu["gradient_accumulation_steps"] == 2
     assert cpu["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"]
     assert deepspeed_config(s, 2, cuda=True)["bf16"]["enabled"]  # auto: bf16 on GPU
@@ -51,6 +56,35 @@ def test_deepspeed_config_by_device_and_options():
     assert deepspeed_config(stage({"optim.grad_clip": 0.0}), 2, False)["gradient_clipping"] == 0.0
     ppo = deepspeed_config(s, num_ranks=2, cuda=False, train_batch_size=16)  # a PPO learner's mini-batch
     assert (ppo["train_batch_size"], ppo["gradient_accumulation_steps"]) == (16, 4)
+
+
+def test_one_rank_runs_without_zero_1_2():
+    """One rank has nothing for ZeRO-1/2 to partition: stage 0 (the client optimizer on the parameters, as a bare
+    loop); ZeRO-3 and offload keep their stage; more ranks keep the stage asked."""
+    zero = lambda overrides, ranks, cuda=False: deepspeed_config(stage(overrides), ranks, cuda)["zero_optimization"]  # noqa: E731
+    assert zero({"deepspeed.zero_stage": 2}, 1)["stage"] == 0
+    assert zero({"deepspeed.zero_stage": 1}, 1, cuda=True)["stage"] == 0
+    assert zero({"deepspeed.zero_stage": 3}, 1)["stage"] == 3
+    assert zero({"deepspeed.zero_stage": 2, "deepspeed.offload_optimizer": True}, 1, cuda=True)["stage"] == 2
+    assert zero({"deepspeed.zero_stage": 2}, 2)["stage"] == 2
+
+
+def test_cpu_optimizer_is_torch_fused_adamw_with_the_same_update(tiny_llama):
+    """fused=True (what the CPU workers ask for) is torch's one-pass AdamW: the same update as the default one."""
+    from transformers import AutoModelForCausalLM
+
+    optim = OptimConfig(lr=1e-2, weight_decay=0.1)
+    models = [AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32) for _ in range(2)]
+    optimizers = [common.build_optimizer(m, optim, fused=f) for m, f in zip(models, (False, True))]
+    assert [o.defaults["fused"] for o in optimizers] == [None, True]
+    ids = torch.randint(3, 100, (2, 8))
+    for model, optimizer in zip(models, optimizers):
+        for _ in range(2):
+            model(input_ids=ids, labels=ids).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_stage_config_validation_names_the_key():

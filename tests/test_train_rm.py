@@ -60,7 +60,8 @@ def test_reloaded_reward_model_ranks_held_out_pairs(rm_run):
     cfg, output_dir, records, _ = rm_run
     final = [r for r in records if r["event"] == "report"][-1]
     assert (output_dir / "value_head.json").is_file() and (output_dir / "tokenizer.json").is_file()
-    model = ValueHeadModel.from_pretrained(output_dir).eval()
+    dtype = next(r for r in records if r["event"] == "start")["workers"][0]["dtype"]  # precision auto's choice
+    model = ValueHeadModel.from_pretrained(output_dir, dtype=getattr(torch, dtype)).eval()
     rows = load_stage_dataset(cfg, "rm", load_tokenizer(cfg.models.reward), split="eval").to_list()
 
     def score(ids: list[int]) -> float:
@@ -71,6 +72,10 @@ def test_reloaded_reward_model_ranks_held_out_pairs(rm_run):
         rejected = [score(r["rejected_input_ids"]) for r in rows]
     accuracy = sum(c > r for c, r in zip(chosen, rejected)) / len(rows)
     assert accuracy > 0.8
-    assert accuracy == pytest.approx(final["eval_accuracy"], abs=1e-9)
-    assert sum(chosen) / len(rows) == pytest.approx(final["eval_chosen_score"], abs=1e-4)
-    assert sum(rejected) / len(rows) == pytest.approx(final["eval_rejected_score"], abs=1e-4)
+    # fp32: the run's eval exactly. bf16 rounds scores to 8 significant bits, and the run scores padded batches:
+    # a near-tied pair may flip
+    exact = dtype == "float32"
+    assert accuracy == pytest.approx(final["eval_accuracy"], abs=1e-9 if exact else 2.5 / len(rows))
+    tol = 1e-4 if exact else 5e-2
+    assert sum(chosen) / len(rows) == pytest.approx(final["eval_chosen_score"], abs=tol)
+    assert sum(rejected) / len(rows) == pytest.approx(final["eval_rejected_score"], abs=tol)

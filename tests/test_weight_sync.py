@@ -1,7 +1,9 @@
 """Weight broadcast learner -> vLLM engines: checksums and wire format (pure), then real engines in Ray actors fed
 by a transformers model (ModelSource) and by a real 2-rank ZeRO-3 learner group after an optimizer step.
 
-Two engines (tiny Llama, fp32) are shared by every engine test; each test syncs the weights it needs first.
+Two engines (tiny Llama, fp32) are shared by every engine test; each test syncs the weights it needs first. fp32 is
+pinned: greedy ids are compared exactly with transformers' fp32 ones and the probe at 1e-3. bf16 syncs (precision
+auto on a CPU with bf16) are verified in every PPO test (tests/test_ppo.py).
 """
 from __future__ import annotations
 
@@ -163,7 +165,7 @@ def group(ray_cluster, tiny_llama):
                              "generation.sync_timeout_s": 60,
                              "generation.sync_bucket_mb": 0.15, "generation.max_restarts": 0,
                              "generation.verify_probe_len": 12})
-    g = GeneratorGroup(cfg, tiny_llama)
+    g = GeneratorGroup(cfg, tiny_llama, precision="fp32")  # bit-exact checks: greedy ids = transformers' fp32 ones
     yield g
     g.shutdown()
 
@@ -205,7 +207,7 @@ def test_tied_output_head_follows_the_embedding(ray_cluster, tmp_path):
 
     path = str(build_tiny_model("llama", tmp_path / "tied", seed=3, tie_embeddings=True))
     cfg = load_config(None, {"ray.address": "local", "generation.max_model_len": 256, "generation.max_restarts": 0})
-    group = GeneratorGroup(cfg, path)
+    group = GeneratorGroup(cfg, path, precision="fp32")
     try:
         model = perturbed(path, seed=4)
         assert model.lm_head.weight is model.model.embed_tokens.weight
@@ -375,6 +377,101 @@ def test_verification_off_skips_checksums_and_probe(group, tiny_llama):
     assert greedy_outputs(group, PROMPTS[:1]) == [greedy_hf(model, PROMPTS[0], 10)]
 
 
+def _no_live_readback(worker):  # runs inside an engine's vLLM worker: reading the live weights back now fails
+    def refuse():
+        raise RuntimeError("live-parameter readback during a sync")
+
+    worker.rlhf_checksum_pieces = refuse
+
+
+def _live_readback_again(worker):
+    del worker.rlhf_checksum_pieces
+
+
+@pytest.mark.parametrize("transport", ["gloo", "object_store"])
+def test_sync_checks_what_the_engines_received_not_a_second_pass_over_their_weights(group, tiny_llama, transport):
+    """Checksums are computed while the buckets arrive: after an engine's first (full) check, a sync never reads the
+    engine's live weights back (that pass cost 1.4 s of a 2.3 s sync on SmolLM2), yet every tensor is compared."""
+    import ray
+
+    group.sync_weights(ModelSource(perturbed(tiny_llama, seed=14)))  # the engines' first check has run by now
+    ray.get([e.collective_rpc.remote(_no_live_readback) for e in group.engines])
+    before = with_generation(group, sync_transport=transport)
+    try:
+        model = perturbed(tiny_llama, seed=15)
+        group.sync_weights(ModelSource(model))
+        report = group.last_sync
+        assert report.verified and all(e["probe_max_diff"] < 1e-3 for e in report.engines)
+        received = ray.get(group.engines[0].collective_rpc.remote("rlhf_received_checksums"))[0]
+        assert received == report.checksums and len(received) == len(dict(lora_merged_parameters(model)))
+        with pytest.raises(RuntimeError, match="live-parameter readback"):  # group.verify() still reads them back
+            group.verify()
+    finally:
+        group.gen = before
+        ray.get([e.collective_rpc.remote(_live_readback_again) for e in group.engines])
+    assert engine_greedy(group, 1, PROMPTS) == [greedy_hf(model, p, 10) for p in PROMPTS]
+
+
+def _corrupt_in_transit(worker):  # engine 1's process: the object store hands it one wrong value
+    import rlhf_ray.weight_sync as ws
+
+    original = ws.from_numpy
+
+    def from_numpy(arr, dtype_name):
+        t = original(arr, dtype_name)
+        if t.dim() == 1:  # a norm weight
+            t = t.clone()
+            t[0] += 1e-3
+        return t
+
+    ws.from_numpy, ws._from_numpy = from_numpy, original
+
+
+def _repair_transit(worker):
+    import rlhf_ray.weight_sync as ws
+
+    ws.from_numpy = ws._from_numpy
+
+
+class LeavesOneOut(ModelSource):
+    """A source that never sends one tensor (a learner whose export skips a parameter)."""
+
+    def __init__(self, model, skip: str):
+        super().__init__(model)
+        self.skip = skip
+
+    def push(self, sender, bucket_bytes):
+        from rlhf_ray.weight_sync import close_sender
+
+        named = [(n, t) for n, t in lora_merged_parameters(self.model) if n != self.skip]
+        for bucket in iter_buckets(named, bucket_bytes):
+            sender(bucket)
+        return close_sender(sender.plan.sync_id)
+
+
+def test_a_tensor_corrupted_in_transit_or_never_sent_fails_the_sync(group, tiny_llama):
+    import ray
+
+    model = perturbed(tiny_llama, seed=16)
+    group.sync_weights(ModelSource(model))
+    before = with_generation(group, sync_transport="object_store")
+    try:
+        ray.get(group.engines[1].collective_rpc.remote(_corrupt_in_transit))
+        try:
+            with pytest.raises(WeightSyncError, match=r"engine 1 .*checksum mismatch in model\.\S*norm\.weight"):
+                group.sync_weights(ModelSource(model))
+        finally:
+            ray.get(group.engines[1].collective_rpc.remote(_repair_transit))
+        skip = "model.layers.1.post_attention_layernorm.weight"
+        with pytest.raises(WeightSyncError, match=rf"engine parameters with no learner tensor: \['{skip}'\]"):
+            group.sync_weights(LeavesOneOut(model, skip))
+        assert -1 in group.engine_versions()  # no engine claims a version it failed
+        group.sync_weights(ModelSource(model))
+    finally:
+        group.gen = before
+    assert group.engine_versions() == [group.weight_version] * 2
+
+
 def test_lora_model_syncs_merged(group, tiny_llama):
     from peft import LoraConfig, get_peft_model
 
@@ -479,7 +576,7 @@ def test_verified_sync_for_every_architecture(request, ray_cluster, tiny_models,
     else:
         cfg = load_config(None, {"ray.address": "local", "generation.max_model_len": 256,
                                  "generation.max_restarts": 0, "generation.sync_transport": "object_store"})
-        group = GeneratorGroup(cfg, path)
+        group = GeneratorGroup(cfg, path, precision="fp32")
     try:
         model = perturbed(path, seed=40)
         group.sync_weights(ModelSource(model))

@@ -125,7 +125,8 @@ def _build(d: DataConfig, stage: str, split: str, tokenizer, sources, hf_cache: 
         check_bad_rows(src.path, f"format '{fmt}'", len(raw), counts, first, d.max_bad_fraction)
         part = norm.select(stage_indices(len(norm), d, stage, split, role))
         tokens, drops, first_drop, truncated = tokenize_stage(part, stage, tokenizer, d, f"{key}-{i}")
-        entry.update(stage_rows=len(part), dropped=drops, truncated=truncated, out_rows=len(tokens))
+        entry.update(stage_rows=len(part), dropped=drops, first_dropped_row=first_drop, truncated=truncated,
+                     out_rows=len(tokens))
         check_bad_rows(src.path, f"stage '{stage}' ({split})", len(part), drops, first_drop, d.max_bad_fraction)
         if truncated:
             logger.info("%s: stage '%s' (%s): truncated %s", src.path, stage, split, truncated)

@@ -12,7 +12,8 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 def resolve_dtype(name: str, cuda: Optional[bool] = None) -> torch.dtype:
     """A models.<role>.dtype; 'auto' is what precision 'auto' resolves to on this device (env.resolve_precision:
-    bf16 on GPU, fp32 on CPU). In a PPO run 'auto' follows ppo.actor.deepspeed.precision (config.ppo_precision)."""
+    bf16 on GPU and on CPUs with native bf16, else fp32). In a PPO run 'auto' follows
+    ppo.actor.deepspeed.precision (config.ppo_precision)."""
     if name == "auto":
         from rlhf_ray.env import precision_dtype
 

@@ -245,14 +245,23 @@ def optimizer_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
                         {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
 
 
-def build_optimizer(model: torch.nn.Module, optim: OptimConfig, offload: bool = False):
-    """AdamW over the trainable parameters; DeepSpeed's CPU Adam when ZeRO-Offload keeps them in CPU memory."""
+def build_optimizer(model: torch.nn.Module, optim: OptimConfig, offload: bool = False, fused: bool = False):
+    """AdamW over the trainable parameters; DeepSpeed's CPU Adam when ZeRO-Offload keeps them in CPU memory.
+    `fused` (training on CPU): torch's one-pass AdamW kernel (the same update; the default CPU implementation makes
+    about ten passes over the weights and states, and allocates temporaries as large as the model)."""
     groups = optimizer_groups(model, optim.weight_decay)
     if offload:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         return DeepSpeedCPUAdam(groups, lr=optim.lr, betas=optim.betas, adamw_mode=True)
-    return torch.optim.AdamW(groups, lr=optim.lr, betas=optim.betas)
+    return torch.optim.AdamW(groups, lr=optim.lr, betas=optim.betas, **({"fused": True} if fused else {}))
+
+
+def skip_one_rank_allreduce(engine) -> None:
+    """A one-rank engine without ZeRO has nothing to all-reduce, yet DeepSpeed would flatten every gradient into a
+    fresh buffer at each accumulation boundary, all-reduce it with itself and copy it back."""
+    if engine.dp_world_size == 1 and engine.zero_optimization_stage() == 0:
+        engine.enable_backward_allreduce = False
 
 
 def build_lr_scheduler(optimizer, optim: OptimConfig, total_steps: int):
@@ -392,9 +401,12 @@ def train_loop(loop_cfg: dict) -> Optional[dict]:
     torch.manual_seed(cfg.run.seed)  # identical initial weights (value head, LoRA) on every rank
     ds_config = deepspeed_config(stage_cfg, world, cuda)
     model = build_stage_model(task, cfg, stage_cfg, ds_config)  # under ZeRO-3 never whole on any rank
-    optimizer = build_optimizer(model, stage_cfg.optim, offload=stage_cfg.deepspeed.offload_optimizer)
+    # fused: measured faster on one CPU rank (benchmarks/results/learner_speed.md); multi-rank ZeRO keeps the default
+    optimizer = build_optimizer(model, stage_cfg.optim, offload=stage_cfg.deepspeed.offload_optimizer,
+                                fused=not cuda and world == 1)
     scheduler = build_lr_scheduler(optimizer, stage_cfg.optim, plan.total_steps)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    skip_one_rank_allreduce(engine)
     device = engine.device
 
     # Restore: Ray Train's latest checkpoint of this run (after a worker death) wins over resume_from.

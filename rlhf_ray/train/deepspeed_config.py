@@ -64,6 +64,17 @@ def zero_plus_plus(ds: DeepSpeedConfig, num_ranks: int, cuda: bool, training: bo
     return out
 
 
+def zero_stage(ds: DeepSpeedConfig, num_ranks: int) -> int:
+    """The ZeRO stage the engine runs. ZeRO-1/2 partition optimizer states and gradients over the ranks; one rank has
+    nothing to partition, and DeepSpeed's ZeRO-1/2 optimizer then only adds work (every gradient copied into a
+    bucket and into a flat partition, a second fp32 copy of the weights, the updated partition copied back):
+    stage 0 steps the client optimizer on the parameters directly, as a bare torch loop does. ZeRO-3 and
+    offload keep their stage: they change where the weights and states live."""
+    if num_ranks == 1 and ds.zero_stage in (1, 2) and not ds.offload_optimizer:
+        return 0
+    return ds.zero_stage
+
+
 def deepspeed_config(stage_cfg: PPOLearnerConfig, num_ranks: int, cuda: bool,
                      train_batch_size: Optional[int] = None) -> dict:
     """The DeepSpeed config dict for `num_ranks` data-parallel ranks, on GPU (`cuda`) or CPU.
@@ -77,7 +88,7 @@ def deepspeed_config(stage_cfg: PPOLearnerConfig, num_ranks: int, cuda: bool,
     if not cuda and (ds.offload_optimizer or ds.offload_params):
         raise ConfigError("deepspeed.offload_optimizer / offload_params need a GPU (on CPU the optimizer and "
                           "parameters already live in CPU memory); set them to false")
-    zero: dict = {"stage": ds.zero_stage}
+    zero: dict = {"stage": zero_stage(ds, num_ranks)}
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     if ds.offload_params:
