@@ -16,8 +16,8 @@ same bare loop: the learner's own overhead at equal threads, without data-parall
 Precision: fp32 both sides, or bf16: DeepSpeed's bf16 mode (bf16 weights and compute, fp32 master weights) vs the
 bare loop under torch.autocast(cpu, bfloat16) over fp32 weights (torch's own mixed precision, what HF Trainer / TRL
 run with bf16=True on CPU: the matmuls in bf16 like DeepSpeed's, fp32 weights and optimizer like its master copy).
-The bare loop uses torch's fused AdamW (common.build_optimizer(fused=True)), what one CPU worker uses (several
-ZeRO workers keep torch's default AdamW): the stronger baseline for both rows.
+The bare loop uses torch's fused AdamW (common.build_optimizer(fused=True)), what CPU workers use (one worker on
+the parameters, several on their ZeRO partitions): the stronger baseline for both rows.
 """
 from __future__ import annotations
 

@@ -120,7 +120,7 @@ class HybridPolicyLearner(PolicyLearner):
         # As in the separate layout, the engine's loader checksums every tensor it receives (rlhf_begin_update). Here
         # those are the learner's own tensors (by reference), so they are the sync's checksums: computed once. Each
         # tensor sent must have reached the loader with its shape. The live parameters (a pass through vLLM's packed
-        # CPU kernels, ~0.45 s on SmolLM2) are checked on demand: GeneratorGroup.verify().
+        # CPU kernels, 1.2-1.8 s on SmolLM2 in fp32) are checked on demand: GeneratorGroup.verify().
         engine.begin_weight_update(verify=verify)
         sent: dict[str, tuple] = {}
         buckets = nbytes = max_bucket = 0
@@ -147,17 +147,23 @@ class HybridPolicyLearner(PolicyLearner):
             engine.weight_version = -1
             raise WeightSyncError(f"re-sync of the hybrid engine (pid {os.getpid()}) to weight version {version}: the "
                                   f"learner no longer holds that version (its checksums changed since the sync)")
-        probe = None
-        if verify:
-            ids = torch.tensor([probe_ids])
-            mine = self.logprobs({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, temperature=1.0)
-            probe = (probe_ids, mine[0].tolist(), probe_atol)
+        probe, probe_s = None, 0.0
+        if verify:  # before the finish: on a second thread beside it, it competed for the cores and took longer
+            mine, probe_s = self._timed_probe(probe_ids)
+            probe = (probe_ids, mine, probe_atol)
         pushed = time.perf_counter() - started
         report = engine.finish_weight_update(version, TRANSPORT, checksums, probe)  # failing: version -1
         report["load_s"] = load_s
         return {"bytes": nbytes, "buckets": buckets, "max_bucket_bytes": max_bucket, "checksums": checksums,
                 "probe": probe, "engine": report,
-                "sender": {"seconds": pushed, "checksum_s": 0.0, "transfer_s": load_s, "new_group": False}}
+                "sender": {"seconds": pushed, "checksum_s": 0.0, "transfer_s": load_s, "probe_s": probe_s,
+                           "new_group": False}}
+
+    def _timed_probe(self, probe_ids: list[int]) -> tuple[list[float], float]:
+        """This learner's probe log-probs at T = 1 (what the engine's must match) and the seconds they took."""
+        started, ids = time.perf_counter(), torch.tensor([probe_ids])
+        mine = self.logprobs({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, temperature=1.0)
+        return mine[0].tolist(), time.perf_counter() - started
 
 
 class HybridPolicyGroup(PolicyGroup):

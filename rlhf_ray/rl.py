@@ -243,6 +243,12 @@ def scoring_temperature(temperature: float) -> float:
     return 1.0 if temperature == 0 else float(temperature)
 
 
+def _scaled(logits: Tensor, temperature: float) -> Tensor:
+    """logits / tau; at tau = 1 the logits themselves: x / 1 is x, and skipping it saves a (tokens, vocab) copy and
+    its backward, which page-fault on CPU (a fresh ~100 MB buffer each time)."""
+    return logits if temperature == 1.0 else logits / temperature
+
+
 def logprobs_from_logits(
     logits: Tensor,
     tokens: Tensor,
@@ -265,7 +271,7 @@ def logprobs_from_logits(
     flat_tokens = tokens.reshape(-1, 1)
     out = torch.empty(flat_tokens.shape[0], dtype=_float_dtype(logits), device=logits.device)
     for rows in _row_chunks(flat_logits.shape[0], chunk_size):
-        z = flat_logits[rows].to(out.dtype) / temperature
+        z = _scaled(flat_logits[rows].to(out.dtype), temperature)
         out[rows] = z.gather(-1, flat_tokens[rows]).squeeze(-1) - torch.logsumexp(z, dim=-1)
     out = out.view(tokens.shape)
     return out if mask is None else _zero_pad(out, mask)
@@ -283,7 +289,7 @@ def entropy_from_logits(
     flat_logits = logits.reshape(-1, logits.shape[-1])
     out = torch.empty(flat_logits.shape[0], dtype=_float_dtype(logits), device=logits.device)
     for rows in _row_chunks(flat_logits.shape[0], chunk_size):
-        z = flat_logits[rows].to(out.dtype) / temperature
+        z = _scaled(flat_logits[rows].to(out.dtype), temperature)
         out[rows] = torch.logsumexp(z, dim=-1) - (torch.softmax(z, dim=-1) * z).sum(-1)
     out = out.view(logits.shape[:-1])
     return out if mask is None else _zero_pad(out, mask)

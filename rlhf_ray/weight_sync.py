@@ -30,10 +30,12 @@ A sync, driven by the generator group:
      packed kernel back, 1.4 s of a 2.3 s sync on SmolLM2-135M (benchmarks/results/phase_overheads.md). GPU
      transports (vLLM's transfer engine receives the tensors) check the live parameters every time.
 
-Checksum: sum over elements of bits(x_i) * (i * G + 1) mod 2^64, where bits are the raw element bits (the tensor in
-the engine's dtype) and i is the element's flat index in the full HF tensor. Exact, sensitive to position (a
-swapped shard or transposed block changes it), and additive over slices, so every TP worker checksums its own
-shard in place and the engine adds the parts: no tensor is moved to verify.
+Checksum: sum over k of word_k * (k * G + 1) mod 2^32, where word_k is the k-th 32-bit little-endian word of the
+full HF tensor's raw bytes (the tensor in the engine's dtype, in flat order; a last partial word zero-padded): an
+fp32 element is one word, a bf16 pair one, an 8-byte element two. Exact, sensitive to position (a swapped shard or
+transposed block changes it), and additive over slices, so every TP worker checksums its own shard in place and the
+engine adds the parts: no tensor is moved to verify. 32 bits, not 64: int32 words (one int32 dot product per chunk
+on CPU) cost a fifth of int64 lanes per element, and a changed tensor still goes unnoticed with probability 2^-32.
 """
 from __future__ import annotations
 
@@ -52,8 +54,10 @@ import torch
 Bucket = list[tuple[str, torch.Tensor]]
 TRANSPORTS = ("object_store", "gloo", "nccl", "ipc")
 HOST_TRANSPORTS = ("object_store", "gloo")  # send from host memory; nccl and ipc send from the GPU where buckets are
-MASK64 = (1 << 64) - 1
-_GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)  # odd 64-bit multiplier, as a signed int64
+CHECKSUM_MASK = (1 << 32) - 1  # checksums are 32-bit: int32 words cost a fifth of int64 lanes on CPU
+CHECKSUM_CHUNK = 1 << 18  # words per dot product (2^18 beat 2^16 and 2^20 on CPU)
+_GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)  # odd 64-bit multiplier (only its low 32 bits matter), as a signed int64
+_WEIGHTS: dict[str, torch.Tensor] = {}  # device -> _index_weights
 _BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
@@ -63,17 +67,37 @@ class WeightSyncError(RuntimeError):
 
 # ---------------------------------------------------------------------------------------------- checksums
 def checksum_slice(t: torch.Tensor, full_shape: Iterable[int], dim: int = 0, start: int = 0,
-                   chunk_elems: int = 1 << 20) -> int:
+                   chunk_elems: int = CHECKSUM_CHUNK) -> int:
     """Checksum contribution of `t`, the slice [start, start + t.shape[dim]) along `dim` of a tensor of
     `full_shape` (dim 0 for any rank, dim 1 for matrices). The whole tensor: `checksum_slice(t, t.shape)`."""
-    return int(checksum_on_device(t, full_shape, dim, start, chunk_elems)) & MASK64
+    return int(checksum_on_device(t, full_shape, dim, start, chunk_elems)) & CHECKSUM_MASK
+
+
+def _index_weights(n: int, device: torch.device) -> torch.Tensor:
+    """(j * G + 1) mod 2^32 for j < n, as int32 (cached per device: the weights of one chunk)."""
+    w = _WEIGHTS.get(str(device))
+    if w is None or w.numel() < n:
+        j = torch.arange(max(n, CHECKSUM_CHUNK), dtype=torch.int64, device=device)
+        w = _WEIGHTS[str(device)] = ((j * _GOLDEN + 1) & CHECKSUM_MASK).to(torch.int32)  # wraps into int32
+    return w[:n]
+
+
+def _dot32(b: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """sum(b * w) mod 2^32 (as int64) of two int32 vectors: one pass (torch.dot, int32 lanes that wrap) on CPU;
+    CUDA has no integer dot, so there the products wrap in int32 and their sum is exact in int64."""
+    if b.device.type == "cpu":
+        return torch.dot(b, w).to(torch.int64)
+    return (b * w).sum()
 
 
 def checksum_on_device(t: torch.Tensor, full_shape: Iterable[int], dim: int = 0, start: int = 0,
-                       chunk_elems: int = 1 << 20) -> torch.Tensor:
-    """checksum_slice as an int64 scalar on t's device (computed there; read it with `int(x) & MASK64` when needed:
-    a sender on GPU reads all its checksums once, at the end of a sync). Chunks of 2^20 elements keep the int64
-    temporaries in cache: 1.7x faster than 2^22 on CPU (benchmarks/results/phase_overheads.md)."""
+                       chunk_elems: int = CHECKSUM_CHUNK) -> torch.Tensor:
+    """checksum_slice as an int64 scalar on t's device, congruent to the checksum mod 2^32 (computed there; read it
+    with `int(x) & CHECKSUM_MASK` when needed: a sender on GPU reads all its checksums once, at the end of a sync).
+    A slice that is a word-aligned run of the full tensor's bytes (whole rows, the usual case) is read as int32 words:
+    one int32 dot product per chunk against cached index weights plus the chunk's sum times its offset
+    (benchmarks/results/phase_overheads.md: 5x less than int64 lanes on CPU). Other slices (TP column shards,
+    odd-sized 16-bit rows) weigh each element by its word and its place in it."""
     full = tuple(int(s) for s in full_shape)
     t = t.detach()
     if t.dim() <= 1:
@@ -85,19 +109,46 @@ def checksum_on_device(t: torch.Tensor, full_shape: Iterable[int], dim: int = 0,
         rows, cols, cols_full, row0, col0 = t.shape[0], t.shape[1], full[1], 0, start
     else:
         raise ValueError(f"checksum_slice: slices along dim {dim} of a {t.dim()}-d tensor are not supported")
-    if t.numel() == 0:
-        return torch.zeros((), dtype=torch.int64, device=t.device)
-    bits = t.contiguous().view(_BITS[t.element_size()]).reshape(rows, cols)
-    dev = bits.device
-    col_weight = torch.arange(cols, dtype=torch.int64, device=dev) * _GOLDEN
+    dev = t.device
     total = torch.zeros((), dtype=torch.int64, device=dev)
-    step = max(1, chunk_elems // max(cols, 1))
+    if t.numel() == 0:
+        return total
+    size = t.element_size()
+    bits = t.contiguous().reshape(-1).view(_BITS[min(size, 4)])  # flat first: a 0-d tensor cannot change width
+    if size >= 4:  # elements are whole words (8-byte ones: two)
+        unit = size // 4
+        cols, cols_full, col0 = cols * unit, cols_full * unit, col0 * unit
+        per = 1
+    else:
+        per = 4 // size  # elements per word
+    base = row0 * cols_full + col0  # flat index of the slice's first element (or word)
+    if cols == cols_full and base % per == 0 and bits.numel() % per == 0:  # whole words in the full tensor's order
+        flat = bits.reshape(-1)
+        try:
+            words = flat.view(torch.int32)
+        except RuntimeError:  # a view starting inside a word of its storage
+            words = flat.clone().view(torch.int32)
+        base //= per
+        for s in range(0, words.numel(), chunk_elems):
+            b = words[s:s + chunk_elems]
+            # word j of the chunk has index base + s + j: weight (j*G + 1) + (base + s)*G
+            total += _dot32(b, _index_weights(b.numel(), dev)) + b.sum() * ((base + s) * _GOLDEN & CHECKSUM_MASK)
+        return total
+    bits = bits.reshape(rows, cols)
+    if per == 1:
+        col_weight = ((torch.arange(cols, dtype=torch.int64, device=dev) * _GOLDEN) & CHECKSUM_MASK).to(torch.int32)
+    step = max(1, chunk_elems // cols)
     for r in range(0, rows, step):
-        b = bits[r:r + step].to(torch.int64)
-        # index of element (r, c) = (r + row0) * cols_full + col0 + c, so its weight splits into a column part and
-        # a per-row offset: sum b * (c*G) + sum_r rowsum_r * (offset_r * G + 1), all mod 2^64 (int64 wraps).
+        b = bits[r:r + step].to(torch.int32)
         offsets = (torch.arange(r, r + b.shape[0], dtype=torch.int64, device=dev) + row0) * cols_full + col0
-        total += (b * col_weight).sum() + (b.sum(1) * (offsets * _GOLDEN + 1)).sum()
+        if per == 1:
+            # index of word (r, c) = offset_r + c: sum b * (c*G) + sum_r rowsum_r * (offset_r * G + 1), mod 2^32
+            total += (b * col_weight).sum() + (b.sum(1) * (offsets * _GOLDEN + 1)).sum()
+        else:
+            # element i sits in word i // per at bit 8 * size * (i % per), its raw bits unsigned
+            idx = offsets[:, None] + torch.arange(cols, dtype=torch.int64, device=dev)
+            weight = (((idx // per) * _GOLDEN + 1) << (8 * size * (idx % per))) & CHECKSUM_MASK
+            total += ((b & ((1 << 8 * size) - 1)) * weight.to(torch.int32)).sum()
     return total
 
 
@@ -138,7 +189,7 @@ def combine_pieces(pieces: Iterable[dict]) -> dict[str, tuple[tuple[int, ...], i
             covered += p["length"]
         if covered != (full[dim] if full else 1):
             raise WeightSyncError(f"{name}: engine shards cover {covered} of {full[dim]} along dim {dim}")
-        out[name] = (full, sum(p["checksum"] for p in parts) & MASK64)
+        out[name] = (full, sum(p["checksum"] for p in parts) & CHECKSUM_MASK)
     return out
 
 
@@ -152,8 +203,8 @@ def compare_checksums(expected: dict[str, tuple], live: dict[str, tuple], where:
             raise WeightSyncError(f"{where}: {name} has shape {tuple(live[name][0])} in the engine, "
                                   f"{tuple(shape)} in the learner")
         if live[name][1] != checksum:
-            raise WeightSyncError(f"{where}: checksum mismatch in {name} (engine {live[name][1]:#018x}, "
-                                  f"learner {checksum:#018x})")
+            raise WeightSyncError(f"{where}: checksum mismatch in {name} (engine {live[name][1]:#010x}, "
+                                  f"learner {checksum:#010x})")
     extra = sorted(set(live) - set(expected))
     if extra:
         raise WeightSyncError(f"{where}: engine parameters with no learner tensor: {extra[:5]}")
@@ -489,7 +540,7 @@ def close_sender(sync_id: str) -> dict:
     if state.plan.transport == "gloo" and state.channel is not None:
         state.channel[1].set(meta_key(sync_id, state.buckets), bucket_meta(None))
     values = torch.stack([c for _, c in state.checksums.values()]).tolist() if state.checksums else []  # one read
-    checksums = {name: (shape, v & MASK64) for (name, (shape, _)), v in zip(state.checksums.items(), values)}
+    checksums = {name: (shape, v & CHECKSUM_MASK) for (name, (shape, _)), v in zip(state.checksums.items(), values)}
     return {"buckets": state.buckets, "bytes": state.bytes, "max_bucket_bytes": state.max_bucket_bytes,
             "checksums": checksums, "seconds": time.perf_counter() - state.started,
             "checksum_s": state.checksum_s, "transfer_s": state.transfer_s, "new_group": state.new_group}

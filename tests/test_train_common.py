@@ -54,6 +54,11 @@ def test_deepspeed_config_by_device_and_options(monkeypatch):
     with pytest.raises(ConfigError, match="multiple of micro_batch_size"):
         deepspeed_config(s, num_ranks=3, cuda=False)
     assert deepspeed_config(stage({"optim.grad_clip": 0.0}), 2, False)["gradient_clipping"] == 0.0
+    z2 = stage({"deepspeed.zero_stage": 2})  # CPU ZeRO-1/2: the gradient bucket all-reduced in place, no copies
+    assert deepspeed_config(z2, 2, cuda=False)["zero_optimization"]["reduce_scatter"] is False
+    assert deepspeed_config(z2, 2, cuda=False)["zero_optimization"]["reduce_bucket_size"] == 20_000_000
+    assert not {"reduce_scatter", "reduce_bucket_size"} & deepspeed_config(z2, 2, cuda=True)["zero_optimization"].keys()
+    assert "reduce_scatter" not in cpu["zero_optimization"]  # ZeRO-3 keeps its own
     ppo = deepspeed_config(s, num_ranks=2, cuda=False, train_batch_size=16)  # a PPO learner's mini-batch
     assert (ppo["train_batch_size"], ppo["gradient_accumulation_steps"]) == (16, 4)
 

@@ -7,6 +7,7 @@ Run under the heavy lock: flock /tmp/rlhf_ray_heavy.lock .venv/bin/python -m pyt
 """
 from __future__ import annotations
 
+import glob
 import math
 import os
 
@@ -208,6 +209,32 @@ def test_resume_from_a_given_checkpoint_continues_the_run(killed, resumed):
     assert records[0]["restored_from"] == first.checkpoint
     assert [r["step"] for r in records if r["event"] == "report"] == [STEPS + 1, STEPS + 2]  # no step-0 eval either
     assert result.metrics["loss"] < reports(first)[1]["loss"]  # continues trained weights, not the initial ones
+
+
+def test_zero2_on_two_cpu_workers_trains_like_one_worker(ray_cluster, tiny_llama, tmp_path):
+    """Two CPU workers at ZeRO-2 (gradients all-reduced through DeepSpeed's shared-memory kernel, in place, fused AdamW
+    on the partitions) make the same updates as one worker (no ZeRO, fused AdamW): same rows per step, same averaged
+    gradients, so the same losses and trained weights, up to float summation order. fp32, 4 steps."""
+    from safetensors.torch import load_file
+
+    common = {"sft.deepspeed.precision": "fp32", "sft.deepspeed.zero_stage": 2, "sft.max_steps": 4,
+              "sft.optim.warmup_steps": 0, "sft.eval_every": 0, "sft.checkpoint_every": 0}
+    shm_names = lambda: set(glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_*"))  # noqa: E731
+    before = shm_names()
+    two = run_sft(sft_config(tmp_path / "two", tiny_llama, **common))
+    assert shm_names() <= before  # the kernel's buffers left nothing behind in /dev/shm (RAM)
+    one = run_sft(sft_config(tmp_path / "one", tiny_llama, **common, **{"sft.num_workers": 1}))
+    [start] = [r for r in read_metrics(two.metrics_file) if r["event"] == "start"]
+    assert [w["allreduce"] for w in start["workers"]] == ["shm", "shm"]  # ZeRO's all-reduces took the kernel
+    assert (two.plan.accumulation, one.plan.accumulation) == (2, 4)
+    losses = lambda result: [r["loss"] for r in reports(result) if r["step"] > 0]  # noqa: E731
+    assert losses(two) == pytest.approx(losses(one), rel=1e-5)
+    a, b = load_file(str(two.output_dir / "model.safetensors")), load_file(str(one.output_dir / "model.safetensors"))
+    base = load_file(os.path.join(tiny_llama, "model.safetensors"))
+    assert a.keys() == b.keys()
+    for name in a:
+        assert not torch.equal(a[name], base[name]) or "norm" in name, name  # trained
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=2e-5, msg=name)
 
 
 @pytest.mark.gpu

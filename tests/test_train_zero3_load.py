@@ -29,7 +29,10 @@ MIB = 2**20
 # glibc keeps freed heap blocks below its (self-raising) mmap threshold and hands them back late, which adds
 # 0-50 MiB of noise to RssAnon from run to run (seen: 266-315 MiB peaks for the same load). A fixed threshold makes
 # blocks of 256 KiB and more go back to the kernel when freed, so RssAnon follows what the load really holds.
-MEASURED_ALLOCATOR = {"MALLOC_MMAP_THRESHOLD_": str(256 * 1024)}
+# rlhf_ray's workers keep their heap for speed (rlhf_ray/env.py); this measurement wants glibc's documented trim and
+# top-pad defaults back, so that freed memory leaves RssAnon.
+MEASURED_ALLOCATOR = {"MALLOC_MMAP_THRESHOLD_": str(256 * 1024), "MALLOC_TRIM_THRESHOLD_": str(128 * 1024),
+                      "MALLOC_TOP_PAD_": str(128 * 1024)}
 
 
 def status_mib(*keys: str) -> dict[str, float]:

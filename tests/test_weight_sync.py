@@ -15,8 +15,8 @@ import ray.cloudpickle
 import torch
 
 from rlhf_ray.config import load_config
-from rlhf_ray.weight_sync import (MASK64, BucketSender, ModelSource, WeightSyncError, checksum_slice, combine_pieces,
-                                  compare_checksums, from_numpy, iter_buckets, lora_merged_parameters,
+from rlhf_ray.weight_sync import (CHECKSUM_MASK, BucketSender, ModelSource, WeightSyncError, checksum_slice,
+                                  combine_pieces, compare_checksums, from_numpy, iter_buckets, lora_merged_parameters,
                                   resolve_transport, tensor_checksum, to_numpy)
 
 from helpers import perturbed
@@ -29,10 +29,13 @@ LONG_PROMPT = [(7 * i) % 500 + 3 for i in range(140)]  # > one 128-token KV bloc
 
 # ---------------------------------------------------------------------------------------------- pure logic
 def reference_checksum(t: torch.Tensor) -> int:
-    """The definition, in Python integers: sum bits(x_i) * (i * G + 1) mod 2^64."""
+    """The definition, in Python integers: sum word_k * (k * G + 1) mod 2^32 over the 32-bit little-endian words of
+    the raw bytes (zero-padded)."""
     g = 0x9E3779B97F4A7C15
-    bits = t.contiguous().view({4: torch.int32, 2: torch.int16}[t.element_size()]).flatten().tolist()
-    return sum(b * (i * g + 1) for i, b in enumerate(bits)) % (1 << 64)
+    raw = t.contiguous().view(torch.uint8).flatten().tolist()
+    raw += [0] * (-len(raw) % 4)
+    words = [int.from_bytes(bytes(raw[i:i + 4]), "little") for i in range(0, len(raw), 4)]
+    return sum(w * (k * g + 1) for k, w in enumerate(words)) % (1 << 32)
 
 
 def test_checksum_is_exact_position_sensitive_and_additive_over_shards():
@@ -47,13 +50,26 @@ def test_checksum_is_exact_position_sensitive_and_additive_over_shards():
     nudged[5, 9] = torch.nextafter(w[5, 9], torch.tensor(10.0))  # one ulp
     assert tensor_checksum(nudged) != tensor_checksum(w)
     # Column-parallel rows and row-parallel columns (TP shards) add up to the whole.
-    rows = (checksum_slice(w[:2], w.shape, 0, 0) + checksum_slice(w[2:], w.shape, 0, 2)) & MASK64
-    cols = (checksum_slice(w[:, :3], w.shape, 1, 0) + checksum_slice(w[:, 3:], w.shape, 1, 3)) & MASK64
+    rows = (checksum_slice(w[:2], w.shape, 0, 0) + checksum_slice(w[2:], w.shape, 0, 2)) & CHECKSUM_MASK
+    cols = (checksum_slice(w[:, :3], w.shape, 1, 0) + checksum_slice(w[:, 3:], w.shape, 1, 3)) & CHECKSUM_MASK
     assert rows == cols == tensor_checksum(w)
     v = torch.randn(9)
-    assert (checksum_slice(v[:4], v.shape, 0, 0) + checksum_slice(v[4:], v.shape, 0, 4)) & MASK64 == tensor_checksum(v)
-    # The engine's dtype decides the bits.
-    assert tensor_checksum(w, torch.bfloat16) == reference_checksum(w.to(torch.bfloat16)) != tensor_checksum(w)
+    assert (checksum_slice(v[:4], v.shape, 0, 0) + checksum_slice(v[4:], v.shape, 0, 4)) & CHECKSUM_MASK \
+        == tensor_checksum(v)
+    d = torch.randn(5, 3, dtype=torch.float64)  # 8-byte elements: two 32-bit words each
+    assert (checksum_slice(d[:2], d.shape, 0, 0) + checksum_slice(d[2:], d.shape, 0, 2)) & CHECKSUM_MASK \
+        == tensor_checksum(d) == checksum_slice(d, d.shape, chunk_elems=4)
+    # The engine's dtype decides the bits; 16-bit elements pair up into words, at any slice boundary.
+    h = w.to(torch.bfloat16)
+    assert tensor_checksum(w, torch.bfloat16) == reference_checksum(h) != tensor_checksum(w)
+    assert all((checksum_slice(h[:, :k], h.shape, 1, 0) + checksum_slice(h[:, k:], h.shape, 1, k)) & CHECKSUM_MASK
+               == reference_checksum(h) for k in (1, 3, 4))
+    odd = torch.randn(7).to(torch.bfloat16)
+    assert (checksum_slice(odd[:3], odd.shape, 0, 0) + checksum_slice(odd[3:], odd.shape, 0, 3)) & CHECKSUM_MASK \
+        == tensor_checksum(odd) == reference_checksum(odd)
+    paired = h.clone()
+    paired[0, 0], paired[0, 1] = h[0, 1], h[0, 0]  # a swap inside one word
+    assert tensor_checksum(paired) != tensor_checksum(h)
 
 
 def test_combine_pieces_counts_replicas_once_and_rejects_gaps():
@@ -807,7 +823,7 @@ def test_gpu_sync_keeps_buckets_and_checksums_on_the_device(ray_cluster, tiny_ll
 
     t = torch.randn(300, 70)
     on_device = checksum_on_device(t.cuda(), t.shape)
-    assert on_device.device.type == "cuda" and int(on_device) & MASK64 == tensor_checksum(t)
+    assert on_device.device.type == "cuda" and int(on_device) & CHECKSUM_MASK == tensor_checksum(t)
 
     cfg = load_config(None, {
         "ray.address": "local", "models.actor.path": tiny_llama,
