@@ -82,12 +82,12 @@ def rlhf_ray_config(args, out_dir: str, row_overrides: dict | None = None):
     from rlhf_ray.config import load_config
 
     overrides = {
-        "ray.address": "local", "run.output_dir": out_dir, "run.seed": SEED, "models.actor.path": args.model,
+        "ray.address": "local", "run.output_dir": out_dir, "run.seed": args.seed, "models.actor.path": args.model,
         "ppo.advantage_estimator": "grpo", "ppo.num_iterations": args.steps + 1,
         "ppo.rollout_batch_size": args.prompts, "ppo.mini_batch_size": args.prompts * args.group,
-        "ppo.ppo_epochs": 1, "ppo.kl_coef": BETA, "ppo.kl_estimator": "k3",
+        "ppo.ppo_epochs": 1, "ppo.kl_coef": args.beta, "ppo.kl_estimator": "k3",
         "ppo.reward_functions": ["rlhf_ray.data.builtin.rule_reward"], "ppo.reward_function_mode": "replace",
-        "ppo.actor.optim.lr": LR, "ppo.actor.optim.lr_schedule": "constant",
+        "ppo.actor.optim.lr": args.lr, "ppo.actor.optim.lr_schedule": "constant",
         "ppo.actor.deepspeed.gradient_checkpointing": False,
         # TRL's formulation: the k3 KL in the loss (beta), one pass over one batch, so the training pass gives the
         # old log-probs (TRL skips them too when num_iterations is 1).
@@ -144,6 +144,9 @@ def run_rlhf_ray(args) -> dict:
             "phases_s": {k.split("/")[1][:-2]: [r[k] for r in rows]
                          for k in ("time/generate_s", "time/score_s", "time/train_s", "time/sync_s")},
             "response_length": [r["response/length_mean"] for r in rows], "reward": [r["reward/mean"] for r in rows],
+            "kl_sequence": [r["kl/mean"] for r in rows],
+            "overlong_penalty": [r.get("reward/overlong_penalty_mean", 0.0) for r in rows],  # in reward/mean
+            "samples_generated": [r["rollout/prompts_consumed"] * cfg.generation.n_samples_per_prompt for r in rows],
             "weight_version": [r["weight_version"] for r in rows], "first_iteration_start": first_iteration_start,
             "devices": getattr(trainer, "devices", None),
             "layout": {"placement.layout": row.get("placement.layout", "absent (separate)"),
@@ -198,7 +201,7 @@ def run_trl(args) -> dict:
         texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
         return rule_reward([str(p) for p in prompts], texts, list(reference))
 
-    steps_s, lengths, rewards, first_start = [], [], [], []
+    steps_s, lengths, rewards, kls, first_start = [], [], [], [], []
     phases = {"generate": [], "score": [], "train": []}
     phase, spent = ["startup"], Counter()  # the phase the hooks attribute a forward to; seconds per method this step
 
@@ -219,6 +222,7 @@ def run_trl(args) -> dict:
             if logs and "completions/mean_length" in logs:
                 lengths.append(logs["completions/mean_length"])
                 rewards.append(logs.get("reward", float("nan")))
+                kls.append(logs.get("kl", float("nan")))  # k3, mean over completion tokens
 
     def timed(obj, method: str, label: str, phase_label: str) -> None:
         original = getattr(obj, method)
@@ -234,11 +238,11 @@ def run_trl(args) -> dict:
 
     gen_kwargs = {} if args.natural_length else {"min_new_tokens": args.max_new_tokens}
     config = GRPOConfig(
-        output_dir=tempfile.mkdtemp(prefix="bench_grpo_trl_out_"), use_cpu=True, seed=SEED,
+        output_dir=tempfile.mkdtemp(prefix="bench_grpo_trl_out_"), use_cpu=True, seed=args.seed,
         bf16=args.precision == "bf16",
         per_device_train_batch_size=args.prompts * args.group, gradient_accumulation_steps=1,
         num_generations=args.group, max_completion_length=args.max_new_tokens, temperature=1.0, top_k=0,
-        beta=BETA, learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, max_steps=args.steps + 1,
+        beta=args.beta, learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0, max_steps=args.steps + 1,
         num_iterations=1, gradient_checkpointing=False, shuffle_dataset=False, logging_steps=1,
         report_to="none", save_strategy="no", generation_kwargs=gen_kwargs or None, dataloader_num_workers=0)
     trainer = GRPOTrainer(model=path, reward_funcs=reward, args=config, train_dataset=train,
@@ -253,7 +257,7 @@ def run_trl(args) -> dict:
     probe = [{"phase": k[0], "model": k[1], "weight": k[2], "input": k[3], "output": k[4], "autocast": k[5],
               "calls": n} for k, n in sorted(seen.items())]
     return {"iteration_s": steps_s, "phases_s": phases, "response_length": lengths, "reward": rewards,
-            "first_iteration_start": first_start[0], "torch_threads": torch.get_num_threads(),
+            "kl_token": kls, "first_iteration_start": first_start[0], "torch_threads": torch.get_num_threads(),
             "dtype_probe": probe, "mixed_precision": str(trainer.accelerator.mixed_precision)}
 
 
@@ -386,6 +390,9 @@ def parse_args(argv=None):
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--steps", type=int, default=3,
                         help="timed iterations, after one warm-up iteration (9: start-up + 10 iterations measured)")
+    parser.add_argument("--lr", type=float, default=LR, help="learning rate, both sides")
+    parser.add_argument("--beta", type=float, default=BETA, help="k3 KL coefficient in the loss, both sides")
+    parser.add_argument("--seed", type=int, default=SEED, help="run seed, both sides (also orders the prompts)")
     parser.add_argument("--natural-length", action="store_true", help="let EOS end completions (default: exact length)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="an rlhf_ray config override, e.g. generation.num_engines=2 (repeatable)")

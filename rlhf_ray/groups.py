@@ -183,6 +183,7 @@ class DistributedWorker:
         # First thing, in this rank's own process: its device (and DS_ACCELERATOR, before deepspeed is imported).
         self.device_type = choose_device()
         self.backend: Optional[str] = None  # set by init_distributed
+        self.allreduce: Optional[str] = None  # nccl, gloo or shm (DeepSpeed's shared-memory kernel): init_distributed
         self.dtype_name: Optional[str] = None  # what the model computes in; set by setup()
         import ray
 
@@ -208,7 +209,7 @@ class DistributedWorker:
             return s.getsockname()[1]
 
     def init_distributed(self, master_addr: str, master_port: int, local_rank: int, local_world_size: int) -> str:
-        import deepspeed
+        from rlhf_ray.train.common import init_deepspeed_world, release_shm_name
 
         cuda = self.device_type == "cuda"
         # Ray gives each GPU actor its own CUDA_VISIBLE_DEVICES, so the device is always index 0 inside it.
@@ -218,8 +219,12 @@ class DistributedWorker:
         if cuda:
             torch.cuda.set_device(0)
         self.backend = "nccl" if cuda else "gloo"
-        deepspeed.init_distributed(dist_backend=self.backend, timeout=DIST_TIMEOUT)
-        return self.backend
+        # The helper SFT and RM workers use: on CPU, ZeRO's all-reduce through DeepSpeed's shm kernel when it can.
+        self.allreduce = init_deepspeed_world(cuda, self.world_size, local_world_size, timeout=DIST_TIMEOUT)
+        if self.allreduce == "shm":
+            torch.distributed.barrier()  # every rank has mapped every rank's buffer: its /dev/shm name can go
+            release_shm_name(self.rank)
+        return self.allreduce
 
     def setup(self) -> None:
         """Build the model; runs on every rank together after init_distributed. Subclasses override."""
@@ -229,7 +234,7 @@ class DistributedWorker:
         import ray
 
         return {"role": self.role, "rank": self.rank, "device": self.device_type, "backend": self.backend,
-                "dtype": self.dtype_name, "pid": os.getpid(), "node": ray.util.get_node_ip_address()}
+                "allreduce": self.allreduce, "dtype": self.dtype_name, "pid": os.getpid(), "node": ray.util.get_node_ip_address()}
 
     # -- generic entry points the driver uses
     padding_rows = 0  # of the shard being processed: its last rows repeat the batch's last row (call_sharded)
@@ -292,8 +297,11 @@ class ModelGroup:
             nodes = ray.get([w.node_info.remote() for w in self.workers], timeout=setup_timeout_s)
             port = ray.get(self.workers[0].pick_master_port.remote())
             ranks_on_node = [[r for r, (n, _) in enumerate(nodes) if n == node] for node, _ in nodes]
-            ray.get([w.init_distributed.remote(nodes[0][1], port, ranks_on_node[r].index(r), len(ranks_on_node[r]))
-                     for r, w in enumerate(self.workers)], timeout=setup_timeout_s)
+            paths = ray.get([w.init_distributed.remote(nodes[0][1], port, ranks_on_node[r].index(r),
+                                                       len(ranks_on_node[r]))
+                             for r, w in enumerate(self.workers)], timeout=setup_timeout_s)
+            if len(set(paths)) > 1:  # a rank on shm and one on gloo would wait for each other forever
+                raise RuntimeError(f"{role} ranks disagree on the all-reduce path: {paths}")
             ray.get([w.setup.remote() for w in self.workers], timeout=setup_timeout_s)
             self.reports: list[dict] = ray.get([w.describe.remote() for w in self.workers], timeout=setup_timeout_s)
         except BaseException:

@@ -333,7 +333,7 @@ def _built(name: str, cfg: Config, total_steps: int = 10):
     learner = cls(role, 0, 1, model=model_cfg, stage=ppo_learner(cfg, role), ppo=cfg.ppo, total_steps=total_steps)
     learner.cuda = False
     model = learner.prepare_model(learner.build_model())
-    optimizer = learner.make_optimizer([p for p in model.parameters() if p.requires_grad])
+    optimizer = learner.make_optimizer(model)
     return model, optimizer, learner.make_scheduler(optimizer)
 
 

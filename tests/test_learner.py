@@ -135,6 +135,28 @@ def zero3(ray_cluster, zero3_cfg, request):
 
 
 # ------------------------------------------------------------------------------------------------ pure
+@pytest.mark.parametrize("family", ["llama", "opt", "gpt2"])
+def test_the_lm_head_reads_contiguous_hidden_states_and_scores_like_the_whole_sequence(family, tiny_models):
+    """With logits_to_keep the LM head gets a contiguous (B, k, H) input. A slice of the hidden states (the int
+    form) made torch's matmul copy the head's weight once per row: a bf16 SmolLM2 reference forward took 2x as
+    long on CPU. The kept columns score as over the whole sequence."""
+    from transformers import AutoModelForCausalLM
+
+    from rlhf_ray.learner import causal_logprobs
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_models[family]).eval()
+    batch = make_batch(pad_id=0, vocab=model.config.vocab_size)
+    contiguous = []
+    model.get_output_embeddings().register_forward_pre_hook(lambda m, args: contiguous.append(args[0].is_contiguous()))
+    with torch.no_grad():
+        kept = causal_logprobs(model, batch, position_ids=True, logits_to_keep=True)[0]
+        whole = causal_logprobs(model, batch, position_ids=True, logits_to_keep=False)[0]
+    assert contiguous == [True, True]
+    start = int(batch["action_mask"].bool().any(dim=0).nonzero()[0])
+    assert start > 0 and kept[:, :start].eq(0).all()  # columns before the first action: not scored
+    torch.testing.assert_close(kept[:, start:], whole[:, start:], rtol=0, atol=1e-5)
+
+
 def test_deepspeed_config_from_stage_config(tiny_llama):
     """PPO learners share the SFT/RM builder (rlhf_ray.train.deepspeed_config) with the mini-batch as step batch."""
     cfg = ppo_config(tiny_llama, "", **{"ppo.actor.deepspeed.zero_stage": 3, "ppo.actor.optim.grad_clip": 0.5,
@@ -211,6 +233,18 @@ def test_ppo_steps_raise_logprobs_of_positive_advantage_tokens(stage, request, b
     assert stats["optimizer_steps"] == 2  # 8 rows / mini-batch 4
     gain = (lp - start)[act]
     assert gain.mean() > 0.1 and (gain > 0).float().mean() > 0.9, gain
+
+
+def test_two_cpu_ranks_all_reduce_through_the_shm_kernel_and_leave_no_shm_name(zero2):
+    """PPO learners join their world as SFT / RM workers do (train.common.init_deepspeed_world): on CPU, ZeRO's
+    all-reduce goes through DeepSpeed's shared-memory kernel, and its /dev/shm names are gone once mapped (the
+    learning tests above then train through it)."""
+    import glob
+    import os
+
+    assert [r["allreduce"] for r in zero2.reports] == ["shm", "shm"]
+    addr, port = zero2.apply(lambda w: (os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]))[0]
+    assert glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_*") == []
 
 
 def test_gradient_checkpointing_recomputes_layers(zero3, batch):

@@ -245,10 +245,11 @@ def optimizer_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
                         {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
 
 
-def build_optimizer(model: torch.nn.Module, optim: OptimConfig, offload: bool = False, fused: bool = False):
-    """AdamW over the trainable parameters; DeepSpeed's CPU Adam when ZeRO-Offload keeps them in CPU memory.
-    `fused` (training on CPU): torch's one-pass AdamW kernel (the same update; the default CPU implementation makes
-    about ten passes over the weights and states, and allocates temporaries as large as the model)."""
+def build_optimizer(model: torch.nn.Module, optim: OptimConfig, offload: bool = False, fused: bool = True):
+    """AdamW over the trainable parameters (no decay on biases and norms: optimizer_groups), for every trainer (SFT,
+    RM, PPO learners); DeepSpeed's CPU Adam when ZeRO-Offload keeps them in CPU memory. `fused`: torch's one-pass
+    AdamW kernel, on CPU and CUDA alike (the same update; the default CPU implementation makes about ten passes over
+    the weights and states, and allocates temporaries as large as the model)."""
     groups = optimizer_groups(model, optim.weight_decay)
     if offload:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
@@ -306,6 +307,18 @@ def route_cpu_allreduce_through_shm() -> bool:
 
     backend.all_reduce = all_reduce  # this process's DeepSpeed backend only
     return True
+
+
+def init_deepspeed_world(cuda: bool, world: int, local_world: int, **init_kwargs) -> str:
+    """deepspeed.init_distributed on this rank's device (every trainer: SFT / RM workers, PPO learners, scorers):
+    NCCL on GPU; gloo on CPU, with ZeRO's all-reduce through DeepSpeed's shm kernel when every rank is on this node.
+    Returns the all-reduce path ("nccl", "shm" or "gloo"); with "shm", call release_shm_name after a collective."""
+    import deepspeed
+
+    if not cuda:
+        shm_allreduce_env(world, local_world)
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", **init_kwargs)
+    return "nccl" if cuda else "shm" if route_cpu_allreduce_through_shm() else "gloo"
 
 
 def release_shm_name(rank: int) -> None:
@@ -440,12 +453,8 @@ def train_loop(loop_cfg: dict) -> Optional[dict]:
     if cuda:
         torch.cuda.set_device(ray.train.torch.get_device())
     backend = "nccl" if cuda else "gloo"
-    if not cuda:
-        shm_allreduce_env(world, ctx.get_local_world_size())
-    deepspeed.init_distributed(dist_backend=backend)  # wraps Ray Train's process group
-    shm = not cuda and route_cpu_allreduce_through_shm()
-    chosen = {"role": stage, "rank": rank, "device": device_type, "backend": backend,
-              "allreduce": "shm" if shm else backend,
+    allreduce = init_deepspeed_world(cuda, world, ctx.get_local_world_size())  # wraps Ray Train's process group
+    chosen = {"role": stage, "rank": rank, "device": device_type, "backend": backend, "allreduce": allreduce,
               "dtype": PRECISION_DTYPES[precision(stage_cfg, cuda)], "pid": os.getpid(),
               "node": ray.util.get_node_ip_address()}
     workers: list = [None] * world
@@ -453,7 +462,7 @@ def train_loop(loop_cfg: dict) -> Optional[dict]:
     devices = check_agreement(workers)
     if len({w["allreduce"] for w in workers}) > 1:  # a rank on shm and one on gloo would wait for each other forever
         raise RuntimeError(f"{stage} workers disagree on the all-reduce path: {[w['allreduce'] for w in workers]}")
-    if shm:
+    if allreduce == "shm":
         release_shm_name(rank)
 
     train_rows, eval_rows = ray.get(loop_cfg["train_rows"]), ray.get(loop_cfg["eval_rows"])
@@ -462,8 +471,8 @@ def train_loop(loop_cfg: dict) -> Optional[dict]:
     torch.manual_seed(cfg.run.seed)  # identical initial weights (value head, LoRA) on every rank
     ds_config = deepspeed_config(stage_cfg, world, cuda)
     model = build_stage_model(task, cfg, stage_cfg, ds_config)  # under ZeRO-3 never whole on any rank
-    # fused on CPU: one pass instead of ~10, also on ZeRO's flat partitions (benchmarks/results/learner_speed.md)
-    optimizer = build_optimizer(model, stage_cfg.optim, offload=stage_cfg.deepspeed.offload_optimizer, fused=not cuda)
+    # fused: one pass instead of ~10 on CPU, also on ZeRO's flat partitions (benchmarks/results/learner_speed.md)
+    optimizer = build_optimizer(model, stage_cfg.optim, offload=stage_cfg.deepspeed.offload_optimizer)
     scheduler = build_lr_scheduler(optimizer, stage_cfg.optim, plan.total_steps)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
     skip_one_rank_allreduce(engine)
