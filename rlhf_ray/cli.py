@@ -148,6 +148,12 @@ def cmd_serve_reward(args) -> int:
     return run_server(args)
 
 
+def cmd_serve(args) -> int:
+    from rlhf_ray.serve import cmd_serve as run_server
+
+    return run_server(args)
+
+
 def cmd_eval(args) -> int:
     from rlhf_ray.eval import cmd_eval as run_eval
 
@@ -252,6 +258,30 @@ def build_parser() -> argparse.ArgumentParser:
                    help="HH 'Human:/Assistant:' text instead of the chat template (data.use_chat_template: false)")
     p.add_argument("--trust-remote-code", action="store_true")
     p.set_defaults(func=cmd_serve_reward)
+
+    from rlhf_ray.serve import API_KEY_ENV
+
+    p = sub.add_parser("serve", help=(
+        "an OpenAI-compatible server (chat completions, completions) for a checkpoint: vLLM's own `vllm serve`, "
+        "run by a Ray actor on the (local) Ray cluster"), description=(
+        "Serve --path through vLLM's OpenAI-compatible server, started by a Ray actor on the cluster (ray.address / "
+        "RAY_ADDRESS, else a private local one) in a placement group of placement.generator's CPUs and, on a GPU "
+        "cluster, generation.tensor_parallel_size GPUs; engine settings from CONFIG's generation.* and precision. "
+        "Bound to 127.0.0.1 of that node unless --host is given. Clients send 'Authorization: Bearer <key>', the key "
+        f"read from ${API_KEY_ENV} (or the variable --api-key-env names). Prints the URL; Ctrl-C stops the server "
+        "and frees its resources."))
+    p.add_argument("--path", required=True, help="a Hugging Face folder (e.g. <run>/ppo/actor), hub name or builtin:*")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind on the server's node (default 127.0.0.1: that node only; 0.0.0.0: all)")
+    p.add_argument("--port", type=int, default=8000, help="0 picks a free port on the server's node (printed)")
+    p.add_argument("--name", help="the model name clients ask for (default: the folder's name)")
+    p.add_argument("--api-key-env", default=API_KEY_ENV,
+                   help=f"environment variable holding the API key (default {API_KEY_ENV})")
+    p.add_argument("--no-auth", action="store_true", help="serve without a key when the variable is unset")
+    p.add_argument("--start-timeout-s", type=float, default=900.0, help="how long the server may take to come up")
+    p.add_argument("config", nargs="?", help="optional YAML config (generation.*, placement.generator, precision)")
+    p.add_argument("overrides", nargs=argparse.REMAINDER, help=OVERRIDES_HELP)
+    p.set_defaults(func=cmd_serve)
 
     EVAL_FORMATS = ("auto", "rm-static", "pairwise", "hh-rlhf", "webgpt", "shp", "chat", "prompt", "sft")
     p = sub.add_parser("eval", help="evaluate a reward model (pairwise accuracy) or a policy (reward, win rate)")

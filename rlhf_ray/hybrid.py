@@ -126,7 +126,9 @@ class HybridPolicyLearner(PolicyLearner):
         buckets = nbytes = max_bucket = 0
         load_s = 0.0
         for bucket in self.live_buckets(bucket_bytes):
-            bucket = [(name, t.to(dtype)) for name, t in bucket]  # no copy: the learner computes in the engine's dtype
+            # no copy where the weights are in the engine's dtype (fp32; GPU bf16); CPU bf16 learners keep fp32 weights
+            # under autocast (autocast_bf16): their bucket is cast, one bucket at a time
+            bucket = [(name, t.to(dtype)) for name, t in bucket]
             sent.update((name, tuple(t.shape)) for name, t in bucket)
             t0 = time.perf_counter()
             self.load_into_engine(bucket)

@@ -48,7 +48,7 @@ from rlhf_ray.groups import Batch, DistributedWorker, ModelGroup, RolePlacement,
 from rlhf_ray.models.loading import resolve_model_path
 from rlhf_ray.train.common import (build_optimizer, build_partitioned, hf_model_config, is_zero3,
                                    skip_one_rank_allreduce)
-from rlhf_ray.train.deepspeed_config import deepspeed_config, precision
+from rlhf_ray.train.deepspeed_config import autocast_bf16, deepspeed_config, precision
 
 log = logging.getLogger(__name__)
 
@@ -224,9 +224,10 @@ class EngineWorker(DistributedWorker, abc.ABC):
 
         torch.manual_seed(self.seed)
         self.cuda = self.device_type == "cuda"  # chosen in this rank's process (DistributedWorker)
-        self.dtype_name = PRECISION_DTYPES[precision(self.stage, self.cuda)]
+        self.dtype_name = PRECISION_DTYPES[precision(self.stage, self.cuda)]  # what the model computes in
+        self.autocast = autocast_bf16(precision(self.stage, self.cuda), self.cuda)  # fp32 weights, bf16 matmuls
         self.ds_config = deepspeed_config(self.stage, self.world_size, self.cuda,
-                                          train_batch_size=self.ppo.mini_batch_size)
+                                          train_batch_size=self.ppo.mini_batch_size, torch_autocast=self.autocast)
         self.zero3 = is_zero3(self.ds_config)
         # Under ZeRO-3 straight into partitions, never whole on any rank (the helper SFT and RM use too).
         model = build_partitioned(lambda: self.prepare_model(self.build_model()), self.ds_config)

@@ -41,7 +41,7 @@ import torch
 from rlhf_ray.config import Config, DeepSpeedConfig, ModelConfig, PPOConfig, ppo_precision
 from rlhf_ray.groups import Batch, DistributedWorker, ModelGroup, RolePlacement
 from rlhf_ray.learner import causal_logprobs, forward_accepts, micro_batches, to_device
-from rlhf_ray.train.deepspeed_config import resolve_precision, zero_plus_plus
+from rlhf_ray.train.deepspeed_config import autocast_bf16, resolve_precision, zero_plus_plus
 from rlhf_ray.models.loading import resolve_model_path
 
 TEXT_FIELDS = ("prompts", "responses")
@@ -197,6 +197,7 @@ class ScorerWorker(DistributedWorker, abc.ABC):
         self.requested_stage, self.replica_max_gib = zero_stage, replica_max_gib
         self.model: Any = None
         self.zero_stage: Optional[int] = None
+        self.autocast = False  # set by setup(): bf16 as autocast over fp32 weights (autocast_bf16)
 
     def choose_zero_stage(self, path: str) -> int:
         if self.requested_stage is not None:
@@ -219,8 +220,11 @@ class ScorerWorker(DistributedWorker, abc.ABC):
             return
         cuda = self.device_type == "cuda"  # chosen in this rank's process (DistributedWorker)
         precision = resolve_precision(self.ds, cuda)
-        self.dtype_name = PRECISION_DTYPES[precision]
-        dtype = getattr(torch, self.dtype_name)
+        self.dtype_name = PRECISION_DTYPES[precision]  # what the model computes in
+        # As the learners (autocast_bf16): on CPU, bf16 is autocast over fp32 weights, so that the reference and the
+        # actor start from identical log-probs (a KL of 0) and the reward model scores as it was trained to.
+        self.autocast = autocast_bf16(precision, cuda)
+        dtype = torch.float32 if self.autocast else getattr(torch, self.dtype_name)
         path = resolve_model_path(self.model_cfg.path)
         self.zero_stage = self.choose_zero_stage(path)
         if self.zero_stage == 3:
@@ -229,7 +233,8 @@ class ScorerWorker(DistributedWorker, abc.ABC):
             micro = self.ds.micro_batch_size
             config = {"train_batch_size": micro * self.world_size, "train_micro_batch_size_per_gpu": micro,
                       "zero_optimization": {"stage": 3, **zero_plus_plus(self.ds, self.world_size, cuda, False)},
-                      "bf16": {"enabled": precision == "bf16"},
+                      "bf16": {"enabled": precision == "bf16" and not self.autocast},
+                      **({"torch_autocast": {"enabled": True, "dtype": "bfloat16"}} if self.autocast else {}),
                       "fp16": {"enabled": precision == "fp16"}, "steps_per_print": 10**9}
             module = build_partitioned(lambda: self.load(path, dtype), config)  # straight into partitions
             module.requires_grad_(False)
@@ -242,6 +247,10 @@ class ScorerWorker(DistributedWorker, abc.ABC):
 
     def zero_stage_used(self) -> int:
         return self.zero_stage
+
+    def computing(self):
+        """The context every forward of this scorer runs in: bf16 autocast when self.autocast, else nothing."""
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast)
 
 
 class ReferenceScorer(ScorerWorker):
@@ -266,10 +275,11 @@ class ReferenceScorer(ScorerWorker):
     def logprobs(self, batch: Batch) -> torch.Tensor:
         """(B, T-1) log-probs of input_ids[:, 1:] under the reference model at the sampling temperature (0 where the
         target is padding and, with an action_mask, before its first action column: causal_logprobs)."""
-        return torch.cat([causal_logprobs(self.model, to_device(mb, self.device), self._position_ids,
-                                          logits_to_keep=self._logits_to_keep,
-                                          temperature=self.temperature)[0].float().cpu()
-                          for mb in micro_batches(batch, self.ds.micro_batch_size)])
+        with self.computing():
+            return torch.cat([causal_logprobs(self.model, to_device(mb, self.device), self._position_ids,
+                                              logits_to_keep=self._logits_to_keep,
+                                              temperature=self.temperature)[0].float().cpu()
+                              for mb in micro_batches(batch, self.ds.micro_batch_size)])
 
 
 class RewardScorer(ScorerWorker):
@@ -306,7 +316,8 @@ class RewardScorer(ScorerWorker):
         out = []
         for mb in micro_batches(batch, self.ds.micro_batch_size):
             mb = to_device(mb, self.device)
-            values = self.model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"])
+            with self.computing():
+                values = self.model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"])
             out.append(values.gather(1, last_token_index(mb["attention_mask"]).unsqueeze(1)).squeeze(1).float().cpu())
         return torch.cat(out)
 

@@ -400,8 +400,9 @@ def test_critic_starts_from_reward_model_and_moves_toward_returns(ray_cluster, t
 
 
 def _precision_state(worker, moments: bool = False) -> dict:
-    """The dtypes the model holds, every trainable parameter's fp32 master (DeepSpeed's documented accessor) and,
-    after a step (the optimizer state exists from then on), the dtypes of the Adam moments the optimizer keeps."""
+    """The dtypes the model holds, every trainable parameter's fp32 value (DeepSpeed's documented accessor: the
+    weight itself under autocast) and, after a step (the optimizer state exists from then on), the dtypes of the Adam
+    moments the optimizer keeps."""
     from deepspeed.utils import safe_get_full_fp32_param
 
     params = worker._trainable()
@@ -411,40 +412,59 @@ def _precision_state(worker, moments: bool = False) -> dict:
             "master": {hf_param_name(n): safe_get_full_fp32_param(p).detach().cpu().clone() for n, p in params}}
 
 
-def test_auto_on_a_bf16_cpu_is_mixed_precision_with_fp32_master_weights(ray_cluster, tiny_llama, tiny_value_model,
-                                                                        batch):
-    """precision auto on a CPU with native bf16: the model computes in bf16 while DeepSpeed keeps fp32 master weights
-    and Adam moments. A step far below bf16's resolution (lr 1e-6) still moves every master weight, and what the
-    engines are sent (the bf16 weights) is exactly the master rounded: nothing learnt is lost, nothing stale sent."""
+def _computed_in(worker, batch) -> tuple[str, str, str]:
+    """(layer 0 q_proj's weight dtype, its output dtype, the residual stream's dtype after layer 0) over one forward
+    of the learner's engine."""
+    seen = {}
+    layer = worker.module.model.layers[0]
+    hooks = [layer.self_attn.q_proj.register_forward_hook(
+                 lambda m, i, o: seen.setdefault("q", (str(m.weight.dtype), str(o.dtype)))),
+             layer.register_forward_hook(
+                 lambda m, i, o: seen.setdefault("residual", str((o[0] if isinstance(o, tuple) else o).dtype)))]
+    try:
+        worker.logprobs(batch)
+    finally:
+        for h in hooks:
+            h.remove()
+    return (*seen["q"], seen["residual"])
+
+
+def test_auto_on_a_bf16_cpu_computes_in_bf16_over_fp32_weights(ray_cluster, tiny_llama, tiny_value_model, batch):
+    """precision auto on a CPU with native bf16: the learner's matmuls run in bf16 under torch.autocast while its
+    weights, residual stream and Adam moments stay fp32 (deepspeed_config.autocast_bf16; DeepSpeed's bf16 mode, bf16
+    weights, stalled GRPO on this CPU). A step far below bf16's resolution (lr 1e-6) moves every fp32 weight, and what
+    the engines are sent is exactly those weights rounded to bf16."""
     from rlhf_ray.env import NATIVE_BF16_CPU_FLAGS, cpu_flags
 
     if not cpu_flags() & set(NATIVE_BF16_CPU_FLAGS):
         pytest.skip("this CPU has no native bf16 matmul: auto is fp32 here (the choice is tested as logic)")
-    cfg = ppo_config(tiny_llama, tiny_value_model, **{  # 2 ranks, ZeRO-2: DeepSpeed's ZeRO optimizer holds the master
+    cfg = ppo_config(tiny_llama, tiny_value_model, **{  # 2 ranks, ZeRO-2: DeepSpeed's ZeRO optimizer, bf16 autocast
         "ppo.actor.optim.lr": 1e-6, "ppo.actor.deepspeed.precision": "auto", "ppo.critic.deepspeed.precision": "auto"})
     group = PolicyGroup(cfg)
     try:
         assert group.dtype == "bfloat16"
+        assert group.apply(lambda w: (w.ds_config["torch_autocast"], w.ds_config["bf16"]["enabled"]))[0] == (
+            {"enabled": True, "dtype": "bfloat16"}, False)
+        assert group.apply(_computed_in, batch)[0] == ("torch.float32", "torch.bfloat16", "torch.float32")
         before = group.apply(_precision_state)[0]
-        assert all(m.dtype == torch.float32 for m in before["master"].values())
         stats = group.train(experience(batch, group.logprobs(batch), advantage=1.0))
         assert stats["optimizer_steps"] == 2  # 8 rows, mini-batches of 4
         after = group.apply(_precision_state, True)[0]
         sent = dict(exported(group))
     finally:
         group.shutdown()
-    assert after["module"] == {"torch.bfloat16"} and after["moments"] == {"torch.float32"}
+    assert before["module"] == after["module"] == {"torch.float32"} and after["moments"] == {"torch.float32"}
     moved = rounded_away = total = 0
-    for name, master in after["master"].items():
-        assert master.dtype == torch.float32 and sent[name].dtype == torch.bfloat16
-        assert torch.equal(sent[name], master.to(torch.bfloat16)), name  # the engines get the master, rounded
+    for name, weight in after["master"].items():
+        assert sent[name].dtype == torch.bfloat16
+        assert torch.equal(sent[name], weight.to(torch.bfloat16)), name  # the engines get the weights, rounded
         if "embed_tokens" in name:
             continue  # rows of tokens absent from the batch get no gradient
-        moved += int((master != before["master"][name]).sum())
+        moved += int((weight != before["master"][name]).sum())
         rounded_away += int((sent[name] == before["master"][name].to(torch.bfloat16)).sum())
-        total += master.numel()
+        total += weight.numel()
     assert moved > 0.9 * total  # every weight took the small (Adam: ~lr) step in fp32 ...
-    assert rounded_away > 0.9 * total  # ... which bf16 alone would have lost for almost all of them
+    assert rounded_away > 0.9 * total  # ... which bf16 weights would have lost for almost all of them
 
 
 # ------------------------------------------------------------------------------------------------ GPU

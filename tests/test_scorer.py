@@ -216,21 +216,35 @@ def test_replica_reference_equals_transformers_and_size_picks_zero_stage(tiny_ll
         .choose_zero_stage(tiny_llama) == 0
 
 
-def test_scorers_load_straight_in_the_run_precision(tiny_llama, tiny_value_model, monkeypatch):
-    """bf16 scorers are never materialised in fp32 first: that transient copy was kept by the allocator (the
-    reward scorer's process stayed ~0.35 GiB above the reference's on SmolLM2)."""
+def test_bf16_scorers_on_cpu_compute_in_bf16_over_fp32_weights(tiny_llama, tiny_value_model, monkeypatch):
+    """On CPU a bf16 reference or reward scorer computes as the bf16 learners do (deepspeed_config.autocast_bf16):
+    fp32 weights loaded as such, its matmuls in bf16 under autocast, so that the reference and the actor start from
+    identical log-probs. fp32 scorers stay fp32 throughout."""
     import rlhf_ray.models.loading as loading
 
     asked = []
     for owner, name in ((loading, "load_causal_lm"), (ValueHeadModel, "from_pretrained")):
         real = getattr(owner, name)
         monkeypatch.setattr(owner, name, lambda *a, _real=real, **kw: asked.append(kw["dtype"]) or _real(*a, **kw))
-    ds = DeepSpeedConfig(precision="bf16", micro_batch_size=2)
-    for scorer in (ReferenceScorer("reference", 0, 1, model=ModelConfig(path=tiny_llama), deepspeed=ds),
-                   RewardScorer("reward", 0, 1, model=ModelConfig(path=tiny_value_model), deepspeed=ds)):
-        scorer.setup()
-        assert {p.dtype for p in scorer.model.parameters()} == {torch.bfloat16}
-    assert asked == [torch.bfloat16, torch.bfloat16]
+    for precision, weights, compute in (("bf16", torch.float32, torch.bfloat16), ("fp32", torch.float32, torch.float32)):
+        ds = DeepSpeedConfig(precision=precision, micro_batch_size=2)
+        for scorer in (ReferenceScorer("reference", 0, 1, model=ModelConfig(path=tiny_llama), deepspeed=ds),
+                       RewardScorer("reward", 0, 1, model=ModelConfig(path=tiny_value_model), deepspeed=ds)):
+            scorer.setup()
+            assert {p.dtype for p in scorer.model.parameters()} == {weights}
+            assert scorer.autocast == (precision == "bf16") and scorer.dtype_name == str(compute).removeprefix("torch.")
+            q_proj = next(m for n, m in scorer.model.named_modules() if n.endswith("layers.0.self_attn.q_proj"))
+            seen = []
+            hook = q_proj.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+            ids = torch.tensor([[3, 4, 5, 6]])
+            batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+            if isinstance(scorer, ReferenceScorer):
+                scorer.logprobs(batch)
+            else:
+                scorer.scores(batch)
+            hook.remove()
+            assert seen == [compute], (precision, type(scorer).__name__)
+    assert asked == [torch.float32] * 4
 
 
 def test_replace_mode_skips_the_reward_model(tiny_value_model, tiny_llama, tok, reward_server):

@@ -32,6 +32,23 @@ def test_published_opt_sft_recipe_is_expressible():
     assert deepspeed_config(s, num_ranks=4, cuda=True)["gradient_accumulation_steps"] == 2
 
 
+def test_ppo_bf16_is_autocast_over_fp32_weights_on_cpu_and_deepspeed_bf16_on_gpu():
+    """autocast_bf16 decides PPO's bf16 mode by device; deepspeed_config(torch_autocast=True) turns DeepSpeed's bf16
+    mode (bf16 weights) into its torch.autocast section (fp32 weights)."""
+    from rlhf_ray.train.deepspeed_config import autocast_bf16
+
+    assert autocast_bf16("bf16", cuda=False) and not autocast_bf16("bf16", cuda=True)
+    assert not autocast_bf16("fp32", cuda=False) and not autocast_bf16("fp16", cuda=True)
+    s = stage({"deepspeed.precision": "bf16", "deepspeed.global_batch_size": 4, "deepspeed.micro_batch_size": 2})
+    autocast = deepspeed_config(s, num_ranks=2, cuda=False, torch_autocast=True)
+    assert autocast["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"} and not autocast["bf16"]["enabled"]
+    weights = deepspeed_config(s, num_ranks=2, cuda=False)
+    assert "torch_autocast" not in weights and weights["bf16"]["enabled"]
+    fp32 = deepspeed_config(stage({"deepspeed.precision": "fp32", "deepspeed.global_batch_size": 4,
+                                   "deepspeed.micro_batch_size": 2}), num_ranks=2, cuda=False, torch_autocast=True)
+    assert "torch_autocast" not in fp32 and not fp32["bf16"]["enabled"]  # autocast is a bf16 mode only
+
+
 def test_deepspeed_config_by_device_and_options(monkeypatch):
     from rlhf_ray import env
 

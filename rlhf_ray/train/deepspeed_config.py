@@ -77,11 +77,23 @@ def zero_stage(ds: DeepSpeedConfig, num_ranks: int) -> int:
     return ds.zero_stage
 
 
+def autocast_bf16(precision: str, cuda: bool) -> bool:
+    """Whether PPO's bf16 runs as torch autocast over fp32 weights (CPU) rather than DeepSpeed's bf16 mode (GPU:
+    bf16 weights, fp32 master copies in the optimizer, what DeepSpeed-Chat and OpenRLHF run and the planner models).
+    On CPU DeepSpeed's bf16 mode stalled GRPO on SmolLM2 at lr 1e-5: over 6 iterations the k3 KL to the reference
+    stayed at ~0.0025 nats per token and the reward flat, while fp32 and autocast both moved (KL 0.018-0.023 per
+    token, reward 0.25 -> 0.5; benchmarks/results/precision_learning.md): rounding the weights and the residual stream
+    to bf16 loses most of each small update. Autocast (TRL's and HF Trainer's bf16 on CPU) computes the matmuls in
+    bf16 and keeps weights, norms and residual stream in fp32, at the same speed here."""
+    return precision == "bf16" and not cuda
+
+
 def deepspeed_config(stage_cfg: PPOLearnerConfig, num_ranks: int, cuda: bool,
-                     train_batch_size: Optional[int] = None) -> dict:
+                     train_batch_size: Optional[int] = None, torch_autocast: bool = False) -> dict:
     """The DeepSpeed config dict for `num_ranks` data-parallel ranks, on GPU (`cuda`) or CPU.
     `train_batch_size` (samples per optimizer step across ranks) defaults to a stage's deepspeed.global_batch_size;
-    PPO learners (no global batch of their own) pass ppo.mini_batch_size."""
+    PPO learners (no global batch of their own) pass ppo.mini_batch_size. `torch_autocast` (bf16 only:
+    autocast_bf16): fp32 weights with DeepSpeed's torch.autocast section instead of its bf16 mode."""
     ds = stage_cfg.deepspeed
     batch = _step_batch(ds, train_batch_size)
     prec = precision(stage_cfg, cuda)
@@ -114,7 +126,8 @@ def deepspeed_config(stage_cfg: PPOLearnerConfig, num_ranks: int, cuda: bool,
         "gradient_accumulation_steps": gradient_accumulation_steps(stage_cfg, num_ranks, batch),
         "gradient_clipping": stage_cfg.optim.grad_clip,  # 0 disables clipping
         "zero_optimization": zero,
-        "bf16": {"enabled": prec == "bf16"},
+        "bf16": {"enabled": prec == "bf16" and not torch_autocast},
+        **({"torch_autocast": {"enabled": True, "dtype": "bfloat16"}} if prec == "bf16" and torch_autocast else {}),
         "fp16": {"enabled": prec == "fp16", "loss_scale": 0, "loss_scale_window": 100, "initial_scale_power": 16},
         "zero_allow_untested_optimizer": True,  # a plain torch AdamW client optimizer on CPU (no JIT build)
         "steps_per_print": 10 ** 9,  # we log progress ourselves
