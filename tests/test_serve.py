@@ -38,7 +38,7 @@ def read_until(proc: subprocess.Popen, pattern: str, timeout_s: float) -> re.Mat
             if match := re.search(pattern, line):
                 return match
     proc.kill()
-    raise AssertionError(f"no line matching {pattern!r}; output:\n{''.join(seen)[-3000:]}")
+    raise AssertionError(f"no line matching {pattern!r}; output:\n{''.join(seen)[-8000:]}")
 
 
 def test_serve_answers_chat_completions_with_the_key_refuses_others_and_stops_clean(tiny_llama):
