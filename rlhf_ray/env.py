@@ -11,6 +11,7 @@ vLLM engine actors, Ray Train workers), resolves its precision with `resolve_pre
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import sys
 from pathlib import Path
@@ -50,6 +51,24 @@ def worker_env_vars() -> dict[str, str]:
     """Environment for Ray actors and Ray Train workers (runtime_env['env_vars']): never a device choice."""
     apply_process_defaults()
     return {key: os.environ[key] for key in _process_defaults()}
+
+
+# Ray Train's PlacementGroupCleaner asks Ray's State API every few seconds whether the train controller still lives.
+# A private local cluster (resources.init_ray) runs without the dashboard that serves that API, so every SFT / RM
+# stage printed "Failed to query Ray Train Controller actor state ..." every few seconds. The stages remove their
+# placement groups themselves; local clusters drop that one line in every worker (worker_process_setup_hook).
+PG_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+STATE_API_WARNING = "Failed to query Ray Train Controller actor state"
+
+
+class _DropStateApiWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return STATE_API_WARNING not in record.getMessage()
+
+
+def quiet_state_api_warning() -> None:
+    """worker_process_setup_hook of private local clusters (resources.init_ray), unless the driver logs at DEBUG."""
+    logging.getLogger(PG_CLEANER_LOGGER).addFilter(_DropStateApiWarning())
 
 
 # ------------------------------------------------------------------------------------ worker-side choice

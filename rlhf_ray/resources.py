@@ -99,6 +99,8 @@ def init_ray(cfg: Config, **kwargs):
         source = "ray.address" if cfg.ray.address else "RAY_ADDRESS"
         log.info("attaching to the Ray cluster at %s (%s)", address, source)
         return ray.init(address=address, runtime_env=runtime_env, **kwargs)
+    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:  # no State API here: env.quiet_state_api_warning
+        runtime_env["worker_process_setup_hook"] = "rlhf_ray.env.quiet_state_api_warning"
     num_cpus = local_num_cpus(cfg)
     why = "ray.address: local" if cfg.ray.address == LOCAL else "no ray.address or RAY_ADDRESS given"
     log.info("starting a private local Ray cluster with %d logical CPUs (%d cores): %s", num_cpus,

@@ -1,5 +1,6 @@
 """The small-machine resource convention and placement groups that fail fast instead of hanging."""
 import os
+import sys
 import time
 
 import pytest
@@ -81,3 +82,24 @@ def test_a_run_without_an_address_starts_its_own_cluster_beside_a_running_one(ra
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split()[-1] != ray_cluster.get_runtime_context().gcs_address
+
+
+def _state_api_filtering() -> tuple[bool, bool]:
+    """In a worker: whether Ray Train's PlacementGroupCleaner logger lets (its State API warning, another line) through."""
+    import logging
+
+    from rlhf_ray.env import PG_CLEANER_LOGGER, STATE_API_WARNING
+
+    logger = logging.getLogger(PG_CLEANER_LOGGER)
+    passes = lambda msg: logger.filter(  # noqa: E731
+        logging.LogRecord(PG_CLEANER_LOGGER, logging.WARNING, __file__, 1, msg, None, None))
+    return bool(passes(STATE_API_WARNING + ". State API may be temporarily unavailable.")), bool(passes("other"))
+
+
+def test_local_clusters_drop_ray_trains_state_api_warning_in_every_worker(ray_cluster):
+    """A private local cluster has no dashboard, so no State API: Ray Train's placement-group cleaner would log that
+    it cannot query the controller every few seconds of every SFT / RM stage. Its workers drop that one line."""
+    import ray.cloudpickle
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    assert ray.get(ray.remote(num_cpus=0)(_state_api_filtering).remote()) == (False, True)
