@@ -18,7 +18,8 @@ per precision and serves both layouts. Every side runs in its own fresh process,
   (--prompts x --group completions per iteration, ONE optimizer step over all of them), the same group size, the
   same lengths (by default every completion is exactly --max-new-tokens long, EOS ignored: vLLM's ignore_eos and HF
   generate's min_new_tokens, so both do identical work; --natural-length lets EOS end them), temperature 1, a frozen
-  reference model with a k3 KL penalty (beta 0.04), lr 1e-6, no gradient checkpointing, and the built-in rule reward.
+  reference model with a k3 KL penalty (beta 0.04), lr 1e-6, AdamW betas (0.9, 0.999) (TRL's default; set on
+  rlhf_ray's side since 2026-12-02 01:10 UTC), no gradient checkpointing, and the built-in rule reward.
 TRL's settings are those of the first version of this bench except bf16 (GRPOConfig's other defaults unchanged).
 The iteration = generate, score (reward, reference and old log-probs), train one step, and, for rlhf_ray,
 broadcast the new weights to the vLLM engine (verified: generation.verify_weights). TRL generates with HF
@@ -88,6 +89,7 @@ def rlhf_ray_config(args, out_dir: str, row_overrides: dict | None = None):
         "ppo.ppo_epochs": 1, "ppo.kl_coef": args.beta, "ppo.kl_estimator": "k3",
         "ppo.reward_functions": ["rlhf_ray.data.builtin.rule_reward"], "ppo.reward_function_mode": "replace",
         "ppo.actor.optim.lr": args.lr, "ppo.actor.optim.lr_schedule": "constant",
+        "ppo.actor.optim.betas": [0.9, 0.999],  # TRL's (the HF Trainer's AdamW default; rlhf_ray's own is 0.9, 0.95)
         "ppo.actor.deepspeed.gradient_checkpointing": False,
         # TRL's formulation: the k3 KL in the loss (beta), one pass over one batch, so the training pass gives the
         # old log-probs (TRL skips them too when num_iterations is 1).
