@@ -3,9 +3,9 @@ by a Ray actor on the cluster, never in the driver.
 
 The server is vLLM's (chat completions, completions, models, health: what `vllm serve` offers). The actor
 (`OpenAIServer`) sits in a placement group of one bundle, placement.generator's CPUs and, on a cluster with GPUs,
-generation.tensor_parallel_size x placement.generator.gpus_per_worker GPUs, so a TP group stays on one node; it
-starts vLLM's server (`vllm serve`'s module) as its child process, which picks its device there (vLLM's platform) and dies with the actor
-(PR_SET_PDEATHSIG). The engine's settings are the run's: the dtype from the one precision key (config.ppo_precision,
+generation.tensor_parallel_size x placement.generator.gpus_per_worker GPUs (1 per TP worker when that key is 0), so a
+TP group stays on one node; it starts vLLM's server (`vllm serve`'s module) as its child process, which picks its
+device there (vLLM's platform) and dies with the actor (PR_SET_PDEATHSIG). The engine's settings are the run's: the dtype from the one precision key (config.ppo_precision,
 resolved on the server's device), generation.max_model_len / kv_cache_gib (CPU) / gpu_memory_utilization (GPU) /
 enforce_eager / cpu_cores, models.actor.trust_remote_code.
 
@@ -153,7 +153,8 @@ class ServedModel:
         from rlhf_ray.resources import ready_placement_group
 
         res, gen = cfg.placement.generator, cfg.generation
-        gpus = res.gpus_per_worker * gen.tensor_parallel_size if ray.cluster_resources().get("GPU", 0) else 0.0
+        # an accelerator bundle when the cluster has GPUs (one per TP worker unless placement.generator says more)
+        gpus = (res.gpus_per_worker or 1.0) * gen.tensor_parallel_size if ray.cluster_resources().get("GPU", 0) else 0.0
         bundle = {"CPU": res.cpus_per_worker, **({"GPU": gpus} if gpus else {})}
         self.pg, self.actor = None, None
         try:

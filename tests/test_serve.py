@@ -12,6 +12,7 @@ import urllib.request
 from pathlib import Path
 
 import psutil
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 CLI = str(Path(sys.executable).parent / "rlhf-ray")
@@ -76,3 +77,22 @@ def test_serve_refuses_to_start_without_a_key_unless_told():
     proc = subprocess.run([CLI, "serve", "--path", "builtin:smollm2"], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 2 and "RLHF_RAY_SERVE_API_KEY is not set" in proc.stderr and "--no-auth" in proc.stderr
+
+
+@pytest.mark.gpu
+def test_serve_takes_a_gpu_bundle_when_the_cluster_has_gpus(tiny_llama):
+    """On a GPU machine the server actor's placement group holds a GPU and vLLM's server picks CUDA there."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RLHF_RAY_SERVE_API_KEY": KEY}
+    proc = subprocess.Popen([CLI, "--log-level", "WARNING", "serve", "--path", tiny_llama, "--port", "0",
+                             "--name", "tiny"], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        match = read_until(proc, r"on (cpu|cuda): (http://127\.0\.0\.1:\d+/v1)", timeout_s=600)
+        assert match.group(1) == "cuda"
+        ask = {"model": "tiny", "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 6}
+        assert post(f"{match.group(2)}/chat/completions", ask, KEY)[0] == 200
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=120) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
