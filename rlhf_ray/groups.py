@@ -234,7 +234,8 @@ class DistributedWorker:
         import ray
 
         return {"role": self.role, "rank": self.rank, "device": self.device_type, "backend": self.backend,
-                "allreduce": self.allreduce, "dtype": self.dtype_name, "pid": os.getpid(), "node": ray.util.get_node_ip_address()}
+                "allreduce": self.allreduce, "dtype": self.dtype_name, "pid": os.getpid(),
+                "node": ray.util.get_node_ip_address()}
 
     # -- generic entry points the driver uses
     padding_rows = 0  # of the shard being processed: its last rows repeat the batch's last row (call_sharded)

@@ -224,8 +224,9 @@ class EngineWorker(DistributedWorker, abc.ABC):
 
         torch.manual_seed(self.seed)
         self.cuda = self.device_type == "cuda"  # chosen in this rank's process (DistributedWorker)
-        self.dtype_name = PRECISION_DTYPES[precision(self.stage, self.cuda)]  # what the model computes in
-        self.autocast = autocast_bf16(precision(self.stage, self.cuda), self.cuda)  # fp32 weights, bf16 matmuls
+        prec = precision(self.stage, self.cuda)
+        self.dtype_name = PRECISION_DTYPES[prec]  # what the model computes in
+        self.autocast = autocast_bf16(prec, self.cuda)  # fp32 weights, bf16 matmuls
         self.ds_config = deepspeed_config(self.stage, self.world_size, self.cuda,
                                           train_batch_size=self.ppo.mini_batch_size, torch_autocast=self.autocast)
         self.zero3 = is_zero3(self.ds_config)

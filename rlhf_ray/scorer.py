@@ -41,7 +41,7 @@ import torch
 from rlhf_ray.config import Config, DeepSpeedConfig, ModelConfig, PPOConfig, ppo_precision
 from rlhf_ray.groups import Batch, DistributedWorker, ModelGroup, RolePlacement
 from rlhf_ray.learner import causal_logprobs, forward_accepts, micro_batches, to_device
-from rlhf_ray.train.deepspeed_config import autocast_bf16, resolve_precision, zero_plus_plus
+from rlhf_ray.train.deepspeed_config import autocast_bf16, precision_sections, resolve_precision, zero_plus_plus
 from rlhf_ray.models.loading import resolve_model_path
 
 TEXT_FIELDS = ("prompts", "responses")
@@ -233,9 +233,7 @@ class ScorerWorker(DistributedWorker, abc.ABC):
             micro = self.ds.micro_batch_size
             config = {"train_batch_size": micro * self.world_size, "train_micro_batch_size_per_gpu": micro,
                       "zero_optimization": {"stage": 3, **zero_plus_plus(self.ds, self.world_size, cuda, False)},
-                      "bf16": {"enabled": precision == "bf16" and not self.autocast},
-                      **({"torch_autocast": {"enabled": True, "dtype": "bfloat16"}} if self.autocast else {}),
-                      "fp16": {"enabled": precision == "fp16"}, "steps_per_print": 10**9}
+                      **precision_sections(precision, self.autocast), "steps_per_print": 10**9}
             module = build_partitioned(lambda: self.load(path, dtype), config)  # straight into partitions
             module.requires_grad_(False)
             self.model, *_ = deepspeed.initialize(model=module, config=config)

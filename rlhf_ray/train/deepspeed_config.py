@@ -88,6 +88,15 @@ def autocast_bf16(precision: str, cuda: bool) -> bool:
     return precision == "bf16" and not cuda
 
 
+def precision_sections(precision: str, torch_autocast: bool = False) -> dict:
+    """DeepSpeed's bf16 / fp16 / torch_autocast sections for a resolved precision (trainers and frozen scorers):
+    with `torch_autocast` (bf16 only, autocast_bf16) fp32 weights under torch.autocast instead of bf16 mode."""
+    autocast = precision == "bf16" and torch_autocast
+    return {"bf16": {"enabled": precision == "bf16" and not autocast},
+            **({"torch_autocast": {"enabled": True, "dtype": "bfloat16"}} if autocast else {}),
+            "fp16": {"enabled": precision == "fp16"}}
+
+
 def deepspeed_config(stage_cfg: PPOLearnerConfig, num_ranks: int, cuda: bool,
                      train_batch_size: Optional[int] = None, torch_autocast: bool = False) -> dict:
     """The DeepSpeed config dict for `num_ranks` data-parallel ranks, on GPU (`cuda`) or CPU.
@@ -126,8 +135,7 @@ def deepspeed_config(stage_cfg: PPOLearnerConfig, num_ranks: int, cuda: bool,
         "gradient_accumulation_steps": gradient_accumulation_steps(stage_cfg, num_ranks, batch),
         "gradient_clipping": stage_cfg.optim.grad_clip,  # 0 disables clipping
         "zero_optimization": zero,
-        "bf16": {"enabled": prec == "bf16" and not torch_autocast},
-        **({"torch_autocast": {"enabled": True, "dtype": "bfloat16"}} if prec == "bf16" and torch_autocast else {}),
+        **precision_sections(prec, torch_autocast),
         "fp16": {"enabled": prec == "fp16", "loss_scale": 0, "loss_scale_window": 100, "initial_scale_power": 16},
         "zero_allow_untested_optimizer": True,  # a plain torch AdamW client optimizer on CPU (no JIT build)
         "steps_per_print": 10 ** 9,  # we log progress ourselves
