@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 import time
 from pathlib import Path
@@ -347,17 +346,40 @@ def log_level(args) -> str:
     return "INFO"
 
 
+RAY_COMMANDS = ("sft", "rm", "ppo", "pipeline", "generate", "chat", "eval", "serve")  # they start Ray workers
+
+
+def log_dir(args):
+    """Where a command that starts Ray workers writes its full log: <run.output_dir>/logs of its config, else
+    <cache>/logs. None for commands without workers (their console shows all there is)."""
+    from pathlib import Path
+
+    from rlhf_ray.env import cache_root
+
+    if args.command not in RAY_COMMANDS:
+        return None
+    if getattr(args, "config", None):
+        try:
+            return Path(load_config(args.config, _stage_overrides(args) if hasattr(args, "resume") else args.overrides
+                                    ).run.output_dir) / "logs"
+        except (ConfigError, OSError):
+            return None  # the command reports the config error itself
+    return cache_root() / "logs"
+
+
 def main(argv: list[str] | None = None) -> int:
+    from rlhf_ray.console import open_console
+
     parser = build_parser()
     args = parser.parse_args(argv)
-    level = log_level(args)
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger().setLevel(level)  # also when something configured logging before us
+    console = open_console(log_level(args), log_dir(args), args.command)
     try:
         return args.func(args)
     except ConfigError as e:
         print(f"rlhf-ray: config error: {e}", file=sys.stderr)
         return 2
+    finally:
+        console.close()
 
 
 if __name__ == "__main__":

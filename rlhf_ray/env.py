@@ -66,9 +66,13 @@ class _DropStateApiWarning(logging.Filter):
         return STATE_API_WARNING not in record.getMessage()
 
 
+QUIET_STATE_API_ENV = "RLHF_RAY_QUIET_STATE_API"  # "1" in the runtime_env of local clusters below DEBUG
+
+
 def quiet_state_api_warning() -> None:
-    """worker_process_setup_hook of private local clusters (resources.init_ray), unless the driver logs at DEBUG."""
-    logging.getLogger(PG_CLEANER_LOGGER).addFilter(_DropStateApiWarning())
+    """In every worker of a private local cluster (console.setup_worker_process), unless the driver logs at DEBUG."""
+    if os.environ.get(QUIET_STATE_API_ENV) == "1":
+        logging.getLogger(PG_CLEANER_LOGGER).addFilter(_DropStateApiWarning())
 
 
 # ------------------------------------------------------------------------------------ worker-side choice

@@ -712,7 +712,7 @@ class GeneratorGroup:
                             {k: stats[k] for k in ("seconds", "checksum_s", "transfer_s", "new_group")}, expected,
                             probe, channel=channel.id if channel else "",
                             new_channel=bool(channel) and plan.new_channel, steps_s=steps)
-        log.info("weight sync v%d over %s to %d engine(s): %.1f MB in %d bucket(s), %.2fs (%.0f MB/s)%s", version,
+        log.debug("weight sync v%d over %s to %d engine(s): %.1f MB in %d bucket(s), %.2fs (%.0f MB/s)%s", version,
                  transport, len(engines), report.bytes / 1e6, report.buckets, report.seconds, report.mb_per_s,
                  ", verified" if gen.verify_weights else "")
         return report
@@ -746,7 +746,7 @@ class GeneratorGroup:
         if self._channel is None or self._channel.key != key:
             self._close_channel()
             self._channel = TransferChannel.open(key, source, transport, self.gen.sync_timeout_s)
-            log.info("weight sync: new %s transfer channel %s to engines %s", transport, self._channel.id, targets)
+            log.debug("weight sync: new %s transfer channel %s to engines %s", transport, self._channel.id, targets)
         return self._channel
 
     def _close_channel(self) -> None:

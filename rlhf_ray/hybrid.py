@@ -207,7 +207,7 @@ class HybridGeneratorGroup(GeneratorGroup):
         report = SyncReport(version, TRANSPORT, time.perf_counter() - started, got["bytes"], got["buckets"],
                             got["max_bucket_bytes"], gen.verify_weights, [got["engine"]], got["sender"],
                             got["checksums"], got["probe"])
-        log.info("weight sync v%d in-process (hybrid): %.1f MB in %d bucket(s), %.2fs%s", version, report.bytes / 1e6,
+        log.debug("weight sync v%d in-process (hybrid): %.1f MB in %d bucket(s), %.2fs%s", version, report.bytes / 1e6,
                  report.buckets, report.seconds, ", verified" if gen.verify_weights else "")
         return report
 

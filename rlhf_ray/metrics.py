@@ -98,9 +98,37 @@ def read_metrics(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
+SUMMARY_WINDOW = 3  # iterations averaged at each end of a run: first-3 vs last-3
+
+
+def _points(rows: list[dict], key: str) -> list[tuple[int, float]]:
+    return [(r["iteration"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+
+
+def first_last_means(rows: list[dict], key: str, n: int = SUMMARY_WINDOW) -> Optional[tuple[float, float]]:
+    """Mean of `key` over the first n and over the last n logged iterations (None when nothing was logged)."""
+    values = [v for _, v in _points(rows, key)]
+    if not values:
+        return None
+    return sum(values[:n]) / len(values[:n]), sum(values[-n:]) / len(values[-n:])
+
+
+def run_summary(rows: list[dict], keys: tuple[str, ...] = ("reward/mean", "kl/mean")) -> str:
+    """One line: each key's first-3 -> last-3 iteration means and the change."""
+    parts = []
+    for key in keys:
+        means = first_last_means(rows, key)
+        if means is not None:
+            first, last = means
+            parts.append(f"{key} first-{SUMMARY_WINDOW} {first:.3g} -> last-{SUMMARY_WINDOW} {last:.3g} "
+                         f"({last - first:+.3g})")
+    return f"{len(rows)} iterations; " + "; ".join(parts) if parts else f"{len(rows)} iterations"
+
+
 def plot_curves(metrics_path: str | Path, out_png: str | Path,
                 keys: tuple[str, ...] = ("reward/mean", "kl/mean")) -> Path:
-    """A PNG with one panel per key against the iteration (reward and KL by default)."""
+    """A PNG with one panel per key against the iteration (reward and KL by default), each with its first-3 and
+    last-3 iteration means drawn over the iterations they average and given in the panel's title."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -109,10 +137,16 @@ def plot_curves(metrics_path: str | Path, out_png: str | Path,
     rows = read_metrics(metrics_path)
     fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.5))
     for ax, key in zip([axes] if len(keys) == 1 else axes, keys):
-        points = [(r["iteration"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+        points = _points(rows, key)
+        title = key
         if points:
             ax.plot(*zip(*points), marker="o")
-        ax.set_title(key)
+            first, last = first_last_means(rows, key)
+            head, tail = points[:SUMMARY_WINDOW], points[-SUMMARY_WINDOW:]
+            ax.hlines(first, head[0][0], head[-1][0], colors="tab:orange", linestyles="--", linewidth=2)
+            ax.hlines(last, tail[0][0], tail[-1][0], colors="tab:green", linestyles="--", linewidth=2)
+            title = f"{key}\nfirst-{SUMMARY_WINDOW} {first:.3g}, last-{SUMMARY_WINDOW} {last:.3g}"
+        ax.set_title(title, fontsize=10)
         ax.set_xlabel("iteration")
         ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -4,7 +4,7 @@
     rm   trains models.reward backbone  -> <run.output_dir>/rm    (value-head folder)
     ppo  actor + reference from sft, reward + critic from rm -> <run.output_dir>/ppo (actor folder, metrics, PNG)
 A stage whose output folder already exists (complete: outputs are written atomically) is skipped unless named in
-`redo`. The run ends with a short chat transcript of the PPO actor on the built-in prompts.
+`redo`. The run ends with a short greedy chat transcript: the SFT model and the PPO actor side by side.
 """
 from __future__ import annotations
 
@@ -17,7 +17,9 @@ from rlhf_ray.config import Config, validate_ppo
 log = logging.getLogger(__name__)
 
 STAGES = ("sft", "rm", "ppo")
-TRANSCRIPT_PROMPTS = ("What is 12 plus 30?", "What is the capital of France?")
+# The demo task's two kinds (rlhf_ray/data/builtin.py) and one question outside it.
+TRANSCRIPT_PROMPTS = ("I see the moon, the river and the star. Now say the word fish.", "What is 12 plus 30?",
+                      "What is 23 plus 19?", "What is the capital of France?")
 
 
 def _done(folder: Path, marker: str) -> bool:
@@ -52,8 +54,8 @@ def run_pipeline(cfg: Config, redo: tuple[str, ...] = ()) -> dict[str, Path]:
         out["ppo"] = final
     else:
         out["ppo"] = run_ppo(ppo_cfg)
-    out["transcript"] = write_transcript(out["ppo"], Path(ppo_cfg.run.output_dir) / "ppo" / "chat_transcript.txt",
-                                         ppo_cfg)
+    out["transcript"] = write_transcript({"SFT": out["sft"], "PPO": out["ppo"]},
+                                         Path(ppo_cfg.run.output_dir) / "ppo" / "chat_transcript.txt", ppo_cfg)
     return out
 
 
@@ -85,16 +87,25 @@ def ppo_config_for_run(cfg: Config) -> Config:
     return cfg
 
 
-def write_transcript(model_dir: Path, path: Path, cfg: Config, max_new_tokens: int = 48) -> Path:
-    """A short scripted chat with the trained actor (the pipeline's last artefact, next to the PNG), served by a
-    vLLM engine actor on the run's Ray cluster (cfg's generation.* and ray.*), released afterwards."""
+def write_transcript(models: dict[str, Path], path: Path, cfg: Config, max_new_tokens: int = 48) -> Path:
+    """A short scripted chat (greedy) with each of `models` (label -> folder: the SFT model and the PPO actor), the
+    same prompts side by side: the pipeline's last artefact, next to the PNG, and printed. Each model is served by a
+    vLLM engine actor on the run's Ray cluster (cfg's generation.* and ray.*), released before the next."""
     from rlhf_ray.chat import ChatSession
 
+    replies: dict[str, list[str]] = {}
+    for label, folder in models.items():
+        with ChatSession(str(folder), max_new_tokens=max_new_tokens, cfg=cfg) as session:
+            replies[label] = []
+            for prompt in TRANSCRIPT_PROMPTS:  # independent questions: a fresh conversation each
+                session.clear()
+                replies[label].append(session.reply(prompt))
+    width = max(len(label) for label in models)
     lines = []
-    with ChatSession(str(model_dir), max_new_tokens=max_new_tokens, cfg=cfg) as session:
-        for prompt in TRANSCRIPT_PROMPTS:  # independent questions: a fresh conversation each
-            session.clear()
-            lines += [f"User: {prompt}", f"Assistant: {session.reply(prompt)}", ""]
+    for i, prompt in enumerate(TRANSCRIPT_PROMPTS):
+        lines.append(f"User: {prompt}")
+        lines += [f"  {label:<{width}}: {replies[label][i]}" for label in models]
+        lines.append("")
     path.write_text("\n".join(lines))
-    log.info("chat transcript: %s", path)
+    log.info("chat transcript, greedy (%s):\n%s", path, "\n".join(lines).rstrip())
     return path

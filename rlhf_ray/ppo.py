@@ -365,9 +365,9 @@ class PPOTrainer:
         return stats
 
     def run(self) -> Path:
-        from rlhf_ray.metrics import MetricsLogger, plot_curves
+        from rlhf_ray.metrics import MetricsLogger, plot_curves, read_metrics, run_summary
 
-        cfg = self.cfg
+        cfg, started = self.cfg, time.time()
         logger = MetricsLogger.from_config(cfg, self.out_dir, total_steps=cfg.ppo.num_iterations,
                                            initial_step=self.iteration, append=self.iteration > 0)
         try:
@@ -380,7 +380,9 @@ class PPOTrainer:
         finally:
             logger.close()
         final = export_actor(self.actor, self.out_dir, cfg.ppo.ema_decay)
-        plot_curves(logger.path, self.out_dir / "reward_kl.png")
+        png = plot_curves(logger.path, self.out_dir / "reward_kl.png")
+        log.info("ppo done in %.0fs: %s -> %s (curves: %s)", time.time() - started,
+                 run_summary(read_metrics(logger.path)), final, png)
         return final
 
     # -- checkpoint / resume

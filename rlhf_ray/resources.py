@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 from rlhf_ray.config import Config, RoleResources
-from rlhf_ray.env import worker_env_vars
+from rlhf_ray.console import quiet_ray_driver_logger, route_worker_output
+from rlhf_ray.env import QUIET_STATE_API_ENV, worker_env_vars
 
 log = logging.getLogger(__name__)
 
@@ -70,13 +71,31 @@ def ppo_layout(cfg: Config) -> list[RoleLayout]:
     return layouts
 
 
+def machine_cores() -> int:
+    """The cores this process may run on (its affinity: a container's share, not the host's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def oversubscribed_env(num_cpus: int, cores: int, environ=os.environ) -> dict[str, str]:
+    """Worker environment for a local cluster with more logical CPUs than cores, where the workers' OpenMP threads
+    share cores: idle threads wait passively instead of spinning on cores the others need. Three SmolLM2 forward
+    loops with 2 threads each on 2 cores took 88.5 s at once with the default and 23.4 s with passive waiting
+    (benchmarks/results/omp_wait_policy.md). An OMP_WAIT_POLICY the user set is left alone."""
+    if num_cpus > cores and "OMP_WAIT_POLICY" not in environ:
+        return {"OMP_WAIT_POLICY": "PASSIVE"}
+    return {}
+
+
 def local_num_cpus(cfg: Config, extra_cpus: float = 1.0) -> int:
     """Logical CPUs for a cluster we start ourselves: enough for every bundle plus the driver's tasks."""
     if cfg.ray.local_num_cpus is not None:
         return cfg.ray.local_num_cpus
     needed = sum(sum(b.get("CPU", 0.0) for b in lay.bundles) for lay in ppo_layout(cfg))
     train_needed = max(cfg.sft.num_workers, cfg.rm.num_workers) * 1.0 + 1.0  # Ray Train workers + its controller
-    return max(os.cpu_count() or 1, math.ceil(max(needed, train_needed) + extra_cpus))
+    return max(machine_cores(), math.ceil(max(needed, train_needed) + extra_cpus))
 
 
 def ray_address(cfg: Config) -> Optional[str]:
@@ -93,20 +112,28 @@ def init_ray(cfg: Config, **kwargs):
 
     if ray.is_initialized():
         return ray.get_runtime_context()
-    runtime_env = {"env_vars": worker_env_vars()}
+    quiet_ray_driver_logger()
+    env_vars = worker_env_vars()
+    # Every worker process: rlhf_ray's log format (console.setup_worker_process).
+    runtime_env = {"env_vars": env_vars, "worker_process_setup_hook": "rlhf_ray.console.setup_worker_process"}
     address = ray_address(cfg)
     if address is not None:
         source = "ray.address" if cfg.ray.address else "RAY_ADDRESS"
         log.info("attaching to the Ray cluster at %s (%s)", address, source)
-        return ray.init(address=address, runtime_env=runtime_env, **kwargs)
-    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:  # no State API here: env.quiet_state_api_warning
-        runtime_env["worker_process_setup_hook"] = "rlhf_ray.env.quiet_state_api_warning"
-    num_cpus = local_num_cpus(cfg)
-    why = "ray.address: local" if cfg.ray.address == LOCAL else "no ray.address or RAY_ADDRESS given"
-    log.info("starting a private local Ray cluster with %d logical CPUs (%d cores): %s", num_cpus,
-             os.cpu_count() or 1, why)
-    # address="local": a new instance even when another Ray runs on this machine (None would join the latest one).
-    return ray.init(address=LOCAL, num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env, **kwargs)
+        context = ray.init(address=address, runtime_env=runtime_env, **kwargs)
+    else:
+        if logging.getLogger().getEffectiveLevel() > logging.DEBUG:  # no State API here: env.quiet_state_api_warning
+            env_vars[QUIET_STATE_API_ENV] = "1"
+        num_cpus, cores = local_num_cpus(cfg), machine_cores()
+        env_vars.update(oversubscribed_env(num_cpus, cores))
+        why = "ray.address: local" if cfg.ray.address == LOCAL else "no ray.address or RAY_ADDRESS given"
+        log.info("starting a private local Ray cluster with %d logical CPUs (%d cores%s): %s", num_cpus, cores,
+                 ", OpenMP threads wait passively" if env_vars.get("OMP_WAIT_POLICY") == "PASSIVE" else "", why)
+        # address="local": a new instance even when another Ray runs on this machine (None would join the latest).
+        context = ray.init(address=LOCAL, num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env,
+                           **kwargs)
+    route_worker_output()  # worker output: the command's log file, and what matters to the console
+    return context
 
 
 def ready_placement_group(role: str, bundles: list[dict[str, float]], strategy: str = "PACK",

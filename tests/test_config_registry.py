@@ -693,24 +693,20 @@ def test_metrics_logger_follows_the_logging_section(tmp_path):
                                       tmp_path / "c")
 
 
-def test_log_level_comes_from_the_config_unless_the_flag_is_given(tmp_path, capsys):
-    from rlhf_ray import cli
+def test_log_level_comes_from_the_config_unless_the_flag_is_given(tmp_path, capsys, monkeypatch):
+    from rlhf_ray import cli, console
 
+    levels, real = [], console.open_console
+    monkeypatch.setattr(console, "open_console", lambda level, *args: levels.append(level) or real(level, *args))
     root = logging.getLogger()
     before, handlers = root.level, list(root.handlers)
     path = tmp_path / "c.yaml"
     path.write_text("logging:\n  level: WARNING\n")
-    try:
-        assert cli.main(["config", "show", str(path)]) == 0
-        assert root.level == logging.WARNING
-        assert cli.main(["config", "show", str(path), "--logging.level", "ERROR"]) == 0
-        assert root.level == logging.ERROR
-        assert cli.main(["--log-level", "DEBUG", "config", "show", str(path)]) == 0
-        assert root.level == logging.DEBUG
-    finally:
-        root.setLevel(before)
-        for handler in [h for h in root.handlers if h not in handlers]:  # what basicConfig may have added
-            root.removeHandler(handler)
+    assert cli.main(["config", "show", str(path)]) == 0
+    assert cli.main(["config", "show", str(path), "--logging.level", "ERROR"]) == 0
+    assert cli.main(["--log-level", "DEBUG", "config", "show", str(path)]) == 0
+    assert levels == ["WARNING", "ERROR", "DEBUG"]
+    assert (root.level, root.handlers) == (before, handlers)  # the console leaves logging as it found it
     capsys.readouterr()
 
 

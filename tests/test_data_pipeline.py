@@ -329,6 +329,38 @@ def test_builtin_covers_all_stages_with_checkable_answers(tmp_path, tok):
     assert len(every) == len(set(every)) == 4000  # unique prompts, disjoint stages
 
 
+def test_demo_task_reads_the_word_from_the_prompt_and_holds_out_its_eval_prompts(tmp_path, tok):
+    from rlhf_ray.data.builtin import DEMO_WORDS, demo_eval_rows, demo_rows, strict_reward
+
+    rows, held_out = demo_rows(), demo_eval_rows()
+    assert (len(rows), len(held_out)) == (2000, 50)
+    assert not {r["prompt"] for r in rows} & {r["prompt"] for r in held_out}  # held out by construction
+    echo = [r for r in rows if "plus" not in r["prompt"]]
+    assert len(echo) == 1200 and {r["reference"] for r in echo} == set(DEMO_WORDS)  # varied answers
+    assert all(f"word {r['reference']}." in r["prompt"] for r in echo)  # read from the prompt
+    for subset in (rows, held_out):  # the chosen answer scores, the rejected one does not
+        prompts, refs = [r["prompt"] for r in subset], [r["reference"] for r in subset]
+        assert strict_reward(prompts, [r["chosen"] for r in subset], refs) == [1.0] * len(subset)
+        assert strict_reward(prompts, [r["rejected"] for r in subset], refs) == [0.0] * len(subset)
+    # An always-"dog" policy scores only on the tenth of echo prompts whose word is dog, never on a sum.
+    always_dog = strict_reward([r["prompt"] for r in rows], ["Dog."] * len(rows), [r["reference"] for r in rows])
+    assert 0.05 < sum(always_dog) / len(rows) < 0.08
+    cfg = cfg_for(tmp_path, datasets=[{"path": "builtin:demo", "format": "pairwise"}])
+    ppo = load_stage_dataset(cfg, "ppo", tok)
+    assert len(ppo) > 0 and set(ppo["reference"]) > set(DEMO_WORDS)
+
+
+def test_strict_reward_checks_the_whole_answer():
+    from rlhf_ray.data.builtin import strict_reward
+
+    responses = ["Dog.", ' "dog"!', "The answer is 42.", "42", "the answer is 42", "The word is dog.", "dog cat",
+                 "It is 42.", "142", "The answer is 42 or 43.", "anything"]
+    refs = ["dog", "dog", "42", "42", "42", "dog", "dog", "42", "42", "42", ""]
+    assert strict_reward(["p"] * len(refs), responses, refs) == [1.0] * 5 + [0.0] * 6
+    with pytest.raises(ValueError, match="match one to one"):
+        strict_reward(["p"], ["a", "b"], ["a"])
+
+
 def test_rule_reward():
     from rlhf_ray.data.builtin import rule_reward
 

@@ -110,7 +110,8 @@ def test_pipeline_runs_under_ray_job_submit(ray_head, tiny_llama, tmp_path):
         assert not missing, missing
     assert all(math.isfinite(r["kl/mean"]) for r in rows) and rows[-1]["kl/mean"] > 0
     assert (out / "ppo" / "reward_kl.png").stat().st_size > 0
-    assert "Assistant:" in (out / "ppo" / "chat_transcript.txt").read_text()
+    transcript = (out / "ppo" / "chat_transcript.txt").read_text()  # the SFT model and the PPO actor side by side
+    assert transcript.count("User: ") == 4 and transcript.count("  SFT: ") == 4 and transcript.count("  PPO: ") == 4
     assert any((out / "ppo" / "tensorboard").iterdir())
 
     from safetensors.torch import load_file

@@ -242,3 +242,31 @@ def test_dynamic_sampling_bound_fills_the_batch_with_the_last_rounds_tied_groups
     assert stream.position - 3 == len(rounds[0]) + len(rounds[1])
     with pytest.raises(ValueError, match="dynamic sampling: 3 samples for 2 prompts x 2"):
         rollout_with_signal(lambda k: ([{}, {}], [None] * 3, torch.zeros(3)), want=2, group_size=2, max_rounds=0)
+
+
+def test_run_summary_and_png_give_first_3_and_last_3_iteration_means(tmp_path):
+    """The console's closing line and the PNG's titles: each curve's first-3 and last-3 iteration means."""
+    from rlhf_ray.metrics import MetricsLogger, first_last_means, plot_curves, read_metrics, run_summary
+
+    logger = MetricsLogger(tmp_path)
+    for step, reward in enumerate([0.1, 0.2, 0.3, 0.5, 0.6, 0.7, 0.8], start=1):
+        logger.log(step, {"reward/mean": reward, "kl/mean": 0.01 * step})
+    logger.close()
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert first_last_means(rows, "reward/mean") == pytest.approx((0.2, 0.7))
+    assert first_last_means(rows, "missing") is None
+    assert first_last_means(rows[:2], "reward/mean") == pytest.approx((0.15, 0.15))  # fewer than 3: all of them
+    line = run_summary(rows)
+    assert line.startswith("7 iterations; reward/mean first-3 0.2 -> last-3 0.7 (+0.5); kl/mean first-3 0.02")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from unittest import mock
+
+    import matplotlib.axes
+
+    with mock.patch.object(matplotlib.axes.Axes, "set_title", autospec=True) as set_title:
+        png = plot_curves(tmp_path / "metrics.jsonl", tmp_path / "curves.png")
+    titles = [call.args[1] for call in set_title.call_args_list]
+    assert titles[0] == "reward/mean\nfirst-3 0.2, last-3 0.7" and titles[1].startswith("kl/mean\nfirst-3 0.02")
+    assert png.stat().st_size > 0

@@ -103,3 +103,21 @@ def test_local_clusters_drop_ray_trains_state_api_warning_in_every_worker(ray_cl
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     assert ray.get(ray.remote(num_cpus=0)(_state_api_filtering).remote()) == (False, True)
+
+
+def test_workers_of_an_oversubscribed_local_cluster_wait_passively(ray_cluster):
+    """The session's local cluster has more logical CPUs than this machine's cores: its workers' OpenMP threads
+    wait passively (resources.oversubscribed_env); a cluster with a core per CPU, or a user's own choice, keeps
+    OpenMP's default."""
+    import os
+
+    from rlhf_ray.resources import machine_cores, oversubscribed_env
+
+    def policy():
+        return os.environ.get("OMP_WAIT_POLICY")
+
+    assert ray_cluster.cluster_resources()["CPU"] > machine_cores()
+    assert ray_cluster.get(ray_cluster.remote(num_cpus=0)(policy).remote()) == "PASSIVE"
+    assert oversubscribed_env(8, 2, environ={}) == {"OMP_WAIT_POLICY": "PASSIVE"}
+    assert oversubscribed_env(8, 8, environ={}) == {}
+    assert oversubscribed_env(8, 2, environ={"OMP_WAIT_POLICY": "ACTIVE"}) == {}

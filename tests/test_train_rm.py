@@ -61,13 +61,13 @@ def test_reloaded_reward_model_ranks_held_out_pairs(rm_run):
     final = [r for r in records if r["event"] == "report"][-1]
     assert (output_dir / "value_head.json").is_file() and (output_dir / "tokenizer.json").is_file()
     dtype = next(r for r in records if r["event"] == "start")["workers"][0]["dtype"]  # precision auto's choice
-    model = ValueHeadModel.from_pretrained(output_dir, dtype=getattr(torch, dtype)).eval()
+    model = ValueHeadModel.from_pretrained(output_dir, dtype=torch.float32).eval()  # bf16: autocast, as the run
     rows = load_stage_dataset(cfg, "rm", load_tokenizer(cfg.models.reward), split="eval").to_list()
 
     def score(ids: list[int]) -> float:
         return model.score(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long)).item()
 
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
         chosen = [score(r["chosen_input_ids"]) for r in rows]  # one unpadded sequence at a time
         rejected = [score(r["rejected_input_ids"]) for r in rows]
     accuracy = sum(c > r for c, r in zip(chosen, rejected)) / len(rows)

@@ -22,6 +22,12 @@ SmolLM2-135M-Instruct (greedy, 20 new tokens) said the word for 10 of 12 echo pr
 right, with arithmetic-shaped answers ("15 + 48 = 62."): room for PPO to improve.
 
 `builtin:text` is plain text in the same domain for the PTX loss.
+
+`builtin:demo` is the main command's task (launchers/cpu_demo.yaml), built so that a real chat model has room to
+learn and a degenerate policy cannot score: the word to say is read from the prompt (one of DEMO_WORDS, never one
+of the context nouns), sums have operands 1..DEMO_MAX_OPERAND, and `strict_reward` checks the whole answer.
+`builtin:demo-eval` is DEMO_EVAL_ROWS more rows of the same kind whose prompts are not in `builtin:demo`: held-out
+prompts for `rlhf-ray eval policy`.
 """
 from __future__ import annotations
 
@@ -88,14 +94,84 @@ def text_rows(n: int = 1000, seed: int = BUILTIN_SEED) -> list[dict]:
     return rows
 
 
+# ---------------------------------------------------------------------------------------------- the demo task
+DEMO_ROWS = 2000
+DEMO_EVAL_ROWS = 50
+DEMO_ECHO_SHARE = 0.6
+DEMO_WORDS = ("dog", "cat", "red", "blue", "tree", "fish", "book", "car", "house", "green")
+DEMO_MAX_OPERAND = 30
+
+
+def _demo_echo_row(rng: random.Random) -> dict:
+    word = rng.choice(DEMO_WORDS)
+    x, y, z = rng.sample(_CONTEXT_NOUNS, 3)
+    prompt = rng.choice(ECHO_TEMPLATES).format(word=word, x=x, X=x.capitalize(), y=y, z=z)
+    wrong = rng.choice([w for w in (x, y, z) + DEMO_WORDS if w != word])  # a context noun or another word
+    return {"prompt": prompt, "chosen": word.capitalize() + ".", "rejected": wrong.capitalize() + ".",
+            "reference": word}
+
+
+def _demo_addition_row(rng: random.Random) -> dict:
+    a, b = rng.randint(1, DEMO_MAX_OPERAND), rng.randint(1, DEMO_MAX_OPERAND)
+    wrong = a + b + rng.choice([d for d in range(-5, 6) if d != 0])
+    return {"prompt": f"What is {a} plus {b}?", "chosen": f"The answer is {a + b}.",
+            "rejected": f"The answer is {wrong}.", "reference": str(a + b)}
+
+
+def demo_rows(n: int = DEMO_ROWS, seed: int = BUILTIN_SEED, exclude: frozenset = frozenset()) -> list[dict]:
+    """`n` demo rows with unique prompts (none in `exclude`), ~DEMO_ECHO_SHARE echo, in a seeded order."""
+    rng = random.Random(seed)
+    rows, seen = [], set(exclude)
+    n_echo = round(n * DEMO_ECHO_SHARE)
+    for make, count in ((_demo_echo_row, n_echo), (_demo_addition_row, n - n_echo)):
+        made = 0
+        while made < count:
+            row = make(rng)
+            if row["prompt"] not in seen:
+                seen.add(row["prompt"])
+                rows.append(row)
+                made += 1
+    rng.shuffle(rows)
+    return rows
+
+
+def demo_eval_rows(n: int = DEMO_EVAL_ROWS) -> list[dict]:
+    """Held-out demo rows: none of their prompts is in `builtin:demo`."""
+    return demo_rows(n, seed=BUILTIN_SEED + 1, exclude=frozenset(r["prompt"] for r in demo_rows()))
+
+
+_ANSWER_FRAME = re.compile(r"^the answer is\s+", flags=re.IGNORECASE)
+_EDGE = " \t\n.!\"'`*"
+
+
+def _bare_answer(text: str) -> str:
+    """The answer without its frame: edge whitespace, quotes and end punctuation, and a leading "The answer is"."""
+    return _ANSWER_FRAME.sub("", text.strip(_EDGE)).strip(_EDGE).lower()
+
+
+def strict_reward(prompts: list[str], responses: list[str], references: list[str]) -> list[float]:
+    """1.0 where the whole response is the reference (case-insensitive; "The answer is ", quotes and end
+    punctuation aside: "Dog.", "42", "The answer is 42." score for "dog" / "42"), else 0.0. Unlike `rule_reward`, a
+    sentence or a word list that merely contains the answer scores 0. Usable as `ppo.reward_functions:
+    ["rlhf_ray.data.builtin.strict_reward"]`."""
+    if not len(prompts) == len(responses) == len(references):
+        raise ValueError(f"strict_reward: got {len(prompts)} prompts, {len(responses)} responses and "
+                         f"{len(references)} references; they must match one to one")
+    return [1.0 if reference.strip() and _bare_answer(response) == reference.strip().lower() else 0.0
+            for response, reference in zip(responses, references)]
+
+
+BUILTIN_DATASETS = {"tasks": task_rows, "text": text_rows, "demo": demo_rows, "demo-eval": demo_eval_rows}
+
+
 def builtin_dataset(name: str):
-    """`builtin:tasks` or `builtin:text` as an in-memory datasets.Dataset."""
+    """`builtin:tasks`, `builtin:text`, `builtin:demo` or `builtin:demo-eval` as an in-memory datasets.Dataset."""
     import datasets
 
-    makers = {"tasks": task_rows, "text": text_rows}
-    if name not in makers:
-        raise ValueError(f"unknown built-in data set 'builtin:{name}'; choose builtin:tasks or builtin:text")
-    return datasets.Dataset.from_list(makers[name]())
+    if name not in BUILTIN_DATASETS:
+        raise ValueError(f"unknown built-in data set 'builtin:{name}'; choose one of "
+                         f"{', '.join('builtin:' + k for k in BUILTIN_DATASETS)}")
+    return datasets.Dataset.from_list(BUILTIN_DATASETS[name]())
 
 
 def rule_reward(prompts: list[str], responses: list[str], references: list[str]) -> list[float]:

@@ -35,7 +35,6 @@ import os
 import re
 import shutil
 import signal
-import sys
 import tempfile
 import time
 import uuid
@@ -417,14 +416,11 @@ def _format_eta(seconds: float) -> str:
 def _setup_worker_logging() -> None:
     import warnings
 
+    from rlhf_ray.console import setup_worker_logging
+
     # DeepSpeed calls torch.distributed functions torch has deprecated; the warning repeats every step.
     warnings.filterwarnings("ignore", message=r".*is deprecated\. Please use", category=FutureWarning)
-    if not log.handlers:
-        handler = logging.StreamHandler(sys.stdout)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
-        log.addHandler(handler)
-        log.setLevel(logging.INFO)
-        log.propagate = False
+    setup_worker_logging()  # also without the cluster's setup hook (a cluster this job attached to late)
 
 
 def train_loop(loop_cfg: dict) -> Optional[dict]:

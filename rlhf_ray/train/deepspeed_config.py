@@ -78,8 +78,9 @@ def zero_stage(ds: DeepSpeedConfig, num_ranks: int) -> int:
 
 
 def autocast_bf16(precision: str, cuda: bool) -> bool:
-    """Whether PPO's bf16 runs as torch autocast over fp32 weights (CPU) rather than DeepSpeed's bf16 mode (GPU:
-    bf16 weights, fp32 master copies in the optimizer, what DeepSpeed-Chat and OpenRLHF run and the planner models).
+    """Whether bf16 training (SFT, RM, PPO learners) runs as torch autocast over fp32 weights (CPU) rather than
+    DeepSpeed's bf16 mode (GPU: bf16 weights, fp32 master copies in the optimizer, what DeepSpeed-Chat and OpenRLHF
+    run and the planner models).
     On CPU DeepSpeed's bf16 mode stalled GRPO on SmolLM2 at lr 1e-5: over 6 iterations the k3 KL to the reference
     stayed at ~0.0025 nats per token and the reward flat, while fp32 and autocast both moved (KL 0.018-0.023 per
     token, reward 0.25 -> 0.5; benchmarks/results/precision_learning.md): rounding the weights and the residual stream
@@ -98,14 +99,16 @@ def precision_sections(precision: str, torch_autocast: bool = False) -> dict:
 
 
 def deepspeed_config(stage_cfg: PPOLearnerConfig, num_ranks: int, cuda: bool,
-                     train_batch_size: Optional[int] = None, torch_autocast: bool = False) -> dict:
+                     train_batch_size: Optional[int] = None, torch_autocast: Optional[bool] = None) -> dict:
     """The DeepSpeed config dict for `num_ranks` data-parallel ranks, on GPU (`cuda`) or CPU.
     `train_batch_size` (samples per optimizer step across ranks) defaults to a stage's deepspeed.global_batch_size;
-    PPO learners (no global batch of their own) pass ppo.mini_batch_size. `torch_autocast` (bf16 only:
-    autocast_bf16): fp32 weights with DeepSpeed's torch.autocast section instead of its bf16 mode."""
+    PPO learners (no global batch of their own) pass ppo.mini_batch_size. `torch_autocast` (bf16 only): fp32
+    weights with DeepSpeed's torch.autocast section instead of its bf16 mode; default autocast_bf16 (CPU)."""
     ds = stage_cfg.deepspeed
     batch = _step_batch(ds, train_batch_size)
     prec = precision(stage_cfg, cuda)
+    if torch_autocast is None:
+        torch_autocast = autocast_bf16(prec, cuda)
     if not cuda and prec == "fp16":
         raise ConfigError("deepspeed.precision fp16 needs a GPU; use fp32 or bf16 on CPU")
     if not cuda and (ds.offload_optimizer or ds.offload_params):
