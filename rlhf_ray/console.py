@@ -24,8 +24,7 @@ from typing import Optional
 log = logging.getLogger(__name__)
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-WORKER_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"  # rlhf_ray's loggers in Ray workers
-WORKER_DATEFMT = "%H:%M:%S"
+WORKER_DATEFMT = "%H:%M:%S"  # rlhf_ray's loggers in Ray workers: FORMAT with the time of day
 # A worker line worth a place on the console: one of rlhf_ray's own records, or an error.
 _OURS = re.compile(r"\d\d:\d\d:\d\d (INFO|WARNING|ERROR|CRITICAL) rlhf_ray[\w.]*: ")
 _ERROR = re.compile(r"\b(ERROR|CRITICAL)\b|Traceback \(most recent call last\)")
@@ -221,7 +220,7 @@ def setup_worker_logging() -> None:
     ours = logging.getLogger("rlhf_ray")
     if not any(getattr(h, "_rlhf_ray_worker", False) for h in ours.handlers):
         handler = logging.StreamHandler(sys.stdout)
-        handler.setFormatter(logging.Formatter(WORKER_FORMAT, WORKER_DATEFMT))
+        handler.setFormatter(logging.Formatter(FORMAT, WORKER_DATEFMT))
         handler._rlhf_ray_worker = True
         ours.addHandler(handler)
         ours.setLevel(logging.INFO)

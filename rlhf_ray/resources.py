@@ -82,7 +82,7 @@ def machine_cores() -> int:
 def oversubscribed_env(num_cpus: int, cores: int, environ=os.environ) -> dict[str, str]:
     """Worker environment for a local cluster with more logical CPUs than cores, where the workers' OpenMP threads
     share cores: idle threads wait passively instead of spinning on cores the others need. Three SmolLM2 forward
-    loops with 2 threads each on 2 cores took 88.5 s at once with the default and 23.4 s with passive waiting
+    loops with 2 threads each on 2 cores took 81.2 s at once with the default and 21.1 s with passive waiting
     (benchmarks/results/omp_wait_policy.md). An OMP_WAIT_POLICY the user set is left alone."""
     if num_cpus > cores and "OMP_WAIT_POLICY" not in environ:
         return {"OMP_WAIT_POLICY": "PASSIVE"}

@@ -63,12 +63,10 @@ def _addition_row(rng: random.Random) -> dict:
             "rejected": f"The answer is {wrong}.", "reference": str(a + b)}
 
 
-def task_rows(n: int = NUM_ROWS, seed: int = BUILTIN_SEED) -> list[dict]:
-    """`n` rows with unique prompts, ~ECHO_SHARE echo and the rest addition, in a seeded order."""
-    rng = random.Random(seed)
-    rows, seen = [], set()
-    n_echo = round(n * ECHO_SHARE)
-    for make, count in ((_echo_row, n_echo), (_addition_row, n - n_echo)):
+def _unique_rows(rng: random.Random, kinds: list, exclude: frozenset = frozenset()) -> list[dict]:
+    """`count` rows from each (make, count) of `kinds`, no prompt twice (nor one in `exclude`), in a seeded order."""
+    rows, seen = [], set(exclude)
+    for make, count in kinds:
         made = 0
         while made < count:
             row = make(rng)
@@ -78,6 +76,12 @@ def task_rows(n: int = NUM_ROWS, seed: int = BUILTIN_SEED) -> list[dict]:
                 made += 1
     rng.shuffle(rows)
     return rows
+
+
+def task_rows(n: int = NUM_ROWS, seed: int = BUILTIN_SEED) -> list[dict]:
+    """`n` rows with unique prompts, ~ECHO_SHARE echo and the rest addition, in a seeded order."""
+    n_echo = round(n * ECHO_SHARE)
+    return _unique_rows(random.Random(seed), [(_echo_row, n_echo), (_addition_row, n - n_echo)])
 
 
 def text_rows(n: int = 1000, seed: int = BUILTIN_SEED) -> list[dict]:
@@ -120,19 +124,8 @@ def _demo_addition_row(rng: random.Random) -> dict:
 
 def demo_rows(n: int = DEMO_ROWS, seed: int = BUILTIN_SEED, exclude: frozenset = frozenset()) -> list[dict]:
     """`n` demo rows with unique prompts (none in `exclude`), ~DEMO_ECHO_SHARE echo, in a seeded order."""
-    rng = random.Random(seed)
-    rows, seen = [], set(exclude)
     n_echo = round(n * DEMO_ECHO_SHARE)
-    for make, count in ((_demo_echo_row, n_echo), (_demo_addition_row, n - n_echo)):
-        made = 0
-        while made < count:
-            row = make(rng)
-            if row["prompt"] not in seen:
-                seen.add(row["prompt"])
-                rows.append(row)
-                made += 1
-    rng.shuffle(rows)
-    return rows
+    return _unique_rows(random.Random(seed), [(_demo_echo_row, n_echo), (_demo_addition_row, n - n_echo)], exclude)
 
 
 def demo_eval_rows(n: int = DEMO_EVAL_ROWS) -> list[dict]:
