@@ -85,7 +85,8 @@ def build_on_rank(worker, cfg, stage: str) -> dict:
 
     gc.collect()
     stage_cfg = getattr(cfg, stage)
-    ds_config = deepspeed_config(stage_cfg, worker.world_size, cuda=False)
+    # DeepSpeed's bf16 mode, as on a GPU cluster (on CPU, bf16 training is autocast over fp32 weights)
+    ds_config = deepspeed_config(stage_cfg, worker.world_size, cuda=False, torch_autocast=False)
     torch.manual_seed(cfg.run.seed)
     with PeakRss() as rss:
         model = build_stage_model(stage_task(stage), cfg, stage_cfg, ds_config)
