@@ -65,7 +65,7 @@ class ModelsConfig:
 @dataclass
 class DatasetSource:
     # Hub name, local file (json/jsonl/parquet/arrow/csv/txt, globs allowed), a folder of such files, a
-    # save_to_disk folder, or builtin:tasks / builtin:text (generated in rlhf_ray/data/builtin.py).
+    # save_to_disk folder, or builtin:tasks / builtin:text / builtin:demo / builtin:demo-eval (rlhf_ray/data/builtin.py).
     path: str = ""
     # Adapter (rlhf_ray/data/adapters.py), or "auto" to detect from columns (logged).
     format: Literal["auto", "rm-static", "pairwise", "hh-rlhf", "webgpt", "shp", "chat", "prompt", "sft",
