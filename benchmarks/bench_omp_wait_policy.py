@@ -1,4 +1,5 @@
-"""Processes sharing cores: OpenMP's default (spinning) wait vs OMP_WAIT_POLICY=PASSIVE.
+"""Processes sharing cores: OpenMP's default (spinning) wait vs OMP_WAIT_POLICY=PASSIVE vs a short spin
+(GOMP_SPINCOUNT=1000, torch's libgomp: spin ~1000 iterations, then sleep).
 
 A private local cluster (resources.init_ray) has more logical CPUs than cores, so the PPO groups' worker processes
 share them: in the score phase the reference, the actor and the critic compute at once, each with its own OpenMP
@@ -33,14 +34,14 @@ with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
             model(input_ids=ids[i:i + 8])
 """
 
-CASES = [(1, 2, None), (1, 2, "PASSIVE"), (2, 2, None), (2, 2, "PASSIVE"), (3, 2, None), (3, 2, "PASSIVE"),
-         (3, 1, None)]
+POLICIES = {"default (unset)": {}, "OMP_WAIT_POLICY=PASSIVE": {"OMP_WAIT_POLICY": "PASSIVE"},
+            "GOMP_SPINCOUNT=1000": {"GOMP_SPINCOUNT": "1000"}}
+CASES = [(procs, 2, policy) for procs in (1, 2, 3) for policy in POLICIES] + [(3, 1, "default (unset)")]
 
 
-def run_case(model: str, procs: int, threads: int, policy: str | None) -> float:
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    if policy:
-        env["OMP_WAIT_POLICY"] = policy
+def run_case(model: str, procs: int, threads: int, policy: str) -> float:
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    env.update(POLICIES[policy])
     with tempfile.TemporaryDirectory() as tmp:
         go = Path(tmp) / "go"
         ready = [Path(tmp) / f"ready{i}" for i in range(procs)]
@@ -69,10 +70,9 @@ def main() -> None:
     rows = []
     for procs, threads, policy in CASES:
         wall = run_case(model, procs, threads, policy)
-        rows.append((procs, threads, policy or "default (unset)", wall))
-        print(f"{procs} process(es) x {threads} thread(s), OMP_WAIT_POLICY {policy or 'unset'}: {wall:.1f} s",
-              flush=True)
-    table = ["| processes | threads each | OMP_WAIT_POLICY | wall (s) |", "|---|---|---|---|"]
+        rows.append((procs, threads, policy, wall))
+        print(f"{procs} process(es) x {threads} thread(s), {policy}: {wall:.1f} s", flush=True)
+    table = ["| processes | threads each | OpenMP wait | wall (s) |", "|---|---|---|---|"]
     table += [f"| {p} | {t} | {w} | {s:.1f} |" for p, t, w, s in rows]
     text = (f"Machine: {machine_cores()} cores, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Each process: "
             "SmolLM2-135M forwards, 32 x 88 tokens in micro-batches of 8, 3 passes, bf16 autocast.\n\n"

@@ -11,6 +11,8 @@
 #                --wait          stream the logs until the job ends (exit status = the job's)
 #                --skip-plan     do not run `rlhf-ray plan` locally first
 #                --dry-run       print the ray command and the runtime_env, submit nothing
+#                --resume        the job continues from the run's latest complete checkpoint (after the driver
+#                                died or the job was stopped: submit the same CONFIG and overrides again with it)
 #
 # The job API is reached over the tunnel only, with Ray token authentication on: the token comes from
 # RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token (the cluster's own, see cluster/).
@@ -24,8 +26,9 @@ PYTHON=python
 WAIT=0
 PLAN=1
 DRY_RUN=0
+RESUME=()
 
-usage() { sed -n '2,20p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
+usage() { sed -n '2,22p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit "${1:-0}"; }
 while [[ $# -gt 0 && "$1" == --* ]]; do
   case "$1" in
     --address) ADDRESS="$2"; shift 2 ;;
@@ -33,6 +36,7 @@ while [[ $# -gt 0 && "$1" == --* ]]; do
     --wait) WAIT=1; shift ;;
     --skip-plan) PLAN=0; shift ;;
     --dry-run) DRY_RUN=1; shift ;;
+    --resume) RESUME=(--resume); shift ;;
     --help|-h) usage 0 ;;
     *) echo "submit.sh: unknown option $1" >&2; usage 2 ;;
   esac
@@ -84,7 +88,7 @@ SUBMISSION_ID="rlhf-$(basename "${CONFIG_REL%.*}")-$(date +%Y%m%d-%H%M%S)-$RANDO
 export RAY_AUTH_MODE="${RAY_AUTH_MODE:-token}"
 CMD=(ray job submit --address "$ADDRESS" --submission-id "$SUBMISSION_ID" --runtime-env-json "$RUNTIME_ENV")
 [[ $WAIT == 1 ]] || CMD+=(--no-wait)
-CMD+=(-- "$PYTHON" -m rlhf_ray.cli "$SUBCOMMAND" "$CONFIG_REL" "${OVERRIDES[@]}")
+CMD+=(-- "$PYTHON" -m rlhf_ray.cli "$SUBCOMMAND" "$CONFIG_REL" "${OVERRIDES[@]}" "${RESUME[@]}")
 
 if [[ $DRY_RUN == 1 ]]; then
   printf '%q ' "${CMD[@]}"; echo

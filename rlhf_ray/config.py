@@ -266,6 +266,9 @@ class PPOConfig:
     reward_http_token_env: Optional[str] = None
     # Optimizer steps in a row skipped for a non-finite loss or gradient norm (on any rank) before the run stops.
     max_nonfinite_steps: int = 3
+    # a learner or scorer rank that dies (SIGKILL, OOM, a lost node) is replaced in its placement group, and after a
+    # learner death the run goes back to its latest checkpoint (rlhf_ray/recovery.py); this many times per run
+    max_learner_restarts: int = 3
     # Reference / reward scorers: 0 = a full replica per rank, 3 = ZeRO-3 partitions across the role's ranks;
     # None: 3 when the model's weight files exceed scorer_replica_max_gib (and the role has > 1 rank), else 0.
     scorer_zero_stage: Optional[Literal[0, 3]] = None
@@ -341,6 +344,10 @@ class CheckpointConfig:
     every: int = 0  # iterations between checkpoints; 0 disables
     keep_last: int = 2
     resume: bool = False
+    # where PPO checkpoints go (rlhf_ray/checkpoint.py): a local or NFS folder, or an object store URI read through
+    # pyarrow.fs (s3://bucket/prefix, gs://...; pyarrow's query parameters, e.g. ?endpoint_override=host:port&scheme=
+    # http, pass through). Multi-node runs need storage every node sees. Default: <run.output_dir>/ppo/checkpoints
+    storage: Optional[str] = None
 
 
 @dataclass
@@ -556,6 +563,7 @@ def validate(cfg: Config) -> Config:
          "ppo.reward_http_token_env must be the NAME of an environment variable holding the token (e.g. "
          "REWARD_API_TOKEN), not the token itself")
     need(p.max_nonfinite_steps >= 1, "ppo.max_nonfinite_steps must be >= 1")
+    need(p.max_learner_restarts >= 0, "ppo.max_learner_restarts must be >= 0")
     need(not (p.kl_penalty == "loss" and p.kl_estimator == "k1"),
          "ppo.kl_penalty 'loss' with ppo.kl_estimator 'k1' does nothing: k1's gradient is zero in expectation under "
          "the policy; use ppo.kl_estimator k3 (unbiased, GRPO) or k2")
@@ -640,8 +648,8 @@ def _validate_hybrid(cfg: Config, need) -> None:
          f"separate")
     need(g.tensor_parallel_size == 1, f"generation.tensor_parallel_size is {g.tensor_parallel_size}: {why} (TP 1); "
          f"set it to 1 or use placement.layout separate")
-    need(g.max_restarts == 0, f"generation.max_restarts is {g.max_restarts}: {why}, and learner ranks are not "
-         f"restarted (a dead rank ends the run); set generation.max_restarts 0")
+    need(g.max_restarts == 0, f"generation.max_restarts is {g.max_restarts}: {why}, so the engine is replaced with "
+         f"the actor's ranks (ppo.max_learner_restarts), never on its own; set generation.max_restarts 0")
     need(g.sync_transport == "auto", f"generation.sync_transport is {g.sync_transport}: {why}, which loads the "
          f"learner's own tensors in-process (transport in_process); leave it auto")
 

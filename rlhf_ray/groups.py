@@ -262,6 +262,18 @@ class DistributedWorker:
 
 
 # ------------------------------------------------------------------------------------------ driver side
+def get_all(refs: list) -> list:
+    """ray.get of every rank's result, raising as soon as one rank failed (a dead rank's RayActorError) instead of
+    first waiting for ranks that may be stuck in a collective with it (rlhf_ray/recovery.py replaces the group)."""
+    import ray
+
+    pending = list(refs)
+    while len(pending) > 1:
+        ready, pending = ray.wait(pending, num_returns=1)
+        ray.get(ready)
+    return ray.get(refs)
+
+
 class ModelGroup:
     """K ranks of `worker_cls` in one torch.distributed world, inside `placement` (or a placement group of their
     own). Blocking calls return plain values; `*_async` / `as_ref=True` return ObjectRefs."""
@@ -320,9 +332,7 @@ class ModelGroup:
 
     def run(self, method: str, *args, **kwargs) -> list:
         """The same call on every rank (collectives need all of them); one result per rank."""
-        import ray
-
-        return ray.get(self.run_async(method, *args, **kwargs))
+        return get_all(self.run_async(method, *args, **kwargs))
 
     def run_sharded(self, method: str, batch, *args, pad: bool = True, as_ref: bool = False, **kwargs):
         """Call `method(shard)` on every rank with its rows of `batch` (a dict, or an ObjectRef of one: each rank
@@ -338,14 +348,14 @@ class ModelGroup:
             return result_refs[0]  # one rank, no padding: its result is the gathered one (no join task, no worker)
         if as_ref:
             return _remote_concat().remote(n_refs[0], *result_refs)
-        return concat_results(ray.get(result_refs), ray.get(n_refs[0]))
+        return concat_results(get_all(result_refs), ray.get(n_refs[0]))
 
     def run_sharded_each(self, method: str, batch, *args, pad: bool = False, **kwargs) -> list:
         """Like run_sharded, but returns each rank's result as it is (for per-rank stats)."""
         import ray
 
         ref = batch if isinstance(batch, ray.ObjectRef) else ray.put(batch)
-        return [n_and_result[1] for n_and_result in ray.get(
+        return [n_and_result[1] for n_and_result in get_all(
             [w.call_sharded.remote(method, ref, *args, pad=pad, **kwargs) for w in self.workers])]
 
     def apply(self, fn: Callable, *args, **kwargs) -> list:

@@ -530,26 +530,39 @@ class EngineWorker(DistributedWorker, abc.ABC):
 
     # -- checkpoints (DeepSpeed: model, optimizer, scheduler; plus this rank's EMA partition)
     def save_checkpoint(self, ckpt_dir: str, tag: Optional[str] = None) -> str:
+        """This rank's part of a DeepSpeed checkpoint in `ckpt_dir`: a local folder every node sees, or an object
+        store URI (written to local scratch, then uploaded: checkpoint.staged_upload)."""
+        from rlhf_ray.checkpoint import staged_upload
+
         tag = tag or f"global_step{self.engine.global_steps}"
-        self.engine.save_checkpoint(ckpt_dir, tag=tag)
-        if self.ema is not None:
-            torch.save(self.ema, Path(ckpt_dir) / tag / f"ema_rank{self.rank}.pt")
+        with staged_upload(ckpt_dir) as local:
+            self.engine.save_checkpoint(local, tag=tag)
+            if self.ema is not None:
+                torch.save(self.ema, Path(local) / tag / f"ema_rank{self.rank}.pt")
         return tag
 
     def load_checkpoint(self, ckpt_dir: str, tag: Optional[str] = None) -> str:
+        """Load a DeepSpeed checkpoint from a local folder or an object store URI (downloaded to scratch first)."""
+        from rlhf_ray.checkpoint import staged_download
+
+        with staged_download(ckpt_dir) as local:
+            return self._load_local_checkpoint(local, tag, where=ckpt_dir)
+
+    def _load_local_checkpoint(self, ckpt_dir: str, tag: Optional[str], where: str) -> str:
         if tag is None:
             latest = Path(ckpt_dir) / "latest"
             if not latest.is_file():
-                raise FileNotFoundError(f"{self.role}: no DeepSpeed checkpoint in {ckpt_dir} (no 'latest' file)")
+                raise FileNotFoundError(f"{self.role}: no DeepSpeed checkpoint in {where} (no 'latest' file)")
             tag = latest.read_text().strip()
         load_path, _ = self.engine.load_checkpoint(ckpt_dir, tag=tag, load_optimizer_states=True,
                                                    load_lr_scheduler_states=True)
         if load_path is None:
-            raise FileNotFoundError(f"{self.role}: could not load checkpoint {ckpt_dir}/{tag}")
+            raise FileNotFoundError(f"{self.role}: could not load checkpoint {where}/{tag}")
         if self.ema is not None:
             ema_file = Path(ckpt_dir) / tag / f"ema_rank{self.rank}.pt"
             if not ema_file.is_file():
-                raise FileNotFoundError(f"{self.role}: {ema_file} missing (checkpoint saved without ppo.ema_decay?)")
+                raise FileNotFoundError(f"{self.role}: {where}/{tag}/{ema_file.name} missing (checkpoint saved "
+                                        "without ppo.ema_decay?)")
             self.ema = torch.load(ema_file, map_location="cpu")
         return tag
 
@@ -721,7 +734,7 @@ def critic_model(cfg: Config) -> ModelConfig:
 
 class _LearnerGroup(ModelGroup):
     def save_checkpoint(self, ckpt_dir: str, tag: Optional[str] = None) -> str:
-        os.makedirs(ckpt_dir, exist_ok=True)
+        """Every rank writes its part into `ckpt_dir` (a shared folder or an object store URI)."""
         return self.run("save_checkpoint", ckpt_dir, tag)[0]
 
     def load_checkpoint(self, ckpt_dir: str, tag: Optional[str] = None) -> str:

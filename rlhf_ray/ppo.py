@@ -101,13 +101,9 @@ class PPOTrainer:
     def __init__(self, cfg: Config):
         from rlhf_ray.data import load_stage_dataset
         from rlhf_ray.env import check_agreement
-        from rlhf_ray.generator import GeneratorGroup
         from rlhf_ray.groups import placement_plan
-        from rlhf_ray.hybrid import HybridGeneratorGroup, HybridPolicyGroup
-        from rlhf_ray.learner import CriticGroup, PolicyGroup
-        from rlhf_ray.models.loading import load_tokenizer, resolve_model_path
+        from rlhf_ray.models.loading import load_tokenizer
         from rlhf_ray.resources import init_ray
-        from rlhf_ray.scorer import ReferenceGroup, RewardGroup
 
         validate_ppo(cfg)  # before anything starts
         check_value_models(cfg)
@@ -129,15 +125,9 @@ class PPOTrainer:
         # All or nothing: a failure anywhere in start-up (placement, a group, the checks, resume) releases every
         # actor and placement group started so far, so a long-lived driver is not starved by a failed attempt.
         try:
-            self.plan = plan = placement_plan(cfg)  # every role's placement group, ready (or a PlacementError)
-            # placement.layout hybrid: the engine lives in the actor's rank (rlhf_ray/hybrid.py)
-            hybrid = cfg.placement.layout == "hybrid"
-            self.actor = (HybridPolicyGroup if hybrid else PolicyGroup)(cfg, placement=plan["actor"])
-            self.reference = ReferenceGroup(cfg, placement=plan["reference"])
-            self.reward = RewardGroup(cfg, placement=plan["reward"])
-            self.critic = CriticGroup(cfg, placement=plan["critic"]) if self.uses_critic else None
-            self.generators = HybridGeneratorGroup(cfg, self.actor) if hybrid else \
-                GeneratorGroup(cfg, resolve_model_path(cfg.models.actor.path), plan=plan)
+            self.plan = placement_plan(cfg)  # every role's placement group, ready (or a PlacementError)
+            for role in ("actor", "reference", "reward", "critic", "generators"):
+                setattr(self, role, self.start_group(role))
             # Every worker chose its device, backend, dtype (and the engines their transport) in its own process;
             # the driver only checks that they agree (a DeviceMismatchError names the roles that do not).
             self.devices = check_agreement(self.worker_reports())
@@ -147,16 +137,42 @@ class PPOTrainer:
                      cfg.placement.reward.num_workers, cfg.placement.critic.num_workers if self.critic else 0,
                      cfg.generation.num_engines, cfg.generation.tensor_parallel_size)
             self.engines_sleep = engines_sleep(cfg.generation.enable_sleep_mode, self.generators.info)
+            self.start_state = self.controller_state()  # where recovery goes back to before the first checkpoint
+            self.recovery = None  # rlhf_ray/recovery.py: what replacing dead groups did (metrics faults/*)
+            self.iteration_start_position = 0
             self.checkpoints = None
             if cfg.checkpoint.every or cfg.checkpoint.resume:
                 from rlhf_ray.checkpoint import CheckpointManager
 
-                self.checkpoints = CheckpointManager(self.out_dir / "checkpoints", cfg.checkpoint.keep_last)
+                self.checkpoints = CheckpointManager(cfg.checkpoint.storage or self.out_dir / "checkpoints",
+                                                     cfg.checkpoint.keep_last)
+                self.checkpoints.remove_incomplete()  # a write killed midway is never resumed from
             if cfg.checkpoint.resume:
                 self.resume()
         except BaseException:
             self.shutdown()
             raise
+
+    def start_group(self, role: str):
+        """One role's group in its placement group (self.plan): at start-up, and again when recovery replaces it."""
+        from rlhf_ray.generator import GeneratorGroup
+        from rlhf_ray.hybrid import HybridGeneratorGroup, HybridPolicyGroup
+        from rlhf_ray.learner import CriticGroup, PolicyGroup
+        from rlhf_ray.models.loading import resolve_model_path
+        from rlhf_ray.scorer import ReferenceGroup, RewardGroup
+
+        cfg, plan = self.cfg, self.plan
+        hybrid = cfg.placement.layout == "hybrid"  # the engine lives in the actor's rank (rlhf_ray/hybrid.py)
+        if role == "actor":
+            return (HybridPolicyGroup if hybrid else PolicyGroup)(cfg, placement=plan["actor"])
+        if role == "reference":
+            return ReferenceGroup(cfg, placement=plan["reference"])
+        if role == "reward":
+            return RewardGroup(cfg, placement=plan["reward"])
+        if role == "critic":
+            return CriticGroup(cfg, placement=plan["critic"]) if self.uses_critic else None
+        return HybridGeneratorGroup(cfg, self.actor) if hybrid else \
+            GeneratorGroup(cfg, resolve_model_path(cfg.models.actor.path), plan=plan)
 
     def worker_reports(self) -> list[dict]:
         """What every rank and engine reported choosing (describe()): role, rank, device, backend, dtype, ..."""
@@ -365,6 +381,8 @@ class PPOTrainer:
         return stats
 
     def run(self) -> Path:
+        from ray.exceptions import RayActorError
+
         from rlhf_ray.metrics import MetricsLogger, plot_curves, read_metrics, run_summary
 
         cfg, started = self.cfg, time.time()
@@ -372,7 +390,17 @@ class PPOTrainer:
                                            initial_step=self.iteration, append=self.iteration > 0)
         try:
             while self.iteration < cfg.ppo.num_iterations:
-                stats = self.step()
+                self.iteration_start_position = self.prompts.position
+                try:
+                    stats = self.step()
+                except RayActorError as error:  # a worker process died: replace it, maybe back to a checkpoint
+                    logger.close()
+                    self.recover(error)
+                    logger = MetricsLogger.from_config(cfg, self.out_dir, total_steps=cfg.ppo.num_iterations,
+                                                       initial_step=self.iteration, append=True)
+                    continue
+                if self.recovery is not None:
+                    stats.update(self.recovery.metrics())
                 self.iteration += 1
                 logger.log(self.iteration, stats)
                 if self.checkpoints is not None and cfg.checkpoint.every and self.iteration % cfg.checkpoint.every == 0:
@@ -386,37 +414,64 @@ class PPOTrainer:
         return final
 
     # -- checkpoint / resume
-    def save_checkpoint(self) -> Path:
-        from rlhf_ray.checkpoint import rng_state, write_controller_state
+    def save_checkpoint(self) -> str:
+        from rlhf_ray.checkpoint import join, write_controller_state
 
-        def write(folder: Path) -> None:
-            self.actor.save_checkpoint(str(folder / "actor"))
+        def write(folder: str) -> None:
+            self.actor.save_checkpoint(join(folder, "actor"))
             if self.critic is not None:
-                self.critic.save_checkpoint(str(folder / "critic"))
-            write_controller_state(folder, {"iteration": self.iteration, "prompt_position": self.prompts.position,
-                                            "kl_controller": self.kl_ctl.state_dict(), "rng": rng_state(),
-                                            "weight_version": self.generators.weight_version})
+                self.critic.save_checkpoint(join(folder, "critic"))
+            write_controller_state(folder, self.controller_state())
 
         path = self.checkpoints.save(self.iteration, write)
         log.info("checkpoint %s", path)
         return path
 
-    def resume(self) -> None:
-        from rlhf_ray.checkpoint import read_controller_state, set_rng_state
+    def controller_state(self) -> dict:
+        """What the controller needs besides the learners' checkpoints to continue exactly (JSON data)."""
+        from rlhf_ray.checkpoint import rng_state
 
-        latest = self.checkpoints.latest()
-        if latest is None:
-            log.info("checkpoint.resume: no checkpoint under %s, starting fresh", self.checkpoints.root)
-            return
-        state = read_controller_state(latest)  # JSON: a checkpoint folder is data, never code to unpickle
-        self.actor.load_checkpoint(str(latest / "actor"))
-        if self.critic is not None:
-            self.critic.load_checkpoint(str(latest / "critic"))
+        return {"iteration": self.iteration, "prompt_position": self.prompts.position,
+                "kl_controller": self.kl_ctl.state_dict(), "rng": rng_state(),
+                "weight_version": self.generators.weight_version}
+
+    def apply_controller_state(self, state: dict) -> None:
+        from rlhf_ray.checkpoint import set_rng_state
+
         self.iteration, self.prompts.position = state["iteration"], state["prompt_position"]
         self.kl_ctl.load_state_dict(state["kl_controller"])
         set_rng_state(state["rng"])
-        self.generators.sync_weights(self.actor, version=state["weight_version"])
+
+    def resume(self) -> None:
+        latest = self.checkpoints.latest()
+        if latest is None:
+            log.info("checkpoint.resume: no checkpoint under %s, starting fresh", self.checkpoints.uri)
+            return
+        self.restore(latest)
         log.info("resumed from %s at iteration %d", latest, self.iteration)
+
+    def restore(self, checkpoint: str, weight_version: Optional[int] = None) -> None:
+        """Learners, controller state and engines as `checkpoint` left them; the engines get `weight_version`
+        (default: the checkpoint's own)."""
+        from rlhf_ray.checkpoint import join, read_controller_state
+
+        state = read_controller_state(checkpoint)  # JSON: a checkpoint folder is data, never code to unpickle
+        self.actor.load_checkpoint(join(checkpoint, "actor"))
+        if self.critic is not None:
+            self.critic.load_checkpoint(join(checkpoint, "critic"))
+        self.apply_controller_state(state)
+        self.generators.sync_weights(self.actor, version=weight_version or state["weight_version"])
+
+    def recover(self, error: BaseException) -> None:
+        """After a worker process died mid-iteration (`error`): replace the dead groups in their placement groups
+        and, when a learner died, go back to the last checkpoint with a new, higher weight version on the engines
+        (rlhf_ray/recovery.py). Raises `error` when no group is dead, or when recovery is not possible."""
+        from rlhf_ray.recovery import recover
+
+        from rlhf_ray.env import check_agreement
+
+        self.recovery = recover(self, error)
+        self.devices = check_agreement(self.worker_reports())
 
     def shutdown(self) -> None:
         from rlhf_ray.groups import remove_placement

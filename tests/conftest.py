@@ -12,6 +12,12 @@ import pytest
 import rlhf_ray  # noqa: F401  (sets TORCH_EXTENSIONS_DIR and the vLLM switches before deepspeed / vllm are imported)
 from rlhf_ray.config import Config, load_config
 
+# The local S3 server (s3_bucket) accepts any credentials; set before the session's Ray cluster starts, so its workers
+# (learner ranks writing checkpoints) have them too. No EC2 metadata lookups: nothing outside this machine.
+for _key, _value in {"AWS_ACCESS_KEY_ID": "rlhf-ray-test", "AWS_SECRET_ACCESS_KEY": "rlhf-ray-test",
+                     "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}.items():
+    os.environ.setdefault(_key, _value)
+
 
 def pytest_collection_modifyitems(config, items):
     import torch
@@ -76,3 +82,46 @@ def smollm2_dir() -> str:
     from rlhf_ray.models.smollm2 import smollm2_path
 
     return str(smollm2_path())
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(tmp_path_factory):
+    """A local S3 endpoint (moto's server, a real HTTP server process) on 127.0.0.1: host:port."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(tmp_path_factory.mktemp("moto") / "server.log", "wb")
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=log, stderr=subprocess.STDOUT)
+    try:
+        for _ in range(300):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/moto-api/", timeout=1)
+                break
+            except OSError:
+                if server.poll() is not None:
+                    raise RuntimeError(f"moto server exited with {server.returncode} (log: {log.name})")
+                time.sleep(0.1)
+        else:
+            raise RuntimeError(f"moto server did not answer on 127.0.0.1:{port} within 30 s (log: {log.name})")
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
+
+
+@pytest.fixture(scope="session")
+def s3_bucket(s3_endpoint) -> str:
+    """An empty bucket on the local S3 endpoint, as the URI a user would put in checkpoint.storage."""
+    import pyarrow.fs as pafs
+
+    fs = pafs.S3FileSystem(endpoint_override=s3_endpoint, scheme="http", allow_bucket_creation=True)
+    fs.create_dir("rlhf-ray-test")
+    return f"s3://rlhf-ray-test?endpoint_override={s3_endpoint}&scheme=http"

@@ -225,6 +225,9 @@ def test_submit_builds_the_ray_job_submit_command_and_runtime_env():
     assert env["env_vars"]["NCCL_SOCKET_IFNAME"] == "ib0" and "UNRELATED" not in env["env_vars"]
     assert env["env_vars"]["HF_HUB_OFFLINE"] == "1" and env["env_vars"]["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1"
     assert "pipeline launchers/cpu_demo.yaml" in _submit("--dry-run", "launchers/cpu_demo.yaml").stdout
+    # after a driver death: the same submission again with --resume (the CLI takes it after CONFIG)
+    resumed = _submit("--dry-run", "--resume", "launchers/cpu_demo.yaml", "ppo", "--ppo.kl_coef", "0.05")
+    assert resumed.stdout.splitlines()[0].rstrip().endswith("ppo launchers/cpu_demo.yaml --ppo.kl_coef 0.05 --resume")
 
 
 def test_submit_refuses_runs_that_do_not_fit_and_configs_outside_the_repo(tmp_path):

@@ -166,6 +166,8 @@ REGISTRY: dict[str, str | dict] = {
     "checkpoint.every": "tests/test_ppo.py::test_resume_continues_exactly_like_an_uninterrupted_run",
     "checkpoint.keep_last": _T + "test_train_stage_job_keys_reach_the_ray_train_job",
     "checkpoint.resume": "tests/test_ppo.py::test_resume_continues_exactly_like_an_uninterrupted_run",
+    "checkpoint.storage": "tests/test_faults.py::test_controller_killed_while_writing_a_checkpoint_resumes_from_the_"
+                          "previous_one",
 }
 
 # Learner sections: SFT / RM stages and the two PPO learners share their DeepSpeed, optimizer and LoRA keys.

@@ -1,0 +1,163 @@
+"""Faults with real processes killed (no mocks), tiny models.
+
+The controller (the `rlhf-ray ppo` driver) killed with SIGKILL while a checkpoint is being written to an object store
+(moto's S3 server on 127.0.0.1, through pyarrow.fs): the previous checkpoint stays intact and is the one a resumed run
+takes; the marker-less leftover is removed at the next start and logged."""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from rlhf_ray.checkpoint import MARKER, CheckpointManager, filesystem, join
+from rlhf_ray.config import dump_config
+from rlhf_ray.metrics import read_metrics
+from rlhf_ray.ppo import PPOTrainer
+
+from test_ppo import ppo_config
+
+
+def _iterations(storage: str) -> tuple[set[int], set[int]]:
+    """(iterations with objects under iter_N/, iterations whose COMPLETE marker exists), straight from the store."""
+    import pyarrow.fs as pafs
+
+    fs, root = filesystem(storage)
+    started, complete = set(), set()
+    for info in fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True)):
+        name = info.path[len(root):].lstrip("/").split("/")[0]
+        if name.startswith("iter_"):
+            started.add(int(name[5:]))
+            if info.path.endswith(f"/{MARKER}"):
+                complete.add(int(name[5:]))
+    return started, complete
+
+
+def _kill_session(proc: subprocess.Popen) -> None:
+    """SIGKILL the driver's whole session (its private Ray cluster included), then reap it."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=60)
+
+
+def test_controller_killed_while_writing_a_checkpoint_resumes_from_the_previous_one(
+        ray_cluster, tiny_llama, tiny_value_model, s3_bucket, tmp_path, caplog):
+    storage = join(s3_bucket, f"kill-{tmp_path.name}")
+    settings = {"ppo.advantage_estimator": "grpo", "ppo.num_iterations": 12, "ppo.rollout_batch_size": 8,
+                "ppo.mini_batch_size": 32, "checkpoint.every": 1, "checkpoint.keep_last": 2,
+                "checkpoint.storage": storage}
+    cfg = ppo_config(tmp_path, tiny_llama, tiny_value_model, **settings)
+    config_file = tmp_path / "ppo.yaml"
+    config_file.write_text(dump_config(cfg))
+    # The driver in a process (and session) of its own, on a private local cluster, as `rlhf-ray ppo` runs.
+    log_file = open(tmp_path / "driver.log", "wb")
+    driver = subprocess.Popen([str(Path(sys.executable).with_name("rlhf-ray")), "ppo", str(config_file)],
+                              stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+    killed_at, deadline = None, time.time() + 600
+    try:
+        # Stop the driver the moment a checkpoint has objects but no marker; if the marker still came first, let it
+        # go on and try the next checkpoint.
+        def writing() -> set[int]:  # once one is complete (the one to keep intact), a newer one being written
+            started, complete = _iterations(storage)  # (keep-last removes old ones marker first: not those)
+            return {i for i in started - complete if i > max(complete)} if complete else set()
+
+        while killed_at is None and time.time() < deadline and driver.poll() is None:
+            if not writing():
+                time.sleep(0.005)
+                continue
+            os.kill(driver.pid, signal.SIGSTOP)
+            if writing():
+                killed_at = min(writing())
+                os.kill(driver.pid, signal.SIGKILL)
+            else:
+                os.kill(driver.pid, signal.SIGCONT)
+    finally:
+        _kill_session(driver)
+        log_file.close()
+    assert killed_at is not None, (tmp_path / "driver.log").read_text()[-3000:]
+    started, complete = _iterations(storage)
+    assert killed_at in started and killed_at not in complete  # the kill landed mid-write
+    previous = max(complete)
+    assert previous == killed_at - 1  # every iteration checkpoints; keep-last never removed the previous one
+
+    # Re-run the same command with --resume (here in-process, on the session's cluster): the leftover is removed and
+    # said, the previous checkpoint is the one taken, and the run finishes without an iteration twice.
+    resumed_cfg = ppo_config(tmp_path, tiny_llama, tiny_value_model,
+                             **{**settings, "ppo.num_iterations": previous + 2, "checkpoint.resume": True})
+    with caplog.at_level(logging.INFO):
+        trainer = PPOTrainer(resumed_cfg)
+        try:
+            assert trainer.iteration == previous and trainer.generators.weight_version == previous
+            trainer.run()
+        finally:
+            trainer.shutdown()
+    assert f"iter_{killed_at:06d}" in caplog.text and "never completed" in caplog.text
+    rows = read_metrics(Path(resumed_cfg.run.output_dir) / "ppo" / "metrics.jsonl")
+    assert [r["iteration"] for r in rows] == list(range(1, previous + 3))
+    assert CheckpointManager(storage).incomplete() == []
+    assert _iterations(storage)[1] == {previous + 1, previous + 2}  # keep_last 2 of the resumed run's checkpoints
+
+
+NOT_COMPARED = ("time/", "throughput/", "faults/", "weight_version", "rollout/weight_version")
+
+
+def test_a_learner_rank_killed_mid_train_is_replaced_and_the_run_goes_on_from_its_checkpoint(
+        ray_cluster, tiny_llama, tiny_value_model, tmp_path, caplog):
+    import shutil
+
+    settings = {"ppo.num_iterations": 4, "checkpoint.every": 2, "ppo.rollout_batch_size": 8,
+                "ppo.mini_batch_size": 32, "ppo.max_learner_restarts": 1}
+    cfg = ppo_config(tmp_path / "recovered", tiny_llama, tiny_value_model, **settings)
+    trainer = PPOTrainer(cfg)
+    killed = {}
+    try:
+        first_actor = trainer.actor
+        train = first_actor.train
+
+        def train_then_die(*args, **kwargs):
+            if trainer.iteration == 2 and not killed:  # iteration 3, after the iteration-2 checkpoint
+                # SIGKILL of rank 0's own process at its first training forward: mid-train, for real; the other
+                # rank is left waiting in a collective with it
+                killed.update(pid=first_actor.reports[0]["pid"], ranks=len(first_actor.workers))
+                first_actor.apply(lambda w: w.rank == 0 and w.engine.module.register_forward_hook(
+                    lambda *_: os.kill(os.getpid(), signal.SIGKILL)) and None)
+            return train(*args, **kwargs)
+
+        first_actor.train = train_then_die
+        with caplog.at_level(logging.WARNING, logger="rlhf_ray.recovery"):
+            trainer.run()
+        assert trainer.actor is not first_actor and trainer.actor.reports[0]["pid"] != killed["pid"]
+        versions = trainer.generators.weight_version
+    finally:
+        trainer.shutdown()
+    assert killed["ranks"] == 2, "the kill never happened"  # the default layout: two actor ranks
+    assert "actor died" in caplog.text and "recovered" in caplog.text
+    out = Path(cfg.run.output_dir) / "ppo"
+    rows = read_metrics(out / "metrics.jsonl")
+    assert [r["iteration"] for r in rows] == [1, 2, 3, 4]  # iteration 3 redone once, logged once
+    # Restored weights took a new version (2 before the kill, 3 for the restore), then one per iteration.
+    assert [r["weight_version"] for r in rows] == [1, 2, 4, 5] and versions == 5
+    assert rows[2]["faults/restarts"] == 1 and rows[2]["faults/samples_discarded"] == 8 * 4  # iteration 3's batch
+
+    # The same checkpoint, resumed by a run nobody killed: iterations 3 and 4 agree.
+    cfg_b = ppo_config(tmp_path / "resumed", tiny_llama, tiny_value_model, **settings, **{"checkpoint.resume": True})
+    run_b = Path(cfg_b.run.output_dir) / "ppo"
+    shutil.copytree(out / "checkpoints" / "iter_000002", run_b / "checkpoints" / "iter_000002")
+    shutil.copy(out / "metrics.jsonl", run_b / "metrics.jsonl")
+    resumed = PPOTrainer(cfg_b)
+    try:
+        resumed.run()
+    finally:
+        resumed.shutdown()
+    for a, b in zip(rows[2:], read_metrics(run_b / "metrics.jsonl")[2:]):
+        for key, value in a.items():
+            if key.startswith(NOT_COMPARED) or not isinstance(value, (int, float)):
+                continue
+            assert b[key] == pytest.approx(value, abs=1e-4), (a["iteration"], key)
