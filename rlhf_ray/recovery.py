@@ -63,8 +63,8 @@ def recover(trainer, error: BaseException) -> RecoveryLog:
         raise error
     limit = trainer.cfg.ppo.max_learner_restarts
     if history.restarts >= limit:
-        raise RuntimeError(f"{', '.join(dead)} died again after {history.restarts} restart(s) "
-                           f"(ppo.max_learner_restarts {limit}): {error}") from error
+        raise RuntimeError(f"{', '.join(dead)} died; no restart left (ppo.max_learner_restarts {limit}, "
+                           f"{history.restarts} done): {error}") from error
     history.restarts += 1
     hybrid = trainer.cfg.placement.layout == "hybrid"
     replaced = dead + (["generators"] if hybrid and "actor" in dead else [])

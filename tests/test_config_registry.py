@@ -166,6 +166,8 @@ REGISTRY: dict[str, str | dict] = {
     "checkpoint.every": "tests/test_ppo.py::test_resume_continues_exactly_like_an_uninterrupted_run",
     "checkpoint.keep_last": _T + "test_train_stage_job_keys_reach_the_ray_train_job",
     "checkpoint.resume": "tests/test_ppo.py::test_resume_continues_exactly_like_an_uninterrupted_run",
+    "ppo.max_learner_restarts": "tests/test_faults.py::test_recovery_gives_up_past_max_learner_restarts_and_passes_"
+                                "other_errors_on",
     "checkpoint.storage": "tests/test_faults.py::test_controller_killed_while_writing_a_checkpoint_resumes_from_the_"
                           "previous_one",
 }

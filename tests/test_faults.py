@@ -161,3 +161,33 @@ def test_a_learner_rank_killed_mid_train_is_replaced_and_the_run_goes_on_from_it
             if key.startswith(NOT_COMPARED) or not isinstance(value, (int, float)):
                 continue
             assert b[key] == pytest.approx(value, abs=1e-4), (a["iteration"], key)
+
+
+def test_recovery_gives_up_past_max_learner_restarts_and_passes_other_errors_on(ray_cluster):
+    """recovery.recover on a controller whose actor group has a really dead rank: with ppo.max_learner_restarts 0 it
+    raises, naming the key, and replaces nothing; an error with every group alive is raised again unchanged."""
+    import types
+
+    import ray
+
+    from rlhf_ray.config import load_config
+    from rlhf_ray.recovery import recover
+
+    @ray.remote(num_cpus=0)
+    class Rank:
+        def ping(self):
+            return os.getpid()
+
+    dead, live = Rank.remote(), Rank.remote()
+    ray.get([dead.ping.remote(), live.ping.remote()])
+    ray.kill(dead, no_restart=True)
+    group = lambda worker: types.SimpleNamespace(workers=[worker])  # noqa: E731 -- what recover() reads of a group
+    trainer = types.SimpleNamespace(cfg=load_config(None, {"ppo.max_learner_restarts": 0}), recovery=None,
+                                    actor=group(dead), critic=None, reference=group(live), reward=None)
+    error = RuntimeError("the step's error")
+    with pytest.raises(RuntimeError, match=r"actor died; no restart left \(ppo.max_learner_restarts 0, 0 done\)"):
+        recover(trainer, error)
+    trainer.actor = group(live)
+    with pytest.raises(RuntimeError, match="the step's error"):
+        recover(trainer, error)
+    ray.kill(live, no_restart=True)
