@@ -70,6 +70,7 @@ def recover(trainer, error: BaseException) -> RecoveryLog:
     replaced = dead + (["generators"] if hybrid and "actor" in dead else [])
     log.warning("%s died (%s); restart %d of %d: replacing %s", ", ".join(dead), type(error).__name__,
                 history.restarts, limit, ", ".join(replaced))
+    version = trainer.generators.weight_version + 1  # never reused, even by a replaced (hybrid) engine
     for role in replaced:
         group = getattr(trainer, role)
         group.shutdown() if role == "generators" else group.shutdown(remove_placement_group=False)  # plans stay
@@ -79,7 +80,6 @@ def recover(trainer, error: BaseException) -> RecoveryLog:
     position = trainer.prompts.position
     if any(role in LEARNERS for role in dead):
         latest = trainer.checkpoints.latest() if trainer.checkpoints is not None else None
-        version = trainer.generators.weight_version + 1  # never reused: the engines' weights change
         if latest is not None:
             trainer.restore(latest, weight_version=version)
         else:  # the new learners hold the run's initial weights

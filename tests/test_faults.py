@@ -108,12 +108,22 @@ def test_controller_killed_while_writing_a_checkpoint_resumes_from_the_previous_
 NOT_COMPARED = ("time/", "throughput/", "faults/", "weight_version", "rollout/weight_version")
 
 
+HYBRID = {"placement.layout": "hybrid", "placement.actor.num_workers": 1, "generation.max_restarts": 0,
+          "ppo.advantage_estimator": "grpo"}
+
+
+@pytest.mark.parametrize("layout", ["separate", "hybrid"])
 def test_a_learner_rank_killed_mid_train_is_replaced_and_the_run_goes_on_from_its_checkpoint(
-        ray_cluster, tiny_llama, tiny_value_model, tmp_path, caplog):
+        ray_cluster, tiny_llama, tiny_value_model, tmp_path, caplog, layout):
+    """Separate layout (two actor ranks, a critic): rank 0 of the actor killed; the run's iterations after the
+    recovery equal those of a run resumed from the same checkpoint. Hybrid layout (the engine inside the one actor
+    rank): the engine goes with it and comes back with the restored weights."""
     import shutil
 
     settings = {"ppo.num_iterations": 4, "checkpoint.every": 2, "ppo.rollout_batch_size": 8,
                 "ppo.mini_batch_size": 32, "ppo.max_learner_restarts": 1}
+    if layout == "hybrid":
+        settings.update(HYBRID, **{"ppo.max_learner_restarts": 2})
     cfg = ppo_config(tmp_path / "recovered", tiny_llama, tiny_value_model, **settings)
     trainer = PPOTrainer(cfg)
     killed = {}
@@ -131,13 +141,25 @@ def test_a_learner_rank_killed_mid_train_is_replaced_and_the_run_goes_on_from_it
             return train(*args, **kwargs)
 
         first_actor.train = train_then_die
+        if layout == "hybrid":  # then the reference scorer, in iteration 4's score phase: replaced, the iteration redone
+            first_reference = trainer.reference
+            logprobs = first_reference.logprobs
+
+            def score_then_die(*args, **kwargs):
+                if trainer.iteration == 3 and "reference" not in killed:
+                    killed["reference"] = first_reference.reports[0]["pid"]
+                    first_reference.apply(lambda w: w.model.register_forward_hook(
+                        lambda *_: os.kill(os.getpid(), signal.SIGKILL)) and None)
+                return logprobs(*args, **kwargs)
+
+            first_reference.logprobs = score_then_die
         with caplog.at_level(logging.WARNING, logger="rlhf_ray.recovery"):
             trainer.run()
         assert trainer.actor is not first_actor and trainer.actor.reports[0]["pid"] != killed["pid"]
         versions = trainer.generators.weight_version
     finally:
         trainer.shutdown()
-    assert killed["ranks"] == 2, "the kill never happened"  # the default layout: two actor ranks
+    assert killed["ranks"] == (2 if layout == "separate" else 1), "the kill never happened"
     assert "actor died" in caplog.text and "recovered" in caplog.text
     out = Path(cfg.run.output_dir) / "ppo"
     rows = read_metrics(out / "metrics.jsonl")
@@ -145,6 +167,12 @@ def test_a_learner_rank_killed_mid_train_is_replaced_and_the_run_goes_on_from_it
     # Restored weights took a new version (2 before the kill, 3 for the restore), then one per iteration.
     assert [r["weight_version"] for r in rows] == [1, 2, 4, 5] and versions == 5
     assert rows[2]["faults/restarts"] == 1 and rows[2]["faults/samples_discarded"] == 8 * 4  # iteration 3's batch
+    if layout == "hybrid":
+        assert "replacing actor, generators" in caplog.text and "reference died" in caplog.text
+        assert "back to the start of iteration 4" in caplog.text and killed["reference"]
+        # the reference's death costs iteration 4's batch (regenerated), and no weights: the version goes on
+        assert rows[3]["faults/restarts"] == 2 and rows[3]["faults/samples_discarded"] == 2 * 8 * 4
+        return
 
     # The same checkpoint, resumed by a run nobody killed: iterations 3 and 4 agree.
     cfg_b = ppo_config(tmp_path / "resumed", tiny_llama, tiny_value_model, **settings, **{"checkpoint.resume": True})
