@@ -2,8 +2,8 @@
 
 A rank of a group killed (SIGKILL, the OOM killer, a lost node) surfaces in the controller as RayActorError from the
 call it was serving. `recover(trainer, error)` then:
-  1. finds the dead groups: each group's ranks are pinged (a rank whose actor is dead, or that does not answer within
-     PING_TIMEOUT_S, makes its group dead). Nothing dead: the error was something else, and it is raised again.
+  1. finds the dead groups: each group's ranks are pinged (a rank whose actor is dead makes its group dead; one busy
+     with a call is not). Nothing dead: the error was something else, and it is raised again.
   2. replaces each dead group in its own placement group (the bundles the dead ranks freed): its surviving ranks are
      killed first (they share a torch.distributed world with the dead one, which cannot be repaired). Hybrid layout:
      the engine lives in the actor's ranks, so the generator group goes with the actor.
@@ -44,15 +44,19 @@ class RecoveryLog:
 
 
 def alive(group) -> bool:
-    """Whether every rank of `group` answers (a dead actor raises at once; a hung one fails the timeout)."""
+    """Whether no rank of `group` is dead. A rank still busy with a call (an actor serves one at a time) has not
+    answered when PING_TIMEOUT_S is up: busy is not dead, and is left alone."""
     import ray
-    from ray.exceptions import GetTimeoutError, RayActorError
+    from ray.exceptions import RayActorError
 
-    try:
-        ray.get([w.__ray_ready__.remote() for w in group.workers], timeout=PING_TIMEOUT_S)
-        return True
-    except (RayActorError, GetTimeoutError):
-        return False
+    pings = [w.__ray_ready__.remote() for w in group.workers]
+    answered, _ = ray.wait(pings, num_returns=len(pings), timeout=PING_TIMEOUT_S)
+    for ping in answered:
+        try:
+            ray.get(ping)
+        except RayActorError:
+            return False
+    return True
 
 
 def recover(trainer, error: BaseException) -> RecoveryLog:
