@@ -123,20 +123,23 @@ def reference_rows(tmp: Path, name: str, from_run: Path | None) -> list[dict]:
     return read_metrics(out / "metrics.jsonl")
 
 
-def largest_difference(rows: list[dict], reference: list[dict], first_iteration: int = 3) -> tuple[float, str]:
+def largest_difference(rows: list[dict], reference: list[dict], first_iteration: int = 3) -> tuple[float, str, int]:
+    """(largest |difference|, where, how many values were compared) over the iterations from `first_iteration`."""
     by_iteration = {r["iteration"]: r for r in reference}
-    worst, where = 0.0, ""
+    worst, where, compared = 0.0, "", 0
     for row in rows:
         other = by_iteration.get(row["iteration"])
-        if row["iteration"] < first_iteration or other is None:
+        if row["iteration"] < first_iteration:
             continue
+        if other is None:
+            return float("nan"), f"iteration {row['iteration']} missing from the reference run", compared
         for key, value in row.items():
             if key.startswith(NOT_COMPARED) or not isinstance(value, (int, float)) or key == "iteration":
                 continue
-            diff = abs(value - other.get(key, float("nan")))
+            diff, compared = abs(value - other.get(key, float("nan"))), compared + 1
             if not diff <= worst:  # also catches a missing key (nan)
                 worst, where = diff, f"{key} @ {row['iteration']}"
-    return worst, where
+    return worst, where, compared
 
 
 def controller_fault(tmp: Path) -> dict:
@@ -196,6 +199,7 @@ def controller_fault(tmp: Path) -> dict:
         seen["survived"] = resumed.returncode == 0
         seen["leftover_removed"] = "never completed" in resumed.stdout + resumed.stderr
         seen["resumed_at"] = seen["previous"]
+        seen["samples_lost"] = (seen["killed_writing"] - seen["previous"]) * 8 * 4  # trained, not committed
     finally:
         server.terminate()
         server.wait()
@@ -252,25 +256,32 @@ def main() -> int:
             if fault == "controller":
                 seen = controller_fault(tmp)
                 results.append({"fault": "controller (driver) SIGKILL", "when": f"writing checkpoint "
-                                f"{seen.get('killed_writing')} (objects uploaded, no COMPLETE marker)",
-                                "survived": "yes, resumed" if seen.get("survived") else "no",
-                                "samples_lost": "iteration since the last checkpoint: one batch (32)",
-                                "recover_s": f"{seen.get('resume_s', float('nan')):.1f} (a new driver)",
-                                "max_diff": "n/a (the resumed run is the reference)", "raw": seen})
+                                f"{seen.get('killed_writing')} (its objects uploaded, no COMPLETE marker)",
+                                "survived": "yes, resumed from checkpoint " + str(seen.get("previous"))
+                                if seen.get("survived") and seen.get("leftover_removed") else f"no: {seen}",
+                                "samples_lost": f"{seen.get('samples_lost')} (trained, checkpoint not committed)",
+                                "recover_s": f"{seen.get('resume_s', float('nan')):.1f} (a new driver: start-up + "
+                                             f"2 iterations)",
+                                "max_diff": "n/a", "raw": seen})
+                print(f"{fault}: {results[-1]['survived']} in {time.time() - t:.0f}s", flush=True)
                 continue
             seen = run_with_fault(tmp, fault)
             restored = fault in ("actor", "critic")
             ref = reference_rows(tmp, f"{fault}_ref", seen["out"] if restored else None)
-            worst, where = largest_difference(seen["rows"], ref)
+            worst, where, compared = largest_difference(seen["rows"], ref)
             events = seen.get("recovery") or []
-            lost = sum(e["samples_discarded"] for e in events)
-            results.append({"fault": f"{fault} SIGKILL", "when": f"iteration 3, {KILL_DELAY_S}s into its {TARGETS[fault][2]} "
-                            f"call ({'the call raised ' + seen['raised'] if 'raised' in seen else 'the call returned'})",
+            redispatched = sum(r.get("rollout/redispatched", 0) for r in seen["rows"])
+            if fault == "engine":
+                lost = f"0 ({redispatched} prompt(s) re-dispatched; engine restarts {seen['redispatched']})"
+            else:
+                lost = str(sum(e["samples_discarded"] for e in events))
+            results.append({"fault": f"{fault} SIGKILL", "when": f"iteration 3, {KILL_DELAY_S}s after its "
+                            f"{TARGETS[fault][2]} call was sent (pid from the State API)",
                             "survived": "yes" if seen.get("survived") else f"no: {seen.get('error')}",
-                            "samples_lost": str(lost) if events else ("0 (prompts re-dispatched)" if fault == "engine"
-                                                                        else "0"),
+                            "samples_lost": lost,
                             "recover_s": f"{sum(e['seconds'] for e in events):.1f}" if events else "n/a",
-                            "max_diff": f"{worst:.2e} ({where})" if where else "0",
+                            "max_diff": f"{worst:.2e} ({where}; {compared} values)" if where else
+                                        f"0 ({compared} values compared)",
                             "raw": {k: v for k, v in seen.items() if k not in ("rows", "out")}})
             print(f"{fault}: {results[-1]['survived']} in {time.time() - t:.0f}s", flush=True)
     finally:
