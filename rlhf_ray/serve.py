@@ -220,6 +220,7 @@ def cmd_serve(args) -> int:
     init_ray(cfg)
     stop = []
     previous = signal.signal(signal.SIGTERM, lambda *_: stop.append("SIGTERM"))
+    previous_int = signal.getsignal(signal.SIGINT)
     try:
         with ServedModel(cfg, path, host=args.host, port=args.port, api_key=api_key, name=args.name,
                          start_timeout_s=args.start_timeout_s) as served:
@@ -228,6 +229,9 @@ def cmd_serve(args) -> int:
             print(f"serving {path} as '{args.name or Path(path).name}' on {info['device']}: {served.url} (node "
                   f"{info['node']}, bound to {args.host}, server pid {info['pid']}; {auth}); server log on that node: "
                   f"{info['log']}. Ctrl-C stops it.", flush=True)
+            # Serving: Ctrl-C only sets the flag, so it never lands inside a Ray call of the health check below
+            # (a KeyboardInterrupt there could leave the driver unable to shut Ray down).
+            signal.signal(signal.SIGINT, lambda *_: stop.append("SIGINT"))
             while not stop:
                 time.sleep(1.0)
                 if not served.alive():
@@ -238,5 +242,6 @@ def cmd_serve(args) -> int:
         pass
     finally:
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
     print("server stopped", flush=True)
     return 0

@@ -6,6 +6,7 @@ import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -50,6 +51,10 @@ def test_serve_answers_chat_completions_with_the_key_refuses_others_and_stops_cl
     try:
         match = read_until(proc, r"(http://127\.0\.0\.1:\d+/v1) .*server pid (\d+)", timeout_s=600)
         url, server_pid = match.group(1), int(match.group(2))
+        # Keep reading its output: a pipe nobody reads fills up (64 KiB) and blocks the command's writes, shutdown
+        # included (seen in CI: the command never exited after SIGINT).
+        rest: list[str] = []
+        threading.Thread(target=lambda: rest.extend(proc.stdout), daemon=True).start()
         # vLLM's server runs under a Ray actor, not in the command's process
         server = psutil.Process(server_pid)
         assert server.ppid() != proc.pid and "ray::" in " ".join(psutil.Process(server.ppid()).cmdline())
@@ -64,7 +69,7 @@ def test_serve_answers_chat_completions_with_the_key_refuses_others_and_stops_cl
         assert post(f"{url}/chat/completions", ask, None)[0] == 401
         assert post(f"{url}/chat/completions", ask, KEY)[0] == 200  # still serving after the refusals
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=120) == 0
+        assert proc.wait(timeout=120) == 0, "".join(rest)[-8000:]
         time.sleep(1.0)
         assert not psutil.pid_exists(server_pid) or psutil.Process(server_pid).status() == psutil.STATUS_ZOMBIE
     finally:
