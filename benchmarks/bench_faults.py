@@ -34,7 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 NOT_COMPARED = ("time/", "throughput/", "faults/", "weight_version", "rollout/weight_version", "rollout/redispatched")
 # the role -> (the group attribute of PPOTrainer, its worker class in Ray's State API, the call the kill lands in)
 TARGETS = {"actor": ("actor", "PolicyLearner", "train"), "critic": ("critic", "CriticLearner", "train"),
-           "reference": ("reference", "ReferenceScorer", "logprobs"), "engine": ("generators", "VLLMEngine", "generate")}
+           "reference": ("reference", "ReferenceScorer", "logprobs"), "engine": ("generators", "VLLMEngine", "generate"),
+           "engine-sync": ("generators", "VLLMEngine", "sync_weights")}
 KILL_DELAY_S = 0.05  # after the call is sent: the worker is computing it (tiny-model phases take ~0.2-1 s)
 
 
@@ -85,6 +86,8 @@ def run_with_fault(tmp: Path, fault: str) -> dict:
                     raise
                 finally:
                     seen["call_s"] = time.time() - seen["sent"]
+                    if method == "sync_weights":  # what the sync's own recovery reported
+                        seen["sync_failures"] = group.last_sync.engine_failures
             return call(*args, **kwargs)
 
         setattr(group, method, call_with_kill)
@@ -208,7 +211,7 @@ def controller_fault(tmp: Path) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--faults", default="actor,critic,reference,engine,controller")
+    parser.add_argument("--faults", default="actor,critic,reference,engine,engine-sync,controller")
     parser.add_argument("--out", help="write the table (Markdown) and the raw results (.json next to it) here")
     args = parser.parse_args()
 
@@ -273,13 +276,18 @@ def main() -> int:
             redispatched = sum(r.get("rollout/redispatched", 0) for r in seen["rows"])
             if fault == "engine":
                 lost = f"0 ({redispatched} prompt(s) re-dispatched; engine restarts {seen['redispatched']})"
+            elif fault == "engine-sync":
+                detected = ", ".join(f"{f['seconds']:.1f}s" for f in seen.get("sync_failures") or [])
+                lost = f"0 (failed sync attempts detected after: {detected or 'none'})"
             else:
                 lost = str(sum(e["samples_discarded"] for e in events))
             results.append({"fault": f"{fault} SIGKILL", "when": f"iteration 3, {KILL_DELAY_S}s after its "
                             f"{TARGETS[fault][2]} call was sent (pid from the State API)",
                             "survived": "yes" if seen.get("survived") else f"no: {seen.get('error')}",
                             "samples_lost": lost,
-                            "recover_s": f"{sum(e['seconds'] for e in events):.1f}" if events else "n/a",
+                            "recover_s": f"{sum(e['seconds'] for e in events):.1f}" if events else
+                                         f"{seen['call_s']:.1f} (the whole sync, restart included)"
+                                         if fault == "engine-sync" else "n/a",
                             "max_diff": f"{worst:.2e} ({where}; {compared} values)" if where else
                                         f"0 ({compared} values compared)",
                             "raw": {k: v for k, v in seen.items() if k not in ("rows", "out")}})

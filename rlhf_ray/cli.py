@@ -153,6 +153,45 @@ def cmd_serve(args) -> int:
     return run_server(args)
 
 
+def cmd_engines(args) -> int:
+    """`rlhf-ray engines CONFIG [--set N]`: a running PPO job's engine count (status), or a resize it applies between
+    two iterations (rlhf_ray/control.py). Exit 1 when the run refused or could not apply it."""
+    import os
+
+    import ray
+
+    from rlhf_ray.control import find_control, request_engines
+    from rlhf_ray.console import quiet_ray_driver_logger
+    from rlhf_ray.resources import ray_address
+
+    after = argparse.ArgumentParser(add_help=False)  # --set / --timeout also after CONFIG, among the overrides
+    after.add_argument("--set", type=int)
+    after.add_argument("--timeout", type=float)
+    late, overrides = after.parse_known_args(args.overrides)
+    wanted = late.set if late.set is not None else args.set
+    timeout = late.timeout if late.timeout is not None else args.timeout
+    cfg = load_config(args.config, overrides)
+    address = os.environ.get("RAY_ADDRESS") or ray_address(cfg)  # this client goes where it is pointed
+    if address is None:
+        raise ConfigError("rlhf-ray engines reaches a run on a cluster: set RAY_ADDRESS (or ray.address) to it. A run "
+                          "on a private local cluster (no ray.address or RAY_ADDRESS) cannot be reached from another "
+                          "process")
+    quiet_ray_driver_logger()
+    ray.init(address=address, logging_level="WARNING", log_to_driver=False)
+    try:
+        control = find_control(cfg)
+        if wanted is None:
+            print(json.dumps(ray.get(control.status.remote())))
+            return 0
+        outcome = request_engines(control, wanted, timeout)
+    finally:
+        ray.shutdown()
+    print(json.dumps(outcome))
+    if not outcome["ok"]:
+        print(f"rlhf-ray engines: {outcome['message']}", file=sys.stderr)
+    return 0 if outcome["ok"] else 1
+
+
 def cmd_eval(args) -> int:
     from rlhf_ray.eval import cmd_eval as run_eval
 
@@ -190,6 +229,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint of this run")
     _add_config_args(p)
     p.set_defaults(func=cmd_ppo)
+
+    p = sub.add_parser("engines", help=(
+        "a running PPO job's generation engines: print its status, or --set N to grow or shrink it; the run (the "
+        "one whose run.name CONFIG gives, on the cluster at RAY_ADDRESS, else ray.address) applies it between two "
+        "iterations: new engines take the current weights and pass verification before they take work. Exit 1 "
+        "when the run could not apply it (e.g. a grow that cannot be placed); the run goes on either way"))
+    p.add_argument("--set", type=int, metavar="N", help="the number of engines wanted")
+    p.add_argument("--timeout", type=float, default=1800.0,
+                   help="seconds to wait for the outcome (the current iteration finishes first; default 1800)")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_engines)
 
     p = sub.add_parser("pipeline", help="SFT -> reward model -> PPO in one command; finished stages are skipped")
     p.add_argument("--redo", help="comma-separated stages to run again even if their output exists: sft,rm,ppo")

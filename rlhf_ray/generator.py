@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any, Optional
 
@@ -36,6 +37,8 @@ from rlhf_ray.config import Config, GenerationConfig
 log = logging.getLogger(__name__)
 
 WORKER_EXTENSION = "rlhf_ray.vllm_worker_ext.WorkerExtension"
+ENGINE_PING_S = 10.0  # an engine that has not answered a ping by then is busy, not dead
+WATCH_POLL_S = 0.2  # how often a sync checks its receiving engines while the source pushes
 
 
 class StaleWeightsError(RuntimeError):
@@ -121,6 +124,9 @@ class SyncReport:
     channel: str = ""  # the transfer channel used (gloo, nccl, ipc): the same one sync after sync
     new_channel: bool = False  # this sync opened it (the first sync, an engine restart, another sender)
     steps_s: dict = field(default_factory=dict)  # driver-side wall seconds: start, push, probe, finish
+    # Attempts that failed because an engine died mid-sync (each: engine, what happened to it, error, seconds from
+    # the attempt's start to its failure); the sync then went on with the engines left (GeneratorGroup.sync_weights).
+    engine_failures: list[dict] = field(default_factory=list)
 
     @property
     def mb_per_s(self) -> float:
@@ -494,13 +500,15 @@ class GeneratorGroup:
 
         self.cfg, self.gen, self.model_path = cfg, cfg.generation, model_path
         gen, res = self.gen, cfg.placement.generator
-        precision = precision or ppo_precision(cfg)
+        self.precision = precision = precision or ppo_precision(cfg)
         self.start_timeout_s = start_timeout_s
-        self._own_placements = plan is None and hosts is None
         self.placements, self.engines = [], list(hosts or [])
+        self._owned: set[int] = set()  # ids of the placement groups this group created (and removes)
         try:  # any failure from here on kills the engines started so far and removes the placement groups we made
             for i in range(0 if hosts else gen.num_engines):  # one by one: a failure at engine i releases 0..i-1
                 self.placements.append(plan[f"generator[{i}]"].placement_group if plan else _own_placement_group(cfg, i))
+                if not plan:
+                    self._owned.add(id(self.placements[-1]))
             for i, pg in enumerate(self.placements):
                 self.engines.append(_engine_actor(
                     model_path, gen, placement_group=pg, cpus=res.cpus_per_worker, gpus=res.gpus_per_worker,
@@ -600,8 +608,9 @@ class GeneratorGroup:
         if engine is not None:
             self._load[engine] -= work
 
-    def _recover(self, engine: int, error: BaseException) -> None:
-        """After a call failed on `engine`: wait for Ray to restart it and re-sync it, or mark it dead."""
+    def _recover(self, engine: int, error: BaseException, resync: bool = True) -> str:
+        """After a call failed on `engine`: wait for Ray to restart it and (`resync`) re-sync it to the current
+        version, or mark it dead. Returns what happened: "restarted", "dead" or "alive" (same process)."""
         import ray
         from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
 
@@ -620,27 +629,72 @@ class GeneratorGroup:
                 log.error("engine %d is gone (%s); continuing with %d engine(s)", engine, type(e).__name__,
                           sum(self.alive) - 1)
                 self.alive[engine] = False
-                return
-        if info["pid"] != self.info[engine]["pid"]:
+                return "dead"
+        restarted = info["pid"] != self.info[engine]["pid"]
+        if restarted:
             self.restarts[engine] += 1
             self.info[engine] = info
-        if info["weight_version"] != self.weight_version:
+        if resync and info["weight_version"] != self.weight_version:
             if self._source is None:
                 raise RuntimeError(f"engine {engine} holds weight version {info['weight_version']}, the group "
                                    f"{self.weight_version}, and there is no source to re-sync it from")
             self._push(self._source, [engine], self.weight_version, self._expected)
             log.info("engine %d restarted and re-synced to weight version %d", engine, self.weight_version)
+        return "restarted" if restarted else "alive"
+
+    def _failed_engines(self, targets: list[int]) -> list[int]:
+        """Which of `targets` died (their actor fails a ping) or came back as a new process since we last saw them.
+        An engine busy with a call is neither."""
+        import ray
+        from ray.exceptions import RayActorError
+
+        pings = {i: self.engines[i].ready.remote() for i in targets}
+        ray.wait(list(pings.values()), num_returns=len(pings), timeout=ENGINE_PING_S)
+        failed = []
+        for i, ping in pings.items():
+            try:
+                if ray.get(ping, timeout=0)["pid"] != self.info[i]["pid"]:
+                    failed.append(i)
+            except RayActorError:  # dead, or being restarted (ActorUnavailableError)
+                failed.append(i)
+            except Exception:  # GetTimeoutError: busy, alive
+                pass
+        return failed
 
     # -- weights
     def sync_weights(self, source, version: Optional[int] = None) -> int:
         """Broadcast the source's weights (a WeightSource, or a learner group with export_params) to every engine,
-        verify them (generation.verify_weights) and return the new weight version (default: current + 1)."""
+        verify them (generation.verify_weights) and return the new weight version (default: current + 1).
+        An engine that dies mid-sync fails the attempt within seconds (_push watches the receivers); it is restarted
+        (generation.max_restarts) or dropped, and the sync starts again on the engines left. A failure with every
+        engine alive (the source's, a verification's) is raised."""
         from rlhf_ray.weight_sync import LearnerSource
 
         if not hasattr(source, "push"):
             source = LearnerSource(source)
         version = self.weight_version + 1 if version is None else version
-        report = self._push(source, [i for i, ok in enumerate(self.alive) if ok], version)
+        failures: list[dict] = []
+        while True:
+            targets = [i for i, ok in enumerate(self.alive) if ok]
+            if not targets:
+                raise RuntimeError("generator group: every engine is dead (generation.max_restarts exhausted)")
+            started = time.perf_counter()
+            try:
+                report = self._push(source, targets, version)
+                break
+            except Exception as error:
+                seconds = time.perf_counter() - started  # from the attempt's start to its failure
+                failed = self._failed_engines(targets)
+                if not failed:
+                    raise
+                for i in failed:  # its restart is synced by the next attempt, with the others
+                    failures.append({"engine": i, "outcome": self._recover(i, error, resync=False),
+                                     "error": f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}",
+                                     "seconds": seconds})
+                log.warning("weight sync v%d: engine(s) %s failed after %.1fs (%s); syncing again to engine(s) %s",
+                            version, failed, seconds, ", ".join(f["outcome"] for f in failures[-len(failed):]),
+                            [i for i, ok in enumerate(self.alive) if ok])
+        report.engine_failures = failures
         self.last_sync, self.weight_version, self._source = report, version, source
         self._expected, self._probe_ref = report.checksums, report.probe
         return version
@@ -676,11 +730,12 @@ class GeneratorGroup:
                     ray.get(receiving)
                     receiving = []
             steps = {"start": time.perf_counter() - started}
-            stats = source.push(sender, plan.bucket_bytes)
+            stats = self._watched_push(source, sender, plan.bucket_bytes, receiving)
             ray.get(receiving)
             steps["push"] = time.perf_counter() - started - steps["start"]
         except BaseException:
             self._close_channel()  # its group is in an unknown state; receivers waiting on its store fail at once
+            settle(receiving)
             raise
         if channel is not None:
             channel.sync_done(plan, stats["buckets"])
@@ -716,6 +771,30 @@ class GeneratorGroup:
                  transport, len(engines), report.bytes / 1e6, report.buckets, report.seconds, report.mb_per_s,
                  ", verified" if gen.verify_weights else "")
         return report
+
+    def _watched_push(self, source, sender, bucket_bytes: int, receiving: list) -> dict:
+        """source.push while watching the engines' receiving calls: when one fails (its engine died), the channel's
+        rendezvous store is dropped, so a sender or receiver waiting on the dead peer fails at once instead of after
+        generation.sync_timeout_s. (Peers already connected see its sockets close.)"""
+        import ray
+
+        if not receiving:
+            return source.push(sender, bucket_bytes)
+        with ThreadPoolExecutor(1, thread_name_prefix="weight-push") as pool:
+            pushing = pool.submit(source.push, sender, bucket_bytes)
+            watched = list(receiving)
+            while watched and not pushing.done():
+                done, watched = ray.wait(watched, num_returns=1, timeout=WATCH_POLL_S)
+                for ref in done:
+                    try:
+                        ray.get(ref)
+                    except Exception as e:
+                        log.warning("weight sync: a receiving engine failed (%s); aborting the transfer",
+                                    type(e).__name__)
+                        if self._channel is not None:
+                            self._channel.abort()
+                        watched = []
+            return pushing.result()
 
     def _compare_probes(self, targets: list[int], version: int, reports: list[dict], probe: tuple) -> None:
         """Each engine's probe log-probs (its report's "probe_logprobs") against the source's; an engine off by more
@@ -768,6 +847,89 @@ class GeneratorGroup:
 
         return [info["weight_version"] for info in ray.get([e.ready.remote() for e in self.engines])]
 
+    # -- elastic size (rlhf_ray/control.py: `rlhf-ray engines CONFIG --set N`)
+    def resize(self, engines: int) -> None:
+        """Grow or shrink to `engines` live engines, between iterations. A new engine starts in a placement group of
+        its own, takes the current weights from the current source and passes verification before it joins (before
+        it can take work); a grow that cannot be placed (ray.placement_timeout_s) or started raises and leaves the
+        group as it was. A shrink removes the highest-numbered engines once their outstanding calls have returned;
+        an engine in a placement group of the run's plan leaves its bundles reserved until the run ends."""
+        import ray
+
+        if engines < 1:
+            raise ValueError(f"engines: {engines}; a run needs at least 1")
+        while sum(self.alive) > engines:
+            i = max(i for i, ok in enumerate(self.alive) if ok)
+            mine = [ref for ref, (engine, _) in self._inflight.items() if engine == i]
+            ray.wait(mine, num_returns=len(mine))  # its work is finished (or failed) before it goes
+            settle(mine, timeout_s=0)
+            for ref in mine:
+                self._release(ref)
+            self._drop_tail(i)
+        if sum(self.alive) < engines:
+            self._add_engines(engines - sum(self.alive))
+
+    def _add_engines(self, count: int) -> None:
+        """All or nothing: every new engine's placement group is placed first (a grow the cluster cannot hold fails
+        after ray.placement_timeout_s, before any engine starts), then they start together, and the current version
+        is pushed to them and verified; a failure anywhere removes all of them."""
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        from rlhf_ray.env import check_agreement
+
+        first, gen, res, cfg = len(self.engines), self.gen, self.cfg.placement.generator, self.cfg
+        placements, engines = [], []
+        try:
+            for k in range(count):
+                placements.append(_own_placement_group(cfg, first + k))  # PlacementError naming what is missing
+            engines = [_engine_actor(
+                self.model_path, gen, placement_group=pg, cpus=res.cpus_per_worker, gpus=res.gpus_per_worker,
+                precision=self.precision, seed=cfg.run.seed, max_restarts=gen.max_restarts, engine_index=first + k,
+                tokenizer=cfg.models.actor.tokenizer, trust_remote_code=cfg.models.actor.trust_remote_code)
+                for k, pg in enumerate(placements)]
+            infos = ray.get([e.ready.remote() for e in engines], timeout=self.start_timeout_s)
+            reports = ray.get([e.describe.remote() for e in engines], timeout=self.start_timeout_s)
+            check_agreement(self.reports + reports)
+        except BaseException:
+            for engine in engines:
+                ray.kill(engine, no_restart=True)
+            for pg in placements:
+                remove_placement_group(pg)
+            raise
+        self.engines += engines
+        self.placements += placements
+        self._owned |= {id(pg) for pg in placements}
+        self.info += infos
+        self.reports += reports
+        self.alive += [True] * count
+        self.restarts += [0] * count
+        self._load += [0] * count
+        try:
+            if self._source is not None:  # the version every other engine holds, checked against its checksums
+                self._push(self._source, list(range(first, first + count)), self.weight_version, self._expected)
+        except BaseException:
+            self._drop_tail(first)
+            raise
+        log.info("engine(s) %s added at weight version %d; %d engine(s)", list(range(first, first + count)),
+                 self.weight_version, sum(self.alive))
+
+    def _drop_tail(self, i: int) -> None:
+        """Remove engine i and every entry after it (dead engines) from the group."""
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        while len(self.engines) > i:
+            pg = self.placements.pop() if len(self.placements) == len(self.engines) else None  # hybrid: none
+            engine = self.engines.pop()
+            for entries in (self.alive, self.restarts, self.info, self.reports, self._load):
+                entries.pop()
+            ray.kill(engine, no_restart=True)
+            if pg is not None and id(pg) in self._owned:
+                self._owned.discard(id(pg))
+                remove_placement_group(pg)
+        log.info("engine(s) from %d on removed; %d engine(s)", i, sum(self.alive))
+
     # -- GPU sharing
     def sleep(self, level: int = 1) -> list[bool]:
         """GPU with generation.enable_sleep_mode: engines release weights / KV cache; False where nothing happened."""
@@ -789,10 +951,23 @@ class GeneratorGroup:
         for e in getattr(self, "engines", []):
             ray.kill(e, no_restart=True)
         self.engines = []
-        if self._own_placements:
-            for pg in self.placements:
+        for pg in getattr(self, "placements", []):
+            if id(pg) in self._owned:
                 remove_placement_group(pg)
-            self.placements = []
+        self.placements, self._owned = [], set()
+
+
+def settle(refs: list, timeout_s: float = ENGINE_PING_S) -> None:
+    """Collect the outcome of calls a failed sync leaves behind (their errors were seen through the sync's own), so
+    Ray does not report them as unhandled."""
+    import ray
+
+    done, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+    for ref in done:
+        try:
+            ray.get(ref)
+        except Exception:
+            pass
 
 
 def _own_placement_group(cfg: Config, engine: int):

@@ -195,6 +195,10 @@ class HybridGeneratorGroup(GeneratorGroup):
         self.actor = actor
         super().__init__(cfg, resolve_model_path(cfg.models.actor.path), hosts=actor.workers)
 
+    def resize(self, engines: int) -> None:
+        raise ValueError(f"engines: {engines}; with placement.layout hybrid the engines live in the actor's ranks, "
+                         f"one per rank: their number is placement.actor.num_workers, fixed for the run")
+
     def _push(self, source, targets: list[int], version: int, recorded: Optional[dict] = None) -> SyncReport:
         import ray
 

@@ -99,6 +99,7 @@ class PPOTrainer:
     """Builds every group from the config, then `run()` iterates. Groups live in their own placement groups."""
 
     def __init__(self, cfg: Config):
+        from rlhf_ray.control import start_control
         from rlhf_ray.data import load_stage_dataset
         from rlhf_ray.env import check_agreement
         from rlhf_ray.groups import placement_plan
@@ -120,11 +121,12 @@ class PPOTrainer:
         self.uses_critic = p.advantage_estimator == "gae"
         self.reuses_train_logprobs = reuses_train_logprobs(cfg)
         self.plan: dict = {}
-        self.actor = self.reference = self.reward = self.critic = self.generators = None
+        self.actor = self.reference = self.reward = self.critic = self.generators = self.control = None
         started = time.time()
         # All or nothing: a failure anywhere in start-up (placement, a group, the checks, resume) releases every
         # actor and placement group started so far, so a long-lived driver is not starved by a failed attempt.
         try:
+            self.control = start_control(cfg)  # `rlhf-ray engines` reaches the run through it (rlhf_ray/control.py)
             self.plan = placement_plan(cfg)  # every role's placement group, ready (or a PlacementError)
             for role in ("actor", "reference", "reward", "critic", "generators"):
                 setattr(self, role, self.start_group(role))
@@ -376,6 +378,7 @@ class PPOTrainer:
                       "rollout/redispatched": info["redispatched"], "rollout/engines_used": info["engines_used"],
                       "rollout/skipped_prompts": info["skipped_prompts"],
                       "rollout/prompts_consumed": info["prompts_consumed"],
+                      "faults/sync_engine_failures": len(self.generators.last_sync.engine_failures),
                       **{f"dynamic_sampling/{k}": v for k, v in info["dynamic_sampling"].items()},
                       "throughput/tokens_per_s": info["generated_tokens"] / max(timings["time/generate_s"], 1e-9)})
         return stats
@@ -390,6 +393,7 @@ class PPOTrainer:
                                            initial_step=self.iteration, append=self.iteration > 0)
         try:
             while self.iteration < cfg.ppo.num_iterations:
+                self.apply_requests()  # `rlhf-ray engines CONFIG --set N`, between two iterations
                 self.iteration_start_position = self.prompts.position
                 try:
                     stats = self.step()
@@ -412,6 +416,12 @@ class PPOTrainer:
         log.info("ppo done in %.0fs: %s -> %s (curves: %s)", time.time() - started,
                  run_summary(read_metrics(logger.path)), final, png)
         return final
+
+    def apply_requests(self) -> None:
+        from rlhf_ray.control import apply_requests
+
+        apply_requests(self.control, self.generators,
+                       {"iteration": self.iteration, "weight_version": self.generators.weight_version})
 
     # -- checkpoint / resume
     def save_checkpoint(self) -> str:
@@ -481,6 +491,11 @@ class PPOTrainer:
                 group.shutdown()
         remove_placement(self.plan)
         self.plan = {}  # removed: a second shutdown (a caller's finally after a failed step) has nothing left to do
+        if self.control is not None:
+            from rlhf_ray.control import stop_control
+
+            stop_control(self.control)
+            self.control = None
 
 
 def run_ppo(cfg: Config) -> Path:

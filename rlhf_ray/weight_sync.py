@@ -55,6 +55,7 @@ Bucket = list[tuple[str, torch.Tensor]]
 TRANSPORTS = ("object_store", "gloo", "nccl", "ipc")
 HOST_TRANSPORTS = ("object_store", "gloo")  # send from host memory; nccl and ipc send from the GPU where buckets are
 CHECKSUM_MASK = (1 << 32) - 1  # checksums are 32-bit: int32 words cost a fifth of int64 lanes on CPU
+ABORT_POLL_S = 1.0  # a gloo party blocked in an operation checks this often whether the driver aborted the sync
 CHECKSUM_CHUNK = 1 << 18  # words per dot product (2^18 beat 2^16 and 2^20 on CPU)
 _GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)  # odd 64-bit multiplier (only its low 32 bits matter), as a signed int64
 _WEIGHTS: dict[str, torch.Tensor] = {}  # device -> _index_weights
@@ -350,9 +351,25 @@ def gloo_group(host: str, port: int, rank: int, world_size: int, channel: str, t
     return dist.ProcessGroupGloo(dist.PrefixStore("pg/", store), rank, world_size, timeout), store
 
 
+def wait_unless_aborted(work, store, timeout_s: float) -> None:
+    """Wait for a gloo operation, checking between short slices that the channel's store (the driver's) still
+    answers: the driver drops it to abort a sync (a party died), and a live party blocked in an operation with a peer
+    that gave up (its sockets still open) then fails within a slice instead of at the timeout."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            work.wait(timedelta(seconds=ABORT_POLL_S))
+            return
+        except RuntimeError as e:
+            if "timed out" not in str(e).lower() or time.monotonic() > deadline:
+                raise
+        store.check(["aborted"])  # raises once the driver has dropped the store
+
+
 # ------------------------------------------------------------------------------------------------ channels
 _CHANNELS: dict[str, Any] = {}  # per process: its end of each open transfer channel (gloo (pg, store), NCCL comm)
 _RECEIVING: set[str] = set()  # the channels this process receives on (an engine worker: one at a time)
+_PARKED: list[tuple[float, Any]] = []  # (when their posted operations have timed out, end) of broken channels
 
 
 def channel_end(plan: SyncPlan, create: Callable[[], Any], receiver: bool = False) -> tuple[Any, bool]:
@@ -373,10 +390,17 @@ def channel_end(plan: SyncPlan, create: Callable[[], Any], receiver: bool = Fals
     return end, True
 
 
-def close_channel(channel: str) -> bool:
-    """Release this process's end of `channel` (False: it held none)."""
+def close_channel(channel: str, broken_timeout_s: Optional[float] = None) -> bool:
+    """Release this process's end of `channel` (False: it held none). A broken one (`broken_timeout_s`: an operation
+    on it failed or was aborted, others may still be posted) is parked instead: destroying a gloo group waits until
+    its posted operations time out, which would keep this process (an engine actor) from its next call."""
+    now = time.monotonic()
+    _PARKED[:] = [(until, end) for until, end in _PARKED if until > now]  # timed out by now: dropped at once
     _RECEIVING.discard(channel)
     end = _CHANNELS.pop(channel, None)
+    if broken_timeout_s is not None and end is not None:
+        _PARKED.append((now + broken_timeout_s + 5.0, end))
+        return True
     destroy = getattr(end, "destroy", None)  # vLLM's PyNcclCommunicator; a gloo group closes when dropped
     if callable(destroy):
         destroy()
@@ -421,6 +445,11 @@ class TransferChannel:
         if self.store is not None:
             for n in range(buckets + 1):
                 self.store.delete_key(f"rlhf_sync/{self.id}/{meta_key(plan.sync_id, n)}")
+
+    def abort(self) -> None:
+        """A party died mid-sync: drop the rendezvous store now, so everyone still waiting on it (a new group's
+        rendezvous, the next bucket's metadata) fails at once. close() follows once the sender has returned."""
+        self.store = None
 
     def close(self) -> None:
         """Release the sender's end and the store (receivers still waiting on it fail at once instead of after the
@@ -468,14 +497,18 @@ class BucketSender:
         started = time.perf_counter()
         # Host transports return while the bucket is in flight (gloo's threads send it, the engines load it): the
         # checksums are computed meanwhile. GPU transports checksum on the device first (kernels queued in order).
-        pending = getattr(self, f"_send_{self.plan.transport}")(state, bucket)
-        sent = time.perf_counter()
-        if self.verify:  # on the tensors' device (a GPU learner's buckets stay there); read once, in close_sender
-            for name, t in bucket:
-                state.checksums[name] = (tuple(t.shape), checksum_on_device(t, t.shape))
-        checked = time.perf_counter()
-        if pending is not None:
-            pending()
+        try:
+            pending = getattr(self, f"_send_{self.plan.transport}")(state, bucket)
+            sent = time.perf_counter()
+            if self.verify:  # on the tensors' device (a GPU learner's buckets stay there); read once, in close_sender
+                for name, t in bucket:
+                    state.checksums[name] = (tuple(t.shape), checksum_on_device(t, t.shape))
+            checked = time.perf_counter()
+            if pending is not None:
+                pending()
+        except BaseException:  # a receiver died, or the driver aborted the sync: this group is not used again
+            close_channel(self.plan.channel, broken_timeout_s=self.plan.timeout_s)
+            raise
         nbytes = sum(t.numel() * t.element_size() for _, t in bucket)
         state.checksum_s += checked - sent
         state.transfer_s += (sent - started) + (time.perf_counter() - checked)
@@ -499,7 +532,7 @@ class BucketSender:
         bucket = [(name, t.cpu().contiguous()) for name, t in bucket]
         store.set(meta_key(plan.sync_id, state.buckets), bucket_meta(bucket))
         works = [pg.broadcast(t, 0) for _, t in bucket]  # queued on the group's threads, sent in order
-        return lambda: [w.wait() for w in works]
+        return lambda: [wait_unless_aborted(w, store, plan.timeout_s) for w in works]
 
     def _send_nccl(self, state: _SenderState, bucket: Bucket) -> None:
         import ray
@@ -562,14 +595,14 @@ def gloo_receive(plan: SyncPlan, rank: int, load: Callable[[Bucket], Any], check
             bucket = [(name, torch.empty(shape, dtype=dtype)) for name, shape, dtype in meta]
             works = [pg.broadcast(t, 0) for _, t in bucket]  # all posted: gloo's threads receive in order
             for item, work in zip(bucket, works):
-                work.wait()
+                wait_unless_aborted(work, store, plan.timeout_s)
                 if checksums is not None:
                     checksum_received([item], checksums)
             load(bucket)
             n += 1
         return {"buckets": n, "new_group": created}
     except BaseException:
-        close_channel(plan.channel)
+        close_channel(plan.channel, broken_timeout_s=plan.timeout_s)
         raise
 
 

@@ -18,9 +18,10 @@ def run(*args, check=True):
 
 def test_help_lists_every_subcommand():
     out = run("--help").stdout
-    for command in ("config", "generate", "models"):
+    for command in ("config", "generate", "models", "engines"):
         assert command in out
     assert "--prompt" in run("generate", "--help").stdout
+    assert "--set N" in run("engines", "--help").stdout
 
 
 def test_config_show_applies_overrides():

@@ -2,7 +2,9 @@
 
 The controller (the `rlhf-ray ppo` driver) killed with SIGKILL while a checkpoint is being written to an object store
 (moto's S3 server on 127.0.0.1, through pyarrow.fs): the previous checkpoint stays intact and is the one a resumed run
-takes; the marker-less leftover is removed at the next start and logged."""
+takes; the marker-less leftover is removed at the next start and logged. A learner rank killed mid-train. A running
+job's engines grown and shrunk from another process (`rlhf-ray engines`). (An engine killed mid-sync:
+tests/test_generator.py.)"""
 from __future__ import annotations
 
 import logging
@@ -219,3 +221,118 @@ def test_recovery_gives_up_past_max_learner_restarts_and_passes_other_errors_on(
     with pytest.raises(RuntimeError, match="the step's error"):
         recover(trainer, error)
     ray.kill(live, no_restart=True)
+
+
+def engines_command(config_file: Path, *args: str) -> tuple[int, dict, str]:
+    """`rlhf-ray engines CONFIG ...` in a process of its own, reaching this session's cluster through RAY_ADDRESS."""
+    import json
+
+    import ray
+
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    done = subprocess.run([str(Path(sys.executable).with_name("rlhf-ray")), "engines", str(config_file), *args],
+                          env=env, capture_output=True, text=True, timeout=600)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    return done.returncode, json.loads(lines[-1]) if lines else {}, done.stdout + done.stderr
+
+
+def test_engines_grow_and_shrink_mid_run_from_the_cli_and_every_prompt_is_trained_once(
+        ray_cluster, tiny_llama, tiny_value_model, tmp_path):
+    """A running PPO job told from another process: 1 -> 2 engines, then a grow the cluster cannot hold (the
+    command fails within ray.placement_timeout_s; the run goes on), then 2 -> 1. The requests land between
+    iterations; the new engine holds the run's weight version, verified, before it takes work; every prompt taken
+    from the stream is trained on exactly once."""
+    import threading
+
+    cfg = ppo_config(tmp_path, tiny_llama, tiny_value_model, **{
+        "ppo.advantage_estimator": "grpo", "ppo.num_iterations": 6, "ppo.rollout_batch_size": 8,
+        "ppo.mini_batch_size": 32, "run.name": f"elastic-{tmp_path.name}", "ray.placement_timeout_s": 5})
+    config_file = tmp_path / "ppo.yaml"
+    config_file.write_text(dump_config(cfg))
+    trainer = PPOTrainer(cfg)
+    taken, trained, engines_after = {}, {}, {}  # iteration -> stream positions taken / trained; engines it ran with
+    take, rollout_batch, step = trainer.prompts.take, trainer.rollout_batch, trainer.step
+    position_of = {}
+
+    def recording_take(n):
+        rows = [dict(r) for r in take(n)]  # copies: a prompt taken twice (another epoch) is another object
+        for k, row in enumerate(rows):
+            position_of[id(row)] = trainer.prompts.position - n + k
+        taken.setdefault(trainer.iteration + 1, []).extend(position_of[id(r)] for r in rows)
+        return rows
+
+    def recording_batch(rows, samples):
+        trained[trainer.iteration + 1] = sorted({position_of[id(rows[s.prompt_index])] for s in samples})
+        return rollout_batch(rows, samples)
+
+    def recording_step():
+        stats = step()
+        engines_after[trainer.iteration + 1] = (trainer.generators.num_engines, trainer.generators.engine_versions())
+        return stats
+
+    apply_requests = trainer.apply_requests
+
+    def requests_queued_at_1_3_4():  # so that the requests land at known iterations, however slow the machine
+        import ray
+
+        deadline = time.monotonic() + 120
+        while trainer.iteration in (1, 3, 4) and ray.get(trainer.control.status.remote())["queued"] == 0:
+            assert time.monotonic() < deadline, f"no request queued; the commands so far: {commands}"
+            time.sleep(0.2)
+        apply_requests()
+
+    trainer.prompts.take, trainer.rollout_batch, trainer.step = recording_take, recording_batch, recording_step
+    trainer.apply_requests = requests_queued_at_1_3_4
+    commands = []
+
+    def operator():  # the person at the keyboard, while the run goes on: each command waits for its outcome
+        for args in ([], ["--set", "2"], ["--set", "40"], ["--set", "1"]):
+            commands.append((args, *engines_command(config_file, *args)))
+
+    person = threading.Thread(target=operator)
+    try:
+        person.start()
+        trainer.run()
+        person.join(timeout=300)
+    finally:
+        trainer.shutdown()
+    (_, status_rc, status, _), (_, grow_rc, grew, _), (_, big_rc, refused, big_out), (_, shrink_rc, shrank, _) = \
+        commands
+    assert status_rc == 0 and "queued" in status, commands[0]
+    assert grow_rc == 0 and grew["ok"] and (grew["engines"], grew["iteration"]) == (2, 1), commands[1]
+    assert big_rc == 1 and not refused["ok"] and "placement group" in refused["message"], big_out  # PlacementError
+    assert (refused["engines"], refused["iteration"]) == (2, 3)  # the run went on, with the engines it had
+    assert shrink_rc == 0 and shrank["ok"] and (shrank["engines"], shrank["iteration"]) == (1, 4), commands[3]
+    rows = read_metrics(Path(cfg.run.output_dir) / "ppo" / "metrics.jsonl")
+    assert [r["iteration"] for r in rows] == list(range(1, 7))
+    assert [r["rollout/engines_used"] for r in rows] == [1, 2, 2, 2, 1, 1]  # grown after 1, shrunk after 4
+    assert [engines_after[k][0] for k in range(1, 7)] == [1, 2, 2, 2, 1, 1]
+    for r in rows:  # every engine holds the version the iteration ended with
+        assert engines_after[r["iteration"]][1] == [r["weight_version"]] * engines_after[r["iteration"]][0]
+    # Weight versions agree: each rollout came from the weights of the iteration before, on every engine.
+    assert [r["rollout/weight_version"] for r in rows] == [0] + [r["weight_version"] for r in rows[:-1]]
+    # Every prompt taken was trained on, once, in the iteration that took it (nothing skipped here).
+    assert all(r["rollout/skipped_prompts"] == 0 for r in rows)
+    assert taken == trained and sorted(p for ps in trained.values() for p in ps) == list(range(6 * 8))
+
+
+def test_control_actor_name_is_one_per_run_and_a_request_nobody_applies_times_out(ray_cluster, tmp_path):
+    """Two live runs of one run.name on a cluster: the second is refused before it starts anything. A request the run
+    does not apply within `rlhf-ray engines --timeout` comes back failed (the run applies between iterations)."""
+    from rlhf_ray.config import ConfigError, load_config
+    from rlhf_ray.control import find_control, request_engines, start_control, stop_control
+
+    cfg = load_config(None, {"ray.address": "local", "run.name": f"twice-{tmp_path.name}"})
+    with pytest.raises(ConfigError, match="no run named"):
+        find_control(cfg)
+    control = start_control(cfg)
+    try:
+        with pytest.raises(ConfigError, match="another run of that name is running"):
+            start_control(cfg)
+        started = time.monotonic()
+        outcome = request_engines(find_control(cfg), 2, timeout_s=1.0)
+        assert not outcome["ok"] and "no outcome within 1s" in outcome["message"]
+        assert time.monotonic() - started < 10
+    finally:
+        stop_control(control)
+    stop_control(start_control(cfg))  # the name is free again once the run's actor is gone

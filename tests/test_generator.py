@@ -203,6 +203,52 @@ def test_killed_engine_is_restarted_resynced_and_its_prompts_redispatched(group,
     assert group.engine_versions() == [version + 1] * 2
 
 
+def kill_self_on_call(worker, method: str, call: int) -> None:
+    """Make this vLLM worker's process (the engine actor's own, CPU) die by SIGKILL on its `call`-th `method` call."""
+    import os
+    import signal
+
+    worker = getattr(worker, "worker", worker)  # vLLM hands collective_rpc functions its wrapper of the worker
+    original, calls = getattr(worker, method), [0]
+
+    def dying(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == call:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original(*args, **kwargs)
+
+    setattr(worker, method, dying)
+
+
+def test_engine_killed_mid_sync_is_restarted_and_resynced_within_seconds(group, tiny_llama):
+    """With generation.sync_timeout_s 600, engines die during a weight sync; none may make the others wait for it.
+    Engine 1 dies at its second bucket (the transfer group is up: its peers see its sockets close); the retry opens
+    a new group, and engine 0 dies before joining it (the sender and engine 1 wait in the rendezvous: the group drops
+    the rendezvous store). Each is restarted by Ray, and the third attempt syncs and verifies both."""
+    import time
+
+    model = perturbed(tiny_llama, seed=24)
+    restarts = list(group.restarts)
+    ray.get(group.engines[1].collective_rpc.remote(kill_self_on_call, ("_rlhf_load", 2)))
+    ray.get(group.engines[0].collective_rpc.remote(kill_self_on_call, ("rlhf_begin_update", 2)))
+    before = group.gen
+    group.gen = replace(before, sync_timeout_s=600.0, sync_bucket_mb=0.15)  # several buckets
+    started = time.perf_counter()
+    try:
+        version = group.sync_weights(ModelSource(model))
+    finally:
+        group.gen = before
+    report = group.last_sync
+    assert [(f["engine"], f["outcome"]) for f in report.engine_failures] == [(1, "restarted"), (0, "restarted")]
+    assert all(f["seconds"] < 20 for f in report.engine_failures), report.engine_failures  # not the 600 s timeout
+    assert time.perf_counter() - started < 180  # two engine restarts included
+    assert group.restarts == [restarts[0] + 1, restarts[1] + 1] and group.alive == [True, True]
+    assert report.verified and [e["engine"] for e in report.engines] == [0, 1]
+    assert group.engine_versions() == [version, version]
+    assert [s.token_ids for s in group.generate(PROMPTS, GREEDY).samples] == \
+        [hf_greedy_with_logprobs(model, p, 12)[0] for p in PROMPTS]
+
+
 def test_tp2_engine_matches_tp1_and_syncs_its_shards(ray_cluster, tiny_llama, hf_model):
     """One engine over two CPU workers (bound "0|1"): the same greedy ids as TP=1, and a verified weight sync whose
     checksums reassemble the q/k/v heads, gate/up halves, row-parallel columns and vocab shards of both workers."""
