@@ -120,13 +120,17 @@ class CheckpointManager:
             return True
         return self.fs.get_file_info(f"{self.root}/{name}/{MARKER}").type == pafs.FileType.File
 
-    def all(self) -> list[str]:
-        """URIs of the complete checkpoints, oldest first."""
+    def _committed_names(self) -> list[str]:
+        """Folder names of the complete checkpoints, oldest first."""
         import pyarrow.fs as pafs
 
         names = sorted(e.base_name for e in self._entries()
                        if e.type == pafs.FileType.Directory and _NAME.match(e.base_name))
-        return [join(self.uri, n) for n in names if self._committed(n)]
+        return [n for n in names if self._committed(n)]
+
+    def all(self) -> list[str]:
+        """URIs of the complete checkpoints, oldest first."""
+        return [join(self.uri, n) for n in self._committed_names()]
 
     def latest(self) -> Optional[str]:
         found = self.all()
@@ -178,8 +182,8 @@ class CheckpointManager:
             write(join(self.uri, name))
             with self.fs.open_output_stream(f"{self.root}/{name}/{MARKER}") as f:
                 f.write(marker.encode())
-        for old in self.all()[:-self.keep_last]:
-            self._remove(old.partition("?")[0].rstrip("/").rsplit("/", 1)[-1])
+        for old in self._committed_names()[:-self.keep_last]:
+            self._remove(old)
         return join(self.uri, name)
 
 

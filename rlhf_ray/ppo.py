@@ -470,15 +470,15 @@ class PPOTrainer:
         if self.critic is not None:
             self.critic.load_checkpoint(join(checkpoint, "critic"))
         self.apply_controller_state(state)
-        self.generators.sync_weights(self.actor, version=weight_version or state["weight_version"])
+        self.generators.sync_weights(self.actor, version=state["weight_version"] if weight_version is None
+                                     else weight_version)
 
     def recover(self, error: BaseException) -> None:
         """After a worker process died mid-iteration (`error`): replace the dead groups in their placement groups
         and, when a learner died, go back to the last checkpoint with a new, higher weight version on the engines
         (rlhf_ray/recovery.py). Raises `error` when no group is dead, or when recovery is not possible."""
-        from rlhf_ray.recovery import recover
-
         from rlhf_ray.env import check_agreement
+        from rlhf_ray.recovery import recover
 
         self.recovery = recover(self, error)
         self.devices = check_agreement(self.worker_reports())

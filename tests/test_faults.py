@@ -22,7 +22,8 @@ from rlhf_ray.config import dump_config
 from rlhf_ray.metrics import read_metrics
 from rlhf_ray.ppo import PPOTrainer
 
-from test_ppo import ppo_config
+import test_hybrid
+from test_ppo import assert_metrics_agree, copy_checkpoint, ppo_config
 
 
 def _iterations(storage: str) -> tuple[set[int], set[int]]:
@@ -110,8 +111,7 @@ def test_controller_killed_while_writing_a_checkpoint_resumes_from_the_previous_
 NOT_COMPARED = ("time/", "throughput/", "faults/", "weight_version", "rollout/weight_version")
 
 
-HYBRID = {"placement.layout": "hybrid", "placement.actor.num_workers": 1, "generation.max_restarts": 0,
-          "ppo.advantage_estimator": "grpo"}
+HYBRID = {**test_hybrid.HYBRID, "ppo.advantage_estimator": "grpo"}
 
 
 @pytest.mark.parametrize("layout", ["separate", "hybrid"])
@@ -120,7 +120,6 @@ def test_a_learner_rank_killed_mid_train_is_replaced_and_the_run_goes_on_from_it
     """Separate layout (two actor ranks, a critic): rank 0 of the actor killed; the run's iterations after the
     recovery equal those of a run resumed from the same checkpoint. Hybrid layout (the engine inside the one actor
     rank): the engine goes with it and comes back with the restored weights."""
-    import shutil
 
     settings = {"ppo.num_iterations": 4, "checkpoint.every": 2, "ppo.rollout_batch_size": 8,
                 "ppo.mini_batch_size": 32, "ppo.max_learner_restarts": 1}
@@ -179,18 +178,13 @@ def test_a_learner_rank_killed_mid_train_is_replaced_and_the_run_goes_on_from_it
     # The same checkpoint, resumed by a run nobody killed: iterations 3 and 4 agree.
     cfg_b = ppo_config(tmp_path / "resumed", tiny_llama, tiny_value_model, **settings, **{"checkpoint.resume": True})
     run_b = Path(cfg_b.run.output_dir) / "ppo"
-    shutil.copytree(out / "checkpoints" / "iter_000002", run_b / "checkpoints" / "iter_000002")
-    shutil.copy(out / "metrics.jsonl", run_b / "metrics.jsonl")
+    copy_checkpoint(out, run_b)
     resumed = PPOTrainer(cfg_b)
     try:
         resumed.run()
     finally:
         resumed.shutdown()
-    for a, b in zip(rows[2:], read_metrics(run_b / "metrics.jsonl")[2:]):
-        for key, value in a.items():
-            if key.startswith(NOT_COMPARED) or not isinstance(value, (int, float)):
-                continue
-            assert b[key] == pytest.approx(value, abs=1e-4), (a["iteration"], key)
+    assert_metrics_agree(rows[2:], read_metrics(run_b / "metrics.jsonl")[2:], skip=NOT_COMPARED)
 
 
 def test_recovery_gives_up_past_max_learner_restarts_and_passes_other_errors_on(ray_cluster):

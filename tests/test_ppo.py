@@ -92,9 +92,26 @@ def test_grpo_learns_the_rule_without_a_critic(ray_cluster, tiny_llama, tiny_val
 TIMING = ("time/", "throughput/")
 
 
-def test_resume_continues_exactly_like_an_uninterrupted_run(ray_cluster, tiny_llama, tiny_value_model, tmp_path):
+def copy_checkpoint(run: Path, to: Path, iteration: int = 2) -> None:
+    """`to` as a run that stopped after `run`'s checkpoint of `iteration`: that checkpoint and the metrics file with
+    every row `run` logged (resuming cuts it back)."""
     import shutil
 
+    name = f"iter_{iteration:06d}"
+    shutil.copytree(run / "checkpoints" / name, to / "checkpoints" / name)
+    shutil.copy(run / "metrics.jsonl", to / "metrics.jsonl")
+
+
+def assert_metrics_agree(expected: list[dict], got: list[dict], skip: tuple = TIMING) -> None:
+    """Every numeric metric of `expected`'s rows (keys starting with `skip` aside) in `got`'s, to 1e-4."""
+    for a, b in zip(expected, got, strict=True):
+        for key, value in a.items():
+            if key.startswith(skip) or not isinstance(value, (int, float)):
+                continue
+            assert b[key] == pytest.approx(value, abs=1e-4), (a["iteration"], key)
+
+
+def test_resume_continues_exactly_like_an_uninterrupted_run(ray_cluster, tiny_llama, tiny_value_model, tmp_path):
     cfg = ppo_config(tmp_path / "a", tiny_llama, tiny_value_model, **{
         "ppo.num_iterations": 4, "checkpoint.every": 2, "checkpoint.keep_last": 2,
         "ppo.rollout_batch_size": 8, "ppo.mini_batch_size": 32})
@@ -114,9 +131,7 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(ray_cluster, tiny_ll
         "ppo.num_iterations": 4, "checkpoint.every": 2, "checkpoint.resume": True,
         "ppo.rollout_batch_size": 8, "ppo.mini_batch_size": 32})
     run_b = Path(cfg_b.run.output_dir) / "ppo"
-    (run_b / "checkpoints").mkdir(parents=True)
-    shutil.copytree(run_a / "checkpoints" / "iter_000002", run_b / "checkpoints" / "iter_000002")
-    shutil.copy(run_a / "metrics.jsonl", run_b / "metrics.jsonl")
+    copy_checkpoint(run_a, run_b)
     resumed = PPOTrainer(cfg_b)
     try:
         assert resumed.iteration == 2 and resumed.generators.weight_version == 2
@@ -125,11 +140,7 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(ray_cluster, tiny_ll
         resumed.shutdown()
     rows = read_metrics(run_b / "metrics.jsonl")
     assert [r["iteration"] for r in rows] == [1, 2, 3, 4]  # appended after the cut: no iteration twice
-    for a, b in zip(uninterrupted[2:], rows[2:]):
-        for key, value in a.items():
-            if key.startswith(TIMING) or not isinstance(value, (int, float)):
-                continue
-            assert b[key] == pytest.approx(value, abs=1e-4), (a["iteration"], key)
+    assert_metrics_agree(uninterrupted[2:], rows[2:])
     assert (run_b / "reward_kl.png").stat().st_size > 0
 
 
