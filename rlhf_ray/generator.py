@@ -789,8 +789,8 @@ class GeneratorGroup:
                     try:
                         ray.get(ref)
                     except Exception as e:
-                        log.warning("weight sync: a receiving engine failed (%s); aborting the transfer",
-                                    type(e).__name__)
+                        log.warning("weight sync: a receiving engine failed (%s: %s); aborting the transfer",
+                                    type(e).__name__, str(e).strip().splitlines()[-1] if str(e).strip() else "")
                         if self._channel is not None:
                             self._channel.abort()
                         watched = []

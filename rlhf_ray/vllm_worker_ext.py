@@ -211,9 +211,12 @@ class WorkerExtension:
         from vllm.config import set_current_vllm_config
         from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
 
+        if getattr(self, "_rlhf_reloading", False):  # an update cut short (a sync that failed midway) is finalised
+            self.rlhf_finish_update()                # first: a reload is not re-entrant; this one replaces its weights
         self._rlhf_received = {} if verify else None
         with set_current_vllm_config(self.vllm_config):
             initialize_layerwise_reload(self._rlhf_model())
+        self._rlhf_reloading = True
 
     def rlhf_load_bucket(self, bucket: list[tuple[str, torch.Tensor]]) -> int:
         received = getattr(self, "_rlhf_received", None)
@@ -236,6 +239,7 @@ class WorkerExtension:
         from vllm.config import set_current_vllm_config
         from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
 
+        self._rlhf_reloading = False
         with set_current_vllm_config(self.vllm_config):
             finalize_layerwise_reload(self._rlhf_model(), self.model_config)
             refresh_tied_heads(self._rlhf_model(), bool(getattr(self.model_config.hf_text_config,

@@ -234,13 +234,19 @@ def test_engines_grow_and_shrink_mid_run_from_the_cli_and_every_prompt_is_traine
         ray_cluster, tiny_llama, tiny_value_model, tmp_path):
     """A running PPO job told from another process: 1 -> 2 engines, then a grow the cluster cannot hold (the
     command fails within ray.placement_timeout_s; the run goes on), then 2 -> 1. The requests land between
-    iterations; the new engine holds the run's weight version, verified, before it takes work; every prompt taken
-    from the stream is trained on exactly once."""
+    iterations; the new engine holds the run's weight version, verified, before it takes work. In between, the added
+    engine is SIGKILLed in the middle of iteration 3's weight sync (generation.sync_timeout_s 600): the run goes on
+    within seconds of its restart. Every prompt taken from the stream is trained on exactly once."""
     import threading
+
+    import ray
+
+    from test_generator import kill_self_on_call
 
     cfg = ppo_config(tmp_path, tiny_llama, tiny_value_model, **{
         "ppo.advantage_estimator": "grpo", "ppo.num_iterations": 6, "ppo.rollout_batch_size": 8,
-        "ppo.mini_batch_size": 32, "run.name": f"elastic-{tmp_path.name}", "ray.placement_timeout_s": 5})
+        "ppo.mini_batch_size": 32, "run.name": f"elastic-{tmp_path.name}", "ray.placement_timeout_s": 5,
+        "generation.sync_timeout_s": 600, "generation.sync_bucket_mb": 0.15})
     config_file = tmp_path / "ppo.yaml"
     config_file.write_text(dump_config(cfg))
     trainer = PPOTrainer(cfg)
@@ -260,6 +266,8 @@ def test_engines_grow_and_shrink_mid_run_from_the_cli_and_every_prompt_is_traine
         return rollout_batch(rows, samples)
 
     def recording_step():
+        if trainer.iteration == 2:  # iteration 3: engine 1 dies as the 2nd bucket of its weight sync arrives
+            ray.get(trainer.generators.engines[1].collective_rpc.remote(kill_self_on_call, ("_rlhf_load", 2)))
         stats = step()
         engines_after[trainer.iteration + 1] = (trainer.generators.num_engines, trainer.generators.engine_versions())
         return stats
@@ -267,8 +275,6 @@ def test_engines_grow_and_shrink_mid_run_from_the_cli_and_every_prompt_is_traine
     apply_requests = trainer.apply_requests
 
     def requests_queued_at_1_3_4():  # so that the requests land at known iterations, however slow the machine
-        import ray
-
         deadline = time.monotonic() + 120
         while trainer.iteration in (1, 3, 4) and ray.get(trainer.control.status.remote())["queued"] == 0:
             assert time.monotonic() < deadline, f"no request queued; the commands so far: {commands}"
@@ -303,6 +309,8 @@ def test_engines_grow_and_shrink_mid_run_from_the_cli_and_every_prompt_is_traine
     assert [engines_after[k][0] for k in range(1, 7)] == [1, 2, 2, 2, 1, 1]
     for r in rows:  # every engine holds the version the iteration ended with
         assert engines_after[r["iteration"]][1] == [r["weight_version"]] * engines_after[r["iteration"]][0]
+    assert [r["faults/sync_engine_failures"] for r in rows] == [0, 0, 1, 0, 0, 0]  # the kill landed mid-sync
+    assert rows[2]["time/sync_s"] < 120  # its restart included; not the 600 s sync timeout
     # Weight versions agree: each rollout came from the weights of the iteration before, on every engine.
     assert [r["rollout/weight_version"] for r in rows] == [0] + [r["weight_version"] for r in rows[:-1]]
     # Every prompt taken was trained on, once, in the iteration that took it (nothing skipped here).
