@@ -153,6 +153,12 @@ def cmd_serve(args) -> int:
     return run_server(args)
 
 
+def _add_engines_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", type=int, metavar="N", help="the number of engines wanted")
+    p.add_argument("--timeout", type=float, default=1800.0,
+                   help="seconds to wait for the outcome (the current iteration finishes first; default 1800)")
+
+
 def cmd_engines(args) -> int:
     """`rlhf-ray engines CONFIG [--set N]`: a running PPO job's engine count (status), or a resize it applies between
     two iterations (rlhf_ray/control.py). Exit 1 when the run refused or could not apply it."""
@@ -165,11 +171,9 @@ def cmd_engines(args) -> int:
     from rlhf_ray.resources import ray_address
 
     after = argparse.ArgumentParser(add_help=False)  # --set / --timeout also after CONFIG, among the overrides
-    after.add_argument("--set", type=int)
-    after.add_argument("--timeout", type=float)
-    late, overrides = after.parse_known_args(args.overrides)
-    wanted = late.set if late.set is not None else args.set
-    timeout = late.timeout if late.timeout is not None else args.timeout
+    _add_engines_args(after)
+    opts, overrides = after.parse_known_args(args.overrides, namespace=argparse.Namespace(set=args.set,
+                                                                                          timeout=args.timeout))
     cfg = load_config(args.config, overrides)
     address = os.environ.get("RAY_ADDRESS") or ray_address(cfg)  # this client goes where it is pointed
     if address is None:
@@ -180,10 +184,10 @@ def cmd_engines(args) -> int:
     ray.init(address=address, logging_level="WARNING", log_to_driver=False)
     try:
         control = find_control(cfg)
-        if wanted is None:
+        if opts.set is None:
             print(json.dumps(ray.get(control.status.remote())))
             return 0
-        outcome = request_engines(control, wanted, timeout)
+        outcome = request_engines(control, opts.set, opts.timeout)
     finally:
         ray.shutdown()
     print(json.dumps(outcome))
@@ -235,9 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
         "one whose run.name CONFIG gives, on the cluster at RAY_ADDRESS, else ray.address) applies it between two "
         "iterations: new engines take the current weights and pass verification before they take work. Exit 1 "
         "when the run could not apply it (e.g. a grow that cannot be placed); the run goes on either way"))
-    p.add_argument("--set", type=int, metavar="N", help="the number of engines wanted")
-    p.add_argument("--timeout", type=float, default=1800.0,
-                   help="seconds to wait for the outcome (the current iteration finishes first; default 1800)")
+    _add_engines_args(p)
     _add_config_args(p)
     p.set_defaults(func=cmd_engines)
 

@@ -32,7 +32,7 @@ class RunControl:
 
     def request(self, engines: int) -> int:
         self.next_id += 1
-        self.queue.append({"id": self.next_id, "engines": engines, "queued_at": time.time()})
+        self.queue.append({"id": self.next_id, "engines": engines})
         return self.next_id
 
     def take(self, status: dict) -> list[dict]:
@@ -68,14 +68,11 @@ def start_control(cfg: Config):
 def stop_control(control, timeout_s: float = 30.0) -> None:
     """Kill the control actor and wait until its name is free (the next run of the same name may start at once)."""
     import ray
-    from ray.exceptions import RayActorError
 
     ray.kill(control, no_restart=True)
     try:
         ray.get(control.status.remote(), timeout=timeout_s)
-    except RayActorError:
-        pass  # dead: its name is released with it
-    except Exception:
+    except Exception:  # RayActorError once it is dead, and its name released with it (or the wait timed out)
         pass
 
 

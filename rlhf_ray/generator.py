@@ -499,21 +499,17 @@ class GeneratorGroup:
         from rlhf_ray.env import check_agreement
 
         self.cfg, self.gen, self.model_path = cfg, cfg.generation, model_path
-        gen, res = self.gen, cfg.placement.generator
-        self.precision = precision = precision or ppo_precision(cfg)
+        self.precision = precision or ppo_precision(cfg)
         self.start_timeout_s = start_timeout_s
         self.placements, self.engines = [], list(hosts or [])
         self._owned: set[int] = set()  # ids of the placement groups this group created (and removes)
         try:  # any failure from here on kills the engines started so far and removes the placement groups we made
-            for i in range(0 if hosts else gen.num_engines):  # one by one: a failure at engine i releases 0..i-1
+            for i in range(0 if hosts else self.gen.num_engines):  # one by one: a failure at engine i releases 0..i-1
                 self.placements.append(plan[f"generator[{i}]"].placement_group if plan else _own_placement_group(cfg, i))
                 if not plan:
                     self._owned.add(id(self.placements[-1]))
             for i, pg in enumerate(self.placements):
-                self.engines.append(_engine_actor(
-                    model_path, gen, placement_group=pg, cpus=res.cpus_per_worker, gpus=res.gpus_per_worker,
-                    precision=precision, seed=cfg.run.seed, max_restarts=gen.max_restarts, engine_index=i,
-                    tokenizer=cfg.models.actor.tokenizer, trust_remote_code=cfg.models.actor.trust_remote_code))
+                self.engines.append(self._new_engine(pg, i))
             self.info = ray.get([e.ready.remote() for e in self.engines], timeout=start_timeout_s)
             self.reports: list[dict] = ray.get([(e.engine_describe if hosts else e.describe).remote()
                                                 for e in self.engines], timeout=start_timeout_s)
@@ -538,7 +534,16 @@ class GeneratorGroup:
         self._inflight: dict = {}  # ObjectRef -> (engine index, work)
         from rlhf_ray.weight_sync import probe_token_ids
 
-        self.probe_ids = probe_token_ids(self.info[0]["vocab_size"], min(gen.verify_probe_len, self.max_model_len - 1))
+        self.probe_ids = probe_token_ids(self.info[0]["vocab_size"],
+                                         min(self.gen.verify_probe_len, self.max_model_len - 1))
+
+    def _new_engine(self, placement_group, index: int):
+        """Engine actor number `index` in `placement_group` (not waited for: its ready() says when it is up)."""
+        cfg, gen, res = self.cfg, self.gen, self.cfg.placement.generator
+        return _engine_actor(self.model_path, gen, placement_group=placement_group, cpus=res.cpus_per_worker,
+                             gpus=res.gpus_per_worker, precision=self.precision, seed=cfg.run.seed,
+                             max_restarts=gen.max_restarts, engine_index=index, tokenizer=cfg.models.actor.tokenizer,
+                             trust_remote_code=cfg.models.actor.trust_remote_code)
 
     @property
     def num_engines(self) -> int:
@@ -861,8 +866,7 @@ class GeneratorGroup:
         while sum(self.alive) > engines:
             i = max(i for i, ok in enumerate(self.alive) if ok)
             mine = [ref for ref, (engine, _) in self._inflight.items() if engine == i]
-            ray.wait(mine, num_returns=len(mine))  # its work is finished (or failed) before it goes
-            settle(mine, timeout_s=0)
+            settle(mine, timeout_s=None)  # its work is finished (or failed) before it goes
             for ref in mine:
                 self._release(ref)
             self._drop_tail(i)
@@ -878,16 +882,12 @@ class GeneratorGroup:
 
         from rlhf_ray.env import check_agreement
 
-        first, gen, res, cfg = len(self.engines), self.gen, self.cfg.placement.generator, self.cfg
+        first = len(self.engines)
         placements, engines = [], []
         try:
             for k in range(count):
-                placements.append(_own_placement_group(cfg, first + k))  # PlacementError naming what is missing
-            engines = [_engine_actor(
-                self.model_path, gen, placement_group=pg, cpus=res.cpus_per_worker, gpus=res.gpus_per_worker,
-                precision=self.precision, seed=cfg.run.seed, max_restarts=gen.max_restarts, engine_index=first + k,
-                tokenizer=cfg.models.actor.tokenizer, trust_remote_code=cfg.models.actor.trust_remote_code)
-                for k, pg in enumerate(placements)]
+                placements.append(_own_placement_group(self.cfg, first + k))  # PlacementError naming what is missing
+            engines = [self._new_engine(pg, first + k) for k, pg in enumerate(placements)]
             infos = ray.get([e.ready.remote() for e in engines], timeout=self.start_timeout_s)
             reports = ray.get([e.describe.remote() for e in engines], timeout=self.start_timeout_s)
             check_agreement(self.reports + reports)
@@ -957,9 +957,9 @@ class GeneratorGroup:
         self.placements, self._owned = [], set()
 
 
-def settle(refs: list, timeout_s: float = ENGINE_PING_S) -> None:
-    """Collect the outcome of calls a failed sync leaves behind (their errors were seen through the sync's own), so
-    Ray does not report them as unhandled."""
+def settle(refs: list, timeout_s: Optional[float] = ENGINE_PING_S) -> None:
+    """Wait (up to `timeout_s`; None: until all are done) for calls whose errors are seen another way (a failed
+    sync's own, an engine being removed), and collect their outcome so Ray does not report them as unhandled."""
     import ray
 
     done, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
