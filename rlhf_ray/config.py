@@ -635,6 +635,17 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
+def reuses_train_logprobs(cfg: Config) -> bool:
+    """Whether the actor's training pass supplies the old log-probs (no separate actor forward while scoring).
+
+    Exact when the KL penalty sits in the loss (advantages then need no actor log-probs) and each iteration makes
+    one optimizer step over the whole rollout (ppo_epochs 1, one mini-batch): the weights that sampled the rollout
+    are the weights of the training pass, so old = current.detach() and the ratio is 1, as in TRL and veRL."""
+    p = cfg.ppo
+    return (p.kl_penalty == "loss" and p.ppo_epochs == 1
+            and p.mini_batch_size == p.rollout_batch_size * cfg.generation.n_samples_per_prompt)
+
+
 def _validate_hybrid(cfg: Config, need) -> None:
     """placement.layout hybrid: what the one-rank hybrid (rlhf_ray/hybrid.py) does not do is refused here."""
     if cfg.placement.layout != "hybrid":

@@ -18,7 +18,7 @@ from typing import Any, Optional
 import torch
 
 from rlhf_ray import rl
-from rlhf_ray.config import Config, PPOConfig
+from rlhf_ray.config import PPOConfig
 def request_seed(run_seed: int, iteration: int, row: int) -> int:
     """A per-request sampling seed: the same (seed, iteration, row) samples the same tokens, resumed or not."""
     digest = hashlib.blake2b(f"{run_seed}:{iteration}:{row}".encode(), digest_size=4).digest()
@@ -122,17 +122,6 @@ def drop_nonfinite_samples(scores: torch.Tensor, action_mask: torch.Tensor, per_
     scores = torch.where(keep, scores, group_mean.repeat_interleave(group_size))
     per_token = {k: torch.where(keep[:, None], x, torch.zeros((), dtype=x.dtype)) for k, x in per_token.items()}
     return scores, action_mask * keep[:, None].to(action_mask.dtype), per_token, dropped
-
-
-def reuses_train_logprobs(cfg: Config) -> bool:
-    """Whether the actor's training pass supplies the old log-probs (no separate actor forward while scoring).
-
-    Exact when the KL penalty sits in the loss (advantages then need no actor log-probs) and each iteration makes
-    one optimizer step over the whole rollout (ppo_epochs 1, one mini-batch): the weights that sampled the rollout
-    are the weights of the training pass, so old = current.detach() and the ratio is 1, as in TRL and veRL."""
-    p = cfg.ppo
-    return (p.kl_penalty == "loss" and p.ppo_epochs == 1
-            and p.mini_batch_size == p.rollout_batch_size * cfg.generation.n_samples_per_prompt)
 
 
 class PromptStream:

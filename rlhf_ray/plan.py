@@ -20,6 +20,8 @@ Memory per GPU, per process (Psi parameters, N ranks of the role; ZeRO, Rajbhand
 Where the roles go is simulated the way Ray places the groups of resources.ppo_layout: each group in order,
 STRICT_PACK groups (one generator engine) on one node, PACK groups on one node when one has room, else spread;
 whole-GPU bundles take free GPUs, fractional bundles share a GPU (Ray packs fractions onto the same device).
+Engines with generation.enable_sleep_mode free their GPU memory while the others score and train, so a GPU they
+share is counted at its larger phase (_gpu_bytes); `--suggest` searches such colocated layouts beside separate ones.
 Time per PPO iteration: generation (prefill by FLOPs, decode by memory bandwidth), experience forward passes,
 PPO training (FLOPs plus ZeRO collectives), weight sync; the assumed MFU, bandwidths and interconnect are printed.
 """
@@ -35,7 +37,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from rlhf_ray.config import (ClusterConfig, Config, ConfigError, PPOLearnerConfig, load_config, ppo_learner,
-                              ppo_precision, validate)
+                              ppo_precision, reuses_train_logprobs, validate)
 from rlhf_ray.resources import RoleLayout, ppo_layout
 
 GIB = 1024**3
@@ -51,6 +53,7 @@ ENGINE_WORKSPACE_GIB = 1.0  # vLLM activations / sampler inside its claim on a G
 CPU_ENGINE_WORKSPACE_GIB = 0.5
 VLLM_MAX_NUM_SEQS = 256  # vLLM's default cap on sequences decoded at once
 COLLECTIVE_LATENCY_S = 10e-6  # per TP all-reduce while decoding
+ADAM_STEP_BYTES = 32  # per trainable parameter and step: fp32 weights, m, v read and written, the gradient read
 CPU_GLOO_GBS = 1.3  # CPU ranks: gloo broadcast between processes (STACK.md: 380 MB in ~0.3 s)
 
 
@@ -241,6 +244,12 @@ class Memory:
         return self.overhead + max(steady, self.load)
 
     @property
+    def resident(self) -> float:
+        """What stays allocated between steps: model states, the KV cache, the process's own; plus the weight-sync
+        buffer (the sync runs while the engines are awake). Activations and gathered layers exist only in a pass."""
+        return self.overhead + self.weights + self.grads + self.optimizer + self.kv_cache + self.sync
+
+    @property
     def host(self) -> float:
         """Host memory of a GPU process beyond its fixed share: offloaded states, or the load if larger."""
         return max(self.offloaded, self.host_load)
@@ -272,10 +281,19 @@ class Plan:
     times: dict[str, float] = field(default_factory=dict)
     parts: dict[str, dict[str, float]] = field(default_factory=dict)  # phase -> term -> seconds
     stages: dict[str, tuple[int, float, bool]] = field(default_factory=dict)  # SFT/RM: ranks, GiB per rank, fits
+    engines_sleep: bool = False  # GPU engines with generation.enable_sleep_mode (see _account)
 
     @property
     def fits(self) -> bool:
         return not self.problems
+
+    @property
+    def gpus_used(self) -> int:
+        return len(self.gpu_used)
+
+    def gpu_seconds_per_1k_samples(self, samples: int) -> float:
+        """What an iteration costs per 1000 samples: every GPU the plan uses, for the whole iteration."""
+        return self.gpus_used * self.times["total"] / samples * 1000
 
     def role_peak_gib(self, role: str) -> float:
         """The largest per-process memory of a role (GiB)."""
@@ -312,9 +330,10 @@ def _learner_memory(shape: ModelShape, s: PPOLearnerConfig, ranks: int, seq: int
         m.gather = gathered * (1 - 1 / ranks)
         m.sync = shape.largest_tensor * wb * (1 - 1 / ranks) if sends_weights else 0.0
         m.weights += _hpz_copy_bytes(total, ds, wb)
-    if ds.offload_optimizer and on_gpu:
-        m.offloaded += m.optimizer + trainable * 4 / (ranks if ds.zero_stage >= 1 else 1)  # + fp32 grad copy
-        m.optimizer = 0.0
+    if ds.offload_optimizer and on_gpu:  # ZeRO-Offload (Ren et al. 2021, sec. 4): gradients and optimizer states
+        # live in host memory (fp32 gradient partitions), the GPU keeps the 16-bit weights and passes' buffers
+        m.offloaded += m.optimizer + trainable * 4 / (ranks if ds.zero_stage >= 1 else 1)
+        m.optimizer = m.grads = 0.0
     if ds.offload_params and ds.zero_stage == 3 and on_gpu:
         m.offloaded += m.weights
         m.weights, m.gather = 0.0, gathered  # only the gathered layers live on the GPU
@@ -405,7 +424,10 @@ def _engine_memory(cfg: Config, shape: ModelShape, on_gpu: bool, problems: list[
         problems.append(f"generator: KV cache {max(kv_blocks, 0) / GIB:.2f} GiB per GPU holds less than one "
                         f"{seq}-token sequence ({one_seq / GIB:.2f} GiB); raise generation.gpu_memory_utilization "
                         f"or tensor_parallel_size")
-    return Memory(weights=weights, kv_cache=kv, sync=shape.largest_tensor * wb, overhead=overhead)
+    # vLLM sleep level 1 (what ppo.py asks for) copies the weights to pinned host memory and drops the KV cache.
+    asleep_on_host = weights if on_gpu and gen.enable_sleep_mode else 0.0
+    return Memory(weights=weights, kv_cache=kv, sync=shape.largest_tensor * wb, overhead=overhead,
+                  offloaded=asleep_on_host)
 
 
 def _role_models(cfg: Config) -> dict[str, ModelShape]:
@@ -528,21 +550,37 @@ def _place(plan: Plan, layout: list[RoleLayout]) -> None:
         proc.node, proc.gpus = placed[proc.group][proc.bundle]
 
 
+def _gpu_bytes(procs: list[Proc], engines_sleep: bool) -> float:
+    """Memory of the processes sharing one GPU. Awake engines and learners both at their peak, unless the engines
+    sleep (generation.enable_sleep_mode): then the GPU holds the larger of the two phases, generating or syncing
+    (engines at their peak, the others' resident states) and scoring or training (the others at their peak, the
+    sleeping engines' CUDA context only)."""
+    engines = [p.memory for p in procs if p.role.startswith("generator")]
+    others = [p.memory for p in procs if not p.role.startswith("generator")]
+    if not engines_sleep:
+        return sum(m.peak for m in engines + others)
+    awake = sum(m.peak for m in engines) + sum(m.resident for m in others)
+    asleep = sum(m.overhead for m in engines) + sum(m.peak for m in others)
+    return max(awake, asleep)
+
+
 def _account(plan: Plan) -> None:
     """Sum process memory per GPU and host memory per node; record what does not fit."""
     c = plan.cluster
     plan.host_used = {n: 0.0 for n in range(c.nodes)}
     plan.host_used[0] += RAY_HEAD_GIB * GIB
+    on_gpu: dict[tuple[int, int], list[Proc]] = {}
     for proc in plan.procs:
         if proc.node < 0:
             continue
         m = proc.memory
         if proc.gpus:
             for g in proc.gpus:  # a rank with one GPU (multi-GPU ranks are rejected before)
-                plan.gpu_used[(proc.node, g)] = plan.gpu_used.get((proc.node, g), 0.0) + m.peak
+                on_gpu.setdefault((proc.node, g), []).append(proc)
             plan.host_used[proc.node] += HOST_GIB_PER_GPU_PROCESS * GIB + m.host
         else:
             plan.host_used[proc.node] += m.peak + m.offloaded
+    plan.gpu_used = {gpu: _gpu_bytes(procs, plan.engines_sleep) for gpu, procs in on_gpu.items()}
     cap = c.gpu_memory_gib * GIB
     for (node, gpu), used in sorted(plan.gpu_used.items()):
         if used > cap:
@@ -675,7 +713,8 @@ def _estimate_time(cfg: Config, plan: Plan) -> None:
                 plan, procs, shape.params, 2 if procs[0].gpus else 4, ds, math.ceil(seqs / (n * ds.micro_batch_size)),
                 cross=1 if learner else 0))  # frozen scorers keep their hpZ copy for the whole run
 
-    forward("actor", a, True)
+    if not reuses_train_logprobs(cfg):  # else the training pass supplies the old log-probs (experience.py)
+        forward("actor", a, True)
     forward("reference", a, False)
     forward("critic", cr, True)
     forward("reward", cr, False)
@@ -698,11 +737,18 @@ def _estimate_time(cfg: Config, plan: Plan) -> None:
             if ds.zero_stage == 3:  # forward and backward gather every micro-batch
                 add("training", "gather bandwidth",
                     _gather_seconds(plan, procs, shape.params, wb, ds, steps * micro_steps * 2, cross=steps))
+            # ZeRO (Rajbhandari et al. 2020, sec. 7): stages 0-1 all-reduce the accumulated gradients once per step
+            # (2 x the gradient bytes); stages 2-3 reduce-scatter them in every micro-step's backward, stage 2 then
+            # all-gathers the updated weights (stage 3 gathers them in the next forward, counted above).
             quantized = 0.25 if ds.zero_quantized_gradients and procs[0].gpus else 1.0  # ZeRO++ qgZ: int4
-            add("training", "gradient reduce",
-                steps * 2 * trainable * wb * quantized * (n - 1) / n / _link_gbs(plan, procs))
+            passes = 2 if ds.zero_stage <= 1 else micro_steps * quantized + (1 if ds.zero_stage == 2 else 0)
+            add("training", "gradient reduce", steps * passes * trainable * wb * (n - 1) / n / _link_gbs(plan, procs))
         if ds.offload_optimizer and procs[0].gpus:  # gradients down, updated weights up, every step
             add("training", "offload (PCIe)", steps * trainable * (4 + wb) / n / (c.pcie_gbs * 1e9))
+        else:  # Adam reads and writes the fp32 master weights, m and v and reads the gradients: memory bound
+            _, bandwidth = _rates(c, bool(procs[0].gpus))
+            add("training", "optimizer step", steps * trainable * ADAM_STEP_BYTES / (n if ds.zero_stage >= 1 else 1)
+                / (_parallel(procs) / n * bandwidth))
 
     train("actor", ppo.actor)
     train("critic", ppo.critic)
@@ -716,6 +762,8 @@ def _estimate_time(cfg: Config, plan: Plan) -> None:
     else:
         engine_procs = [p for r in engines for p in by_role[r]]
         add("weight_sync", "sync", gather + actor.params * wb / _link_gbs(plan, [actors[0]] + engine_procs))
+        if plan.engines_sleep:  # level 1: each engine GPU's weights go to host memory and come back (PCIe)
+            add("weight_sync", "sleep/wake (PCIe)", 2 * engine_procs[0].memory.weights / (c.pcie_gbs * 1e9))
     plan.parts = parts
     plan.times = {phase: sum(terms.values()) for phase, terms in parts.items()}
     plan.times["total"] = sum(plan.times.values())
@@ -767,6 +815,8 @@ def plan(cfg: Config) -> Plan:
             if h > 1 and ranks > 1 and ranks % h:
                 out.problems.append(f"ppo.{learner}.deepspeed.zero_hpz_partition_size={h} does not divide the "
                                     f"{ranks} {role} rank(s)")
+    out.engines_sleep = cfg.generation.enable_sleep_mode and any(
+        on_gpu[g.role] for g in layout if g.role.startswith("generator"))
     _place(out, layout)
     _account(out)
     _stage_plans(cfg, out)
@@ -845,28 +895,84 @@ def suggest_placement(cfg: Config) -> tuple[dict[str, Any], Plan]:
                     else:
                         cand |= {"placement.reward.num_workers": cr, "placement.reward.gpus_per_worker": 1.0}
                     candidates.append(cand)
+    candidates += _colocated_candidates(cfg, critic)
     if not candidates:
         raise ConfigError(f"no GPU split of {total} GPU(s) keeps ppo.mini_batch_size a multiple of "
                           f"ppo.actor/ppo.critic deepspeed.micro_batch_size x ranks; adjust the batch sizes")
-    best = None
+    scored = []
     for cand in candidates:
-        p = plan(with_overrides(cfg, cand))
-        key = _rank(p)
-        if best is None or key < best[0]:
-            best = (key, cand, p)
-    # Then the learners' own options on the best split, one learner at a time; only layouts validation accepts.
-    for learner in ("actor", "critic") if critic else ("actor",):
-        base = best[1]
-        for variant in _learner_variants(with_overrides(cfg, base), learner):
-            cand = {**base, **variant}
-            try:
-                p = plan(validate(with_overrides(cfg, cand)))
-            except ConfigError:
-                continue
-            key = _rank(p)
-            if key < best[0]:
-                best = (key, cand, p)
+        try:
+            p = plan(validate(with_overrides(cfg, cand)))
+        except ConfigError:  # only layouts validation accepts
+            continue
+        scored.append((_rank(p), cand, p))
+    best = min(scored, key=lambda s: s[0])
+    # Then the learners' own options, one learner at a time, on the best splits of each family (separate GPUs,
+    # colocated): a split that misses by a little may fit with the optimizer offloaded.
+    for colocated in (False, True):
+        family = sorted((s for s in scored if ("generation.enable_sleep_mode" in s[1]) == colocated),
+                        key=lambda s: s[0])
+        for key, base, _ in family[:SEARCH_BASES]:
+            for learner in ("actor", "critic") if critic else ("actor",):
+                improved = base
+                for variant in _learner_variants(with_overrides(cfg, base), learner):
+                    cand = {**base, **variant}
+                    try:
+                        p = plan(validate(with_overrides(cfg, cand)))
+                    except ConfigError:
+                        continue
+                    if _rank(p) < key:
+                        key, improved = _rank(p), cand
+                        best = min(best, (key, cand, p), key=lambda s: s[0])
+                base = improved
     return best[1], best[2]
+
+
+# Colocated: every role on the same GPUs, engines asleep (vLLM sleep level 1) while the others score and train.
+# The fractions only steer Ray's packing (best fit: fractions share a GPU until it is full): the actor (> 0.5) takes
+# a GPU of its own, the critic (or the reward model) the next 0.3 of it, one tensor-parallel worker the last 0.1.
+COLOCATED_FRACTIONS = {"actor": 0.6, "critic": 0.3, "generator": 0.1}
+SEARCH_BASES = 2  # splits per family whose learner options are searched
+
+
+def _colocated_candidates(cfg: Config, critic: bool) -> list[dict[str, Any]]:
+    """Layouts where actor, reference, critic, reward and the engines share each of n GPUs (OpenRLHF's
+    --colocate_all_models with --vllm_enable_sleep): engines generate on every GPU, then sleep while the learners
+    use the whole GPU; vLLM's claim (gpu_memory_utilization) must leave room for the learners' resident states."""
+    c, f = cfg.cluster, COLOCATED_FRACTIONS
+    actor, wb = model_shape(cfg.models.actor.path), _dtype_bytes(ppo_precision(cfg), True)
+    total = c.nodes * c.gpus_per_node
+    sizes = sorted({2**i for i in range(12) if 2**i <= total} | {k * c.gpus_per_node for k in range(1, c.nodes + 1)})
+    out = []
+    for n, tp, util in itertools.product(sizes, (1, 2, 4, 8), (0.3, 0.4, 0.5, 0.55, 0.6, 0.65, 0.7, 0.8)):
+        micros = {learner: _fitting_micro(cfg, learner, n) for learner in ("actor", "critic") if critic or
+                  learner == "actor"}
+        claim_holds_weights = actor.params * wb / tp + ENGINE_WORKSPACE_GIB * GIB < util * c.gpu_memory_gib * GIB
+        if tp > min(n, c.gpus_per_node) or n % tp or actor.heads % tp or None in micros.values() \
+                or not claim_holds_weights:
+            continue
+        cand = {f"ppo.{learner}.deepspeed.micro_batch_size": m for learner, m in micros.items()
+                if m != getattr(cfg.ppo, learner).deepspeed.micro_batch_size}
+        cand |= {"placement.layout": "separate", "generation.enable_sleep_mode": True,
+                "generation.num_engines": n // tp, "generation.tensor_parallel_size": tp,
+                "generation.gpu_memory_utilization": util, "placement.generator.gpus_per_worker": f["generator"],
+                "placement.actor.num_workers": n, "placement.actor.gpus_per_worker": f["actor"],
+                "placement.reference.num_workers": n, "placement.colocate_actor_reference": True}
+        if critic:
+            cand |= {"placement.critic.num_workers": n, "placement.critic.gpus_per_worker": f["critic"],
+                     "placement.reward.num_workers": n, "placement.colocate_critic_reward": True}
+        else:
+            cand |= {"placement.reward.num_workers": n, "placement.reward.gpus_per_worker": f["critic"]}
+        out.append(cand)
+    return out
+
+
+def _fitting_micro(cfg: Config, learner: str, ranks: int) -> Optional[int]:
+    """The learner's micro-batch, halved until ppo.mini_batch_size splits over `ranks` ranks (None if never)."""
+    micro = getattr(cfg.ppo, learner).deepspeed.micro_batch_size
+    while micro >= 1 and cfg.ppo.mini_batch_size % (micro * ranks):
+        micro //= 2
+    return micro or None
 
 
 def _rank(p: Plan) -> tuple[bool, float]:
@@ -958,6 +1064,10 @@ def format_plan(cfg: Config, p: Plan, source: str = "") -> str:
                  f"({cfg.ppo.rollout_batch_size} prompts x {cfg.generation.n_samples_per_prompt} samples, "
                  f"{cfg.data.max_prompt_len}+{cfg.generation.max_new_tokens} tokens"
                  + (", timed as DeepSpeed-Chat's hybrid engine" if c.timing_layout == "hybrid_engine" else "") + ")")
+    if p.gpus_used:
+        samples = cfg.ppo.rollout_batch_size * cfg.generation.n_samples_per_prompt
+        lines.append(f"cost: {p.gpu_seconds_per_1k_samples(samples):,.0f} GPU-seconds per 1000 samples ({p.gpus_used} "
+                     f"GPU(s) x {t['total']:.1f} s / {samples} samples)")
     lines.append("dominant terms: " + "; ".join(f"{phase} {term} ({share:.0%})"
                                                 for phase, (term, share) in dominant_terms(p).items()))
     lines.append(f"assumptions: MFU {c.mfu:g}, decode bandwidth use {c.mbu:g}, decode step overhead "
@@ -969,8 +1079,24 @@ def format_plan(cfg: Config, p: Plan, source: str = "") -> str:
                  + f"CUDA context {GPU_CONTEXT_GIB:g} GiB per GPU process, host {HOST_GIB_PER_GPU_PROCESS:g} GiB per "
                    f"GPU process, vLLM workspace {ENGINE_WORKSPACE_GIB:g} GiB; answers run to max_new_tokens; "
                    f"activations per Korthikanti et al. 2022 with memory-efficient attention")
-    lines.append("FITS" if p.fits else "DOES NOT FIT:\n  " + "\n  ".join(p.problems))
+    lines.append("FITS" if p.fits else "DOES NOT FIT:\n  " + "\n  ".join(_summarised(p.problems)))
     return "\n".join(lines)
+
+
+def _summarised(problems: list[str], per_kind: int = 4) -> list[str]:
+    """Each distinct problem once; of the per-GPU and per-node ones the first few and a count of the rest."""
+    out, seen, counts = [], set(), {}
+    for msg in problems:
+        kind = "gpu" if " GPU " in msg.split(":")[0] else "host" if msg.startswith("node ") else None
+        if msg in seen:
+            continue
+        seen.add(msg)
+        counts[kind] = counts.get(kind, 0) + 1
+        if kind is None or counts[kind] <= per_kind:
+            out.append(msg)
+    out += [f"... and {n - per_kind} more {'GPU(s)' if kind == 'gpu' else 'node(s)'} like the above"
+            for kind, n in counts.items() if kind and n > per_kind]
+    return out
 
 
 def overrides_as_flags(overrides: dict[str, Any]) -> str:

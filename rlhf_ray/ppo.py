@@ -24,10 +24,10 @@ from typing import Optional
 import torch
 
 from rlhf_ray import rl
-from rlhf_ray.config import Config, ConfigError, PPOConfig, validate_ppo
+from rlhf_ray.config import Config, ConfigError, PPOConfig, reuses_train_logprobs, validate_ppo
 from rlhf_ray.experience import (PromptStream, answered_rollout, build_batch, compute_advantages,
                                  drop_nonfinite_samples, full_width, length_penalised, request_seed,
-                                 response_slice, reuses_train_logprobs, rollout_with_signal)
+                                 response_slice, rollout_with_signal)
 
 log = logging.getLogger(__name__)
 

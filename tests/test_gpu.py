@@ -37,3 +37,29 @@ def test_vllm_engine_on_gpu(ray_cluster, tiny_llama):
     finally:
         ray.kill(engine)
         remove_placement_group(pg)
+
+
+def test_colocated_layout_trains_with_every_role_on_one_gpu(tmp_path, tiny_llama, tiny_value_model):
+    """The launchers' colocated layout (README "Colocated layouts") on one GPU: actor, reference, critic, reward and
+    the engine share it through the fractions 0.6 / 0.3 / 0.1, the engine sleeps while the others score and train,
+    wakes for the sync, and the verified weights reach it every iteration."""
+    from test_ppo import ppo_config
+
+    from rlhf_ray.ppo import PPOTrainer
+
+    cfg = ppo_config(tmp_path, tiny_llama, tiny_value_model, **{
+        "generation.enable_sleep_mode": True, "generation.gpu_memory_utilization": 0.2, "generation.num_engines": 1,
+        "placement.generator.gpus_per_worker": 0.1, "placement.actor.num_workers": 1,
+        "placement.actor.gpus_per_worker": 0.6, "placement.critic.num_workers": 1,
+        "placement.critic.gpus_per_worker": 0.3, "placement.colocate_actor_reference": True,
+        "placement.colocate_critic_reward": True, "ppo.num_iterations": 2})
+    trainer = PPOTrainer(cfg)
+    try:
+        assert trainer.engines_sleep
+        assert {r["device"] for r in trainer.worker_reports()} == {"cuda"}
+        for version in (1, 2):
+            stats = trainer.step()
+            trainer.iteration += 1
+            assert stats["weight_version"] == version
+    finally:
+        trainer.shutdown()

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from rlhf_ray.cli import main
-from rlhf_ray.config import ConfigError, load_config
+from rlhf_ray.config import ConfigError, load_config, reuses_train_logprobs
 from rlhf_ray.plan import (GIB, MODEL_CONFIGS, with_overrides, model_shape, placement_given, plan, shape_from_config,
                            suggest_placement, zero_model_state_bytes)
 
@@ -20,6 +20,27 @@ DEEPSPEED_CHAT = ["opt1.3b_1gpu", "opt13b_1node", "opt66b_8x8", "bloom176b_multi
 
 def launcher(name: str, overrides=None):
     return load_config(Path(LAUNCHERS[0]).parent / f"{name}.yaml", overrides)
+
+
+# The launchers' layouts before they were re-planned colocated (issue 18): engines, learners and scorers on GPUs of
+# their own. Tests of the planner's arithmetic start from them (their numbers were checked by hand on them).
+SEPARATE_13B = {"generation.num_engines": 3, "generation.tensor_parallel_size": 1,
+                "generation.gpu_memory_utilization": 0.9, "generation.enable_sleep_mode": False,
+                "ppo.actor.deepspeed.gradient_checkpointing": True, "ppo.actor.deepspeed.zero_quantized_weights": False,
+                "ppo.actor.deepspeed.zero_quantized_gradients": False, "ppo.critic.deepspeed.micro_batch_size": 8,
+                "ppo.critic.deepspeed.gradient_checkpointing": True,
+                "placement.actor.num_workers": 4, "placement.actor.gpus_per_worker": 1.0,
+                "placement.reference.num_workers": 4, "placement.critic.num_workers": 1,
+                "placement.critic.gpus_per_worker": 1.0, "placement.reward.num_workers": 1,
+                "placement.generator.gpus_per_worker": 1.0}
+SEPARATE_176B = {"cluster.nodes": 16, "sft.num_workers": 128, "generation.num_engines": 7,
+                 "generation.gpu_memory_utilization": 0.85, "generation.enable_sleep_mode": False,
+                 "ppo.rollout_batch_size": 448, "ppo.mini_batch_size": 64, "ppo.actor.deepspeed.micro_batch_size": 1,
+                 "ppo.actor.deepspeed.offload_optimizer": False, "ppo.actor.deepspeed.zero_quantized_weights": False,
+                 "ppo.actor.deepspeed.zero_quantized_gradients": False,
+                 "placement.actor.gpus_per_worker": 1.0, "placement.critic.num_workers": 8,
+                 "placement.critic.gpus_per_worker": 1.0, "placement.reward.num_workers": 8,
+                 "placement.generator.gpus_per_worker": 1.0}
 
 
 # --------------------------------------------------------------------------------------------- ZeRO paper
@@ -36,7 +57,7 @@ def test_zero_paper_model_states_7_5b_on_64_gpus():
 
 
 def test_planner_uses_zero_formula_for_the_actor():
-    cfg = launcher("opt13b_1node")
+    cfg = launcher("opt13b_1node", SEPARATE_13B)
     p = plan(cfg)
     actor = next(x for x in p.procs if x.role == "actor").memory
     psi = model_shape("facebook/opt-13b").params
@@ -51,6 +72,7 @@ PUBLISHED_PARAMS = {  # parameter counts published with the models
     "facebook/opt-1.3b": 1_315_758_080,
     "meta-llama/Llama-2-70b-hf": 68_976_648_192,
     "bigscience/bloom": 176_247_271_424,
+    "bigscience/bloom-560m": 559_214_592,  # its model card
 }
 
 
@@ -138,7 +160,8 @@ def test_openrlhf_70b_layout_on_32_gpus_fits():
 
 def test_13b_full_finetune_zero0_on_one_40gb_gpu_does_not_fit():
     cfg = launcher("opt1.3b_1gpu", ["--models.actor.path", "facebook/opt-13b", "--cluster.gpu_memory_gib", "40",
-                                    "--ppo.actor.deepspeed.zero_stage", "0", "--ppo.actor.lora.dim", "0"])
+                                    "--ppo.actor.deepspeed.zero_stage", "0", "--ppo.actor.lora.dim", "0",
+                                    "--ppo.actor.deepspeed.offload_optimizer", "false"])
     p = plan(cfg)
     assert not p.fits
     assert p.role_peak_gib("actor") > 16 * 12.85e9 / GIB  # 16 bytes per parameter, not partitioned
@@ -153,7 +176,8 @@ def test_175b_zero3_learners_without_offload_on_one_8x80_node_do_not_fit():
         "--placement.critic.gpus_per_worker", "0.25", "--placement.reward.num_workers", "8",
         "--generation.num_engines", "1", "--placement.generator.gpus_per_worker", "0.25",
         "--sft.num_workers", "8", "--rm.num_workers", "8", "--sft.deepspeed.global_batch_size", "8",
-        "--rm.deepspeed.global_batch_size", "32"])
+        "--rm.deepspeed.global_batch_size", "32", "--ppo.actor.deepspeed.offload_optimizer", "false",
+        "--generation.enable_sleep_mode", "false", "--generation.gpu_memory_utilization", "0.25"])
     assert not cfg.ppo.actor.deepspeed.offload_optimizer and cfg.ppo.actor.deepspeed.zero_stage == 3
     p = plan(cfg)
     assert not p.fits
@@ -163,25 +187,30 @@ def test_175b_zero3_learners_without_offload_on_one_8x80_node_do_not_fit():
 
 
 def test_placement_problems_are_named():
-    p = plan(launcher("bloom176b_multinode", ["--cluster.nodes", "8"]))
+    p = plan(launcher("bloom176b_multinode", {**SEPARATE_176B, "cluster.nodes": 8}))
     assert any("placement group 'generator[" in msg and "STRICT_PACK" in msg for msg in p.problems)
-    p = plan(launcher("opt13b_1node", ["--generation.tensor_parallel_size", "3"]))
+    p = plan(launcher("opt13b_1node", {**SEPARATE_13B, "generation.tensor_parallel_size": 3}))
     assert any("does not divide" in msg for msg in p.problems)
-    p = plan(launcher("opt13b_1node", ["--generation.max_new_tokens", "2000"]))
+    p = plan(launcher("opt13b_1node", {**SEPARATE_13B, "generation.max_new_tokens": 2000}))
     assert any("context of 2048" in msg for msg in p.problems)
-    p = plan(launcher("opt13b_1node", ["--generation.gpu_memory_utilization", "0.25"]))
+    p = plan(launcher("opt13b_1node", {**SEPARATE_13B, "generation.gpu_memory_utilization": 0.25}))
     assert any("exceed vLLM's claim" in msg for msg in p.problems)
-    p = plan(launcher("opt13b_1node", ["--generation.gpu_memory_utilization", "0.315"]))
+    p = plan(launcher("opt13b_1node", {**SEPARATE_13B, "generation.gpu_memory_utilization": 0.315}))
     assert any("holds less than one" in msg for msg in p.problems)
-    p = plan(launcher("opt13b_1node", ["--placement.reference.num_workers", "8"]))
+    p = plan(launcher("opt13b_1node", {**SEPARATE_13B, "placement.reference.num_workers": 8}))
     assert any("exceeds the 4 bundle(s) of the 'actor+reference' group" in msg for msg in p.problems)
-    p = plan(launcher("opt13b_1node", ["--cluster.gpus_per_node", "0"]))
+    p = plan(launcher("opt13b_1node", {**SEPARATE_13B, "cluster.gpus_per_node": 0}))
     assert any("cluster.gpus_per_node is 0" in msg for msg in p.problems)
 
 
 def test_cli_exit_code_and_overrides(capsys):
     assert main(["plan", str(LAUNCHERS[0].parent / "opt13b_1node.yaml"), "--cluster.gpu_memory_gib", "40"]) == 1
     assert "DOES NOT FIT" in capsys.readouterr().out
+    # 64 overfull GPUs and 8 engines with one problem: each distinct message once, the per-GPU ones counted
+    assert main(["plan", str(LAUNCHERS[0].parent / "opt66b_8x8.yaml"), "--cluster.gpu_memory_gib", "40"]) == 1
+    problems = capsys.readouterr().out.split("DOES NOT FIT:\n")[1].splitlines()
+    assert len(problems) == 6 and problems[-1] == "  ... and 60 more GPU(s) like the above"
+    assert sum("holds less than one" in line for line in problems) == 1
 
 
 # ---------------------------------------------------------------------------------------- monotonicity
@@ -287,7 +316,7 @@ OPTIONS = [  # (overrides, metric, direction): the metric must move that way whe
 
 @pytest.mark.parametrize("overrides,metric,direction", OPTIONS, ids=lambda x: ",".join(x) if isinstance(x, dict) else "")
 def test_option_changes_the_plan(overrides, metric, direction):
-    base = launcher("opt13b_1node")
+    base = launcher("opt13b_1node", SEPARATE_13B)
     before, after = metric(plan(base)), metric(plan(with_overrides(base, overrides)))
     assert (after - before) * direction > 0, (before, after)
 
@@ -316,7 +345,9 @@ def test_suggests_a_placement_when_none_is_given(capsys):
     cfg = load_config(demo, flags)
     assert not placement_given(cfg)
     overrides, p = suggest_placement(cfg)
-    assert p.fits and overrides["placement.actor.gpus_per_worker"] == 1.0
+    assert p.fits
+    actor_gpus = [(x.node, x.gpus) for x in p.procs if x.role == "actor"]
+    assert len(set(actor_gpus)) == len(actor_gpus)  # a GPU per actor rank, whole or the colocated share
     # The suggestion is a valid config and plans the same as the returned plan.
     again = load_config(demo, flags + [f"--{k}={json.dumps(v)}" for k, v in overrides.items()])
     assert placement_given(again) and plan(again).times == p.times
@@ -426,17 +457,17 @@ def test_calibration_against_deepspeed_chat_table_1():
 
 
 def test_plan_names_the_dominant_term_of_each_phase(capsys):
-    bloom = plan(launcher("bloom176b_multinode"))
+    bloom = plan(launcher("bloom176b_multinode", SEPARATE_176B))
     from rlhf_ray.plan import dominant_terms
 
     terms = {phase: term for phase, (term, _) in dominant_terms(bloom).items()}
     assert terms["experience"] == "gather bandwidth"  # ZeRO-3 gathers across 8 nodes per micro-batch
     assert terms["weight_sync"] == "sync"
-    small = plan(launcher("opt13b_1node"))
+    small = plan(launcher("opt13b_1node", SEPARATE_13B))
     assert dominant_terms(small)["training"][0] == "compute"  # one node: NVLink gathers are cheap
-    no_overhead = plan(launcher("opt13b_1node", {"cluster.decode_step_overhead_s": 0.0}))
+    no_overhead = plan(launcher("opt13b_1node", {**SEPARATE_13B, "cluster.decode_step_overhead_s": 0.0}))
     assert dominant_terms(no_overhead)["generation"][0] == "decode bandwidth"
-    slow = plan(launcher("opt13b_1node", {"cluster.decode_step_overhead_s": 1.0}))
+    slow = plan(launcher("opt13b_1node", {**SEPARATE_13B, "cluster.decode_step_overhead_s": 1.0}))
     assert dominant_terms(slow)["generation"][0] == "decode overhead"
     assert main(["plan", str(LAUNCHERS[0].parent / "bloom176b_multinode.yaml")]) == 0
     assert "dominant terms: generation" in capsys.readouterr().out
@@ -474,7 +505,9 @@ def test_zero_plus_plus_keys_reach_the_deepspeed_configs():
 def test_zero_plus_plus_is_modelled():
     """hpZ keeps gathers after a step's first forward inside a node (and holds a second, node-partitioned copy);
     quantized weights halve the gather bytes; quantized gradients quarter the gradient reduce."""
-    cfg = launcher("opt66b_8x8")
+    cfg = launcher("opt66b_8x8", {"ppo.actor.deepspeed.zero_hpz_partition_size": 1,
+                                  "ppo.actor.deepspeed.zero_quantized_weights": False,
+                                  "ppo.actor.deepspeed.zero_quantized_gradients": False})
     base = plan(cfg)
     assert cfg.ppo.actor.deepspeed.zero_stage == 3 and len({x.node for x in base.procs if x.role == "actor"}) > 1
     hpz = plan(with_overrides(cfg, {"ppo.actor.deepspeed.zero_hpz_partition_size": 8}))
@@ -490,12 +523,12 @@ def test_zero_plus_plus_is_modelled():
 
 
 def test_suggest_searches_learner_options_and_proposes_only_valid_layouts():
-    cfg = launcher("bloom176b_multinode")
+    cfg = launcher("bloom176b_multinode", SEPARATE_176B)
     overrides, p = suggest_placement(cfg)
     assert p.fits and p.times["total"] < plan(cfg).times["total"]
     assert any(k.startswith("ppo.actor.deepspeed.") for k in overrides)  # learner options were searched
     again = load_config(LAUNCHERS[0].parent / "bloom176b_multinode.yaml",
-                        [f"--{k}={json.dumps(v)}" for k, v in overrides.items()])  # validation accepts it
+                        [f"--{k}={json.dumps(v)}" for k, v in {**SEPARATE_176B, **overrides}.items()])  # valid
     assert plan(again).times == p.times
 
 
@@ -551,3 +584,97 @@ def test_zero_plus_plus_hpz_trains_on_two_cpu_ranks():
         p.join(timeout=30)
     for rank, hpz, losses in results:
         assert hpz == 2 and isinstance(losses, list) and all(0 <= x < 10 for x in losses), (rank, losses)
+
+
+# ------------------------------------------------------------------------------- colocated layouts (issue 18)
+def test_sleeping_engines_share_gpus_with_the_learners():
+    """generation.enable_sleep_mode: a GPU holds the larger phase (engines awake beside the others' resident states,
+    or the others at their peak beside sleeping engines), the engines' weights wait in host memory, and sleeping and
+    waking cost PCIe time. Ignoring the option would sum every peak on the GPU."""
+    cfg = launcher("opt13b_1node")
+    awake = with_overrides(cfg, {"generation.enable_sleep_mode": False})
+    slept, summed = plan(cfg), plan(awake)
+    assert slept.engines_sleep and not summed.engines_sleep
+    gpu = (0, 0)
+    procs = [x for x in slept.procs if gpu[1] in x.gpus and x.node == gpu[0]]
+    engine = [x.memory for x in procs if x.role.startswith("generator")]
+    others = [x.memory for x in procs if not x.role.startswith("generator")]
+    assert len(engine) == 1 and {x.role for x in procs} == {"actor", "reference", "critic", "reward", "generator[0]"}
+    expected = max(engine[0].peak + sum(m.resident for m in others), engine[0].overhead + sum(m.peak for m in others))
+    assert slept.gpu_used[gpu] == pytest.approx(expected)
+    assert summed.gpu_used[gpu] == pytest.approx(engine[0].peak + sum(m.peak for m in others))
+    assert slept.gpu_used[gpu] < summed.gpu_used[gpu]
+    assert slept.max_host_gib() > summed.max_host_gib()  # level 1 keeps the weights in host memory
+    assert slept.parts["weight_sync"]["sleep/wake (PCIe)"] == pytest.approx(2 * engine[0].weights / 25e9)
+    assert "sleep/wake (PCIe)" not in summed.parts["weight_sync"]
+
+
+# DeepSpeed-Chat README, Table 1 (DeepSpeedExamples commit 83757d9c): the 175B-class actor with a 350M critic on
+# 64 A100-80GB, 20 hours for one epoch of 131.9k queries: GPU-seconds per 1000 samples.
+DEEPSPEED_CHAT_175B_GPU_S_PER_1K = 20 * 3600 * 64 / DEEPSPEED_CHAT_QUERIES * 1000
+
+
+def test_bloom_176b_plan_costs_no_more_per_sample_than_deepspeed_chat(capsys):
+    cfg = launcher("bloom176b_multinode")
+    m, c = cfg.models, cfg.cluster
+    assert m.actor.path == "bigscience/bloom" and m.reference is None  # the reference is the actor's model
+    assert (cfg.data.max_prompt_len, cfg.generation.max_new_tokens, cfg.generation.n_samples_per_prompt) == (256, 256, 1)
+    assert model_shape(m.reward.path).params < 1e9 and m.critic is None  # a small critic, as DeepSpeed-Chat's
+    assert (c.nodes * c.gpus_per_node, c.gpu_memory_gib) == (64, 80)
+    p = plan(cfg)
+    assert p.fits and p.engines_sleep and p.gpus_used == 64
+    cost = p.gpu_seconds_per_1k_samples(cfg.ppo.rollout_batch_size)
+    assert cost <= DEEPSPEED_CHAT_175B_GPU_S_PER_1K, (cost, DEEPSPEED_CHAT_175B_GPU_S_PER_1K)
+    # The same run in the layout the launcher had before (separate GPUs per role) costs several times more.
+    separate = plan(launcher("bloom176b_multinode", SEPARATE_176B))
+    assert separate.gpu_seconds_per_1k_samples(448) > 2.5 * cost
+    assert main(["plan", str(LAUNCHERS[0].parent / "bloom176b_multinode.yaml")]) == 0
+    assert f"cost: {cost:,.0f} GPU-seconds per 1000 samples (64 GPU(s)" in capsys.readouterr().out
+
+
+def test_suggest_proposes_colocated_layouts_that_ray_can_pack():
+    """On the 176B launcher with its batch sizes, the fastest layout shares every GPU: each GPU gets exactly one actor
+    rank, one critic rank and one engine worker (the fractions steer Ray's packing), each engine on one node."""
+    overrides, p = suggest_placement(launcher("bloom176b_multinode"))
+    assert overrides["generation.enable_sleep_mode"] is True and p.fits
+    for role in ("actor", "critic"):
+        gpus = [(x.node, x.gpus) for x in p.procs if x.role == role]
+        assert len(set(gpus)) == len(gpus) == 64
+    engine_gpus = [(x.node, x.gpus) for x in p.procs if x.role.startswith("generator")]
+    assert len(set(engine_gpus)) == len(engine_gpus) == 64
+    for e in {x.role for x in p.procs if x.role.startswith("generator")}:
+        assert len({x.node for x in p.procs if x.role == e}) == 1
+
+
+def test_gradient_traffic_per_zero_stage():
+    """ZeRO (Rajbhandari et al. 2020, sec. 7): stage 1 all-reduces the gradients once per step (2 x Psi), stage 2
+    reduce-scatters them every micro-step and all-gathers the weights once per step, stage 3 only reduce-scatters."""
+    base = {**SEPARATE_13B, "ppo.critic.deepspeed.micro_batch_size": 4, "placement.critic.num_workers": 4,
+            "placement.reward.num_workers": 1, "ppo.actor.deepspeed.zero_stage": 3}
+    cfg = launcher("opt13b_1node", base)
+    steps = cfg.ppo.rollout_batch_size // cfg.ppo.mini_batch_size  # 3
+    micro_steps = cfg.ppo.mini_batch_size // (4 * 4)  # 2
+    reduce = {}
+    for stage in (1, 2, 3):
+        p = plan(with_overrides(cfg, {"ppo.critic.deepspeed.zero_stage": stage}))
+        critic = [x for x in p.procs if x.role == "critic"]
+        psi, link = p.models["critic"].params * 2, 300e9  # bf16 gradients, NVLink inside the node
+        actor_part = plan(with_overrides(cfg, {"placement.critic.num_workers": 1})).parts["training"]["gradient reduce"]
+        reduce[stage] = p.parts["training"]["gradient reduce"] - actor_part
+        assert len(critic) == 4
+    one = psi * 3 / 4 / link
+    assert reduce[1] == pytest.approx(steps * 2 * one)
+    assert reduce[2] == pytest.approx(steps * (micro_steps + 1) * one)
+    assert reduce[3] == pytest.approx(steps * micro_steps * one)
+
+
+def test_on_policy_kl_in_loss_skips_the_actor_forward_while_scoring():
+    """ppo.kl_penalty loss with one optimizer step per rollout: the training pass gives the old log-probs
+    (config.reuses_train_logprobs), so the experience phase has no actor forward."""
+    cfg = launcher("opt13b_1node", SEPARATE_13B)
+    on_policy = with_overrides(cfg, {"ppo.kl_penalty": "loss", "ppo.mini_batch_size": cfg.ppo.rollout_batch_size})
+    assert reuses_train_logprobs(on_policy) and not reuses_train_logprobs(cfg)
+    ranks = {r: len([x for x in plan(cfg).procs if x.role == r]) for r in ("actor", "reference")}
+    forward = 2 * model_shape("facebook/opt-13b").params * 96 * 512 / (ranks["actor"] * 312e12 * 0.2)
+    assert plan(cfg).parts["experience"]["compute"] - plan(on_policy).parts["experience"]["compute"] == \
+        pytest.approx(forward)

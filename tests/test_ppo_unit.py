@@ -3,9 +3,9 @@ import pytest
 import torch
 
 from rlhf_ray import rl
-from rlhf_ray.config import load_config
+from rlhf_ray.config import load_config, reuses_train_logprobs
 from rlhf_ray.experience import (PromptStream, build_batch, compute_advantages, full_width, request_seed,
-                                 response_slice, reuses_train_logprobs)
+                                 response_slice)
 
 
 def test_build_batch_left_pads_prompts_right_pads_responses():
