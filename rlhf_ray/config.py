@@ -229,6 +229,15 @@ class PPOConfig:
     # ppo: token-level importance ratios (PPO); gspo: one length-normalised ratio per sequence, clipped per sequence
     # (GSPO, arXiv 2507.18071; needs loss_aggregation seq-mean-token-mean).
     policy_loss: Literal["ppo", "gspo"] = "ppo"
+    # Correction of the policy loss for tokens the engines sampled (behaviour policy mu: vLLM's kernels and precision)
+    # against pi_old, per token rho = pi_old / mu (rl.off_policy_correction): none; tis: weight min(rho, is_cap)
+    # (truncated importance sampling, Yao et al. 2025); icepop: weight rho inside [is_mask_low, is_mask_high], 0
+    # outside (IcePop, arXiv 2510.18855); seq_mask: a sequence whose geometric-mean rho lies outside that range is
+    # left out of the loss (Liu, Li et al. 2025). Metrics off_policy/*.
+    off_policy_correction: Literal["none", "tis", "icepop", "seq_mask"] = "none"
+    is_cap: float = 2.0
+    is_mask_low: float = 0.5
+    is_mask_high: float = 5.0
     value_clip: float = 0.2
     reward_clip: float = 5.0
     gamma: float = 1.0
@@ -298,6 +307,20 @@ class PlacementConfig:
 
 
 @dataclass
+class RolloutConfig:
+    """When generation runs relative to training (rlhf_ray/rollout_ahead.py)."""
+
+    # off: generate -> score -> train -> sync, one after the other. one_step: the engines generate batch k+1 (weights
+    # of version k) while the learners score and train on batch k, so every sample trained on is at most one version
+    # old; the PPO ratio is then taken against the engines' log-probs (or, with ppo.off_policy_correction, against
+    # the learner's recomputed ones, weighted by the correction).
+    mode: Literal["off", "one_step"] = "off"
+    # Lineage: every samples_every-th trained sample's record (prompt id, engine, weight version, staleness,
+    # generation and training times, prompt, response, reward) is appended to <output_dir>/ppo/samples.jsonl; 0: none.
+    samples_every: int = 0
+
+
+@dataclass
 class ClusterConfig:
     """The cluster `rlhf-ray plan` checks a run against: shape, memory, speeds and assumed efficiencies.
 
@@ -315,6 +338,10 @@ class ClusterConfig:
     intra_node_gbs: float = 300.0  # GPU-to-GPU within a node, GB/s per GPU (NVLink 3: 300)
     inter_node_gbs: float = 25.0  # network per node, GB/s (one 200 Gb/s InfiniBand NIC: 25; DGX A100, 8 NICs: 200)
     pcie_gbs: float = 25.0  # GPU-host copies (offload), GB/s per GPU
+    # Per process on a GPU beyond its tensors: the CUDA context (PyTorch forum "What is the reason for pytorch's GPU
+    # memory floor?": 723 MiB after the first CUDA call), NCCL buffers and allocator slack. Colocated layouts hold
+    # five processes per GPU: 1.5 instead of 1.0 moves the 176B launcher's best plan from 543 s to 669 s.
+    gpu_context_gib: float = 1.0
     # mfu and decode_step_overhead_s are fitted (least squares in log time) to 5 of DeepSpeed-Chat's 10 published
     # step-3 times (DeepSpeedExamples applications/DeepSpeed-Chat/README.md, Table 1) and checked on the other 5
     # within 1.5x: tests/test_plan.py::test_calibration_against_deepspeed_chat_table_1.
@@ -363,6 +390,7 @@ class Config:
     placement: PlacementConfig = field(default_factory=PlacementConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
 
@@ -540,6 +568,9 @@ def validate(cfg: Config) -> Config:
          "per-sequence length normalisation that Dr. GRPO removes; use seq-mean-token-sum-norm (Dr. GRPO's), "
          "token-mean or seq-mean-token-sum")
     need(p.dual_clip is None or p.dual_clip > 1, "ppo.dual_clip must be > 1 (or null to disable)")
+    need(p.is_cap > 0, f"ppo.is_cap must be > 0, got {p.is_cap}")
+    need(0 < p.is_mask_low < 1 < p.is_mask_high, f"ppo.is_mask_low and ppo.is_mask_high must satisfy 0 < low < 1 < "
+         f"high, got {p.is_mask_low} and {p.is_mask_high}")
     need(0 <= p.gamma <= 1 and 0 <= p.lam <= 1, "ppo.gamma and ppo.lam must be in [0, 1]")
     need(p.reward_clip > 0, "ppo.reward_clip must be > 0")
     need(p.ema_decay is None or 0 < p.ema_decay < 1, "ppo.ema_decay must be in (0, 1) (or null to disable)")
@@ -631,6 +662,8 @@ def validate(cfg: Config) -> Config:
     for i, src in enumerate(d.datasets + d.sft_only + d.ptx):
         need(bool(src.path), f"data: dataset entry {i} has an empty 'path'")
         need(src.weight > 0, f"data: dataset '{src.path}' needs weight > 0")
+    need(cfg.rollout.samples_every >= 0, f"rollout.samples_every must be >= 0 (0: no samples.jsonl), got "
+         f"{cfg.rollout.samples_every}")
     ppo_precision(cfg)  # conflicting explicit precisions / dtypes fail at load, naming both keys
     return cfg
 
@@ -642,7 +675,7 @@ def reuses_train_logprobs(cfg: Config) -> bool:
     one optimizer step over the whole rollout (ppo_epochs 1, one mini-batch): the weights that sampled the rollout
     are the weights of the training pass, so old = current.detach() and the ratio is 1, as in TRL and veRL."""
     p = cfg.ppo
-    return (p.kl_penalty == "loss" and p.ppo_epochs == 1
+    return (p.kl_penalty == "loss" and p.ppo_epochs == 1 and cfg.rollout.mode == "off"  # never for stale samples
             and p.mini_batch_size == p.rollout_batch_size * cfg.generation.n_samples_per_prompt)
 
 
@@ -711,6 +744,17 @@ def validate_ppo(cfg: Config) -> Config:
     if g.top_k > 0:
         raise ConfigError(f"generation.top_k is {g.top_k}: PPO needs -1 or 0 (off) ({why}); top_k > 0 is only for "
                           f"`rlhf-ray generate`")
+    mode = cfg.rollout.mode
+    overlap = f"rollout.mode {mode} generates the next batch while the learners train"
+    for bad, message in (
+            (cfg.placement.layout == "hybrid", f"{overlap}, but placement.layout hybrid generates and trains in one "
+                                                f"process, one after the other; use placement.layout separate"),
+            (g.enable_sleep_mode, f"{overlap}, but generation.enable_sleep_mode puts the engines to sleep while the "
+                                  f"learners train; set it false"),
+            (cfg.ppo.dynamic_sampling, f"{overlap}; ppo.dynamic_sampling (scored while generating) is not supported "
+                                       f"with it yet: set one of them off")):
+        if mode != "off" and bad:
+            raise ConfigError(message)
     return cfg
 
 

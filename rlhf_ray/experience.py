@@ -146,12 +146,15 @@ class PromptStream:
         return self._order_cache
 
     def take(self, n: int) -> list[dict]:
-        out = []
-        for _ in range(n):
-            epoch, index = divmod(self.position, len(self.rows))
-            out.append(self.rows[self._order(epoch)[index]])
-            self.position += 1
+        """The next n prompt rows, each with its prompt_id: its position in the stream (lineage)."""
+        out = [self.row_at(self.position + i) for i in range(n)]
+        self.position += n
         return out
+
+    def row_at(self, prompt_id: int) -> dict:
+        """The row at stream position `prompt_id` (whichever epoch), with its prompt_id."""
+        epoch, index = divmod(prompt_id, len(self.rows))
+        return {**self.rows[self._order(epoch)[index]], "prompt_id": prompt_id}
 
 
 def answered_rollout(take, generate, want: int, max_prompts: int) -> tuple[list[dict], list, dict]:

@@ -167,14 +167,18 @@ def policy_objective(p: PPOConfig, logprobs: torch.Tensor, entropy: torch.Tensor
     mask = mb["action_mask"]
     agg = aggregation or rl.Aggregation(p.loss_aggregation)
     old = mb["old_logprobs"] if "old_logprobs" in mb else logprobs.detach()
+    weights, correction = None, {}
+    if p.off_policy_correction != "none":  # the engines' log-probs are the behaviour policy (make_experience)
+        weights, correction = rl.off_policy_correction(old, mb["vllm_logprobs"], mask, p.off_policy_correction,
+                                                       p.is_cap, p.is_mask_low, p.is_mask_high)
     if p.policy_loss == "gspo":  # unset clip ratios: the GSPO paper's, not clip_ratio (a sequence ratio stays near 1)
         low = rl.DEFAULTS.gspo_clip_ratio_low if p.clip_ratio_low is None else p.clip_ratio_low
         high = rl.DEFAULTS.gspo_clip_ratio_high if p.clip_ratio_high is None else p.clip_ratio_high
-        loss, stats = rl.gspo_loss(logprobs, old, mb["advantages"], mask, low, high, p.dual_clip, agg)
+        loss, stats = rl.gspo_loss(logprobs, old, mb["advantages"], mask, low, high, p.dual_clip, agg, weights)
     else:
         loss, stats = rl.policy_loss(logprobs, old, mb["advantages"], mask, p.clip_ratio, p.dual_clip, agg,
-                                     p.clip_ratio_low, p.clip_ratio_high)
-    stats = {"policy_loss": loss.detach(), **stats, "entropy": rl.masked_mean(entropy.detach(), mask)}
+                                     p.clip_ratio_low, p.clip_ratio_high, weights)
+    stats = {"policy_loss": loss.detach(), **stats, **correction, "entropy": rl.masked_mean(entropy.detach(), mask)}
     if "ref_logprobs" in mb:
         kl_term, kl = rl.kl_loss(logprobs, mb["ref_logprobs"], mask, kl_coef, p.kl_estimator, agg)
         loss = loss + kl_term

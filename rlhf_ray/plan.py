@@ -45,7 +45,6 @@ MODEL_CONFIGS = Path(__file__).parent / "model_configs"
 BUILTIN_CONFIGS = {"builtin:smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 
 # Stated assumptions (printed with every plan).
-GPU_CONTEXT_GIB = 1.0  # per process on a GPU: CUDA context, NCCL buffers, allocator slack
 HOST_GIB_PER_GPU_PROCESS = 4.0  # host memory of a process driving a GPU (torch, CUDA, Ray worker)
 HOST_GIB_PER_CPU_PROCESS = 1.0  # CPU nodes, apart from model state (STACK.md measured 0.5-1.7 GiB)
 RAY_HEAD_GIB = 1.5  # GCS, raylet, dashboard on the head node (STACK.md: 1.3-1.6 GB idle)
@@ -315,8 +314,13 @@ def _dtype_bytes(precision: str, on_gpu: bool) -> int:
     return 4 if precision == "fp32" or (precision == "auto" and not on_gpu) else 2
 
 
+def _process_gib(on_gpu: bool, c: ClusterConfig) -> float:
+    """A process's own memory on its device: cluster.gpu_context_gib on a GPU, else its share of host memory."""
+    return c.gpu_context_gib if on_gpu else HOST_GIB_PER_CPU_PROCESS
+
+
 def _learner_memory(shape: ModelShape, s: PPOLearnerConfig, ranks: int, seq: int, on_gpu: bool, lm: bool,
-                    sends_weights: bool, micro: Optional[int] = None) -> Memory:
+                    sends_weights: bool, c: ClusterConfig, micro: Optional[int] = None) -> Memory:
     ds = s.deepspeed
     mixed = _precision_mixed(s, on_gpu)
     lora = shape.lora_params(s.lora.dim, s.lora.module_names)
@@ -339,7 +343,7 @@ def _learner_memory(shape: ModelShape, s: PPOLearnerConfig, ranks: int, seq: int
         m.weights, m.gather = 0.0, gathered  # only the gathered layers live on the GPU
         m.sync = shape.largest_tensor * wb if sends_weights else 0.0
     m.activations = activation_bytes(shape, micro or ds.micro_batch_size, seq, wb, ds.gradient_checkpointing, lm)
-    m.overhead = (GPU_CONTEXT_GIB if on_gpu else HOST_GIB_PER_CPU_PROCESS) * GIB
+    m.overhead = _process_gib(on_gpu, c) * GIB
     _set_load(m, shape, total, ds.zero_stage == 3, ranks, wb, on_gpu, ds.offload_params)
     return m
 
@@ -382,7 +386,7 @@ def _scorer_sharded(cfg: Config, shape: ModelShape, ranks: int) -> bool:
 
 
 def _frozen_memory(shape: ModelShape, learner: PPOLearnerConfig, ranks: int, sharded: bool, seq: int,
-                   on_gpu: bool, lm: bool) -> Memory:
+                   on_gpu: bool, lm: bool, c: ClusterConfig) -> Memory:
     """Reference / reward scorer: weights only, in its learner's precision, replicated or ZeRO-3-partitioned."""
     wb = adam_bytes(_precision_mixed(learner, on_gpu))[0]
     micro = learner.deepspeed.micro_batch_size
@@ -392,7 +396,7 @@ def _frozen_memory(shape: ModelShape, learner: PPOLearnerConfig, ranks: int, sha
         m.gather = min(2 * shape.layer_params, shape.params) * wb * (1 - 1 / ranks)
         m.weights += _hpz_copy_bytes(shape.params, learner.deepspeed, wb)
     m.activations = activation_bytes(shape, micro, seq, wb, False, lm, training=False)
-    m.overhead = (GPU_CONTEXT_GIB if on_gpu else HOST_GIB_PER_CPU_PROCESS) * GIB
+    m.overhead = _process_gib(on_gpu, c) * GIB
     _set_load(m, shape, shape.params, sharded, n, wb, on_gpu)
     return m
 
@@ -413,7 +417,7 @@ def _engine_memory(cfg: Config, shape: ModelShape, on_gpu: bool, problems: list[
                             f"generation.tensor_parallel_size or gpu_memory_utilization")
         kv = max(0.0, claim - weights)
         kv_blocks = kv - ENGINE_WORKSPACE_GIB * GIB
-        overhead = GPU_CONTEXT_GIB * GIB
+        overhead = cfg.cluster.gpu_context_gib * GIB
         weights_fit = weights <= claim
     else:
         kv_blocks = gen.kv_cache_gib * GIB  # kv_cache_memory_bytes (generator.cpu_kv_cache_bytes)
@@ -456,8 +460,8 @@ def _check_cluster(c: ClusterConfig) -> None:
             raise ConfigError(f"cluster.{key} must be > 0")
     if not (0 < c.mfu <= 1 and 0 < c.mbu <= 1):
         raise ConfigError("cluster.mfu and cluster.mbu must be in (0, 1]")
-    if c.decode_step_overhead_s < 0:
-        raise ConfigError("cluster.decode_step_overhead_s must be >= 0")
+    if c.decode_step_overhead_s < 0 or c.gpu_context_gib < 0:
+        raise ConfigError("cluster.decode_step_overhead_s and cluster.gpu_context_gib must be >= 0")
 
 
 def _role_procs(cfg: Config, models: dict[str, ModelShape], layout: list[RoleLayout], on_gpu: dict[str, bool],
@@ -478,11 +482,12 @@ def _role_procs(cfg: Config, models: dict[str, ModelShape], layout: list[RoleLay
             g = on_gpu[group.role]
             if base in ("actor", "critic"):
                 s = ppo_learner(cfg, base)  # the run's one precision (config.ppo_precision)
-                mem = _learner_memory(models[base], s, ranks, seq, g, lm=base == "actor", sends_weights=base == "actor")
+                mem = _learner_memory(models[base], s, ranks, seq, g, lm=base == "actor", sends_weights=base == "actor",
+                                      c=cfg.cluster)
             else:
                 learner = ppo_learner(cfg, "actor" if base == "reference" else "critic")
                 mem = _frozen_memory(models[base], learner, ranks, _scorer_sharded(cfg, models[base], ranks), seq,
-                                     g, lm=base == "reference")
+                                     g, lm=base == "reference", c=cfg.cluster)
             if ranks > n_bundles:  # groups.py puts rank r into bundle r of the (shared) group
                 problems.append(f"placement.{base}.num_workers={ranks} exceeds the {n_bundles} bundle(s) of the "
                                 f"'{group.role}' group it is colocated in")
@@ -601,7 +606,7 @@ def _stage_plans(cfg: Config, plan: Plan) -> None:
     for name, s, shape, lm, pairs in (("sft", cfg.sft, model_shape(cfg.models.actor.path), True, 1),
                                       ("rm", cfg.rm, model_shape(cfg.models.reward.path).value_model(), False, 2)):
         stage_gpu = on_gpu if s.use_gpu is None else s.use_gpu and on_gpu
-        mem = _learner_memory(shape, s, s.num_workers, seq, stage_gpu, lm, False,
+        mem = _learner_memory(shape, s, s.num_workers, seq, stage_gpu, lm, False, c,
                               micro=s.deepspeed.micro_batch_size * pairs)  # RM: chosen + rejected
         if stage_gpu:
             per_node_host = HOST_GIB_PER_GPU_PROCESS * GIB + mem.host
@@ -1076,7 +1081,7 @@ def format_plan(cfg: Config, p: Plan, source: str = "") -> str:
                     f"{c.intra_node_gbs:g} GB/s per GPU, network {c.inter_node_gbs:g} GB/s per node, PCIe "
                     f"{c.pcie_gbs:g} GB/s; " if c.gpus_per_node else
                     f"{c.cpu_tflops:g} TFLOPS and {c.cpu_memory_bandwidth_gbs:g} GB/s per CPU node; ")
-                 + f"CUDA context {GPU_CONTEXT_GIB:g} GiB per GPU process, host {HOST_GIB_PER_GPU_PROCESS:g} GiB per "
+                 + f"CUDA context {c.gpu_context_gib:g} GiB per GPU process, host {HOST_GIB_PER_GPU_PROCESS:g} GiB per "
                    f"GPU process, vLLM workspace {ENGINE_WORKSPACE_GIB:g} GiB; answers run to max_new_tokens; "
                    f"activations per Korthikanti et al. 2022 with memory-efficient attention")
     lines.append("FITS" if p.fits else "DOES NOT FIT:\n  " + "\n  ".join(_summarised(p.problems)))

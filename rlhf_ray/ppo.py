@@ -10,6 +10,9 @@
         generators.sync_weights(actor)                                  # broadcast + verify, version += 1
         log metrics; checkpoint every N iterations
 
+With rollout.mode one_step the next iteration's rollout is generated while this one scores and trains, and the sync
+waits for it (rlhf_ray/rollout_ahead.py, which also keeps each trained sample's lineage).
+
 The batches, the prompt stream and the RL math applied to a rollout are pure pieces in rlhf_ray/experience.py
 (its docstring gives the tensor layout). The scored batch and the experience travel to the groups as Ray object
 references.
@@ -28,6 +31,7 @@ from rlhf_ray.config import Config, ConfigError, PPOConfig, reuses_train_logprob
 from rlhf_ray.experience import (PromptStream, answered_rollout, build_batch, compute_advantages,
                                  drop_nonfinite_samples, full_width, length_penalised, request_seed,
                                  response_slice, rollout_with_signal)
+from rlhf_ray.rollout_ahead import RolloutAhead, lineage, staleness_metrics, write_samples
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +126,9 @@ class PPOTrainer:
         self.reuses_train_logprobs = reuses_train_logprobs(cfg)
         self.plan: dict = {}
         self.actor = self.reference = self.reward = self.critic = self.generators = self.control = None
+        self.ahead = RolloutAhead(self.generate) if cfg.rollout.mode == "one_step" else None
+        self.samples_written = 0  # lineage records seen by rollout.samples_every (checkpointed)
+        self.last_lineage: list[dict] = []  # the last trained batch's (rollout_ahead.lineage)
         started = time.time()
         # All or nothing: a failure anywhere in start-up (placement, a group, the checks, resume) releases every
         # actor and placement group started so far, so a long-lived driver is not starved by a failed attempt.
@@ -182,7 +189,7 @@ class PPOTrainer:
         return [r for g in groups if g is not None for r in g.reports]
 
     # -- one iteration, in the order of the module docstring
-    def generate(self, num_prompts: int) -> tuple[dict, dict]:
+    def generate(self, num_prompts: int, iteration: Optional[int] = None) -> tuple[dict, dict]:
         """Samples for `num_prompts` answered prompts from the stream (too-long ones replaced: answered_rollout).
         With ppo.dynamic_sampling each round is also scored here, and only prompts whose samples' scores differ are
         kept (rollout_with_signal); info["scores"] then holds the scores, and make_experience does not score again.
@@ -190,14 +197,15 @@ class PPOTrainer:
         import ray
 
         g, p = self.cfg.generation, self.cfg.ppo
-        start = self.prompts.position
+        iteration = self.iteration if iteration is None else iteration  # one_step: the next one's (seeds)
+        start, started = self.prompts.position, time.time()
         totals = {"skipped": 0, "redispatched": 0, "engines": set(), "generated_tokens": 0}
 
         def answered(k: int) -> tuple[list[dict], list]:
             first = self.prompts.position - start  # per-request seeds continue across dynamic-sampling rounds
 
             def generate_rows(rows: list[dict], offset: int):
-                seeds = [request_seed(self.cfg.run.seed, self.iteration, first + offset + i) for i in range(len(rows))]
+                seeds = [request_seed(self.cfg.run.seed, iteration, first + offset + i) for i in range(len(rows))]
                 return self.generators.generate([r["prompt_input_ids"] for r in rows], seeds=seeds)
 
             rows, samples, got = answered_rollout(self.prompts.take, generate_rows, k, max_prompts=len(self.prompts.rows))
@@ -223,7 +231,17 @@ class PPOTrainer:
             info["scores"] = scores
         info.update(redispatched=totals["redispatched"], skipped_prompts=totals["skipped"],
                     engines_used=len(totals["engines"]), generated_tokens=totals["generated_tokens"],
-                    prompts_consumed=self.prompts.position - start, dynamic_sampling=counts)
+                    prompts_consumed=self.prompts.position - start, dynamic_sampling=counts,
+                    rows=rows, samples=samples, times=(started, time.time()))
+        return batch, info
+
+    def rebuilt_rollout(self, prompt_ids: list[int], samples: list[dict], counts: dict, times: list) -> tuple:
+        """A checkpointed rollout (rollout_ahead.RolloutAhead.state) as generate() returned it."""
+        from rlhf_ray.generator import Sample
+
+        rows, samples = [self.prompts.row_at(i) for i in prompt_ids], [Sample(**s) for s in samples]
+        batch, info = self.rollout_batch(rows, samples)
+        info.update(counts, dynamic_sampling={}, rows=rows, samples=samples, times=tuple(times))
         return batch, info
 
     def rollout_batch(self, batch_rows: list[dict], samples: list) -> tuple[dict, dict]:
@@ -253,22 +271,28 @@ class PPOTrainer:
         import ray
 
         p, reuse = self.cfg.ppo, self.reuses_train_logprobs
+        # Asynchronous rollouts: the ratio is taken against the engines' own log-probs, unless an off-policy correction
+        # takes it against the learner's recomputed ones (a proximal policy) and weighs the tokens by the correction.
+        behaviour_old = self.cfg.rollout.mode != "off" and p.off_policy_correction == "none"
+        P = batch["prompt_width"]
         ref = ray.put(batch)  # every group reads the rollout from the object store
         futures = {"ref": self.reference.logprobs(ref, as_ref=True)}
         if "scores" not in info:  # dynamic sampling scored every round while generating
             futures["scores"] = self.reward.scores(ref, as_ref=True)
-        if not reuse:
+        if not reuse and not behaviour_old:
             futures["old"] = self.actor.logprobs(ref, as_ref=True)
         if self.critic is not None:
             futures["values"] = self.critic.values(ref, as_ref=True)
         got = dict(zip(futures, ray.get(list(futures.values()))))
+        if behaviour_old:
+            got["old"] = full_width(info["vllm_logprobs"], P)
         scores = info["scores"] if "scores" in info else self.scores_trained_on(got["scores"], info)
         # Non-finite scores, log-probs or values: those samples are masked out, counted (experience/nonfinite_samples)
         scores, action_mask, per_token, dropped = drop_nonfinite_samples(
             scores, batch["action_mask"], {k: got[k] for k in ("ref", "old", "values") if k in got},
             info["group_size"])
         got.update(per_token)
-        P = batch["prompt_width"]
+        info["scores_trained"] = scores  # lineage (samples.jsonl)
         lengths = response_slice(action_mask, P).sum(dim=1)
         if p.overlong_mask:  # DAPO overlong filtering: samples cut at max_new_tokens take no part in the loss
             action_mask = action_mask * (~info["truncated"])[:, None].to(action_mask.dtype)
@@ -289,9 +313,9 @@ class PPOTrainer:
         experience = {k: batch[k] for k in ("input_ids", "attention_mask")}
         experience["action_mask"] = action_mask
         experience["advantages"] = advantages
-        if reuse:
+        if reuse or p.off_policy_correction != "none":  # the gap's and the correction's behaviour log-probs
             experience["vllm_logprobs"] = full_width(info["vllm_logprobs"], P)
-        else:
+        if not reuse:
             experience["old_logprobs"] = got["old"]
         if p.kl_penalty == "loss":
             experience["ref_logprobs"] = got["ref"]
@@ -305,6 +329,7 @@ class PPOTrainer:
             "response/length_mean": lengths.mean().item(),
             "response/truncated_fraction": info["truncated"].float().mean().item(),
             "experience/old_logprobs_from_training": float(reuse),
+            "experience/old_logprobs_from_engines": float(behaviour_old),
         }
         if p.overlong_mask:
             stats["experience/overlong_masked"] = int(info["truncated"].sum())
@@ -330,6 +355,9 @@ class PPOTrainer:
                  "entropy/mean": actor_stats.get("entropy", float("nan"))}
         if "kl_loss" in actor_stats:
             stats["loss/kl"] = actor_stats["kl_loss"]
+        for key in ("is_ratio_mean", "is_ratio_max", "corrected_fraction", "mismatch_kl"):  # ppo.off_policy_correction
+            if key in actor_stats:  # means over micro-batches (is_ratio_max: of their maxima)
+                stats[f"off_policy/{key}"] = actor_stats[key]
         if self.reuses_train_logprobs:  # measured on the rollout's own weights, before this step's update
             stats["kl/mean"] = actor_stats["kl_sequence"]
             stats["logprob_gap/vllm_vs_learner"] = actor_stats["logprob_gap"]
@@ -356,21 +384,34 @@ class PPOTrainer:
         p, started = self.cfg.ppo, time.time()
         timings = {}
         t = time.time()
-        batch, info = self.generate(p.rollout_batch_size)
-        timings["time/generate_s"] = time.time() - t
-        if self.engines_sleep:  # the engines' GPU memory goes to the scorers and learners until the sync
-            self.generators.sleep()
-        t = time.time()
-        experience, stats = self.make_experience(batch, info)
-        timings["time/score_s"] = time.time() - t
-        t = time.time()
-        stats.update(self.train(experience))
-        timings["time/train_s"] = time.time() - t
-        t = time.time()
-        if self.engines_sleep:
-            self.generators.wake_up()  # weights back on the GPU before they are updated and sampled from
-        version = self.generators.sync_weights(self.actor)
-        timings["time/sync_s"] = time.time() - t
+        batch, info = self.next_rollout(p.rollout_batch_size)
+        timings["time/generate_wait_s"] = time.time() - t
+        try:
+            if self.ahead is not None and self.iteration + 1 < p.num_iterations:
+                self.ahead.start(p.rollout_batch_size, self.iteration + 1)  # the next batch, while this one trains
+            if self.engines_sleep:  # the engines' GPU memory goes to the scorers and learners until the sync
+                self.generators.sleep()
+            t = time.time()
+            experience, stats = self.make_experience(batch, info)
+            timings["time/score_s"] = time.time() - t
+            t = time.time()
+            stats.update(self.train(experience))
+            timings["time/train_s"] = time.time() - t
+            stats.update(self.record_lineage(batch, info, (t, time.time())))
+            t = time.time()
+            if self.ahead is not None:
+                timings["time/generate_wait_s"] += self.ahead.finish()
+            if self.engines_sleep:
+                self.generators.wake_up()  # weights back on the GPU before they are updated and sampled from
+            version = self.generators.sync_weights(self.actor)
+            timings["time/sync_s"] = time.time() - t
+        except BaseException:
+            if self.ahead is not None:
+                self.ahead.abandon()  # the batch trained on stays pending for the retry (recovery)
+            raise
+        if self.ahead is not None:
+            self.ahead.commit()
+        timings["time/generate_s"] = info["times"][1] - info["times"][0]  # this batch's, wherever it ran
         self.kl_ctl.update(stats["kl/mean"], len(batch["input_ids"]))
         stats.update(timings)
         stats.update({"time/iteration_s": time.time() - started, "weight_version": version,
@@ -382,6 +423,23 @@ class PPOTrainer:
                       **{f"dynamic_sampling/{k}": v for k, v in info["dynamic_sampling"].items()},
                       "throughput/tokens_per_s": info["generated_tokens"] / max(timings["time/generate_s"], 1e-9)})
         return stats
+
+    def next_rollout(self, num_prompts: int) -> tuple[dict, dict]:
+        """off: generate now. one_step: the batch generated during the previous iteration (the first one: now)."""
+        if self.ahead is not None and self.ahead.pending is not None:
+            return self.ahead.pending
+        return self.generate(num_prompts)
+
+    def record_lineage(self, batch: dict, info: dict, trained_at: tuple[float, float]) -> dict:
+        """Each trained sample's lineage (rollout_ahead.lineage): staleness metrics, and rollout.samples_every's
+        samples.jsonl."""
+        records = lineage(info, self.iteration, self.generators.weight_version, trained_at)
+        every = self.cfg.rollout.samples_every
+        if every:
+            self.samples_written = write_samples(self.out_dir / "samples.jsonl", records, batch,
+                                                 info["scores_trained"].tolist(), every, self.samples_written)
+        self.last_lineage = records
+        return staleness_metrics(records)
 
     def run(self) -> Path:
         from ray.exceptions import RayActorError
@@ -443,7 +501,8 @@ class PPOTrainer:
 
         return {"iteration": self.iteration, "prompt_position": self.prompts.position,
                 "kl_controller": self.kl_ctl.state_dict(), "rng": rng_state(),
-                "weight_version": self.generators.weight_version}
+                "weight_version": self.generators.weight_version, "samples_written": self.samples_written,
+                "pending_rollout": self.ahead.state() if self.ahead is not None else None}
 
     def apply_controller_state(self, state: dict) -> None:
         from rlhf_ray.checkpoint import set_rng_state
@@ -451,6 +510,9 @@ class PPOTrainer:
         self.iteration, self.prompts.position = state["iteration"], state["prompt_position"]
         self.kl_ctl.load_state_dict(state["kl_controller"])
         set_rng_state(state["rng"])
+        self.samples_written = state.get("samples_written", 0)
+        if self.ahead is not None:  # the batch generated ahead and not yet trained on
+            self.ahead.load_state(state.get("pending_rollout"), self.rebuilt_rollout)
 
     def resume(self) -> None:
         latest = self.checkpoints.latest()

@@ -34,6 +34,13 @@ References
 [Dr.GRPO]       Liu et al. 2025, "Understanding R1-Zero-Like Training: A Critical Perspective", arXiv 2503.20783.
 [GSPO]          Zheng et al. 2025, "Group Sequence Policy Optimization", arXiv 2507.18071.
 [veRL]          volcengine/verl, verl/trainer/ppo/core_algos.py (agg_loss, compute_policy_loss_gspo).
+[TIS]           Yao et al. 2025, "Your Efficient RL Framework Secretly Brings You Off-Policy RL Training",
+                https://fengyao.notion.site/off-policy-rl (truncated importance sampling, C = 2).
+[IcePop]        Ling Team 2025, "Every Step Evolves: Scaling Reinforcement Learning for Trillion-Scale Thinking
+                Model" (Ring-1T), arXiv 2510.18855, Sec. 3 (IcePop: tokens outside [alpha, beta] = [0.5, 5] masked).
+[SeqMask]       Liu, Li et al. 2025, "When Speed Kills Stability: Demystifying RL Collapse from the Training-Inference
+                Mismatch", https://richardli.xyz/rl-collapse (sequence-level, geometric-mean rejection; veRL's
+                rollout correction).
 """
 
 from __future__ import annotations
@@ -77,6 +84,8 @@ __all__ = [
     "aggregation_units",
     "aggregate",
     "Aggregation",
+    "OFF_POLICY_CORRECTIONS",
+    "off_policy_correction",
     "policy_loss",
     "gspo_loss",
     "value_loss",
@@ -114,6 +123,9 @@ class PPODefaults:
     gspo_clip_ratio_low = 3e-4, gspo_clip_ratio_high = 4e-4
                            [GSPO] Sec. 5 (experiments): the clip range of the sequence-level ratio, left 3e-4,
                            right 4e-4 (a length-normalised ratio stays close to 1: orders smaller than PPO's).
+    is_cap = 2.0           [TIS] truncation C = 2 of the token importance weight.
+    is_mask_low = 0.5, is_mask_high = 5.0
+                           [IcePop] Sec. 3: tokens whose ratio lies outside [alpha, beta] = [0.5, 5] are masked.
     group_eps = 1e-6       veRL compute_grpo_outcome_advantage ``epsilon=1e-6``.
     whiten_eps = 1e-8      TRL/OpenRLHF ``masked_whiten`` (``torch.rsqrt(var + 1e-8)``).
     """
@@ -135,6 +147,9 @@ class PPODefaults:
     dual_clip: float = 3.0
     gspo_clip_ratio_low: float = 3e-4
     gspo_clip_ratio_high: float = 4e-4
+    is_cap: float = 2.0
+    is_mask_low: float = 0.5
+    is_mask_high: float = 5.0
     group_eps: float = 1e-6
     whiten_eps: float = 1e-8
 
@@ -145,6 +160,7 @@ KL_ESTIMATORS = ("k1", "k2", "k3")
 KL_REWARD_SHAPES = ("per_token", "return_to_go")
 AGGREGATION_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 POLICY_LOSSES = ("ppo", "gspo")
+OFF_POLICY_CORRECTIONS = ("none", "tis", "icepop", "seq_mask")
 
 
 # --------------------------------------------------------------------------------------------
@@ -686,6 +702,57 @@ def _clipped_surrogate(
     return loss_per_token, stats
 
 
+def off_policy_correction(
+    old_logprobs: Tensor,
+    behaviour_logprobs: Tensor,
+    mask: Tensor,
+    mode: str = "none",
+    cap: float = DEFAULTS.is_cap,
+    low: float = DEFAULTS.is_mask_low,
+    high: float = DEFAULTS.is_mask_high,
+) -> Tuple[Tensor, Dict[str, Tensor]]:
+    """Per-token weights that correct the policy loss for tokens sampled by a behaviour policy mu (the engines, with
+    their own kernels, precision and, when asynchronous, older weights) other than pi_old (the learner's policy the
+    PPO ratio is taken against):
+
+        rho_t     = exp(log pi_old(a_t) - log mu(a_t))                        (token importance ratio)
+        none      w_t = 1
+        tis       w_t = min(rho_t, C)                                         [TIS]
+        icepop    w_t = rho_t if low <= rho_t <= high, else 0                 [IcePop] (masked importance sampling)
+        seq_mask  w_i,t = 1 if low <= rho_i <= high, else 0 for all of sequence i,
+                  rho_i = exp(mean_t log rho_t)                               [SeqMask] (geometric-mean rejection)
+
+    The loss becomes aggregate(w_t * L_t, m): a masked token adds nothing but still counts in the aggregation's
+    denominator, as in IcePop's objective. Returns ``(weights, stats)``, detached; stats over the mask:
+        is_ratio_mean, is_ratio_max   mean_m rho_t, max_m rho_t
+        corrected_fraction            tokens truncated (tis) or masked (icepop, seq_mask)
+        mismatch_kl                   mean_m [(rho - 1) - log rho]   (k3 estimate of KL(mu || pi_old) [KL-approx])
+    """
+    if mode not in OFF_POLICY_CORRECTIONS:
+        raise ValueError(f"unknown off-policy correction {mode!r}; expected one of {OFF_POLICY_CORRECTIONS}")
+    if not (0 < low < 1 < high and cap > 0):
+        raise ValueError(f"off-policy correction needs 0 < low < 1 < high and cap > 0, got {low}, {high}, {cap}")
+    real = _bool(mask)
+    log_rho = _zero_pad(old_logprobs.detach() - behaviour_logprobs.detach(), mask)
+    rho = torch.exp(log_rho)
+    if mode == "tis":
+        weights, corrected = rho.clamp(max=cap), rho > cap
+    elif mode == "icepop":
+        inside = (rho >= low) & (rho <= high)
+        weights, corrected = torch.where(inside, rho, torch.zeros_like(rho)), ~inside
+    elif mode == "seq_mask":
+        sequence_rho = torch.exp(masked_mean(log_rho, mask, dim=-1)).unsqueeze(-1).expand_as(rho)
+        inside = (sequence_rho >= low) & (sequence_rho <= high)
+        weights, corrected = inside.to(rho.dtype), ~inside
+    else:
+        weights, corrected = torch.ones_like(rho), torch.zeros_like(real)
+    stats = {"is_ratio_mean": masked_mean(rho, mask),
+             "is_ratio_max": torch.where(real, rho, torch.zeros_like(rho)).max(),
+             "corrected_fraction": masked_mean((corrected & real).to(rho.dtype), mask),
+             "mismatch_kl": masked_mean(rho - 1 - log_rho, mask)}
+    return _zero_pad(weights, mask), stats
+
+
 def policy_loss(
     logprobs: Tensor,
     old_logprobs: Tensor,
@@ -696,6 +763,7 @@ def policy_loss(
     aggregation: str | Aggregation = "token-mean",
     clip_ratio_low: Optional[float] = None,
     clip_ratio_high: Optional[float] = None,
+    weights: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Dict[str, Tensor]]:
     """PPO clipped surrogate  [PPO Eq. 7; DS-Chat actor_loss_fn], optionally dual-clipped [DualClip]:
 
@@ -705,6 +773,7 @@ def policy_loss(
 
     eps_low = clip_ratio_low, eps_high = clip_ratio_high, each clip_ratio when None. A larger eps_high than eps_low
     is DAPO's clip-higher ([DAPO] Sec. 3.1: 0.2 / 0.28), which lets low-probability tokens rise further.
+    ``weights`` (detached, e.g. ``off_policy_correction``'s) multiply L_t before the aggregation.
     Returns ``(loss, stats)``; stats (detached scalars):
         clip_fraction       mean_m [ -clip(r) A > -r A ]     (tokens where the clip is active)
         dual_clip_fraction  mean_m [ dual clip active ]      (only with dual_clip)
@@ -715,6 +784,8 @@ def policy_loss(
     log_ratio = _zero_pad(logprobs - old_logprobs, mask)
     ratio = torch.exp(log_ratio)
     loss_per_token, stats = _clipped_surrogate(ratio, advantages, mask, low, high, dual_clip)
+    if weights is not None:
+        loss_per_token = loss_per_token * _zero_pad(weights.detach(), mask)
     loss = _aggregation(aggregation)(loss_per_token, mask)
     stats["approx_kl"] = masked_mean(ratio - 1 - log_ratio, mask)
     stats["ratio_mean"] = masked_mean(ratio, mask)
@@ -730,6 +801,7 @@ def gspo_loss(
     clip_ratio_high: float = DEFAULTS.gspo_clip_ratio_high,
     dual_clip: Optional[float] = None,
     aggregation: str | Aggregation = "seq-mean-token-mean",
+    weights: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Dict[str, Tensor]]:
     """GSPO: the importance ratio of a whole sequence, length-normalised, clipped per sequence  [GSPO Sec. 4]:
 
@@ -750,6 +822,8 @@ def gspo_loss(
     current = _zero_pad(logprobs, mask)
     ratio = _zero_pad(torch.exp(sequence_log_ratio + current - current.detach()), mask)
     loss_per_token, stats = _clipped_surrogate(ratio, advantages, mask, clip_ratio_low, clip_ratio_high, dual_clip)
+    if weights is not None:  # as policy_loss's
+        loss_per_token = loss_per_token * _zero_pad(weights.detach(), mask)
     loss = _aggregation(aggregation)(loss_per_token, mask)
     stats["approx_kl"] = masked_mean(torch.exp(log_ratio) - 1 - log_ratio, mask)
     stats["ratio_mean"] = masked_mean(ratio, mask)

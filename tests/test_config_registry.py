@@ -127,6 +127,10 @@ REGISTRY: dict[str, str | dict] = {
     "ppo.kl_horizon": _T + "test_kl_controller_follows_the_ppo_section",
     "ppo.clip_ratio": _T + "test_loss_keys_change_the_learners_objectives",
     "ppo.dual_clip": _T + "test_loss_keys_change_the_learners_objectives",
+    "ppo.off_policy_correction": _T + "test_off_policy_correction_keys_change_the_actors_objective",
+    "ppo.is_cap": _T + "test_off_policy_correction_keys_change_the_actors_objective",
+    "ppo.is_mask_low": _T + "test_off_policy_correction_keys_change_the_actors_objective",
+    "ppo.is_mask_high": _T + "test_off_policy_correction_keys_change_the_actors_objective",
     "ppo.clip_ratio_low": "tests/test_loss_options.py::test_loss_options_reach_the_learners_gradient",
     "ppo.clip_ratio_high": "tests/test_loss_options.py::test_loss_options_reach_the_learners_gradient",
     "ppo.policy_loss": "tests/test_loss_options.py::test_loss_options_reach_the_learners_gradient",
@@ -165,6 +169,8 @@ REGISTRY: dict[str, str | dict] = {
     "logging.level": _T + "test_log_level_comes_from_the_config_unless_the_flag_is_given",
     "checkpoint.every": "tests/test_ppo.py::test_resume_continues_exactly_like_an_uninterrupted_run",
     "checkpoint.keep_last": _T + "test_train_stage_job_keys_reach_the_ray_train_job",
+    "rollout.mode": "tests/test_ppo.py::test_grpo_learns_generating_one_step_ahead_and_resumes_exactly",
+    "rollout.samples_every": "tests/test_ppo.py::test_grpo_learns_generating_one_step_ahead_and_resumes_exactly",
     "checkpoint.resume": "tests/test_ppo.py::test_resume_continues_exactly_like_an_uninterrupted_run",
     "ppo.max_learner_restarts": "tests/test_faults.py::test_recovery_gives_up_past_max_learner_restarts_and_passes_"
                                 "other_errors_on",
@@ -209,7 +215,7 @@ REGISTRY["placement.generator.num_workers"] = {"rejects": "placement.generator.n
                                                           "generation.num_engines",
                                                "with": {"placement.generator.num_workers": 2}}
 for _key in ("nodes", "gpus_per_node", "gpu_memory_gib", "cpu_memory_gib", "gpu_tflops", "gpu_memory_bandwidth_gbs",
-             "intra_node_gbs", "pcie_gbs", "mfu", "mbu", "decode_step_overhead_s"):
+             "intra_node_gbs", "pcie_gbs", "mfu", "mbu", "decode_step_overhead_s", "gpu_context_gib"):
     REGISTRY[f"cluster.{_key}"] = "tests/test_plan.py::test_option_changes_the_plan"
 REGISTRY["cluster.timing_layout"] = "tests/test_plan.py::test_calibration_against_deepspeed_chat_table_1"
 for _key in ("cpu_tflops", "cpu_memory_bandwidth_gbs", "inter_node_gbs"):
@@ -642,6 +648,41 @@ def test_loss_keys_change_the_learners_objectives():
 
     assert value(value_clip=0.01) != pytest.approx(value())
     assert value(loss_aggregation="seq-mean-token-sum") != pytest.approx(value())
+
+
+def test_off_policy_correction_keys_change_the_actors_objective():
+    """ppo.off_policy_correction with is_cap / is_mask_low / is_mask_high, as the actor's micro-batch objective reads
+    them: the engines' log-probs (vllm_logprobs) weigh or mask the tokens; none leaves the loss as it was."""
+    from rlhf_ray.learner import policy_objective
+
+    g = torch.Generator().manual_seed(1)
+    shape = (4, 6)
+    mask = torch.ones(shape)
+    old = torch.randn(shape, generator=g) - 1
+    mb = {"action_mask": mask, "old_logprobs": old, "advantages": torch.randn(shape, generator=g) * 3,
+          "vllm_logprobs": old + torch.randn(shape, generator=g)}  # rho from e^-2 to e^2 and beyond
+    logprobs, entropy = old + 0.1 * torch.randn(shape, generator=g), torch.rand(shape, generator=g)
+
+    def policy(**overrides) -> tuple[float, dict]:
+        p = load_config(None, {f"ppo.{k}": v for k, v in overrides.items()}).ppo
+        loss, stats = policy_objective(p, logprobs, entropy, mb, kl_coef=0.0)
+        return loss.item(), stats
+
+    base, stats = policy()
+    assert "is_ratio_mean" not in stats
+    for mode in ("tis", "icepop", "seq_mask"):
+        loss, stats = policy(off_policy_correction=mode)
+        assert loss != pytest.approx(base) and 0 < stats["corrected_fraction"] < 1, mode
+    assert policy(off_policy_correction="tis", is_cap=1.5)[0] != pytest.approx(policy(off_policy_correction="tis")[0])
+    for key, value in (("is_mask_low", 0.3), ("is_mask_high", 1.05)):
+        for mode in ("icepop", "seq_mask"):
+            assert policy(off_policy_correction=mode, **{key: value})[0] != \
+                pytest.approx(policy(off_policy_correction=mode)[0]), (key, mode)
+    for bad, message in (({"is_cap": 0}, "ppo.is_cap must be > 0"),
+                         ({"is_mask_low": 1.2}, "ppo.is_mask_low and ppo.is_mask_high must satisfy"),
+                         ({"is_mask_high": 0.9}, "ppo.is_mask_low and ppo.is_mask_high must satisfy")):
+        with pytest.raises(ConfigError, match=message):
+            load_config(None, {f"ppo.{k}": v for k, v in bad.items()})
 
 
 def test_reward_and_scorer_keys_reach_the_scorers(monkeypatch, tiny_llama):

@@ -306,6 +306,7 @@ OPTIONS = [  # (overrides, metric, direction): the metric must move that way whe
     ({"models.actor.dtype": "float32"}, lambda p: _engine(p).weights, +1),
     ({"cluster.mfu": 0.1}, lambda p: p.times["training"], +1),
     ({"cluster.decode_step_overhead_s": 0.05}, lambda p: p.times["generation"], +1),
+    ({"cluster.gpu_context_gib": 3.0}, lambda p: _actor(p).peak, +1),
     ({"cluster.mbu": 0.3}, lambda p: p.times["generation"], +1),
     ({"cluster.gpu_tflops": 989.0}, lambda p: p.times["training"], -1),
     ({"cluster.gpu_memory_bandwidth_gbs": 1000.0}, lambda p: p.times["generation"], +1),

@@ -270,3 +270,65 @@ def test_run_summary_and_png_give_first_3_and_last_3_iteration_means(tmp_path):
     titles = [call.args[1] for call in set_title.call_args_list]
     assert titles[0] == "reward/mean\nfirst-3 0.2, last-3 0.7" and titles[1].startswith("kl/mean\nfirst-3 0.02")
     assert png.stat().st_size > 0
+
+
+# ------------------------------------------------------------------------------------ rollout.mode one_step
+def test_one_step_refuses_what_cannot_overlap_and_never_reuses_train_logprobs():
+    from rlhf_ray.config import ConfigError, validate_ppo
+
+    on_policy = {"ppo.kl_penalty": "loss", "ppo.kl_estimator": "k3", "ppo.rollout_batch_size": 32,
+                 "ppo.mini_batch_size": 32}
+    assert reuses_train_logprobs(load_config(None, on_policy))
+    assert not reuses_train_logprobs(load_config(None, {**on_policy, "rollout.mode": "one_step"}))  # stale samples
+    for key, value, message in (("placement.layout", "hybrid", "placement.layout hybrid generates and trains in one"),
+                                ("generation.enable_sleep_mode", True, "enable_sleep_mode puts the engines to sleep"),
+                                ("ppo.dynamic_sampling", True, "ppo.dynamic_sampling")):
+        extra = {"placement.actor.num_workers": 1, "generation.max_restarts": 0} if key == "placement.layout" else \
+            {"generation.n_samples_per_prompt": 4, "ppo.advantage_estimator": "grpo"} if key == "ppo.dynamic_sampling" \
+            else {}
+        cfg = load_config(None, {"rollout.mode": "one_step", key: value, **extra})
+        with pytest.raises(ConfigError, match=message):
+            validate_ppo(cfg)
+        validate_ppo(load_config(None, {key: value, **extra}))  # fine without the overlap
+    with pytest.raises(Exception, match="rollout.samples_every must be >= 0"):
+        load_config(None, {"rollout.samples_every": -1})
+
+
+def test_rollout_ahead_hands_over_batches_and_keeps_the_pending_one_on_failure():
+    import threading
+
+    from rlhf_ray.rollout_ahead import RolloutAhead, staleness_metrics
+
+    calls, gate = [], threading.Event()
+
+    def generate(n, iteration):
+        gate.wait(5)
+        calls.append((n, iteration, threading.current_thread().name))
+        if iteration == 3:
+            raise RuntimeError("engine gone")
+        return {"batch": iteration}, {"iteration": iteration}
+
+    ahead = RolloutAhead(generate)
+    ahead.start(8, 1)
+    assert ahead.pending is None and not calls  # generating in the background
+    gate.set()
+    assert ahead.finish() >= 0 and ahead.pending is None  # done, not yet committed
+    ahead.commit()
+    assert ahead.pending == ({"batch": 1}, {"iteration": 1}) and calls == [(8, 1, "rollout-ahead-1")]
+    ahead.start(8, 2)
+    ahead.abandon()  # the iteration failed: its batch is dropped, the pending one stays for the retry
+    assert ahead.pending == ({"batch": 1}, {"iteration": 1}) and calls[-1][1] == 2
+    ahead.start(8, 3)
+    with pytest.raises(RuntimeError, match="engine gone"):
+        ahead.finish()
+    assert ahead.pending == ({"batch": 1}, {"iteration": 1})
+    records = [{"staleness": s} for s in (0, 1, 1, 2)]
+    assert staleness_metrics(records) == {"rollout/staleness_mean": 1.0, "rollout/staleness_max": 2,
+                                          "rollout/staleness_0": 1, "rollout/staleness_1": 2, "rollout/staleness_2": 1}
+
+
+def test_prompt_stream_gives_each_row_its_position_as_prompt_id():
+    stream = PromptStream([{"i": i} for i in range(5)], seed=3)
+    taken = stream.take(7)  # crosses an epoch
+    assert [r["prompt_id"] for r in taken] == list(range(7))
+    assert [stream.row_at(i) for i in range(7)] == taken

@@ -1038,3 +1038,50 @@ def test_padding_never_changes_any_result():
     big_tokens = torch.cat([tokens, torch.zeros(6, 3, dtype=torch.long)], 1)
     assert same(rl.logprobs_from_logits(logits, tokens, mask=mask), rl.logprobs_from_logits(big_logits, big_tokens, mask=big).double())
     assert same(rl.entropy_from_logits(logits, mask=mask), rl.entropy_from_logits(big_logits, mask=big).double())
+
+
+# ============================================================================================
+# Off-policy correction (behaviour policy mu = the engines)
+# ============================================================================================
+# Token ratios rho = pi_old / mu: row 0 = [4, 1, 0.25, pad], row 1 = [3, 3, pad, pad] (padding carries garbage).
+_OLD = torch.log(torch.tensor([[0.8, 0.3, 0.1, 0.5], [0.6, 0.3, 0.2, 0.9]]))
+_MU = torch.log(torch.tensor([[0.2, 0.3, 0.4, 1e-9], [0.2, 0.1, float("nan"), 0.1]]))
+_MASK = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+
+
+def test_off_policy_correction_hand_values():
+    weights, stats = rl.off_policy_correction(_OLD, _MU, _MASK, "none")
+    assert weights.tolist() == [[1, 1, 1, 0], [1, 1, 0, 0]]
+    assert stats["is_ratio_mean"].item() == pytest.approx((4 + 1 + 0.25 + 3 + 3) / 5)
+    assert stats["is_ratio_max"].item() == pytest.approx(4)
+    k3 = lambda r: r - 1 - math.log(r)  # noqa: E731
+    assert stats["mismatch_kl"].item() == pytest.approx((k3(4) + k3(1) + k3(0.25) + 2 * k3(3)) / 5)
+    assert stats["corrected_fraction"].item() == 0
+    # TIS, C = 2: min(rho, 2); three of five tokens truncated
+    weights, stats = rl.off_policy_correction(_OLD, _MU, _MASK, "tis", cap=2.0)
+    assert torch.allclose(weights.double(), torch.tensor([[2, 1, 0.25, 0], [2, 2, 0, 0]]).double())
+    assert stats["corrected_fraction"].item() == pytest.approx(3 / 5)
+    # IcePop [0.5, 3.5]: rho inside is kept as the weight, 4 and 0.25 are masked
+    weights, stats = rl.off_policy_correction(_OLD, _MU, _MASK, "icepop", low=0.5, high=3.5)
+    assert torch.allclose(weights.double(), torch.tensor([[0.0, 1, 0, 0], [3, 3, 0, 0]]).double())
+    assert stats["corrected_fraction"].item() == pytest.approx(2 / 5)
+    # Sequence masking: row 0's geometric mean (4 * 1 * 0.25)^(1/3) = 1, row 1's 3; [0.5, 2] keeps row 0 only
+    weights, stats = rl.off_policy_correction(_OLD, _MU, _MASK, "seq_mask", low=0.5, high=2.0)
+    assert weights.tolist() == [[1, 1, 1, 0], [0, 0, 0, 0]]
+    assert stats["corrected_fraction"].item() == pytest.approx(2 / 5)
+    with pytest.raises(ValueError, match="unknown off-policy correction"):
+        rl.off_policy_correction(_OLD, _MU, _MASK, "clip")
+    with pytest.raises(ValueError, match="0 < low < 1 < high"):
+        rl.off_policy_correction(_OLD, _MU, _MASK, "icepop", low=1.5)
+
+
+def test_policy_loss_weights_scale_each_tokens_term():
+    """loss = aggregate(w_t * L_t): at ratio 1 (pi = pi_old) L_t = -A_t, so token-mean gives -sum w A / N."""
+    advantages = torch.tensor([[1.0, -2.0, 3.0, 9.0], [0.5, 1.0, 7.0, 7.0]])
+    weights, _ = rl.off_policy_correction(_OLD, _MU, _MASK, "tis", cap=2.0)
+    loss, _ = rl.policy_loss(_OLD, _OLD, advantages, _MASK, weights=weights)
+    assert loss.item() == pytest.approx(-(2 * 1 - 2 + 0.25 * 3 + 2 * 0.5 + 2 * 1) / 5)
+    unweighted, _ = rl.policy_loss(_OLD, _OLD, advantages, _MASK)
+    assert unweighted.item() == pytest.approx(-(1 - 2 + 3 + 0.5 + 1) / 5)
+    gspo, _ = rl.gspo_loss(_OLD, _OLD, advantages, _MASK, weights=torch.zeros(2, 4))
+    assert gspo.item() == 0
