@@ -63,3 +63,46 @@ def test_colocated_layout_trains_with_every_role_on_one_gpu(tmp_path, tiny_llama
             assert stats["weight_version"] == version
     finally:
         trainer.shutdown()
+
+
+def _quantized_zero_rank(rank: int, world: int, port: int, queue) -> None:
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    try:
+        import deepspeed
+
+        from rlhf_ray.config import load_config
+        from rlhf_ray.train.deepspeed_config import deepspeed_config
+
+        torch.cuda.set_device(rank)
+        deepspeed.init_distributed(dist_backend="nccl")
+        cfg = load_config(None, {"ppo.actor.deepspeed.zero_stage": 3, "ppo.actor.deepspeed.zero_quantized_weights": True,
+                                 "ppo.actor.deepspeed.zero_quantized_gradients": True,
+                                 "placement.actor.num_workers": world, "ppo.mini_batch_size": 2 * world,
+                                 "ppo.actor.deepspeed.micro_batch_size": 2, "placement.critic.num_workers": 1})
+        ds = deepspeed_config(cfg.ppo.actor, world, cuda=True, train_batch_size=2 * world)
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.ReLU(), torch.nn.Linear(256, 1))
+        engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters()), config=ds)
+        x = torch.randn(2, 256, generator=torch.Generator().manual_seed(rank)).to(engine.device, torch.bfloat16)
+        losses = []
+        for _ in range(3):
+            loss = engine(x).float().pow(2).mean()
+            engine.backward(loss)
+            engine.step()
+            losses.append(loss.item())
+        zero = ds["zero_optimization"]
+        queue.put((rank, (zero["zero_quantized_weights"], zero["zero_quantized_gradients"]), losses))
+    except Exception as e:  # reported to the test instead of hanging it
+        queue.put((rank, None, repr(e)))
+
+
+def test_zero_plus_plus_quantized_weights_and_gradients_train_on_gpus():
+    """ZeRO++ qwZ / qgZ (the 176B and 66B launchers use them): DeepSpeed's CUDA quantizer on up to two GPUs."""
+    from helpers import run_ranks
+
+    for rank, flags, losses in run_ranks(_quantized_zero_rank, min(2, torch.cuda.device_count()), timeout_s=600):
+        assert flags == (True, True), losses
+        assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0], (rank, losses)

@@ -533,13 +533,13 @@ def test_suggest_searches_learner_options_and_proposes_only_valid_layouts():
     assert plan(again).times == p.times
 
 
-def _hpz_rank(rank: int, port: int, queue) -> None:
+def _hpz_rank(rank: int, world: int, port: int, queue) -> None:
     import os
 
     import torch
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2", OMP_NUM_THREADS="1")
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), OMP_NUM_THREADS="1")
     try:
         import deepspeed
 
@@ -568,22 +568,9 @@ def _hpz_rank(rank: int, port: int, queue) -> None:
 def test_zero_plus_plus_hpz_trains_on_two_cpu_ranks():
     """DeepSpeed runs hpZ on CPU (gloo); the quantized options need its CUDA quantizer (rejected on CPU above).
     Checked by hand: the losses equal those of zero_hpz_partition_size 1."""
-    import socket
+    from helpers import run_ranks
 
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [ctx.Process(target=_hpz_rank, args=(r, port, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    results = sorted(queue.get(timeout=180) for _ in procs)
-    for p in procs:
-        p.join(timeout=30)
-    for rank, hpz, losses in results:
+    for rank, hpz, losses in run_ranks(_hpz_rank, 2):
         assert hpz == 2 and isinstance(losses, list) and all(0 <= x < 10 for x in losses), (rank, losses)
 
 

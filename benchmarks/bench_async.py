@@ -1,0 +1,90 @@
+"""Seconds per PPO iteration with rollout.mode off vs one_step (issue 15's benchmark), on SmolLM2, for the
+bench_grpo_vs_trl workload (4 prompts x 4 samples, 32 new tokens) and for one where generation dominates (256 new
+tokens), against the ideal of a perfect overlap: max(generate, score + train + sync) per iteration.
+
+    flock /tmp/rlhf_ray_heavy.lock .venv/bin/python benchmarks/bench_async.py [--steps 3] [--out FILE.md]
+
+Not a test. Each row starts its own PPO run (one vLLM engine, one actor rank: the 2-core layout of
+bench_grpo_vs_trl.py), runs a warm-up iteration and --steps timed ones, and reports their mean. one_step takes the
+ratio against the engines' log-probs (no correction), so neither mode runs an actor forward while scoring.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench_grpo_vs_trl import rlhf_ray_config  # noqa: E402
+
+WORKLOADS = {"grpo_vs_trl (32 new tokens)": 32, "generation-heavy (256 new tokens)": 256}
+
+
+def run(args, max_new_tokens: int, mode: str) -> dict:
+    from rlhf_ray.ppo import PPOTrainer
+
+    args.max_new_tokens = max_new_tokens
+    cfg = rlhf_ray_config(args, tempfile.mkdtemp(prefix=f"bench_async_{mode}_"), {
+        "rollout.mode": mode, "ppo.num_iterations": args.steps + 2})  # + warm-up; one_step's last generates nothing
+    started = time.time()
+    trainer = PPOTrainer(cfg)
+    startup = time.time() - started
+    rows = []
+    try:
+        for _ in range(args.steps + 1):
+            stats = trainer.step()
+            trainer.iteration += 1
+            rows.append(stats)
+    finally:
+        trainer.shutdown()
+    timed = rows[1:]
+    mean = lambda key: statistics.mean(r[key] for r in timed)  # noqa: E731
+    rest = mean("time/score_s") + mean("time/train_s") + mean("time/sync_s")
+    return {"mode": mode, "startup_s": startup, "iteration_s": mean("time/iteration_s"),
+            "generate_s": mean("time/generate_s"), "generate_wait_s": mean("time/generate_wait_s"),
+            "score_train_sync_s": rest, "ideal_s": max(mean("time/generate_s"), rest),
+            "reward": [r["reward/mean"] for r in rows], "staleness_max": max(r["rollout/staleness_max"] for r in rows)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="builtin:smollm2")
+    parser.add_argument("--prompts", type=int, default=4)
+    parser.add_argument("--group", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--beta", type=float, default=0.04)
+    parser.add_argument("--lr", type=float, default=1e-6)
+    parser.add_argument("--natural-length", action="store_true")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--out", help="write the table (markdown) here and the raw rows next to it (.json)")
+    args = parser.parse_args()
+    results = {name: [run(args, tokens, mode) for mode in ("off", "one_step")] for name, tokens in WORKLOADS.items()}
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    lines = [f"# rollout.mode off vs one_step ({when})", "",
+             f"`flock /tmp/rlhf_ray_heavy.lock .venv/bin/python benchmarks/bench_async.py --steps {args.steps}`: "
+             f"{args.model}, {args.prompts} prompts x {args.group} samples, mean of {args.steps} iterations after a "
+             f"warm-up. ideal = max(generate, score + train + sync) of the one_step run.", "",
+             "| workload | mode | s / iteration | generate s | score+train+sync s | waited for generation s | ideal s "
+             "| off / one_step | one_step / ideal |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, (off, ahead) in results.items():
+        for r in (off, ahead):
+            lines.append(f"| {name} | {r['mode']} | {r['iteration_s']:.2f} | {r['generate_s']:.2f} | "
+                         f"{r['score_train_sync_s']:.2f} | {r['generate_wait_s']:.2f} | {ahead['ideal_s']:.2f} | "
+                         + (f"{off['iteration_s'] / ahead['iteration_s']:.2f} | "
+                            f"{ahead['iteration_s'] / ahead['ideal_s']:.2f} |" if r is ahead else " | |"))
+    print("\n".join(lines))
+    if args.out:
+        Path(args.out).write_text("\n".join(lines) + "\n")
+        Path(args.out).with_suffix(".json").write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
