@@ -880,8 +880,7 @@ def suggest_placement(cfg: Config) -> tuple[dict[str, Any], Plan]:
                     cand["placement.reward.gpus_per_worker"] = round(rest - a, 2)
                 candidates.append(cand)
     else:
-        sizes = sorted({2**i for i in range(12) if 2**i <= total}
-                       | {k * c.gpus_per_node for k in range(1, c.nodes + 1)})
+        sizes = _gpu_counts(c)
         tps = [t for t in (1, 2, 4, 8) if t <= c.gpus_per_node and heads % t == 0]
         for a in sizes:
             for cr in sizes:  # critic + reward, or the reward model alone (GRPO, RLOO, ...)
@@ -926,8 +925,8 @@ def suggest_placement(cfg: Config) -> tuple[dict[str, Any], Plan]:
                         p = plan(validate(with_overrides(cfg, cand)))
                     except ConfigError:
                         continue
-                    if _rank(p) < key:
-                        key, improved = _rank(p), cand
+                    if (rank := _rank(p)) < key:
+                        key, improved = rank, cand
                         best = min(best, (key, cand, p), key=lambda s: s[0])
                 base = improved
     return best[1], best[2]
@@ -946,10 +945,8 @@ def _colocated_candidates(cfg: Config, critic: bool) -> list[dict[str, Any]]:
     use the whole GPU; vLLM's claim (gpu_memory_utilization) must leave room for the learners' resident states."""
     c, f = cfg.cluster, COLOCATED_FRACTIONS
     actor, wb = model_shape(cfg.models.actor.path), _dtype_bytes(ppo_precision(cfg), True)
-    total = c.nodes * c.gpus_per_node
-    sizes = sorted({2**i for i in range(12) if 2**i <= total} | {k * c.gpus_per_node for k in range(1, c.nodes + 1)})
     out = []
-    for n, tp, util in itertools.product(sizes, (1, 2, 4, 8), (0.3, 0.4, 0.5, 0.55, 0.6, 0.65, 0.7, 0.8)):
+    for n, tp, util in itertools.product(_gpu_counts(c), (1, 2, 4, 8), (0.3, 0.4, 0.5, 0.55, 0.6, 0.65, 0.7, 0.8)):
         micros = {learner: _fitting_micro(cfg, learner, n) for learner in ("actor", "critic") if critic or
                   learner == "actor"}
         claim_holds_weights = actor.params * wb / tp + ENGINE_WORKSPACE_GIB * GIB < util * c.gpu_memory_gib * GIB
@@ -970,6 +967,12 @@ def _colocated_candidates(cfg: Config, critic: bool) -> list[dict[str, Any]]:
             cand |= {"placement.reward.num_workers": n, "placement.reward.gpus_per_worker": f["critic"]}
         out.append(cand)
     return out
+
+
+def _gpu_counts(c: ClusterConfig) -> list[int]:
+    """GPU counts a role group may take: powers of two up to the cluster, and whole nodes."""
+    total = c.nodes * c.gpus_per_node
+    return sorted({2**i for i in range(12) if 2**i <= total} | {k * c.gpus_per_node for k in range(1, c.nodes + 1)})
 
 
 def _fitting_micro(cfg: Config, learner: str, ranks: int) -> Optional[int]:
