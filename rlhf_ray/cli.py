@@ -229,7 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ppo", help=(
         "step 3: PPO (vLLM + DeepSpeed groups on Ray) from models.actor and models.reward, a value-head folder; "
         "when models.reward is not one, from this run's own pipeline outputs <run.output_dir>/sft and /rm (both "
-        "must exist)"))
+        "must exist). rollout.mode: off (default; generate, score, train, sync in turn: generation and training on "
+        "the same devices), one_step (the next batch is generated while this one trains, every sample one step "
+        "old: engines and learners on different devices) or bounded (rollout.max_staleness batches in flight, "
+        "interrupted at every weight sync and continued from their prefix: long responses)"))
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint of this run")
     _add_config_args(p)
     p.set_defaults(func=cmd_ppo)

@@ -308,13 +308,19 @@ class PlacementConfig:
 
 @dataclass
 class RolloutConfig:
-    """When generation runs relative to training (rlhf_ray/rollout_ahead.py)."""
+    """When generation runs relative to training (rlhf_ray/rollout/)."""
 
     # off: generate -> score -> train -> sync, one after the other. one_step: the engines generate batch k+1 (weights
-    # of version k) while the learners score and train on batch k, so every sample trained on is at most one version
-    # old; the PPO ratio is then taken against the engines' log-probs (or, with ppo.off_policy_correction, against
-    # the learner's recomputed ones, weighted by the correction).
-    mode: Literal["off", "one_step"] = "off"
+    # of step k) while the learners score and train on batch k, so every sample trained on is one step old.
+    # bounded: batches k+1 .. k+max_staleness are in flight at once, each generated in max_staleness chunks of
+    # max_new_tokens / max_staleness tokens, one chunk per iteration; a weight sync interrupts them and they continue
+    # from their prefix under the new weights, so a sample's oldest token is max_staleness steps old when trained
+    # (rlhf_ray/rollout/pipeline.py). In both async modes the PPO ratio is taken against the engines' log-probs (or,
+    # with ppo.off_policy_correction, against the learner's recomputed ones, weighted by the correction).
+    mode: Literal["off", "one_step", "bounded"] = "off"
+    # bounded: how many learner steps a sample's oldest token may be behind the learners that train on it (>= 1;
+    # 1 is one_step). Only bounded reads it.
+    max_staleness: int = 2
     # Lineage: every samples_every-th trained sample's record (prompt id, engine, weight version, staleness,
     # generation and training times, prompt, response, reward) is appended to <output_dir>/ppo/samples.jsonl; 0: none.
     samples_every: int = 0
@@ -662,6 +668,10 @@ def validate(cfg: Config) -> Config:
     for i, src in enumerate(d.datasets + d.sft_only + d.ptx):
         need(bool(src.path), f"data: dataset entry {i} has an empty 'path'")
         need(src.weight > 0, f"data: dataset '{src.path}' needs weight > 0")
+    need(cfg.rollout.max_staleness >= 1, f"rollout.max_staleness must be >= 1, got {cfg.rollout.max_staleness}")
+    need(cfg.rollout.mode == "bounded" or cfg.rollout.max_staleness == RolloutConfig.max_staleness,
+         f"rollout.max_staleness is {cfg.rollout.max_staleness} but rollout.mode is {cfg.rollout.mode}: only "
+         f"bounded reads it (one_step is always 1 step)")
     need(cfg.rollout.samples_every >= 0, f"rollout.samples_every must be >= 0 (0: no samples.jsonl), got "
          f"{cfg.rollout.samples_every}")
     ppo_precision(cfg)  # conflicting explicit precisions / dtypes fail at load, naming both keys
@@ -752,7 +762,11 @@ def validate_ppo(cfg: Config) -> Config:
             (g.enable_sleep_mode, f"{overlap}, but generation.enable_sleep_mode puts the engines to sleep while the "
                                   f"learners train; set it false"),
             (cfg.ppo.dynamic_sampling, f"{overlap}; ppo.dynamic_sampling (scored while generating) is not supported "
-                                       f"with it yet: set one of them off")):
+                                       f"with it yet: set one of them off"),
+            (mode == "bounded" and bool(g.stop), f"rollout.mode bounded continues interrupted samples in a new request, "
+                                                 f"and vLLM matches generation.stop strings within one request's "
+                                                 f"output, so a stop string across an interruption would be missed: "
+                                                 f"use generation.stop_token_ids, or rollout.mode one_step")):
         if mode != "off" and bad:
             raise ConfigError(message)
     return cfg

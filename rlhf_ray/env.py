@@ -143,6 +143,30 @@ def cpu_flags() -> frozenset[str]:
         return frozenset()
 
 
+# Linux asks a process to request AMX tile state before it may execute AMX instructions (the kernel's
+# Documentation/arch/x86/xstate.rst: arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)). oneDNN does so before its
+# own AMX kernels; vLLM's CPU attention kernel uses AMX for bf16 without asking, and where no oneDNN call asked first
+# the engine dies of SIGILL in its first forward (seen 2026-12-03 on kernel 6.18: "SIGILL ... cpu_attention::
+# AttentionMainLoop"). The permission is per process and inherited by forked children.
+ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA, SYS_ARCH_PRCTL_X86_64 = 0x1023, 18, 158
+
+
+def request_amx(flags: Optional[frozenset[str]] = None) -> bool:
+    """Request AMX tile state for this process when the CPU lists it (x86-64 Linux); True when granted."""
+    import ctypes
+    import platform
+
+    flags = cpu_flags() if flags is None else flags
+    if "amx_tile" not in flags or sys.platform != "linux" or platform.machine() != "x86_64":
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    granted = libc.syscall(SYS_ARCH_PRCTL_X86_64, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0
+    if not granted:
+        logging.getLogger(__name__).warning("AMX tile state not granted (errno %d): vLLM's bf16 CPU attention may "
+                                            "fail; use precision fp32", ctypes.get_errno())
+    return granted
+
+
 def resolve_precision(precision: str, device: str) -> str:
     """The one place 'auto' is decided, in the worker with its own device and CPU (auto_precision). Learners,
     scorers and engines of a PPO run all resolve ppo.actor.deepspeed.precision (config.ppo_precision) here."""

@@ -25,6 +25,12 @@ def request_seed(run_seed: int, iteration: int, row: int) -> int:
     return int.from_bytes(digest, "little") & 0x7FFFFFFF
 
 
+def continuation_seed(run_seed: int, prompt_id: int, sample_index: int, chunk: int) -> int:
+    """The seed of a sample's `chunk`-th continuation (rollout.mode bounded): its own, whichever engine serves it."""
+    digest = hashlib.blake2b(f"{run_seed}:continue:{prompt_id}:{sample_index}:{chunk}".encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "little") & 0x7FFFFFFF
+
+
 def build_batch(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> dict[str, Any]:
     """Rows = prompt (left-padded to P) + response (right-padded to R). Returns input_ids, attention_mask (B, P+R),
     action_mask (B, P+R-1: 1 where column t+1 is a response token) and prompt_width P."""
@@ -164,10 +170,10 @@ def answered_rollout(take, generate, want: int, max_prompts: int) -> tuple[list[
 
     `take(k)` -> k prompt rows; `generate(rows, offset)` -> a Rollout of those rows (offset: how many prompts this
     iteration asked for before, for per-request seeds). Returns (rows, samples with prompt_index into rows, totals:
-    skipped, redispatched, engine_prompts). Fails when `max_prompts` (one pass over the data) were not enough."""
+    skipped, redispatched, engine_prompts, skipped_ids: the skipped rows' prompt_id). Fails when `max_prompts` (one pass over the data) were not enough."""
     rows: list[dict] = []
     samples: list = []
-    totals = {"skipped": 0, "redispatched": 0, "engine_prompts": {}}
+    totals = {"skipped": 0, "redispatched": 0, "engine_prompts": {}, "skipped_ids": []}
     asked = 0
     while len(rows) < want:
         if asked >= max_prompts:
@@ -179,6 +185,7 @@ def answered_rollout(take, generate, want: int, max_prompts: int) -> tuple[list[
         asked += len(batch)
         skipped = set(rollout.skipped)
         totals["skipped"] += len(skipped)
+        totals["skipped_ids"] += [batch[i].get("prompt_id") for i in sorted(skipped)]
         totals["redispatched"] += rollout.redispatched
         for engine, n in rollout.engine_prompts.items():
             totals["engine_prompts"][engine] = totals["engine_prompts"].get(engine, 0) + n

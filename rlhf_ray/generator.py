@@ -57,10 +57,12 @@ class Sample:
     token_ids: list[int]
     logprobs: list[float]  # vLLM's log-prob of each sampled token: log-softmax(logits / T), T = 1 when greedy
     finish_reason: Optional[str]
-    weight_version: int = 0
+    weight_version: int = 0  # of the engine that sampled its first token
     extra: dict[str, Any] = field(default_factory=dict)
     sample_index: int = 0  # which of the prompt's n samples
-    engine: int = -1  # index of the engine that generated it
+    engine: int = -1  # index of the engine that generated it (its first token)
+    # the weight version that sampled each token: several when a weight sync interrupted it (rollout.mode bounded)
+    token_versions: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -146,7 +148,7 @@ class VLLMEngine:
         from vllm import LLM
         from vllm.platforms import current_platform
 
-        from rlhf_ray.env import precision_dtype
+        from rlhf_ray.env import precision_dtype, request_amx
         from rlhf_ray.weight_sync import resolve_transport
 
         # The device is vLLM's platform in this process (its CUDA build on a GPU node, the CPU build elsewhere): a
@@ -170,6 +172,7 @@ class VLLMEngine:
         elif not cuda:
             bind_this_process(os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "nobind"))
         if not cuda:
+            request_amx()  # before vLLM's AMX attention runs (env.request_amx); TP workers fork from here
             # generation.kv_cache_gib decides; an inherited VLLM_CPU_KVCACHE_SPACE would override it in vLLM
             os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
             kwargs["kv_cache_memory_bytes"] = cpu_kv_cache_bytes(gen)
@@ -226,7 +229,8 @@ class VLLMEngine:
             for j, completion in enumerate(out.outputs):
                 logprobs = [entry[tok].logprob for tok, entry in zip(completion.token_ids, completion.logprobs or [])]
                 samples.append(Sample(index, list(completion.token_ids), logprobs, completion.finish_reason,
-                                      self.weight_version, sample_index=j, engine=self.engine_index))
+                                      self.weight_version, sample_index=j, engine=self.engine_index,
+                                      token_versions=[self.weight_version] * len(completion.token_ids)))
         return samples
 
     def probe_logprobs(self, token_ids: list[int]) -> list[float]:

@@ -10,8 +10,8 @@
         generators.sync_weights(actor)                                  # broadcast + verify, version += 1
         log metrics; checkpoint every N iterations
 
-With rollout.mode one_step the next iteration's rollout is generated while this one scores and trains, and the sync
-waits for it (rlhf_ray/rollout_ahead.py, which also keeps each trained sample's lineage).
+With rollout.mode one_step or bounded the next iterations' rollouts are generated while this one scores and trains,
+and the sync waits for them (rlhf_ray/rollout/pipeline.py); every trained sample's lineage: rlhf_ray/rollout/lineage.py.
 
 The batches, the prompt stream and the RL math applied to a rollout are pure pieces in rlhf_ray/experience.py
 (its docstring gives the tensor layout). The scored batch and the experience travel to the groups as Ray object
@@ -19,6 +19,7 @@ references.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -31,7 +32,8 @@ from rlhf_ray.config import Config, ConfigError, PPOConfig, reuses_train_logprob
 from rlhf_ray.experience import (PromptStream, answered_rollout, build_batch, compute_advantages,
                                  drop_nonfinite_samples, full_width, length_penalised, request_seed,
                                  response_slice, rollout_with_signal)
-from rlhf_ray.rollout_ahead import RolloutAhead, lineage, staleness_metrics, write_samples
+from rlhf_ray.rollout.lineage import lineage, sample_staleness, staleness_metrics, unused_records, write_samples
+from rlhf_ray.rollout.pipeline import Generated, RolloutPipeline, chunk_tokens, continued
 
 log = logging.getLogger(__name__)
 
@@ -126,9 +128,15 @@ class PPOTrainer:
         self.reuses_train_logprobs = reuses_train_logprobs(cfg)
         self.plan: dict = {}
         self.actor = self.reference = self.reward = self.critic = self.generators = self.control = None
-        self.ahead = RolloutAhead(self.generate) if cfg.rollout.mode == "one_step" else None
+        # rollout.mode one_step / bounded: how many learner steps a trained sample may be behind (off: 0)
+        self.max_staleness = {"off": 0, "one_step": 1, "bounded": cfg.rollout.max_staleness}[cfg.rollout.mode]
+        self.chunk_tokens = chunk_tokens(cfg.generation.max_new_tokens, max(1, self.max_staleness))
+        self.rollouts = RolloutPipeline(self.max_staleness, p.num_iterations, self.admit, self.extend) \
+            if self.max_staleness else None
+        self.version_steps = {0: 0}  # weight version -> the learner step those weights are (lineage's staleness)
         self.samples_written = 0  # lineage records seen by rollout.samples_every (checkpointed)
-        self.last_lineage: list[dict] = []  # the last trained batch's (rollout_ahead.lineage)
+        self.last_lineage: list[dict] = []  # the last trained batch's (rollout.lineage)
+        self.last_unused: list[dict] = []  # the prompts taken for it and not trained on, with the reason
         started = time.time()
         # All or nothing: a failure anywhere in start-up (placement, a group, the checks, resume) releases every
         # actor and placement group started so far, so a long-lived driver is not starved by a failed attempt.
@@ -189,27 +197,33 @@ class PPOTrainer:
         return [r for g in groups if g is not None for r in g.reports]
 
     # -- one iteration, in the order of the module docstring
-    def generate(self, num_prompts: int, iteration: Optional[int] = None) -> tuple[dict, dict]:
+    def generate(self, num_prompts: int, iteration: Optional[int] = None,
+                 max_new_tokens: Optional[int] = None) -> tuple[dict, dict]:
         """Samples for `num_prompts` answered prompts from the stream (too-long ones replaced: answered_rollout).
         With ppo.dynamic_sampling each round is also scored here, and only prompts whose samples' scores differ are
         kept (rollout_with_signal); info["scores"] then holds the scores, and make_experience does not score again.
-        Every prompt taken from the stream is trained on or counted: skipped (too long) or dropped (scores tied)."""
+        Every prompt taken from the stream is trained on or counted: skipped (too long) or dropped (scores tied).
+        `max_new_tokens`: a first chunk's (rollout.mode bounded), else generation.max_new_tokens."""
         import ray
 
+        from rlhf_ray.generator import Sampling
+
         g, p = self.cfg.generation, self.cfg.ppo
-        iteration = self.iteration if iteration is None else iteration  # one_step: the next one's (seeds)
+        iteration = self.iteration if iteration is None else iteration  # async modes: a later one's (seeds)
+        sampling = Sampling.from_config(g, **({"max_new_tokens": max_new_tokens} if max_new_tokens else {}))
         start, started = self.prompts.position, time.time()
-        totals = {"skipped": 0, "redispatched": 0, "engines": set(), "generated_tokens": 0}
+        totals = {"skipped": 0, "redispatched": 0, "engines": set(), "generated_tokens": 0, "skipped_ids": []}
 
         def answered(k: int) -> tuple[list[dict], list]:
             first = self.prompts.position - start  # per-request seeds continue across dynamic-sampling rounds
 
             def generate_rows(rows: list[dict], offset: int):
                 seeds = [request_seed(self.cfg.run.seed, iteration, first + offset + i) for i in range(len(rows))]
-                return self.generators.generate([r["prompt_input_ids"] for r in rows], seeds=seeds)
+                return self.generators.generate([r["prompt_input_ids"] for r in rows], sampling, seeds=seeds)
 
             rows, samples, got = answered_rollout(self.prompts.take, generate_rows, k, max_prompts=len(self.prompts.rows))
             totals["skipped"] += got["skipped"]
+            totals["skipped_ids"] += got["skipped_ids"]
             totals["redispatched"] += got["redispatched"]
             totals["engines"] |= {e for e, n in got["engine_prompts"].items() if n > 0}
             totals["generated_tokens"] += sum(len(s.token_ids) for s in samples)
@@ -229,19 +243,55 @@ class PPOTrainer:
         batch, info = self.rollout_batch(rows, samples)
         if p.dynamic_sampling:
             info["scores"] = scores
-        info.update(redispatched=totals["redispatched"], skipped_prompts=totals["skipped"],
+        # every prompt taken is trained on, or not for a named reason (rollout.lineage.unused_records)
+        untrained = set(range(start, self.prompts.position)) - {row["prompt_id"] for row in rows}
+        unused = {"skipped": totals["skipped_ids"], "filtered": sorted(untrained - set(totals["skipped_ids"]))}
+        info.update(redispatched=totals["redispatched"], skipped_prompts=totals["skipped"], unused_prompts=unused,
                     engines_used=len(totals["engines"]), generated_tokens=totals["generated_tokens"],
                     prompts_consumed=self.prompts.position - start, dynamic_sampling=counts,
-                    rows=rows, samples=samples, times=(started, time.time()))
+                    engines=sorted(totals["engines"]), rows=rows, samples=samples, times=(started, time.time()))
         return batch, info
 
-    def rebuilt_rollout(self, prompt_ids: list[int], samples: list[dict], counts: dict, times: list) -> tuple:
-        """A checkpointed rollout (rollout_ahead.RolloutAhead.state) as generate() returned it."""
-        from rlhf_ray.generator import Sample
+    # -- rollout.mode one_step / bounded: the batches in flight (rollout/pipeline.py)
+    def admit(self, iteration: int) -> Generated:
+        """The first chunk of the batch `iteration` will train on, its prompts taken from the stream now."""
+        _, info = self.generate(self.cfg.ppo.rollout_batch_size, iteration, max_new_tokens=self.chunk_tokens)
+        return Generated(iteration, info["rows"], info["samples"], 1,
+                         {k: info[k] for k in ("redispatched", "skipped_prompts", "generated_tokens",
+                                               "prompts_consumed", "unused_prompts")}, info["engines"],
+                         list(info["times"]))
 
-        rows, samples = [self.prompts.row_at(i) for i in prompt_ids], [Sample(**s) for s in samples]
-        batch, info = self.rollout_batch(rows, samples)
-        info.update(counts, dynamic_sampling={}, rows=rows, samples=samples, times=tuple(times))
+    def extend(self, g: Generated) -> Generated:
+        """`g` with one more chunk: every sample that has not ended continues from its prefix (prompt + the tokens
+        so far, resubmitted) under the engines' current weights, with a seed of its own per chunk."""
+        from rlhf_ray.experience import continuation_seed
+        from rlhf_ray.generator import Sampling
+
+        gen, done = self.cfg.generation, g.chunks * self.chunk_tokens
+        prompt = lambda s: g.rows[s.prompt_index]["prompt_input_ids"]  # noqa: E731
+        todo = [i for i, s in enumerate(g.samples)  # cut by the chunk, not by an EOS, a stop or max_model_len
+                if s.finish_reason == "length" and len(s.token_ids) == done < gen.max_new_tokens
+                and len(prompt(s)) + done < self.generators.max_model_len]
+        samples, counts, engines = list(g.samples), dict(g.counts), set(g.engines)
+        if todo:
+            seeds = [continuation_seed(self.cfg.run.seed, g.rows[samples[i].prompt_index]["prompt_id"],
+                                       samples[i].sample_index, g.chunks) for i in todo]
+            sampling = Sampling.from_config(gen, n=1, max_new_tokens=min(self.chunk_tokens, gen.max_new_tokens - done))
+            rollout = self.generators.generate([prompt(samples[i]) + samples[i].token_ids for i in todo], sampling,
+                                               seeds=seeds)
+            for chunk in rollout.samples:
+                samples[todo[chunk.prompt_index]] = continued(samples[todo[chunk.prompt_index]], chunk)
+            counts["redispatched"] += rollout.redispatched
+            counts["generated_tokens"] += sum(len(c.token_ids) for c in rollout.samples)
+            engines |= {e for e, n in rollout.engine_prompts.items() if n > 0}
+        return dataclasses.replace(g, samples=samples, chunks=g.chunks + 1, counts=counts, engines=sorted(engines),
+                                   times=[g.times[0], time.time()])
+
+    def rollout_of(self, g: Generated) -> tuple[dict, dict]:
+        """A finished batch in flight as generate() returns a rollout."""
+        batch, info = self.rollout_batch(g.rows, g.samples)
+        info.update(g.counts, engines_used=len(g.engines), engines=g.engines, dynamic_sampling={}, rows=g.rows,
+                    samples=g.samples, times=tuple(g.times))
         return batch, info
 
     def rollout_batch(self, batch_rows: list[dict], samples: list) -> tuple[dict, dict]:
@@ -255,7 +305,8 @@ class PPOTrainer:
         vllm_logprobs = torch.zeros(len(samples), batch["input_ids"].shape[1] - batch["prompt_width"])
         for i, s in enumerate(samples):
             vllm_logprobs[i, :len(s.logprobs)] = torch.tensor(s.logprobs)
-        info = {"weight_versions": sorted({s.weight_version for s in samples}), "vllm_logprobs": vllm_logprobs,
+        info = {"weight_versions": sorted({v for s in samples for v in s.token_versions or [s.weight_version]}),
+                "vllm_logprobs": vllm_logprobs,
                 "group_size": self.cfg.generation.n_samples_per_prompt,
                 "response_lengths": torch.tensor([len(s.token_ids) for s in samples]),
                 # cut at max_new_tokens (or max_model_len) before an EOS or stop string
@@ -296,6 +347,8 @@ class PPOTrainer:
         lengths = response_slice(action_mask, P).sum(dim=1)
         if p.overlong_mask:  # DAPO overlong filtering: samples cut at max_new_tokens take no part in the loss
             action_mask = action_mask * (~info["truncated"])[:, None].to(action_mask.dtype)
+        if "stale" in info:  # older than rollout.mode allows (a guard: the schedule never makes them): not trained on
+            action_mask = action_mask * (~info["stale"])[:, None].to(action_mask.dtype)
         mask = response_slice(action_mask, P)
         ref_lp = response_slice(got["ref"], P)
         old = ref_lp if reuse else response_slice(got["old"], P)  # reuse: KL is measured in the training pass
@@ -387,8 +440,8 @@ class PPOTrainer:
         batch, info = self.next_rollout(p.rollout_batch_size)
         timings["time/generate_wait_s"] = time.time() - t
         try:
-            if self.ahead is not None and self.iteration + 1 < p.num_iterations:
-                self.ahead.start(p.rollout_batch_size, self.iteration + 1)  # the next batch, while this one trains
+            if self.rollouts is not None:  # the next batches, while this one trains
+                self.rollouts.start(self.iteration)
             if self.engines_sleep:  # the engines' GPU memory goes to the scorers and learners until the sync
                 self.generators.sleep()
             t = time.time()
@@ -399,18 +452,19 @@ class PPOTrainer:
             timings["time/train_s"] = time.time() - t
             stats.update(self.record_lineage(batch, info, (t, time.time())))
             t = time.time()
-            if self.ahead is not None:
-                timings["time/generate_wait_s"] += self.ahead.finish()
+            if self.rollouts is not None:
+                timings["time/generate_wait_s"] += self.rollouts.finish()
+                timings["time/generate_background_s"] = self.rollouts.busy_s  # this iteration's generation work
             if self.engines_sleep:
                 self.generators.wake_up()  # weights back on the GPU before they are updated and sampled from
-            version = self.generators.sync_weights(self.actor)
+            version = self.sync_engines(self.iteration + 1)
             timings["time/sync_s"] = time.time() - t
         except BaseException:
-            if self.ahead is not None:
-                self.ahead.abandon()  # the batch trained on stays pending for the retry (recovery)
+            if self.rollouts is not None:
+                self.rollouts.abandon()  # what was in flight (this batch too) stays for the retry (recovery)
             raise
-        if self.ahead is not None:
-            self.ahead.commit()
+        if self.rollouts is not None:
+            self.rollouts.commit()
         timings["time/generate_s"] = info["times"][1] - info["times"][0]  # this batch's, wherever it ran
         self.kl_ctl.update(stats["kl/mean"], len(batch["input_ids"]))
         stats.update(timings)
@@ -425,19 +479,32 @@ class PPOTrainer:
         return stats
 
     def next_rollout(self, num_prompts: int) -> tuple[dict, dict]:
-        """off: generate now. one_step: the batch generated during the previous iteration (the first one: now)."""
-        if self.ahead is not None and self.ahead.pending is not None:
-            return self.ahead.pending
-        return self.generate(num_prompts)
+        """off: generate now. one_step / bounded: the batch generated during the previous iterations (the first one:
+        now). info["staleness"]: each sample's, in learner steps; info["stale"]: older than the mode allows (never
+        scheduled so: a guard), left out of the loss and counted."""
+        batch, info = self.generate(num_prompts) if self.rollouts is None else \
+            self.rollout_of(self.rollouts.take(self.iteration))
+        info["staleness"] = sample_staleness(info["samples"], self.version_steps, self.iteration)
+        info["stale"] = torch.tensor([s > self.max_staleness for s in info["staleness"]])
+        return batch, info
+
+    def sync_engines(self, step: int, version: Optional[int] = None) -> int:
+        """The actor's weights (learner step `step`) to every engine, as weight version `version` (default: the
+        next); returns the version."""
+        version = self.generators.sync_weights(self.actor, version=version)
+        self.version_steps[version] = step
+        return version
 
     def record_lineage(self, batch: dict, info: dict, trained_at: tuple[float, float]) -> dict:
-        """Each trained sample's lineage (rollout_ahead.lineage): staleness metrics, and rollout.samples_every's
-        samples.jsonl."""
-        records = lineage(info, self.iteration, self.generators.weight_version, trained_at)
+        """Each sample's lineage (rollout.lineage): staleness metrics, and rollout.samples_every's samples.jsonl."""
+        records = lineage(info, self.iteration, trained_at)
+        self.last_unused = unused_records(info, self.iteration)
         every = self.cfg.rollout.samples_every
         if every:
             self.samples_written = write_samples(self.out_dir / "samples.jsonl", records, batch,
-                                                 info["scores_trained"].tolist(), every, self.samples_written)
+                                                 info["scores_trained"].tolist(), every, self.samples_written,
+                                                 unused=[{**r, "prompt": self.prompts.row_at(r["prompt_id"])["prompt"]}
+                                                         for r in self.last_unused])
         self.last_lineage = records
         return staleness_metrics(records)
 
@@ -502,7 +569,8 @@ class PPOTrainer:
         return {"iteration": self.iteration, "prompt_position": self.prompts.position,
                 "kl_controller": self.kl_ctl.state_dict(), "rng": rng_state(),
                 "weight_version": self.generators.weight_version, "samples_written": self.samples_written,
-                "pending_rollout": self.ahead.state() if self.ahead is not None else None}
+                "version_steps": sorted(self.version_steps.items()),
+                "in_flight": self.rollouts.state() if self.rollouts is not None else []}
 
     def apply_controller_state(self, state: dict) -> None:
         from rlhf_ray.checkpoint import set_rng_state
@@ -511,8 +579,9 @@ class PPOTrainer:
         self.kl_ctl.load_state_dict(state["kl_controller"])
         set_rng_state(state["rng"])
         self.samples_written = state.get("samples_written", 0)
-        if self.ahead is not None:  # the batch generated ahead and not yet trained on
-            self.ahead.load_state(state.get("pending_rollout"), self.rebuilt_rollout)
+        self.version_steps = {v: step for v, step in state.get("version_steps", [(0, 0)])}
+        if self.rollouts is not None:  # the batches generated ahead and not yet trained on
+            self.rollouts.load_state(state.get("in_flight"), self.prompts.row_at)
 
     def resume(self) -> None:
         latest = self.checkpoints.latest()
@@ -532,8 +601,7 @@ class PPOTrainer:
         if self.critic is not None:
             self.critic.load_checkpoint(join(checkpoint, "critic"))
         self.apply_controller_state(state)
-        self.generators.sync_weights(self.actor, version=state["weight_version"] if weight_version is None
-                                     else weight_version)
+        self.sync_engines(self.iteration, state["weight_version"] if weight_version is None else weight_version)
 
     def recover(self, error: BaseException) -> None:
         """After a worker process died mid-iteration (`error`): replace the dead groups in their placement groups

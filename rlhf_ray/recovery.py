@@ -88,7 +88,7 @@ def recover(trainer, error: BaseException) -> RecoveryLog:
             trainer.restore(latest, weight_version=version)
         else:  # the new learners hold the run's initial weights
             trainer.apply_controller_state(trainer.start_state)
-            trainer.generators.sync_weights(trainer.actor, version=version)
+            trainer.sync_engines(trainer.iteration, version)
         where = latest or "the start of the run"
     else:
         trainer.prompts.position = trainer.iteration_start_position  # the broken iteration, redone from its start

@@ -22,7 +22,13 @@ from typing import Any
 
 import torch
 
+from rlhf_ray.env import request_amx
 from rlhf_ray.weight_sync import SyncPlan, WeightSyncError, checksum_received, checksum_slice, gloo_receive
+
+# vLLM imports this module in each worker process before the model runs: a tensor-parallel CPU worker started as a
+# new program (not forked from the engine actor) asks for AMX here, or vLLM's bf16 attention dies of SIGILL
+# (env.request_amx). GPU workers: a no-op question to the kernel.
+request_amx()
 
 _DEFAULT_PACKED = {"QKVParallelLinear": ["q_proj", "k_proj", "v_proj"],
                    "MergedColumnParallelLinear": ["gate_proj", "up_proj"]}

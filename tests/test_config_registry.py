@@ -171,6 +171,8 @@ REGISTRY: dict[str, str | dict] = {
     "checkpoint.keep_last": _T + "test_train_stage_job_keys_reach_the_ray_train_job",
     "rollout.mode": "tests/test_ppo.py::test_grpo_learns_generating_one_step_ahead_and_resumes_exactly",
     "rollout.samples_every": "tests/test_ppo.py::test_grpo_learns_generating_one_step_ahead_and_resumes_exactly",
+    "rollout.max_staleness": "tests/test_ppo.py::test_grpo_learns_with_bounded_staleness_interrupting_samples_and_"
+                             "resumes_exactly",
     "checkpoint.resume": "tests/test_ppo.py::test_resume_continues_exactly_like_an_uninterrupted_run",
     "ppo.max_learner_restarts": "tests/test_faults.py::test_recovery_gives_up_past_max_learner_restarts_and_passes_"
                                 "other_errors_on",
@@ -551,6 +553,9 @@ def test_skipped_prompts_are_replaced_so_batches_stay_whole():
     assert len(got) == 6 and all(len(r["prompt_input_ids"]) == 2 for r in got) and len(samples) == 12
     assert [(s.prompt_index, s.sample_index) for s in samples] == [(i, j) for i in range(6) for j in range(2)]
     assert totals["skipped"] == sum(n for n, _ in calls) - 6 > 0 and stream.position == sum(n for n, _ in calls)
+    long_ids = [r["prompt_id"] for r in (stream.row_at(i) for i in range(stream.position))
+                if len(r["prompt_input_ids"]) >= 8]
+    assert totals["skipped_ids"] == long_ids and len(long_ids) == totals["skipped"]  # accounted for by id
     assert [offset for _, offset in calls] == [sum(n for n, _ in calls[:k]) for k in range(len(calls))]
     all_long = PromptStream([dict(rows[0])], seed=0)
     with pytest.raises(ValueError, match="generation.long_prompt: skip: 2 of 2 prompts"):

@@ -46,6 +46,15 @@ def test_precision_auto_is_resolved_with_this_workers_own_cpu_flags(monkeypatch)
         assert resolve_precision("bf16", "cpu") == "bf16" and resolve_precision("fp32", "cuda") == "fp32"  # explicit
 
 
+def test_amx_is_requested_where_the_cpu_lists_it():
+    """vLLM's bf16 CPU attention runs AMX instructions without asking Linux for the AMX tile state; unless the
+    process asked (env.request_amx, done by every engine before vLLM starts), its first forward dies of SIGILL
+    (seen 2026-12-03, kernel 6.18). Asked only where the CPU lists amx_tile."""
+    assert env.request_amx(parse_cpu_flags(ZEN4)) is False and env.request_amx(frozenset()) is False  # no syscall
+    if "amx_tile" in env.cpu_flags():
+        assert env.request_amx() is True and env.request_amx(parse_cpu_flags(SAPPHIRE_RAPIDS)) is True
+
+
 @pytest.mark.parametrize("overrides, keys", [
     ({"models.actor.dtype": "bfloat16", "ppo.actor.deepspeed.precision": "fp32"},
      ("models.actor.dtype", "ppo.actor.deepspeed.precision")),

@@ -237,6 +237,10 @@ def test_dapo_options_change_the_rollout_and_the_experience(ray_cluster, tiny_ll
     assert stats["dynamic_sampling/extra_rounds"] <= 1 and counts["extra_rounds"] <= 1
     assert info["prompts_consumed"] == trainer.prompts.position - position
     assert info["prompts_consumed"] == 8 + counts["groups_dropped"] + info["skipped_prompts"]
+    unused = info["unused_prompts"]  # and by id: each prompt taken is trained on, filtered or skipped, once
+    assert len(unused["filtered"]) == counts["groups_dropped"] and len(unused["skipped"]) == info["skipped_prompts"]
+    assert sorted([r["prompt_id"] for r in info["rows"]] + unused["filtered"] + unused["skipped"]) == \
+        list(range(position, trainer.prompts.position))
     assert stats["rollout/prompts_consumed"] == 8 + stats["dynamic_sampling/groups_dropped"] + stats[
         "rollout/skipped_prompts"]
     tied = (~rl.groups_with_signal(info["scores"], 4)).sum().item()
@@ -315,7 +319,7 @@ def test_grpo_learns_generating_one_step_ahead_and_resumes_exactly(ray_cluster, 
     shutil.copytree(tmp_path / "a" / "run" / "ppo" / "checkpoints" / name, b / "run" / "ppo" / "checkpoints" / name)
     resumed = PPOTrainer(ppo_config(b, tiny_llama, tiny_value_model, **overrides, **{"checkpoint.resume": True}))
     try:
-        assert resumed.iteration == 2 and resumed.ahead.pending is not None
+        assert resumed.iteration == 2 and sorted(resumed.rollouts.in_flight) == [2]
         again = []
         for _ in range(2):
             again.append(resumed.step())
@@ -325,3 +329,82 @@ def test_grpo_learns_generating_one_step_ahead_and_resumes_exactly(ray_cluster, 
     assert_metrics_agree([{**h, "iteration": i + 3} for i, h in enumerate(history[2:4])],
                          [{**h, "iteration": i + 3} for i, h in enumerate(again)])
     assert again[0]["rollout/staleness_1"] == 64
+
+
+def test_grpo_learns_with_bounded_staleness_interrupting_samples_and_resumes_exactly(ray_cluster, tiny_llama,
+                                                                                     tiny_value_model, tmp_path):
+    """rollout.mode bounded, max_staleness 2: batches k+1 and k+2 are in flight while batch k trains, each sample
+    generated in two chunks of 8 tokens, the second after a weight sync, from its kept prefix, under the new weights
+    (truncated importance sampling against the learner's recomputed log-probs). The rule is learnt with the same
+    thresholds; from the lineage no trained sample is more than 2 steps old, interrupted samples carry two versions,
+    and generation of the next batch starts before this one's training ends. A second uninterrupted run agrees to
+    1e-4; a run resumed from the checkpoint after iteration 2 (two batches in flight) repeats iterations 3 and 4."""
+    import shutil
+
+    overrides = {"ppo.advantage_estimator": "grpo", "rollout.mode": "bounded", "rollout.max_staleness": 2,
+                 "rollout.samples_every": 5, "ppo.off_policy_correction": "tis", "checkpoint.every": 2}
+    cfg = ppo_config(tmp_path / "a", tiny_llama, tiny_value_model, **overrides)
+    trainer = PPOTrainer(cfg)
+    history, lineages, in_flight = [], [], {}
+    try:
+        for _ in range(30):
+            history.append(trainer.step())
+            lineages.append(trainer.last_lineage)
+            trainer.iteration += 1
+            if trainer.iteration in (2, 3):
+                in_flight[trainer.iteration] = {b: g.samples for b, g in trainer.rollouts.in_flight.items()}
+            if trainer.iteration == 2:
+                trainer.save_checkpoint()
+            last3 = [h["reward/mean"] for h in history[-3:]]
+            if len(history) >= 5 and sum(last3) / 3 >= 0.6:
+                break
+    finally:
+        trainer.shutdown()
+    rewards = [round(h["reward/mean"], 3) for h in history]
+    assert history[0]["reward/mean"] < 0.2 and sum(rewards[-3:]) / 3 >= 0.6, rewards
+    staleness = [{r["staleness"] for r in records} for records in lineages]
+    assert staleness == [{0}, {1}] + [{2}] * (len(history) - 2), staleness  # never more than max_staleness
+    assert all(h["rollout/staleness_max"] <= 2 and h["rollout/dropped_stale"] == 0 for h in history)
+    for k in range(len(lineages) - 1):  # the overlap is real
+        assert lineages[k + 1][0]["generation_start"] < lineages[k][0]["train_end"], k
+    ids = [r["prompt_id"] for records in lineages for r in records]
+    assert sorted(set(ids)) == list(range(16 * len(history))) and all(ids.count(i) == 4 for i in set(ids))
+    # Interrupted: after two iterations batch 3 had its first chunk (weights of step 1); during the third, the samples
+    # that had not ended continued that prefix under the weights of step 2.
+    assert sorted(in_flight[2]) == [2, 3] and sorted(in_flight[3]) == [3, 4]
+    interrupted = 0
+    for before, after in zip(in_flight[2][3], in_flight[3][3], strict=True):
+        assert after.token_ids[:len(before.token_ids)] == before.token_ids  # the prefix kept
+        assert before.token_versions == [1] * len(before.token_ids)
+        if len(after.token_ids) > len(before.token_ids):
+            interrupted += 1
+            assert after.token_versions == [1] * 8 + [2] * (len(after.token_ids) - 8)
+    assert interrupted > 0
+    trained = [r for r in lineages[3] if len(r["weight_versions"]) == 2]
+    assert len(trained) == interrupted and all(r["weight_versions"] == [1, 2] for r in trained)
+    # Deterministic: a second uninterrupted run generates and trains the same.
+    again = []
+    rerun = PPOTrainer(ppo_config(tmp_path / "b", tiny_llama, tiny_value_model, **overrides))
+    try:
+        for _ in range(4):
+            again.append(rerun.step())
+            rerun.iteration += 1
+    finally:
+        rerun.shutdown()
+    assert_metrics_agree([{**h, "iteration": i + 1} for i, h in enumerate(history[:4])],
+                         [{**h, "iteration": i + 1} for i, h in enumerate(again)])
+    # Resume from the checkpoint after iteration 2: batches 2 (complete) and 3 (one chunk) come back from it.
+    c, name = tmp_path / "c", "iter_000002"
+    shutil.copytree(tmp_path / "a" / "run" / "ppo" / "checkpoints" / name, c / "run" / "ppo" / "checkpoints" / name)
+    resumed = PPOTrainer(ppo_config(c, tiny_llama, tiny_value_model, **overrides, **{"checkpoint.resume": True}))
+    try:
+        assert resumed.iteration == 2 and sorted(resumed.rollouts.in_flight) == [2, 3]
+        after_resume = []
+        for _ in range(2):
+            after_resume.append(resumed.step())
+            resumed.iteration += 1
+    finally:
+        resumed.shutdown()
+    assert_metrics_agree([{**h, "iteration": i + 3} for i, h in enumerate(history[2:4])],
+                         [{**h, "iteration": i + 3} for i, h in enumerate(after_resume)])
+    assert after_resume[0]["rollout/staleness_2"] == 64 and after_resume[1]["rollout/staleness_2"] == 64

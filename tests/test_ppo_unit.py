@@ -1,4 +1,7 @@
 """The PPO controller's pure pieces: batch layout, advantage dispatch, seeds, prompt order (no Ray)."""
+import dataclasses
+import json
+
 import pytest
 import torch
 
@@ -273,7 +276,7 @@ def test_run_summary_and_png_give_first_3_and_last_3_iteration_means(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ rollout.mode one_step
-def test_one_step_refuses_what_cannot_overlap_and_never_reuses_train_logprobs():
+def test_async_modes_refuse_what_cannot_overlap_and_never_reuse_train_logprobs():
     from rlhf_ray.config import ConfigError, validate_ppo
 
     on_policy = {"ppo.kl_penalty": "loss", "ppo.kl_estimator": "k3", "ppo.rollout_batch_size": 32,
@@ -286,45 +289,138 @@ def test_one_step_refuses_what_cannot_overlap_and_never_reuses_train_logprobs():
         extra = {"placement.actor.num_workers": 1, "generation.max_restarts": 0} if key == "placement.layout" else \
             {"generation.n_samples_per_prompt": 4, "ppo.advantage_estimator": "grpo"} if key == "ppo.dynamic_sampling" \
             else {}
-        cfg = load_config(None, {"rollout.mode": "one_step", key: value, **extra})
-        with pytest.raises(ConfigError, match=message):
-            validate_ppo(cfg)
+        for mode in ("one_step", "bounded"):
+            cfg = load_config(None, {"rollout.mode": mode, key: value, **extra})
+            with pytest.raises(ConfigError, match=message):
+                validate_ppo(cfg)
         validate_ppo(load_config(None, {key: value, **extra}))  # fine without the overlap
     with pytest.raises(Exception, match="rollout.samples_every must be >= 0"):
         load_config(None, {"rollout.samples_every": -1})
+    # bounded: interrupted samples continue in a new request, where vLLM would miss a stop string across the cut
+    with pytest.raises(ConfigError, match="generation.stop strings within one request"):
+        validate_ppo(load_config(None, {"rollout.mode": "bounded", "generation.stop": ["###"]}))
+    validate_ppo(load_config(None, {"rollout.mode": "one_step", "generation.stop": ["###"]}))
+    assert not reuses_train_logprobs(load_config(None, {**on_policy, "rollout.mode": "bounded"}))
+    with pytest.raises(Exception, match="rollout.max_staleness must be >= 1"):
+        load_config(None, {"rollout.mode": "bounded", "rollout.max_staleness": 0})
+    with pytest.raises(Exception, match="only bounded reads it"):
+        load_config(None, {"rollout.mode": "one_step", "rollout.max_staleness": 3})
 
 
-def test_rollout_ahead_hands_over_batches_and_keeps_the_pending_one_on_failure():
+def _toy_pipeline(depth: int, num_iterations: int = 100, fail_at=None):
+    """A RolloutPipeline over one-sample batches whose every chunk is one token: its id the batch, its version the
+    engines' at the time."""
     import threading
 
-    from rlhf_ray.rollout_ahead import RolloutAhead, staleness_metrics
+    from rlhf_ray.generator import Sample
+    from rlhf_ray.rollout.pipeline import Generated, RolloutPipeline, continued
 
-    calls, gate = [], threading.Event()
+    version, calls = [0], []
 
-    def generate(n, iteration):
-        gate.wait(5)
-        calls.append((n, iteration, threading.current_thread().name))
-        if iteration == 3:
+    def token(b):
+        return Sample(0, [b], [-1.0], "length", version[0], token_versions=[version[0]])
+
+    def admit(b):
+        calls.append(("admit", b, version[0], threading.current_thread().name))
+        return Generated(b, [{"prompt_id": b}], [token(b)], 1, {})
+
+    def extend(g):
+        if fail_at == (g.iteration, g.chunks):
             raise RuntimeError("engine gone")
-        return {"batch": iteration}, {"iteration": iteration}
+        calls.append(("extend", g.iteration, version[0]))
+        return dataclasses.replace(g, samples=[continued(g.samples[0], token(g.iteration))], chunks=g.chunks + 1)
 
-    ahead = RolloutAhead(generate)
-    ahead.start(8, 1)
-    assert ahead.pending is None and not calls  # generating in the background
-    gate.set()
-    assert ahead.finish() >= 0 and ahead.pending is None  # done, not yet committed
-    ahead.commit()
-    assert ahead.pending == ({"batch": 1}, {"iteration": 1}) and calls == [(8, 1, "rollout-ahead-1")]
-    ahead.start(8, 2)
-    ahead.abandon()  # the iteration failed: its batch is dropped, the pending one stays for the retry
-    assert ahead.pending == ({"batch": 1}, {"iteration": 1}) and calls[-1][1] == 2
-    ahead.start(8, 3)
+    return RolloutPipeline(depth, num_iterations, admit, extend), version, calls
+
+
+def test_pipeline_schedule_bounds_staleness_and_interrupts_every_sample_at_each_sync():
+    """rollout.mode bounded's schedule (pure logic): during iteration k the engines (weights of step k) bring batch b
+    to min(S, S + 1 - (b - k)) chunks, so batch b is admitted at iteration b - S, its chunk j sampled by step
+    b - S + j - 1, and every batch trained at step b has tokens of steps b - S .. b - 1: never more than S old."""
+    import dataclasses
+
+    from rlhf_ray.rollout.pipeline import chunk_tokens, scheduled_chunks
+
+    assert [scheduled_chunks(b, 5, 3) for b in (5, 6, 7, 8)] == [3, 3, 2, 1]
+    assert chunk_tokens(16, 3) == 6 and chunk_tokens(16, 1) == 16 and chunk_tokens(16, 2) == 8
+    S = 3
+    pipe, version, calls = _toy_pipeline(S)
+    trained = []
+    for k in range(8):
+        g = pipe.take(k)
+        pipe.start(k)
+        assert pipe.finish() >= 0
+        version[0] += 1  # the sync
+        pipe.commit()
+        trained.append(g)
+        assert sorted(pipe.in_flight) == list(range(k + 1, k + S + 1))  # S batches in flight
+    assert trained[0].samples[0].token_versions == [0, 0, 0]  # the first batch: generated now, whole
+    for k in range(S, 8):  # steady state: one chunk per sync, oldest token exactly S steps old
+        assert trained[k].samples[0].token_versions == [k - 3, k - 2, k - 1], (k, trained[k].samples)
+        assert trained[k].samples[0].token_ids == [k] * 3
+    admitted = [c for c in calls if c[0] == "admit"]
+    assert [c[1] for c in admitted] == list(range(8 + S))  # admission in sequence order
+    assert all(c[3].startswith("rollout-") for c in admitted[1:])  # in the background
+    # depth 1 is one-step-off: batch k+1 generated whole by the weights of step k
+    pipe, version, calls = _toy_pipeline(1, num_iterations=4)
+    for k in range(4):
+        g = pipe.take(k)
+        pipe.start(k)
+        pipe.finish()
+        version[0] += 1
+        pipe.commit()
+        assert g.samples[0].token_versions == [max(0, k - 1)]
+    assert pipe.in_flight == {} and [c[1] for c in calls] == [0, 1, 2, 3]  # nothing past the last iteration
+
+
+def test_pipeline_keeps_what_was_in_flight_when_an_iteration_fails_and_resumes_from_its_state():
+    pipe, version, calls = _toy_pipeline(2, fail_at=(3, 1))
+    for k in range(2):
+        pipe.take(k)
+        pipe.start(k)
+        pipe.finish()
+        version[0] += 1
+        pipe.commit()
+    before = pipe.state()
+    assert [g["iteration"] for g in before] == [2, 3]
+    pipe.take(2)
+    pipe.start(2)  # extends batch 3's first chunk: fails
     with pytest.raises(RuntimeError, match="engine gone"):
-        ahead.finish()
-    assert ahead.pending == ({"batch": 1}, {"iteration": 1})
-    records = [{"staleness": s} for s in (0, 1, 1, 2)]
-    assert staleness_metrics(records) == {"rollout/staleness_mean": 1.0, "rollout/staleness_max": 2,
-                                          "rollout/staleness_0": 1, "rollout/staleness_1": 2, "rollout/staleness_2": 1}
+        pipe.finish()
+    pipe.abandon()
+    assert pipe.state() == before  # nothing changed in place: the retry starts from the same batches
+    rows = {2: {"prompt_id": 2}, 3: {"prompt_id": 3}}
+    other, *_ = _toy_pipeline(2)
+    other.load_state(json.loads(json.dumps(before)), rows.get)  # a checkpoint's JSON
+    assert sorted(other.in_flight) == [2, 3] and other.in_flight[3].rows == [{"prompt_id": 3}]
+    assert other.state() == before and other.in_flight[2].samples[0].token_versions == [0, 1]
+
+
+def test_lineage_counts_staleness_in_learner_steps_and_leaves_out_stale_samples():
+    import torch
+
+    from rlhf_ray.generator import Sample
+    from rlhf_ray.rollout.lineage import lineage, sample_staleness, staleness_metrics
+    from rlhf_ray.rollout.pipeline import continued
+
+    first = Sample(0, [5, 6], [-1.0, -2.0], "length", weight_version=3, engine=0, token_versions=[3, 3])
+    chunk = Sample(0, [7], [-0.5], "stop", weight_version=4, engine=1, token_versions=[4])
+    whole = continued(first, chunk)
+    assert whole.token_ids == [5, 6, 7] and whole.token_versions == [3, 3, 4] and whole.weight_version == 3
+    assert whole.extra["engines"] == [0, 1] and whole.finish_reason == "stop"
+    # recovery gave the restored weights of step 3 the new version 9: staleness counts steps, not versions
+    steps = {3: 3, 4: 4, 9: 3, 10: 4}
+    other = Sample(1, [1], [-1.0], "stop", weight_version=9, token_versions=[9])
+    old = Sample(2, [1], [-1.0], "stop", weight_version=3, token_versions=[3])
+    staleness = sample_staleness([whole, other, old], steps, 5)
+    assert staleness == [2, 2, 2]
+    info = {"rows": [{"prompt_id": 11}, {"prompt_id": 12}, {"prompt_id": 13}], "times": (0.0, 1.0),
+            "samples": [whole, other, old], "staleness": [2, 2, 3], "stale": torch.tensor([False, False, True])}
+    records = lineage(info, 5, (1.0, 2.0))
+    assert records[0]["weight_versions"] == [3, 4] and records[0]["engines"] == [0, 1]
+    assert [r["outcome"] for r in records] == ["trained", "trained", "stale"]
+    assert staleness_metrics(records) == {"rollout/staleness_mean": 2.0, "rollout/staleness_max": 2,
+                                          "rollout/staleness_2": 2, "rollout/dropped_stale": 1}
 
 
 def test_prompt_stream_gives_each_row_its_position_as_prompt_id():
