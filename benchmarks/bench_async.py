@@ -8,10 +8,10 @@ phases run alone.
 
 Not a test. Each row starts its own PPO run (one vLLM engine, one actor rank: the 2-core layout of
 bench_grpo_vs_trl.py), runs --warmup iterations and --steps timed ones, and reports their mean. one_step takes the
-ratio against the engines' log-probs (no correction), so neither mode runs an actor forward while scoring; bounded
-(rollout.max_staleness 2) uses truncated importance sampling (`tis`), as its learning test does, which adds that
-forward. The warm-up (default 2) covers bounded's first iteration, which fills the pipeline (batch 0 generated
-whole, batch 1 whole and batch 2's first chunk in the background).
+ratio against the engines' log-probs (no correction), so neither mode runs an actor forward while scoring; so does
+bounded (rollout.max_staleness 2) here, for the same work per iteration (a correction, which its README advice
+and learning test use, adds that forward to scoring). The warm-up (default 2) covers bounded's first iteration,
+which fills the pipeline (batch 0 generated whole, then batch 1 whole and batch 2's first chunk in the background).
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ from bench_grpo_vs_trl import rlhf_ray_config  # noqa: E402
 WORKLOADS = {"grpo_vs_trl (32 new tokens)": 32, "generation-heavy (256 new tokens)": 256}
 
 
-MODES = {"off": {}, "one_step": {}, "bounded": {"rollout.max_staleness": 2, "ppo.off_policy_correction": "tis"}}
+MODES = {"off": {}, "one_step": {}, "bounded": {"rollout.max_staleness": 2}}
 
 
 def run(args, max_new_tokens: int, mode: str) -> dict:

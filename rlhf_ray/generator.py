@@ -148,7 +148,8 @@ class VLLMEngine:
         from vllm import LLM
         from vllm.platforms import current_platform
 
-        from rlhf_ray.env import precision_dtype, request_amx
+        from rlhf_ray.env import precision_dtype
+        from rlhf_ray.vllm_worker_ext import prepare_cpu_process
         from rlhf_ray.weight_sync import resolve_transport
 
         # The device is vLLM's platform in this process (its CUDA build on a GPU node, the CPU build elsewhere): a
@@ -172,7 +173,7 @@ class VLLMEngine:
         elif not cuda:
             bind_this_process(os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "nobind"))
         if not cuda:
-            request_amx()  # before vLLM's AMX attention runs (env.request_amx); TP workers fork from here
+            prepare_cpu_process()  # AMX permission, vector attention kernel (vllm_worker_ext.prepare_cpu_process)
             # generation.kv_cache_gib decides; an inherited VLLM_CPU_KVCACHE_SPACE would override it in vLLM
             os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
             kwargs["kv_cache_memory_bytes"] = cpu_kv_cache_bytes(gen)
@@ -536,6 +537,11 @@ class GeneratorGroup:
         self._probe_ref: Optional[tuple] = None  # (probe ids, the source's log-probs, tolerance)
         self._load = [0] * len(self.engines)  # outstanding work per engine
         self._inflight: dict = {}  # ObjectRef -> (engine index, work)
+        # rollout.mode one_step / bounded: the engines generate while the learners train, so the learners may already
+        # hold the next step's weights; an engine restarted then cannot be re-synced to the current version from
+        # them and takes no work until the next sync (its prompts go to the others).
+        self.source_moves_ahead = cfg.rollout.mode != "off"
+        self.awaiting_sync: set[int] = set()
         from rlhf_ray.weight_sync import probe_token_ids
 
         self.probe_ids = probe_token_ids(self.info[0]["vocab_size"],
@@ -607,7 +613,13 @@ class GeneratorGroup:
             done, _ = ray.wait(list(self._inflight), num_returns=len(self._inflight), timeout=0)
             for ref in done:
                 self._release(ref)
-        live = [i for i, ok in enumerate(self.alive) if ok]
+        live = [i for i, ok in enumerate(self.alive) if ok and i not in self.awaiting_sync]
+        if not live and self.awaiting_sync:
+            raise RuntimeError(f"generator group: engine(s) {sorted(self.awaiting_sync)} restarted while generating "
+                               f"ahead (rollout.mode {self.cfg.rollout.mode}) and no other engine holds weight version "
+                               f"{self.weight_version}: the learners have moved past it, so they cannot re-sync it. "
+                               f"Run more than one engine (generation.num_engines) to survive an engine death in "
+                               f"this mode, or resume from the last checkpoint")
         if not live:
             raise RuntimeError("generator group: every engine is dead (generation.max_restarts exhausted)")
         return min(live, key=lambda i: self._load[i])
@@ -643,7 +655,11 @@ class GeneratorGroup:
         if restarted:
             self.restarts[engine] += 1
             self.info[engine] = info
-        if resync and info["weight_version"] != self.weight_version:
+        if resync and info["weight_version"] != self.weight_version and self.source_moves_ahead:
+            self.awaiting_sync.add(engine)  # the next sync brings it back (sync_weights syncs every live engine)
+            log.warning("engine %d restarted while generating ahead: it takes work again after the next weight sync",
+                        engine)
+        elif resync and info["weight_version"] != self.weight_version:
             if self._source is None:
                 raise RuntimeError(f"engine {engine} holds weight version {info['weight_version']}, the group "
                                    f"{self.weight_version}, and there is no source to re-sync it from")
@@ -704,6 +720,7 @@ class GeneratorGroup:
                             version, failed, seconds, ", ".join(f["outcome"] for f in failures[-len(failed):]),
                             [i for i, ok in enumerate(self.alive) if ok])
         report.engine_failures = failures
+        self.awaiting_sync.clear()  # every live engine took this version
         self.last_sync, self.weight_version, self._source = report, version, source
         self._expected, self._probe_ref = report.checksums, report.probe
         return version

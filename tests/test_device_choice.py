@@ -55,6 +55,23 @@ def test_amx_is_requested_where_the_cpu_lists_it():
         assert env.request_amx() is True and env.request_amx(parse_cpu_flags(SAPPHIRE_RAPIDS)) is True
 
 
+def test_vllm_cpu_attention_never_uses_its_amx_kernel():
+    """vLLM's AMX attention kernel answered garbage on this project's AMX machines (vllm_worker_ext.
+    use_vector_cpu_attention; end to end: test_chat's greedy SmolLM2 bf16 says "Paris" only without it). The wrapper
+    turns its choice into the vector kernel and leaves every other choice alone."""
+    from vllm.v1.attention.backends import cpu_attn
+
+    from rlhf_ray.vllm_worker_ext import use_vector_cpu_attention
+
+    use_vector_cpu_attention()
+    wrapped = cpu_attn._get_attn_isa
+    use_vector_cpu_attention()  # idempotent: wraps once
+    assert cpu_attn._get_attn_isa is wrapped and wrapped.avoids_amx
+    assert cpu_attn._get_attn_isa(torch.bfloat16, 128, 64) != "amx"
+    assert cpu_attn._get_attn_isa(torch.float32, 128, 64) == "vec"
+    assert cpu_attn._get_attn_isa(torch.bfloat16, 128, 16) == "vec16"
+
+
 @pytest.mark.parametrize("overrides, keys", [
     ({"models.actor.dtype": "bfloat16", "ppo.actor.deepspeed.precision": "fp32"},
      ("models.actor.dtype", "ppo.actor.deepspeed.precision")),

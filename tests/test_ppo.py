@@ -181,21 +181,31 @@ def test_generation_scales_independently_of_training(ray_cluster, tiny_llama, ti
 
 
 def test_killing_a_generator_actor_does_not_stop_the_run(ray_cluster, tiny_llama, tiny_value_model, tmp_path):
+    """Here while generating ahead (rollout.mode bounded): the learners have moved past the engines' version, so the
+    restarted engine cannot be re-synced from them; its prompts go to the other engine, and it takes work again after
+    the next sync. (Restart with a re-sync from the source, in rollout.mode off: tests/test_generator.py.)"""
     cfg = ppo_config(tmp_path, tiny_llama, tiny_value_model, **{
-        "generation.num_engines": 2, "ppo.rollout_batch_size": 8, "ppo.mini_batch_size": 32})
+        "generation.num_engines": 2, "ppo.rollout_batch_size": 8, "ppo.mini_batch_size": 32,
+        "rollout.mode": "bounded", "ppo.off_policy_correction": "tis"})
     trainer = PPOTrainer(cfg)
     try:
         first = trainer.step()
         trainer.iteration += 1
-        ray.kill(trainer.generators.engines[0], no_restart=False)  # Ray restarts it; the group re-syncs it
-        after = [trainer.step() for _ in range(2)]
-        restarts = list(trainer.generators.restarts)
+        ray.kill(trainer.generators.engines[0], no_restart=False)  # Ray restarts it
+        after = []
+        for _ in range(3):
+            after.append(trainer.step())
+            trainer.iteration += 1
+            if len(after) == 1:
+                batch3_engines = sorted(trainer.rollouts.in_flight[3].engines)
+        restarts, waiting = list(trainer.generators.restarts), set(trainer.generators.awaiting_sync)
     finally:
         trainer.shutdown()
-    assert [s["weight_version"] for s in (first, *after)] == [1, 2, 3]
-    assert restarts[0] >= 1  # the death was noticed and the engine came back ...
-    assert after[-1]["rollout/engines_used"] == 2  # ... re-synced, and took work again
-    assert all(s["response/length_mean"] > 0 for s in after)
+    assert [s["weight_version"] for s in (first, *after)] == [1, 2, 3, 4]
+    assert restarts[0] >= 1 and not waiting  # the death was noticed, the engine came back and was synced ...
+    assert batch3_engines == [1]  # ... batch 3 was admitted by engine 1 alone while engine 0 waited for the sync
+    assert after[-1]["rollout/engines_used"] == 2  # ... and engine 0 took batch 3's second chunks after it
+    assert all(s["response/length_mean"] > 0 and s["rollout/staleness_max"] <= 2 for s in after)
 
 
 def test_dapo_options_change_the_rollout_and_the_experience(ray_cluster, tiny_llama, tiny_value_model, tmp_path):
@@ -269,6 +279,41 @@ def test_dapo_options_change_the_rollout_and_the_experience(ray_cluster, tiny_ll
     assert torch.equal(exp_async["old_logprobs"], full_width(info["vllm_logprobs"], batch["prompt_width"]))
 
 
+def run_steps(cfg, n: int, at_start=None) -> list[dict]:
+    """A trainer's first `n` steps' metrics; `at_start(trainer)` must hold before them (e.g. where a resume began)."""
+    trainer = PPOTrainer(cfg)
+    try:
+        assert at_start is None or at_start(trainer)
+        history = []
+        for _ in range(n):
+            history.append(trainer.step())
+            trainer.iteration += 1
+    finally:
+        trainer.shutdown()
+    return history
+
+
+def learn_with_lineage(trainer, min_iterations: int, watch=None) -> tuple[list[dict], list[list[dict]]]:
+    """Iterate (at most 30) until, after `min_iterations`, the mean reward of the last 3 reaches 0.6; a checkpoint
+    after iteration 2; `watch(trainer)` after each iteration. Returns the metrics and each iteration's lineage."""
+    history, lineages = [], []
+    try:
+        for _ in range(30):
+            history.append(trainer.step())
+            lineages.append(trainer.last_lineage)
+            trainer.iteration += 1
+            if watch is not None:
+                watch(trainer)
+            if trainer.iteration == 2:
+                trainer.save_checkpoint()
+            last3 = [h["reward/mean"] for h in history[-3:]]
+            if len(history) >= min_iterations and sum(last3) / 3 >= 0.6:
+                break
+    finally:
+        trainer.shutdown()
+    return history, lineages
+
+
 def test_grpo_learns_generating_one_step_ahead_and_resumes_exactly(ray_cluster, tiny_llama, tiny_value_model,
                                                                     tmp_path):
     """rollout.mode one_step: batch k+1 is generated (weights k) while batch k trains, with truncated importance
@@ -283,19 +328,7 @@ def test_grpo_learns_generating_one_step_ahead_and_resumes_exactly(ray_cluster, 
                  "checkpoint.every": 2, "ppo.off_policy_correction": "tis"}
     cfg = ppo_config(tmp_path / "a", tiny_llama, tiny_value_model, **overrides)
     trainer = PPOTrainer(cfg)
-    history, lineages = [], []
-    try:
-        for _ in range(30):
-            history.append(trainer.step())
-            lineages.append(trainer.last_lineage)
-            trainer.iteration += 1
-            if trainer.iteration == 2:
-                trainer.save_checkpoint()
-            last3 = [h["reward/mean"] for h in history[-3:]]
-            if len(history) >= 4 and sum(last3) / 3 >= 0.6:
-                break
-    finally:
-        trainer.shutdown()
+    history, lineages = learn_with_lineage(trainer, min_iterations=4)
     rewards = [round(h["reward/mean"], 3) for h in history]
     assert history[0]["reward/mean"] < 0.2 and sum(rewards[-3:]) / 3 >= 0.6, rewards
     assert [h["weight_version"] for h in history] == list(range(1, len(history) + 1))
@@ -317,15 +350,8 @@ def test_grpo_learns_generating_one_step_ahead_and_resumes_exactly(ray_cluster, 
     b = tmp_path / "b"
     name = "iter_000002"
     shutil.copytree(tmp_path / "a" / "run" / "ppo" / "checkpoints" / name, b / "run" / "ppo" / "checkpoints" / name)
-    resumed = PPOTrainer(ppo_config(b, tiny_llama, tiny_value_model, **overrides, **{"checkpoint.resume": True}))
-    try:
-        assert resumed.iteration == 2 and sorted(resumed.rollouts.in_flight) == [2]
-        again = []
-        for _ in range(2):
-            again.append(resumed.step())
-            resumed.iteration += 1
-    finally:
-        resumed.shutdown()
+    again = run_steps(ppo_config(b, tiny_llama, tiny_value_model, **overrides, **{"checkpoint.resume": True}), 2,
+                      at_start=lambda t: (t.iteration, sorted(t.rollouts.in_flight)) == (2, [2]))
     assert_metrics_agree([{**h, "iteration": i + 3} for i, h in enumerate(history[2:4])],
                          [{**h, "iteration": i + 3} for i, h in enumerate(again)])
     assert again[0]["rollout/staleness_1"] == 64
@@ -345,21 +371,13 @@ def test_grpo_learns_with_bounded_staleness_interrupting_samples_and_resumes_exa
                  "rollout.samples_every": 5, "ppo.off_policy_correction": "tis", "checkpoint.every": 2}
     cfg = ppo_config(tmp_path / "a", tiny_llama, tiny_value_model, **overrides)
     trainer = PPOTrainer(cfg)
-    history, lineages, in_flight = [], [], {}
-    try:
-        for _ in range(30):
-            history.append(trainer.step())
-            lineages.append(trainer.last_lineage)
-            trainer.iteration += 1
-            if trainer.iteration in (2, 3):
-                in_flight[trainer.iteration] = {b: g.samples for b, g in trainer.rollouts.in_flight.items()}
-            if trainer.iteration == 2:
-                trainer.save_checkpoint()
-            last3 = [h["reward/mean"] for h in history[-3:]]
-            if len(history) >= 5 and sum(last3) / 3 >= 0.6:
-                break
-    finally:
-        trainer.shutdown()
+    in_flight = {}
+
+    def watch(t):
+        if t.iteration in (2, 3):
+            in_flight[t.iteration] = {b: g.samples for b, g in t.rollouts.in_flight.items()}
+
+    history, lineages = learn_with_lineage(trainer, min_iterations=5, watch=watch)
     rewards = [round(h["reward/mean"], 3) for h in history]
     assert history[0]["reward/mean"] < 0.2 and sum(rewards[-3:]) / 3 >= 0.6, rewards
     staleness = [{r["staleness"] for r in records} for records in lineages]
@@ -383,28 +401,14 @@ def test_grpo_learns_with_bounded_staleness_interrupting_samples_and_resumes_exa
     trained = [r for r in lineages[3] if len(r["weight_versions"]) == 2]
     assert len(trained) == interrupted and all(r["weight_versions"] == [1, 2] for r in trained)
     # Deterministic: a second uninterrupted run generates and trains the same.
-    again = []
-    rerun = PPOTrainer(ppo_config(tmp_path / "b", tiny_llama, tiny_value_model, **overrides))
-    try:
-        for _ in range(4):
-            again.append(rerun.step())
-            rerun.iteration += 1
-    finally:
-        rerun.shutdown()
+    again = run_steps(ppo_config(tmp_path / "b", tiny_llama, tiny_value_model, **overrides), 4)
     assert_metrics_agree([{**h, "iteration": i + 1} for i, h in enumerate(history[:4])],
                          [{**h, "iteration": i + 1} for i, h in enumerate(again)])
     # Resume from the checkpoint after iteration 2: batches 2 (complete) and 3 (one chunk) come back from it.
     c, name = tmp_path / "c", "iter_000002"
     shutil.copytree(tmp_path / "a" / "run" / "ppo" / "checkpoints" / name, c / "run" / "ppo" / "checkpoints" / name)
-    resumed = PPOTrainer(ppo_config(c, tiny_llama, tiny_value_model, **overrides, **{"checkpoint.resume": True}))
-    try:
-        assert resumed.iteration == 2 and sorted(resumed.rollouts.in_flight) == [2, 3]
-        after_resume = []
-        for _ in range(2):
-            after_resume.append(resumed.step())
-            resumed.iteration += 1
-    finally:
-        resumed.shutdown()
+    after_resume = run_steps(ppo_config(c, tiny_llama, tiny_value_model, **overrides, **{"checkpoint.resume": True}),
+                             2, at_start=lambda t: (t.iteration, sorted(t.rollouts.in_flight)) == (2, [2, 3]))
     assert_metrics_agree([{**h, "iteration": i + 3} for i, h in enumerate(history[2:4])],
                          [{**h, "iteration": i + 3} for i, h in enumerate(after_resume)])
     assert after_resume[0]["rollout/staleness_2"] == 64 and after_resume[1]["rollout/staleness_2"] == 64
