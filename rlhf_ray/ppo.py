@@ -19,7 +19,6 @@ references.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -33,7 +32,7 @@ from rlhf_ray.experience import (PromptStream, answered_rollout, build_batch, co
                                  drop_nonfinite_samples, full_width, length_penalised, request_seed,
                                  response_slice, rollout_with_signal)
 from rlhf_ray.rollout.lineage import lineage, sample_staleness, staleness_metrics, unused_records, write_samples
-from rlhf_ray.rollout.pipeline import Generated, RolloutPipeline, chunk_tokens, continued
+from rlhf_ray.rollout.pipeline import Generated, RolloutPipeline, chunk_tokens, next_chunk
 
 log = logging.getLogger(__name__)
 
@@ -262,30 +261,8 @@ class PPOTrainer:
                          list(info["times"]))
 
     def extend(self, g: Generated) -> Generated:
-        """`g` with one more chunk: every sample that has not ended continues from its prefix (prompt + the tokens
-        so far, resubmitted) under the engines' current weights, with a seed of its own per chunk."""
-        from rlhf_ray.experience import continuation_seed
-        from rlhf_ray.generator import Sampling
-
-        gen, done = self.cfg.generation, g.chunks * self.chunk_tokens
-        prompt = lambda s: g.rows[s.prompt_index]["prompt_input_ids"]  # noqa: E731
-        todo = [i for i, s in enumerate(g.samples)  # cut by the chunk, not by an EOS, a stop or max_model_len
-                if s.finish_reason == "length" and len(s.token_ids) == done < gen.max_new_tokens
-                and len(prompt(s)) + done < self.generators.max_model_len]
-        samples, counts, engines = list(g.samples), dict(g.counts), set(g.engines)
-        if todo:
-            seeds = [continuation_seed(self.cfg.run.seed, g.rows[samples[i].prompt_index]["prompt_id"],
-                                       samples[i].sample_index, g.chunks) for i in todo]
-            sampling = Sampling.from_config(gen, n=1, max_new_tokens=min(self.chunk_tokens, gen.max_new_tokens - done))
-            rollout = self.generators.generate([prompt(samples[i]) + samples[i].token_ids for i in todo], sampling,
-                                               seeds=seeds)
-            for chunk in rollout.samples:
-                samples[todo[chunk.prompt_index]] = continued(samples[todo[chunk.prompt_index]], chunk)
-            counts["redispatched"] += rollout.redispatched
-            counts["generated_tokens"] += sum(len(c.token_ids) for c in rollout.samples)
-            engines |= {e for e, n in rollout.engine_prompts.items() if n > 0}
-        return dataclasses.replace(g, samples=samples, chunks=g.chunks + 1, counts=counts, engines=sorted(engines),
-                                   times=[g.times[0], time.time()])
+        """`g` with one more chunk from the engines' current weights (rollout.pipeline.next_chunk)."""
+        return next_chunk(g, self.generators, self.cfg.generation, self.chunk_tokens, self.cfg.run.seed)
 
     def rollout_of(self, g: Generated) -> tuple[dict, dict]:
         """A finished batch in flight as generate() returns a rollout."""

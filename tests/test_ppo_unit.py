@@ -428,3 +428,40 @@ def test_prompt_stream_gives_each_row_its_position_as_prompt_id():
     taken = stream.take(7)  # crosses an epoch
     assert [r["prompt_id"] for r in taken] == list(range(7))
     assert [stream.row_at(i) for i in range(7)] == taken
+
+
+def test_next_chunk_continues_only_samples_cut_by_their_chunk_from_their_prefix():
+    """Which samples an interruption continues (rollout.pipeline.next_chunk): those cut at the chunk boundary, not
+    those that ended (EOS / stop token) or reached max_model_len; each resubmitted as prompt + prefix with a seed of
+    its own, and the continuation appended with its version. (The engines are a stand-in: this is the bookkeeping.)"""
+    from rlhf_ray.config import GenerationConfig
+    from rlhf_ray.generator import Rollout, Sample
+    from rlhf_ray.rollout.pipeline import Generated, next_chunk
+
+    calls = []
+
+    class Engines:
+        def __init__(self, max_model_len):
+            self.max_model_len = max_model_len
+
+        def generate(self, prompts, sampling, seeds):
+            calls.append((prompts, sampling.max_new_tokens, sampling.n, seeds))
+            return Rollout([Sample(i, [50 + i, 60 + i, 70 + i], [-0.5] * 3, "length", 3, engine=1,
+                                   token_versions=[3] * 3)
+                            for i in range(len(prompts))], 3, redispatched=1, engine_prompts={1: len(prompts)})
+
+    rows = [{"prompt_id": 40, "prompt_input_ids": [1, 2]}, {"prompt_id": 41, "prompt_input_ids": [1, 2, 3, 4, 5]}]
+    cut = Sample(0, [7, 8, 9], [-1.0] * 3, "length", 2, sample_index=1, engine=0, token_versions=[2] * 3)
+    ended = Sample(0, [7, 2], [-1.0] * 2, "stop", 2, engine=0, token_versions=[2] * 2)
+    too_long = Sample(1, [7, 8, 9], [-1.0] * 3, "length", 2, engine=0, token_versions=[2] * 3)  # 5 + 3 = max_model_len
+    g = Generated(6, rows, [ended, cut, too_long], 1, {"redispatched": 0, "generated_tokens": 8}, [0], [1.0, 2.0])
+    out = next_chunk(g, Engines(8), GenerationConfig(max_new_tokens=8), 3, run_seed=7)
+    [(prompts, max_new, n, seeds)] = calls
+    assert prompts == [[1, 2, 7, 8, 9]] and max_new == 3 and n == 1 and len(seeds) == 1
+    assert out.samples[0] is ended and out.samples[2] is too_long  # not continued
+    assert out.samples[1].token_ids == [7, 8, 9, 50, 60, 70] and out.samples[1].token_versions == [2] * 3 + [3] * 3
+    assert out.samples[1].sample_index == 1 and out.samples[1].extra["engines"] == [0, 1]
+    assert (out.chunks, out.engines, out.counts) == (2, [0, 1], {"redispatched": 1, "generated_tokens": 11})
+    assert g.chunks == 1 and g.samples[1] is cut  # the batch in flight is not changed in place
+    next_chunk(out, Engines(64), GenerationConfig(max_new_tokens=8), 3, 7)
+    assert len(calls) == 2 and calls[-1][1] == 2  # the last chunk asks only for what is left of max_new_tokens (8 - 6)

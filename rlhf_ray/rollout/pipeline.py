@@ -72,6 +72,34 @@ def continued(sample, chunk):
         extra={**sample.extra, "engines": sample.extra.get("engines", [sample.engine]) + [chunk.engine]})
 
 
+def next_chunk(g: Generated, generators, gen, chunk: int, run_seed: int) -> Generated:
+    """`g` with one more chunk: every sample that has not ended (cut by the chunk, not by an EOS, a stop token or
+    max_model_len) continues from its prefix (prompt + its tokens so far, resubmitted to `generators`, a
+    GeneratorGroup, under their current weights) with a seed of its own per (prompt id, sample, chunk); `gen`: the
+    generation config."""
+    from rlhf_ray.experience import continuation_seed
+    from rlhf_ray.generator import Sampling
+
+    done = g.chunks * chunk
+    prompt = lambda s: g.rows[s.prompt_index]["prompt_input_ids"]  # noqa: E731
+    todo = [i for i, s in enumerate(g.samples) if s.finish_reason == "length" and len(s.token_ids) == done
+            < gen.max_new_tokens and len(prompt(s)) + done < generators.max_model_len]
+    samples, counts, engines = list(g.samples), dict(g.counts), set(g.engines)
+    if todo:
+        seeds = [continuation_seed(run_seed, g.rows[samples[i].prompt_index]["prompt_id"], samples[i].sample_index,
+                                   g.chunks) for i in todo]
+        sampling = Sampling.from_config(gen, n=1, max_new_tokens=min(chunk, gen.max_new_tokens - done))
+        rollout = generators.generate([prompt(samples[i]) + samples[i].token_ids for i in todo], sampling,
+                                      seeds=seeds)
+        for piece in rollout.samples:
+            samples[todo[piece.prompt_index]] = continued(samples[todo[piece.prompt_index]], piece)
+        counts["redispatched"] += rollout.redispatched
+        counts["generated_tokens"] += sum(len(c.token_ids) for c in rollout.samples)
+        engines |= {e for e, n in rollout.engine_prompts.items() if n > 0}
+    return dataclasses.replace(g, samples=samples, chunks=g.chunks + 1, counts=counts, engines=sorted(engines),
+                               times=[g.times[0], time.time()])
+
+
 class RolloutPipeline:
     """The batches in flight, advanced in a background thread while the learners train.
 
