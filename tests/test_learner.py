@@ -430,6 +430,33 @@ def _computed_in(worker, batch) -> tuple[str, str, str]:
     return (*seen["q"], seen["residual"])
 
 
+def _attention_dtypes(worker, batch) -> dict[str, set]:
+    """The dtypes torch's sdpa computed in, in the learner's training forward (autograd on) and in its log-prob pass
+    (no_grad): a spy around torch.nn.functional.scaled_dot_product_attention in the rank's process."""
+    import torch.nn.functional as F
+
+    from rlhf_ray.learner import to_device
+
+    seen, original = {"train": set(), "logprobs": set()}, F.scaled_dot_product_attention
+    phase = "train"
+
+    def spy(query, key, value, *args, **kwargs):
+        cast = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+        seen[phase].add(str(torch.bfloat16 if cast else query.dtype))
+        return original(query, key, value, *args, **kwargs)
+
+    F.scaled_dot_product_attention = spy
+    try:
+        worker.engine.train()
+        with torch.enable_grad():  # the forward decides; its graph (dropped here) would run the backward in fp32
+            worker._forward(to_device(batch, worker.device))
+        phase = "logprobs"
+        worker.logprobs(batch)
+    finally:
+        F.scaled_dot_product_attention = original
+    return seen
+
+
 def test_auto_on_a_bf16_cpu_computes_in_bf16_over_fp32_weights(ray_cluster, tiny_llama, tiny_value_model, batch):
     """precision auto on a CPU with native bf16: the learner's matmuls run in bf16 under torch.autocast while its
     weights, residual stream and Adam moments stay fp32 (deepspeed_config.autocast_bf16; DeepSpeed's bf16 mode, bf16
@@ -447,6 +474,8 @@ def test_auto_on_a_bf16_cpu_computes_in_bf16_over_fp32_weights(ray_cluster, tiny
         assert group.apply(lambda w: (w.ds_config["torch_autocast"], w.ds_config["bf16"]["enabled"]))[0] == (
             {"enabled": True, "dtype": "bfloat16"}, False)
         assert group.apply(_computed_in, batch)[0] == ("torch.float32", "torch.bfloat16", "torch.float32")
+        # attention: fp32 under autograd (CPU bf16 sdpa backward is slow: models/attention.py), bf16 without it
+        assert group.apply(_attention_dtypes, batch)[0] == {"train": {"torch.float32"}, "logprobs": {"torch.bfloat16"}}
         before = group.apply(_precision_state)[0]
         stats = group.train(experience(batch, group.logprobs(batch), advantage=1.0))
         assert stats["optimizer_steps"] == 2  # 8 rows, mini-batches of 4

@@ -94,3 +94,55 @@ def test_tiny_fixtures_have_vllm_friendly_shapes_and_a_chat_template(tiny_models
                                       add_generation_prompt=True, tokenize=True, return_dict=False)
         assert tok.decode(ids).endswith("<|im_start|>assistant\n")
         assert tok.eos_token == "<|im_end|>" and tok.pad_token_id is not None
+
+
+def test_sdpa_fp32_backward_computes_in_fp32_only_under_autograd_on_bf16(tiny_models):
+    """models/attention.py: under CPU bf16 autocast with autograd the attention is fp32 sdpa (its result rounded to
+    bf16, gradients flowing to q, k, v); without autograd, and in fp32, it is transformers' sdpa exactly."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from rlhf_ray.models.attention import sdpa_fp32_backward
+
+    torch.manual_seed(0)
+    model = load_causal_lm(ModelConfig(path=tiny_models["llama"]), dtype=torch.float32)
+    module = model.model.layers[0].self_attn
+    q, k, v = (torch.randn(2, module.config.num_attention_heads, 6, module.head_dim, requires_grad=True)
+               for _ in range(3))
+    mask = torch.ones(6, 6, dtype=torch.bool).tril()[None, None].expand(2, 1, 6, 6)
+    with torch.no_grad():
+        exact = sdpa_attention_forward(module, q, k, v, mask)[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = sdpa_fp32_backward(module, q, k, v, mask)[0]
+        with torch.no_grad():
+            plain_bf16 = sdpa_attention_forward(module, q, k, v, mask)[0]
+            ours_no_grad = sdpa_fp32_backward(module, q, k, v, mask)[0]
+    assert ours.dtype == plain_bf16.dtype == torch.bfloat16
+    assert torch.equal(ours, exact.to(torch.bfloat16))  # fp32 attention, rounded once
+    assert not torch.equal(plain_bf16, ours)  # what bf16 attention gives instead (if ignored, this fails)
+    assert torch.equal(ours_no_grad, plain_bf16)  # scoring keeps bf16 (its forward is the faster one)
+    ours.float().sum().backward()
+    assert all(t.grad is not None and t.grad.dtype == torch.float32 for t in (q, k, v))
+    assert torch.equal(sdpa_fp32_backward(module, q, k, v, mask)[0], sdpa_attention_forward(module, q, k, v, mask)[0])
+
+
+def test_cpu_trainers_switch_sdpa_models_and_saved_configs_keep_no_trace(tiny_models, tmp_path):
+    """SFT / RM workers (train.common.build_stage_model) switch on CPU, not on GPU; an eager model keeps eager; the
+    HF folder written afterwards names no attention implementation."""
+    from rlhf_ray.config import load_config
+    from rlhf_ray.models.attention import NAME, use_fp32_attention_backward
+    from rlhf_ray.train.common import build_stage_model, stage_task
+    from rlhf_ray.train.deepspeed_config import deepspeed_config
+
+    cfg = load_config(None, {"ray.address": "local", "run.output_dir": str(tmp_path), "run.seed": 0,
+                             "models.actor.path": tiny_models["llama"], "models.reward.path": tiny_models["llama"]})
+    for stage in ("sft", "rm"):
+        ds_config = deepspeed_config(getattr(cfg, stage), 1, cuda=False)
+        for cuda, expected in ((False, NAME), (True, "sdpa")):
+            model = build_stage_model(stage_task(stage), cfg, getattr(cfg, stage), ds_config, cuda=cuda)
+            assert getattr(model, "backbone", model).config._attn_implementation == expected, (stage, cuda)
+    model = load_causal_lm(ModelConfig(path=tiny_models["llama"]), dtype=torch.float32)
+    assert use_fp32_attention_backward(model)
+    model.save_pretrained(tmp_path / "saved")
+    assert "attn_implementation" not in (tmp_path / "saved" / "config.json").read_text()
+    eager = load_causal_lm(ModelConfig(path=tiny_models["llama"]), dtype=torch.float32, attn_implementation="eager")
+    assert not use_fp32_attention_backward(eager) and eager.config._attn_implementation == "eager"

@@ -226,9 +226,16 @@ def build_partitioned(build, ds_config: dict) -> torch.nn.Module:
     return model
 
 
-def build_stage_model(task, cfg: Config, stage_cfg: TrainStageConfig, ds_config: dict) -> torch.nn.Module:
-    """The SFT / RM worker's trainable model, as deepspeed.initialize takes it (partitioned under ZeRO-3)."""
-    return build_partitioned(lambda: task.build_model(cfg, stage_cfg, dtype=load_dtype(ds_config)), ds_config)
+def build_stage_model(task, cfg: Config, stage_cfg: TrainStageConfig, ds_config: dict,
+                      cuda: bool = False) -> torch.nn.Module:
+    """The SFT / RM worker's trainable model, as deepspeed.initialize takes it (partitioned under ZeRO-3); on CPU
+    its sdpa attention computes in fp32 under autograd (models/attention.py: bf16's CPU backward is slow)."""
+    from rlhf_ray.models.attention import use_fp32_attention_backward
+
+    model = build_partitioned(lambda: task.build_model(cfg, stage_cfg, dtype=load_dtype(ds_config)), ds_config)
+    if not cuda:
+        use_fp32_attention_backward(model)  # a PeftModel (LoRA) hands the call to the model it wraps
+    return model
 
 
 # ------------------------------------------------------------------------------ optimizer and schedule
@@ -466,7 +473,7 @@ def train_loop(loop_cfg: dict) -> Optional[dict]:
     pad_id = tokenizer.pad_token_id
     torch.manual_seed(cfg.run.seed)  # identical initial weights (value head, LoRA) on every rank
     ds_config = deepspeed_config(stage_cfg, world, cuda)
-    model = build_stage_model(task, cfg, stage_cfg, ds_config)  # under ZeRO-3 never whole on any rank
+    model = build_stage_model(task, cfg, stage_cfg, ds_config, cuda)  # under ZeRO-3 never whole on any rank
     # fused: one pass instead of ~10 on CPU, also on ZeRO's flat partitions (benchmarks/results/learner_speed.md)
     optimizer = build_optimizer(model, stage_cfg.optim, offload=stage_cfg.deepspeed.offload_optimizer)
     scheduler = build_lr_scheduler(optimizer, stage_cfg.optim, plan.total_steps)

@@ -1,0 +1,55 @@
+"""Attention for training in bf16 autocast on CPU: transformers' sdpa, with the backward in fp32.
+
+torch's CPU scaled_dot_product_attention backward in bf16 is slow on short sequences: on SmolLM2's shapes (16 rows x
+9 heads x 76 tokens x 64) its forward + backward took 139 ms a layer, the same call on q, k, v upcast to fp32 76 ms
+(`benchmarks/bench_attention.py`), while its bf16 forward alone is the faster one (4.4 vs 6.9 ms). So under
+autograd, on CPU, bf16 attention runs in fp32 (its result cast back to bf16, as autocast would give it); without
+autograd (scoring: the reference, the reward model, log-probs under no_grad) and on GPU, it is sdpa unchanged. Under
+torch.autocast, sdpa is one of the ops autocast casts to bf16: the fp32 call runs with autocast off. Registered with transformers' documented AttentionInterface / AttentionMaskInterface under its own name
+(masks as sdpa's), and chosen per model by `use_fp32_attention_backward` in the process that trains.
+"""
+from __future__ import annotations
+
+import torch
+
+NAME = "sdpa_fp32_backward"
+
+
+def sdpa_fp32_backward(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask, **kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if query.device.type == "cpu" and torch.is_grad_enabled() and _runs_in_bf16(query, key, value):
+        with torch.autocast("cpu", enabled=False):  # autocast would cast sdpa's inputs back to bf16
+            out, weights = sdpa_attention_forward(module, query.float(), key.float(), value.float(), attention_mask,
+                                                  **kwargs)
+        return out.to(torch.bfloat16), weights  # what sdpa would have returned
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def _runs_in_bf16(*tensors: torch.Tensor) -> bool:
+    """Whether sdpa would compute in bf16 here: a bf16 input, or CPU autocast to bf16 (which casts them all; under
+    it rotary embeddings often hand over q and k in fp32 beside a bf16 v)."""
+    autocast = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    return autocast or any(t.dtype == torch.bfloat16 for t in tensors)
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(NAME, sdpa_fp32_backward)
+    AttentionMaskInterface.register(NAME, sdpa_mask)
+
+
+def use_fp32_attention_backward(model: torch.nn.Module) -> bool:
+    """Switch a transformers model (or a ValueHeadModel's backbone) that attends with sdpa to sdpa_fp32_backward
+    (every sub-model: set_attn_implementation walks them); the checkpoints it saves keep no trace of it. Called by
+    CPU trainers (in fp32 it is sdpa itself); returns whether it switched (eager, flash or a model's own attention
+    stay as they are)."""
+    model = getattr(model, "backbone", model)
+    config = getattr(model, "config", None)
+    if getattr(config, "_attn_implementation", None) != "sdpa" or not hasattr(model, "set_attn_implementation"):
+        return False
+    _register()
+    model.set_attn_implementation(NAME)
+    return True
