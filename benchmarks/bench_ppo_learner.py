@@ -2,7 +2,7 @@
 
     flock /tmp/rlhf_ray_heavy.lock .venv/bin/python benchmarks/bench_ppo_learner.py [--model builtin:smollm2]
         [--precision fp32|bf16] [--steps 3] [--sequences 16] [--prompt-tokens 40] [--completion-tokens 32]
-        [--workers 1] [--cpus 2] [--zero-stage 2]
+        [--workers 1] [--cpus 2] [--zero-stage 2] [--skip-ray] [--torch-profile]
 
 Not a test. One experience batch like bench_grpo_vs_trl.py's (16 sequences = 4 prompts x 4 completions, a
 left-padded ~40-token prompt + 32 completion tokens, GRPO advantages, reference log-probs with the k3 KL in the
@@ -113,7 +113,8 @@ def ray_side(cfg, batch: dict, steps: int, profile: str = "") -> tuple[list[floa
 
 
 # ------------------------------------------------------------------------------------------------- bare side
-def bare_side(cfg, batch: dict, steps: int, threads: int, precision: str, fused: bool) -> tuple[list[float], dict]:
+def bare_side(cfg, batch: dict, steps: int, threads: int, precision: str, fused: bool,
+              torch_profile: bool = False) -> tuple[list[float], dict]:
     from rlhf_ray.learner import causal_logprobs, forward_accepts, policy_objective
     from rlhf_ray.models.loading import load_causal_lm
 
@@ -150,6 +151,10 @@ def bare_side(cfg, batch: dict, steps: int, threads: int, precision: str, fused:
         stats = one_step()
         times.append(time.perf_counter() - start)
         first = first or stats
+    if torch_profile:  # one more step under torch.profiler: where the bare loop's time goes, op by op
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            one_step()
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
     return times[1:], first
 
 
@@ -167,6 +172,8 @@ def main() -> None:
     ap.add_argument("--zero-stage", type=int, default=2)
     ap.add_argument("--skip-ray", action="store_true", help="bare loop only (profiling)")
     ap.add_argument("--profile", default="", help="write a py-spy raw profile of learner rank 0's timed steps here")
+    ap.add_argument("--torch-profile", action="store_true",
+                    help="after the bare loop's timed steps, one more under torch.profiler; print its ops by self CPU time")
     args = ap.parse_args()
 
     from rlhf_ray.models.loading import load_tokenizer
@@ -178,7 +185,7 @@ def main() -> None:
         tokens = int(batch["attention_mask"].sum())
         ray_times, ray_stats = ([], None) if args.skip_ray else ray_side(cfg, batch, args.steps, args.profile)
         bare_times, bare_stats = bare_side(cfg, batch, args.steps, args.workers * args.cpus, args.precision,
-                                           fused=args.workers == 1)
+                                           fused=args.workers == 1, torch_profile=args.torch_profile)
 
     bare = statistics.median(bare_times)
     print(f"\nmodel {args.model}, {args.precision}: {args.sequences} sequences x ({args.prompt_tokens} prompt + "
