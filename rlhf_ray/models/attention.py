@@ -1,12 +1,13 @@
-"""Attention for training in bf16 autocast on CPU: transformers' sdpa, with the backward in fp32.
+"""Attention for training in bf16 on CPU: transformers' sdpa, computed in fp32 while autograd records it.
 
-torch's CPU scaled_dot_product_attention backward in bf16 is slow on short sequences: on SmolLM2's shapes (16 rows x
-9 heads x 76 tokens x 64) its forward + backward took 139 ms a layer, the same call on q, k, v upcast to fp32 76 ms
-(`benchmarks/bench_attention.py`), while its bf16 forward alone is the faster one (4.4 vs 6.9 ms). So under
-autograd, on CPU, bf16 attention runs in fp32 (its result cast back to bf16, as autocast would give it); without
-autograd (scoring: the reference, the reward model, log-probs under no_grad) and on GPU, it is sdpa unchanged. Under
-torch.autocast, sdpa is one of the ops autocast casts to bf16: the fp32 call runs with autocast off. Registered with transformers' documented AttentionInterface / AttentionMaskInterface under its own name
-(masks as sdpa's), and chosen per model by `use_fp32_attention_backward` in the process that trains.
+torch's CPU scaled_dot_product_attention backward is slow in bf16 on short sequences: on SmolLM2's shapes (16 rows x
+9 heads x 76 tokens x 64) forward + backward took 2.2-3.6x as long in bf16 as on q, k, v upcast to fp32, and it was
+17 % of a bf16 PPO training step, while the bf16 forward alone is as fast or faster (`benchmarks/bench_attention.py`,
+`benchmarks/results/learner_speed.md`). So under autograd, on CPU, attention that sdpa would run in bf16 runs in fp32
+(its result rounded to bf16, what sdpa would have returned); without autograd (the reference and reward scorers,
+log-probs under no_grad) and on GPU it is sdpa unchanged. sdpa is on autocast's list of ops cast to bf16, so the fp32
+call runs with autocast off. Registered with transformers' AttentionInterface / AttentionMaskInterface under its own
+name (sdpa's masks), and chosen per model by `use_fp32_attention_backward` in the process that trains.
 """
 from __future__ import annotations
 
