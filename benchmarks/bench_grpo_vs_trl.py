@@ -5,7 +5,7 @@ rlhf_ray: Ray + a vLLM engine + a DeepSpeed learner; layouts separate and hybrid
     .venv/bin/python -m pip install -e '.[bench]'      # TRL 1.16 (not needed by anything else)
     flock /tmp/rlhf_ray_heavy.lock .venv/bin/python benchmarks/bench_grpo_vs_trl.py [--rows all]
         [--model builtin:smollm2] [--prompts 4] [--group 4] [--max-new-tokens 32] [--steps 3] [--natural-length]
-        [--sides trl,rlhf_ray] [--peak-json FILE] [--out STEM]
+        [--sides trl,rlhf_ray] [--rounds 1] [--peak-json FILE] [--out STEM]
         [--set placement.actor.num_workers=1 --set generation.num_engines=2 ...]
 
 Not a test. Rows (--rows, comma-separated, default all): fp32-separate, fp32-hybrid, bf16-separate, bf16-hybrid.
@@ -41,6 +41,10 @@ Reported per row (iteration 1 is the warm-up; "timed" = iterations 2..--steps+1)
     row's dtype with every core (benchmarks/bench_cpu_peak.py, run first unless --peak-json gives its JSON).
 TRL's compute dtype is checked, not assumed: forward hooks on the first decoder layer's q_proj of the policy and
 the reference record weight, input and output dtypes and the autocast state in each phase ("dtype probe").
+Noise: the sides run one after the other on a machine that may be shared. Each side records the host's steal share
+while it ran (benchmarks/host_cpu.py: the CPU time the hypervisor gave other tenants); --rounds N repeats the whole
+comparison N times, alternating which side goes first (round 1 TRL, round 2 rlhf_ray, ...), and reports each round's
+ratio (its two sides adjacent in time) and the median over rounds; every other number is then the median over rounds.
 Writes <STEM>.md and <STEM>.json (default benchmarks/results/grpo_vs_trl_<UTC date-time>).
 TRL spreads torch over every core in one process. rlhf_ray runs its roles as separate Ray actors; the bench's
 defaults suit a 2-core machine (actor: 1 rank on 2 CPUs, the whole batch per micro-batch; reference on 2 CPUs;
@@ -64,6 +68,8 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import host_cpu  # noqa: E402  (benchmarks/, this file's folder)
 
 BETA, LR, SEED = 0.04, 1e-6, 1234
 ROWS = {"fp32-separate": ("fp32", "separate"), "fp32-hybrid": ("fp32", "hybrid"),
@@ -267,13 +273,14 @@ def run_trl(args) -> dict:
 def side(name: str, precision: str, layout: str) -> dict:
     """One side in a fresh process; {'error': ...} instead of raising, so one broken row leaves the others."""
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
-        launched = time.time()
+        launched, before = time.time(), host_cpu.ticks()
         rc = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--side", name, "--precision", precision,
                              "--layout", layout, "--result", f.name]).returncode
+        steal = host_cpu.steal_share(before, host_cpu.ticks())
         if rc != 0:
-            return {"error": f"{name} side exited with {rc} (its log is above)"}
+            return {"error": f"{name} side exited with {rc} (its log is above)", "host_steal": steal}
         result = json.loads(Path(f.name).read_text())
-    result["launched"] = launched
+    result["launched"], result["host_steal"] = launched, steal
     return result
 
 
@@ -320,11 +327,30 @@ def summarise(r: dict, prompt_tokens: list[int], n_seq: int, params: dict, peak_
                                                     for k, v in r["phases_s"].items()},
             "startup_s": startup, "startup_plus_10_s": wait10, "startup_plus_10": how,
             "train_flop_utilisation": statistics.median(util),
-            "response_length_mean": statistics.mean(r["response_length"][i] for i in timed)}
+            "response_length_mean": statistics.mean(r["response_length"][i] for i in timed),
+            "host_steal": r.get("host_steal")}
+
+
+def combine(summaries: list[dict]) -> dict:
+    """Several rounds' summaries of one side -> one: every number (and every phase) the median over the rounds."""
+    out = dict(summaries[0])
+    for key, value in summaries[0].items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[key] = statistics.median(s[key] for s in summaries)
+        elif isinstance(value, dict) and all(isinstance(v, (int, float)) for v in value.values()):
+            out[key] = {k: statistics.median(s[key][k] for s in summaries) for k in value}
+    out["host_steal"] = [s.get("host_steal") for s in summaries]
+    return out
 
 
 def number(d: dict, key: str, spec: str) -> str:
     return format(d[key], spec) if key in d else "-"
+
+
+def steals(value) -> str:
+    """A side's host steal share(s) as a percentage (one per round)."""
+    values = value if isinstance(value, list) else [value]
+    return ", ".join("n/a" if v is None else f"{v:.0%}" for v in values) or "-"
 
 
 def markdown(report: dict) -> str:
@@ -337,29 +363,36 @@ def markdown(report: dict) -> str:
     lines.append(f"peak (bench_cpu_peak.py, {report['cpu_count']} threads): fp32 {peak['fp32']:.0f} GFLOP/s, "
                  f"bf16 {peak['bf16']:.0f} GFLOP/s")
     lines.append("")
-    lines.append("| row | TRL s/it | rlhf_ray s/it | ratio TRL / rlhf_ray | rlhf_ray generate / score / train / sync s "
+    rounds = a.get("rounds", 1)
+    if rounds > 1:
+        lines.append(f"{rounds} rounds, alternating which side runs first (TRL in round 1); every number is the median "
+                     f"over the rounds; the ratio is the median of the rounds' ratios")
+    lines.append("| row | TRL s/it | rlhf_ray s/it | ratio TRL / rlhf_ray | ratio per round | host steal TRL / rlhf_ray "
+                 "| rlhf_ray generate / score / train / sync s "
                  "| start-up + 10 it, TRL s | start-up + 10 it, rlhf_ray s | train FLOP util TRL | rlhf_ray |")
-    lines.append("|---|---|---|---|---|---|---|---|---|")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, row in report["rows"].items():
         trl, ours = row.get("trl") or {}, row.get("rlhf_ray") or {}
         if "median_s" not in ours:
             why = ours.get("error") or ours.get("skipped") or "rlhf_ray side not run"
-            lines.append(f"| {name} | {number(trl, 'median_s', '.2f')} | {why} | | | | | | |")
+            lines.append(f"| {name} | {number(trl, 'median_s', '.2f')} | {why} | | | | | | | | |")
             continue
         p = ours["phases_median_s"]
         phases = " / ".join(f"{p[k]:.2f}" for k in ("generate", "score", "train", "sync"))
-        ratio = f"{trl['median_s'] / ours['median_s']:.2f}" if "median_s" in trl else "-"
+        ratio = f"{row['ratio']:.2f}" if row.get("ratio") is not None else "-"
+        per_round = ", ".join("-" if r is None else f"{r:.2f}" for r in row.get("ratio_rounds", []))
+        steal = f"{steals(trl.get('host_steal'))} / {steals(ours.get('host_steal'))}"
         lines.append(
-            f"| {name} | {number(trl, 'median_s', '.2f')} | {ours['median_s']:.2f} | {ratio} | {phases} "
-            f"| {number(trl, 'startup_plus_10_s', '.0f')} | {ours['startup_plus_10_s']:.0f} "
+            f"| {name} | {number(trl, 'median_s', '.2f')} | {ours['median_s']:.2f} | {ratio} | {per_round} | {steal} "
+            f"| {phases} | {number(trl, 'startup_plus_10_s', '.0f')} | {ours['startup_plus_10_s']:.0f} "
             f"| {number(trl, 'train_flop_utilisation', '.1%')} | {ours['train_flop_utilisation']:.1%} |")
     lines.append("")
     lines.append("| TRL | s/it | generate / score / train s | start-up s | start-up + 10 it | train FLOP util "
-                 "| dtype probe (phase model: weight -> q_proj output, autocast) |")
-    lines.append("|---|---|---|---|---|---|---|")
+                 "| host steal | dtype probe (phase model: weight -> q_proj output, autocast) |")
+    lines.append("|---|---|---|---|---|---|---|---|")
     for precision, trl in report["trl"].items():
         if "error" in trl:
-            lines.append(f"| {precision} | {trl['error']} | | | | | |")
+            lines.append(f"| {precision} | {trl['error']} | | | | | | |")
             continue
         s, p = trl["summary"], trl["summary"]["phases_median_s"]
         probe = "; ".join(sorted({f"{d['phase']} {d['model']}: {d['weight'].split('.')[1]} -> "
@@ -369,7 +402,7 @@ def markdown(report: dict) -> str:
                      f"{trl['mixed_precision']}, {trl['torch_threads']} threads) | {s['median_s']:.2f} "
                      f"| {p['generate']:.2f} / {p['score']:.2f} / "
                      f"{p['train']:.2f} | {s['startup_s']:.0f} | {s['startup_plus_10_s']:.0f} ({s['startup_plus_10']}) "
-                     f"| {s['train_flop_utilisation']:.1%} | {probe} |")
+                     f"| {s['train_flop_utilisation']:.1%} | {steals(s.get('host_steal'))} | {probe} |")
     lines.append("")
     for name, row in report["rows"].items():
         ours = row.get("rlhf_ray") or {}
@@ -380,6 +413,43 @@ def markdown(report: dict) -> str:
                  f"prompt+response tokens + N_head {report['params']['head'] / 1e6:.1f}M x response tokens) per "
                  f"iteration / train-phase s / peak at the row's dtype.")
     return "\n".join(lines)
+
+
+def precision_of(row: str) -> str:
+    return ROWS[row][0]
+
+
+def one_round(args, rows, sides, prompt_tokens, n_seq, params, peak, layout_key, trl_first: bool) -> dict:
+    """Every side of the comparison once: TRL per precision and rlhf_ray per row, TRL first or last."""
+    trl: dict = {}
+
+    def run_trl_sides() -> None:
+        for precision in dict.fromkeys(precision_of(r) for r in rows):
+            if "trl" in sides:
+                trl[precision] = side("trl", precision, "separate")
+                if "error" not in trl[precision]:
+                    trl[precision]["summary"] = summarise(trl[precision], prompt_tokens, n_seq, params,
+                                                          peak[precision])
+
+    ours: dict = {}
+
+    def run_rlhf_ray_sides() -> None:
+        for name in rows:
+            precision, layout = ROWS[name]
+            if "rlhf_ray" not in sides:
+                continue
+            if layout != "separate" and not layout_key:
+                ours[name] = {"skipped": "placement.layout is not in this tree's config"}
+                continue
+            r = side("rlhf_ray", precision, layout)
+            ours[name] = r if "error" in r else {**summarise(r, prompt_tokens, n_seq, params, peak[precision]),
+                                                 "layout": r["layout"], "devices": r["devices"], "raw": r}
+
+    for run in ((run_trl_sides, run_rlhf_ray_sides) if trl_first else (run_rlhf_ray_sides, run_trl_sides)):
+        run()
+    return {"trl_first": trl_first, "trl": trl,
+            "rows": {name: {"trl": trl.get(precision_of(name), {}).get("summary"), "rlhf_ray": ours.get(name)}
+                     for name in rows}}
 
 
 def parse_args(argv=None):
@@ -398,6 +468,8 @@ def parse_args(argv=None):
     parser.add_argument("--natural-length", action="store_true", help="let EOS end completions (default: exact length)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="an rlhf_ray config override, e.g. generation.num_engines=2 (repeatable)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="repeat the comparison, alternating which side runs first; report medians over rounds")
     parser.add_argument("--peak-json", help="bench_cpu_peak.py's JSON (default: measure it first, ~15 s)")
     parser.add_argument("--out", help="output stem (default benchmarks/results/grpo_vs_trl_<UTC date-time>)")
     parser.add_argument("--side", choices=["trl", "rlhf_ray"], help=argparse.SUPPRESS)
@@ -438,28 +510,34 @@ def main() -> int:
     peak = {d: peak_json["peak_gflops"][d][threads] for d in ("fp32", "bf16")}
     layout_key = has_layout_key()
 
-    trl = {}
-    for precision in dict.fromkeys(ROWS[r][0] for r in rows):
-        if "trl" in sides:
-            trl[precision] = side("trl", precision, "separate")
-            if "error" not in trl[precision]:
-                trl[precision]["summary"] = summarise(trl[precision], prompt_tokens, n_seq, params, peak[precision])
+    if args.rounds < 1:
+        raise SystemExit("--rounds must be >= 1")
+    measure = dict(args=args, rows=rows, sides=sides, prompt_tokens=prompt_tokens, n_seq=n_seq, params=params,
+                   peak=peak, layout_key=layout_key)
+    rounds = [one_round(trl_first=k % 2 == 0, **measure) for k in range(args.rounds)]
+    trl = {precision: {**rounds[0]["trl"][precision], **({"summary": combine([r["trl"][precision]["summary"]
+                                                                              for r in rounds])}
+                                                         if all("summary" in r["trl"][precision] for r in rounds)
+                                                         else {})}
+           for precision in rounds[0]["trl"]}
     report_rows = {}
     for name in rows:
-        precision, layout = ROWS[name]
-        row = {"trl": trl.get(precision, {}).get("summary")}
-        if "rlhf_ray" in sides:
-            if layout != "separate" and not layout_key:
-                row["rlhf_ray"] = {"skipped": "placement.layout is not in this tree's config"}
-            else:
-                r = side("rlhf_ray", precision, layout)
-                row["rlhf_ray"] = r if "error" in r else {**summarise(r, prompt_tokens, n_seq, params, peak[precision]),
-                                                          "layout": r["layout"], "devices": r["devices"], "raw": r}
+        per_round = [r["rows"][name] for r in rounds]
+        ours = [x.get("rlhf_ray") or {} for x in per_round]
+        theirs = [x.get("trl") or {} for x in per_round]
+        ratios = [t["median_s"] / o["median_s"] if "median_s" in t and "median_s" in o else None
+                  for t, o in zip(theirs, ours)]
+        ok = [o for o in ours if "median_s" in o]
+        row = {"trl": trl.get(precision_of(name), {}).get("summary"),
+               "rlhf_ray": ({**combine(ok), "layout": ok[0]["layout"], "devices": ok[0]["devices"],
+                             "raw": [o["raw"] for o in ok]} if len(ok) == len(ours) else ours[0] if ours else {}),
+               "ratio_rounds": ratios,
+               "ratio": statistics.median(ratios) if ratios and None not in ratios else None}
         report_rows[name] = row
     report = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu_count": os.cpu_count(),
               "command": " ".join(["benchmarks/bench_grpo_vs_trl.py", *sys.argv[1:]]), "args": vars(args),
               "peak_gflops": peak, "cpu_peak": peak_json, "params": params, "prompt_tokens": prompt_tokens,
-              "trl": trl, "rows": report_rows}
+              "trl": trl, "rows": report_rows, "rounds": rounds if args.rounds > 1 else None}
     text = markdown(report)
     print("\n" + text)
     stem.parent.mkdir(parents=True, exist_ok=True)

@@ -18,6 +18,8 @@ bare loop under torch.autocast(cpu, bfloat16) over fp32 weights (torch's own mix
 run with bf16=True on CPU: the matmuls in bf16 like DeepSpeed's, fp32 weights and optimizer like its master copy).
 The bare loop uses torch's fused AdamW (common.build_optimizer(fused=True)), what CPU workers use (one worker on
 the parameters, several on their ZeRO partitions): the stronger baseline for both rows.
+Each rate is printed with the host's steal share while that side ran (benchmarks/host_cpu.py): sides measured under
+very different steal were not measured under the same conditions.
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import host_cpu  # noqa: E402  (benchmarks/, this file's folder)
 from rlhf_ray.config import load_config  # noqa: E402
 from rlhf_ray.train import common, read_metrics, run_sft, sft  # noqa: E402
 from rlhf_ray.train.deepspeed_config import zero_stage  # noqa: E402
@@ -89,7 +92,7 @@ def main() -> None:
             "sft.log_every": args.steps, "sft.eval_every": 0, "sft.checkpoint_every": 0,
             "data.eval_fraction": 0.0, "sft.optim.lr": 1e-4, "sft.deepspeed.precision": args.precision})
 
-        result, ray_rate, ray_wall = fit(cfg)
+        result, ray_rate, ray_wall, ray_steal = fit(cfg)
         one = None
         if not args.no_one_rank:
             one_cfg = dataclasses.replace(cfg, sft=dataclasses.replace(cfg.sft, num_workers=1, cpus_per_worker=threads))
@@ -100,28 +103,32 @@ def main() -> None:
         tokenizer = sft.load_tokenizer(cfg)
         rows = sft.rows(load_stage_dataset(cfg, "sft", tokenizer, split="train"))
         torch.set_num_threads(threads)
+        before = host_cpu.ticks()
         bare_rate = bare_loop_tokens_per_s(cfg, rows, result.plan, args.steps, tokenizer.pad_token_id, args.precision)
+        bare_steal = host_cpu.steal_share(before, host_cpu.ticks())
 
     plan = result.plan
     print(f"\nmodel {args.model}, {args.precision}: {args.steps} steps, global batch {plan.global_batch_size} = micro "
           f"{plan.micro_batch_size} x {plan.num_ranks} workers x {plan.accumulation} accumulation, ZeRO-{args.zero_stage}")
     print(f"Ray Train + DeepSpeed ({plan.num_ranks} workers): {ray_rate:,.0f} tokens/s over the training steps; "
-          f"fit wall {ray_wall:.1f}s incl. start-up")
-    print(f"bare torch loop (1 process, {threads} threads): {bare_rate:,.0f} tokens/s")
+          f"fit wall {ray_wall:.1f}s incl. start-up; {host_cpu.describe(ray_steal)}")
+    print(f"bare torch loop (1 process, {threads} threads): {bare_rate:,.0f} tokens/s; {host_cpu.describe(bare_steal)}")
     print(f"ratio ray/bare: {ray_rate / bare_rate:.2f}")
     if one is not None:
         print(f"Ray Train + DeepSpeed (1 worker, {threads} CPUs, ZeRO stage run: "
-              f"{zero_stage(cfg.sft.deepspeed, 1)}): {one[1]:,.0f} tokens/s; fit wall {one[2]:.1f}s")
+              f"{zero_stage(cfg.sft.deepspeed, 1)}): {one[1]:,.0f} tokens/s; fit wall {one[2]:.1f}s; "
+              f"{host_cpu.describe(one[3])}")
         print(f"ratio one-worker ray/bare (equal threads): {one[1] / bare_rate:.2f}")
 
 
 def fit(cfg):
-    """run_sft, its tokens/s over the training steps (the workers' one report window) and the fit's wall time."""
-    start = time.perf_counter()
+    """run_sft, its tokens/s over the training steps (the workers' one report window), the fit's wall time and the
+    host's steal share during the fit."""
+    start, before = time.perf_counter(), host_cpu.ticks()
     result = run_sft(cfg)
-    wall = time.perf_counter() - start
+    wall, steal = time.perf_counter() - start, host_cpu.steal_share(before, host_cpu.ticks())
     windows = [r for r in read_metrics(result.metrics_file) if r["event"] == "report" and r["step"] > 0]
-    return result, windows[-1]["tokens_per_s"], wall  # the one window: every training step
+    return result, windows[-1]["tokens_per_s"], wall, steal  # the one window: every training step
 
 
 if __name__ == "__main__":
