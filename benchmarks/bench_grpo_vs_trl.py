@@ -42,9 +42,10 @@ Reported per row (iteration 1 is the warm-up; "timed" = iterations 2..--steps+1)
 TRL's compute dtype is checked, not assumed: forward hooks on the first decoder layer's q_proj of the policy and
 the reference record weight, input and output dtypes and the autocast state in each phase ("dtype probe").
 Noise: the sides run one after the other on a machine that may be shared. Each side records the host's steal share
-while it ran (benchmarks/host_cpu.py: the CPU time the hypervisor gave other tenants); --rounds N repeats the whole
-comparison N times, alternating which side goes first (round 1 TRL, round 2 rlhf_ray, ...), and reports each round's
-ratio (its two sides adjacent in time) and the median over rounds; every other number is then the median over rounds.
+while it ran (benchmarks/host_cpu.py: the CPU time the hypervisor gave other tenants; the JSON also keeps the share
+of the machine the side kept busy); --rounds N repeats the whole comparison N times, alternating which side goes
+first (round 1 TRL, round 2 rlhf_ray, ...), and reports each round's ratio (its two sides adjacent in time) and the
+median over rounds; every other number is then the median over rounds.
 Writes <STEM>.md and <STEM>.json (default benchmarks/results/grpo_vs_trl_<UTC date-time>).
 TRL spreads torch over every core in one process. rlhf_ray runs its roles as separate Ray actors; the bench's
 defaults suit a 2-core machine (actor: 1 rank on 2 CPUs, the whole batch per micro-batch; reference on 2 CPUs;
@@ -276,11 +277,12 @@ def side(name: str, precision: str, layout: str) -> dict:
         launched, before = time.time(), host_cpu.ticks()
         rc = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--side", name, "--precision", precision,
                              "--layout", layout, "--result", f.name]).returncode
-        steal = host_cpu.steal_share(before, host_cpu.ticks())
+        after = host_cpu.ticks()
+        steal, busy = host_cpu.steal_share(before, after), host_cpu.busy_share(before, after)
         if rc != 0:
             return {"error": f"{name} side exited with {rc} (its log is above)", "host_steal": steal}
         result = json.loads(Path(f.name).read_text())
-    result["launched"], result["host_steal"] = launched, steal
+    result["launched"], result["host_steal"], result["host_busy"] = launched, steal, busy
     return result
 
 
@@ -328,7 +330,7 @@ def summarise(r: dict, prompt_tokens: list[int], n_seq: int, params: dict, peak_
             "startup_s": startup, "startup_plus_10_s": wait10, "startup_plus_10": how,
             "train_flop_utilisation": statistics.median(util),
             "response_length_mean": statistics.mean(r["response_length"][i] for i in timed),
-            "host_steal": r.get("host_steal")}
+            "host_steal": r.get("host_steal"), "host_busy": r.get("host_busy")}
 
 
 def combine(summaries: list[dict]) -> dict:
@@ -340,6 +342,7 @@ def combine(summaries: list[dict]) -> dict:
         elif isinstance(value, dict) and all(isinstance(v, (int, float)) for v in value.values()):
             out[key] = {k: statistics.median(s[key][k] for s in summaries) for k in value}
     out["host_steal"] = [s.get("host_steal") for s in summaries]
+    out["host_busy"] = [s.get("host_busy") for s in summaries]
     return out
 
 

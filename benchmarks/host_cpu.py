@@ -38,5 +38,15 @@ def steal_share(before: Optional[dict[str, int]], after: Optional[dict[str, int]
     return delta["steal"] / busy if busy > 0 else None
 
 
+def busy_share(before: Optional[dict[str, int]], after: Optional[dict[str, int]]) -> Optional[float]:
+    """Share of all CPU time (every core, idle and stolen included) this VM spent running anything: how much of the
+    machine a run kept busy (two sides at equal work but unequal busy shares spin or idle differently)."""
+    if not before or not after:
+        return None
+    delta = {k: after[k] - before[k] for k in FIELDS}
+    total = sum(delta.values())
+    return sum(delta[k] for k in BUSY if k != "steal") / total if total > 0 else None
+
+
 def describe(share: Optional[float]) -> str:
     return "steal n/a" if share is None else f"steal {share:.0%}"
