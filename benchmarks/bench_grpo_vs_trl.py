@@ -418,6 +418,13 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+def merge_trl(results: list[dict]) -> dict:
+    """One precision's TRL side over the rounds: the first round's record with the median summary, or a failed
+    round's error."""
+    failed = next((t for t in results if "error" in t), None)
+    return failed or {**results[0], "summary": combine([t["summary"] for t in results])}
+
+
 def precision_of(row: str) -> str:
     return ROWS[row][0]
 
@@ -518,11 +525,7 @@ def main() -> int:
     measure = dict(args=args, rows=rows, sides=sides, prompt_tokens=prompt_tokens, n_seq=n_seq, params=params,
                    peak=peak, layout_key=layout_key)
     rounds = [one_round(trl_first=k % 2 == 0, **measure) for k in range(args.rounds)]
-    trl = {precision: {**rounds[0]["trl"][precision], **({"summary": combine([r["trl"][precision]["summary"]
-                                                                              for r in rounds])}
-                                                         if all("summary" in r["trl"][precision] for r in rounds)
-                                                         else {})}
-           for precision in rounds[0]["trl"]}
+    trl = {precision: merge_trl([r["trl"][precision] for r in rounds]) for precision in rounds[0]["trl"]}
     report_rows = {}
     for name in rows:
         per_round = [r["rows"][name] for r in rounds]
@@ -533,7 +536,8 @@ def main() -> int:
         ok = [o for o in ours if "median_s" in o]
         row = {"trl": trl.get(precision_of(name), {}).get("summary"),
                "rlhf_ray": ({**combine(ok), "layout": ok[0]["layout"], "devices": ok[0]["devices"],
-                             "raw": [o["raw"] for o in ok]} if len(ok) == len(ours) else ours[0] if ours else {}),
+                             "raw": [o["raw"] for o in ok]} if ok and len(ok) == len(ours)
+                            else next((o for o in ours if "median_s" not in o), {})),  # a failed round's error
                "ratio_rounds": ratios,
                "ratio": statistics.median(ratios) if ratios and None not in ratios else None}
         report_rows[name] = row

@@ -6,9 +6,10 @@
 
 Not a test. Both sides train the same model on the same built-in SFT rows with the same micro-batch and global
 batch (the bare loop accumulates workers x accumulation micro-batches per optimizer step), and count the same
-tokens (non-padding tokens of every micro-batch). Ray Train's rate is what its workers report over the training
-steps (one report at the end: ray.train.report blocks until the controller's next 2 s poll when reports come
-faster, which would measure Ray's polling, not training); the fit wall time, start-up included, is shown too.
+tokens (non-padding tokens of every micro-batch), both after one warm-up step: the bare loop times --steps steps
+after its first, Ray Train runs --steps + 1 and its rate is the tokens over the time of steps 2.. as its workers
+report them (one report per step, each step's window from its metrics: `tokens_per_s` x the `elapsed_s` between
+two reports); the fit wall time, start-up included, is shown too.
 The bare loop runs in this process with all cores (torch's default threads); each Ray Train worker gets
 OMP_NUM_THREADS = its CPUs. Prints both rates and the ratio ray / bare. A second row (unless --no-one-rank) runs
 the same training as ONE Ray Train worker with all cores (sft.cpus_per_worker = the bare loop's threads) against the
@@ -88,8 +89,8 @@ def main() -> None:
         cfg = load_config(None, {
             "run.output_dir": tmp, "models.actor.path": args.model, "sft.num_workers": args.workers,
             "sft.deepspeed.zero_stage": args.zero_stage, "sft.deepspeed.micro_batch_size": args.micro_batch,
-            "sft.deepspeed.global_batch_size": args.global_batch, "sft.max_steps": args.steps,
-            "sft.log_every": args.steps, "sft.eval_every": 0, "sft.checkpoint_every": 0,
+            "sft.deepspeed.global_batch_size": args.global_batch, "sft.max_steps": args.steps + 1,
+            "sft.log_every": 1, "sft.eval_every": 0, "sft.checkpoint_every": 0,
             "data.eval_fraction": 0.0, "sft.optim.lr": 1e-4, "sft.deepspeed.precision": args.precision})
 
         result, ray_rate, ray_wall, ray_steal = fit(cfg)
@@ -127,8 +128,19 @@ def fit(cfg):
     start, before = time.perf_counter(), host_cpu.ticks()
     result = run_sft(cfg)
     wall, steal = time.perf_counter() - start, host_cpu.steal_share(before, host_cpu.ticks())
-    windows = [r for r in read_metrics(result.metrics_file) if r["event"] == "report" and r["step"] > 0]
-    return result, windows[-1]["tokens_per_s"], wall, steal  # the one window: every training step
+    return result, steady_tokens_per_s(read_metrics(result.metrics_file)), wall, steal
+
+
+def steady_tokens_per_s(records: list[dict]) -> float:
+    """Tokens per second over steps 2.. from the per-step reports (step 1, the warm-up, left out as the bare loop's)."""
+    reports = sorted((r for r in records if r["event"] == "report" and r["step"] > 0), key=lambda r: r["step"])
+    tokens = seconds = 0.0
+    for before, after in zip(reports, reports[1:]):
+        window = after["elapsed_s"] - before["elapsed_s"]
+        tokens, seconds = tokens + after["tokens_per_s"] * window, seconds + window
+    if seconds <= 0:
+        raise SystemExit(f"bench_sft: no per-step reports after the warm-up step in the metrics ({len(reports)} reports)")
+    return tokens / seconds
 
 
 if __name__ == "__main__":
