@@ -58,6 +58,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -130,9 +131,6 @@ def prompts_in_order(cfg, n: int) -> list[dict]:
 
 # ------------------------------------------------------------------------------------------- rlhf_ray side
 def run_rlhf_ray(args) -> dict:
-    from rlhf_ray.metrics import read_metrics
-    from rlhf_ray.ppo import PPOTrainer
-
     out = tempfile.mkdtemp(prefix="bench_grpo_rlhf_ray_")
     row = {"ppo.actor.deepspeed.precision": args.precision}
     if has_layout_key():
@@ -141,6 +139,17 @@ def run_rlhf_ray(args) -> dict:
             row["generation.max_restarts"] = 0
     elif args.layout != "separate":
         raise SystemExit("placement.layout is not in this tree's config")
+    try:  # the run's folder (checkpoint and final model, ~0.5 GB on SmolLM2) goes once its metrics are read
+        return rlhf_ray_run(args, out, row)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def rlhf_ray_run(args, out: str, row: dict) -> dict:
+    """One rlhf_ray PPO run in `out` with the row's overrides: its per-iteration numbers from the metrics file."""
+    from rlhf_ray.metrics import read_metrics
+    from rlhf_ray.ppo import PPOTrainer
+
     cfg = rlhf_ray_config(args, out, row)
     trainer = PPOTrainer(cfg)
     first_iteration_start = time.time()
