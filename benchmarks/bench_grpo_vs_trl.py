@@ -287,12 +287,11 @@ def side(name: str, precision: str, layout: str) -> dict:
         rc = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--side", name, "--precision", precision,
                              "--layout", layout, "--result", f.name]).returncode
         after = host_cpu.ticks()
-        steal, busy = host_cpu.steal_share(before, after), host_cpu.busy_share(before, after)
+        host = {"host_steal": host_cpu.steal_share(before, after), "host_busy": host_cpu.busy_share(before, after)}
         if rc != 0:
-            return {"error": f"{name} side exited with {rc} (its log is above)", "host_steal": steal}
+            return {"error": f"{name} side exited with {rc} (its log is above)", **host}
         result = json.loads(Path(f.name).read_text())
-    result["launched"], result["host_steal"], result["host_busy"] = launched, steal, busy
-    return result
+    return {**result, "launched": launched, **host}
 
 
 def model_params(model: str) -> dict:
@@ -510,6 +509,8 @@ def main() -> int:
     unknown = [r for r in rows if r not in ROWS] + [s for s in sides if s not in ("trl", "rlhf_ray")]
     if unknown:
         raise SystemExit(f"unknown --rows/--sides entries {unknown}; rows: {', '.join(ROWS)}; sides: trl, rlhf_ray")
+    if args.rounds < 1:
+        raise SystemExit("--rounds must be >= 1")
     fixed = [s for s in args.set if s.partition("=")[0] in ROW_KEYS]
     if fixed:
         raise SystemExit(f"--set {fixed}: {' and '.join(ROW_KEYS)} are chosen per row by --rows")
@@ -529,8 +530,6 @@ def main() -> int:
     peak = {d: peak_json["peak_gflops"][d][threads] for d in ("fp32", "bf16")}
     layout_key = has_layout_key()
 
-    if args.rounds < 1:
-        raise SystemExit("--rounds must be >= 1")
     measure = dict(args=args, rows=rows, sides=sides, prompt_tokens=prompt_tokens, n_seq=n_seq, params=params,
                    peak=peak, layout_key=layout_key)
     rounds = [one_round(trl_first=k % 2 == 0, **measure) for k in range(args.rounds)]

@@ -123,8 +123,8 @@ def main() -> None:
 
 
 def fit(cfg):
-    """run_sft, its tokens/s over the training steps (the workers' one report window), the fit's wall time and the
-    host's steal share during the fit."""
+    """run_sft, its tokens/s over the training steps after the first (steady_tokens_per_s), the fit's wall time and
+    the host's steal share during the fit."""
     start, before = time.perf_counter(), host_cpu.ticks()
     result = run_sft(cfg)
     wall, steal = time.perf_counter() - start, host_cpu.steal_share(before, host_cpu.ticks())

@@ -29,22 +29,22 @@ def ticks(stat: Path = Path("/proc/stat")) -> Optional[dict[str, int]]:
     return dict(zip(FIELDS, (int(v) for v in first[1:1 + len(FIELDS)])))
 
 
+def _delta(before: Optional[dict[str, int]], after: Optional[dict[str, int]]) -> Optional[dict[str, int]]:
+    return {k: after[k] - before[k] for k in FIELDS} if before and after else None
+
+
 def steal_share(before: Optional[dict[str, int]], after: Optional[dict[str, int]]) -> Optional[float]:
     """Stolen share of the busy CPU time between two `ticks()` readings (None if either is missing or nothing ran)."""
-    if not before or not after:
-        return None
-    delta = {k: after[k] - before[k] for k in FIELDS}
-    busy = sum(delta[k] for k in BUSY)
+    delta = _delta(before, after)
+    busy = sum(delta[k] for k in BUSY) if delta else 0
     return delta["steal"] / busy if busy > 0 else None
 
 
 def busy_share(before: Optional[dict[str, int]], after: Optional[dict[str, int]]) -> Optional[float]:
     """Share of all CPU time (every core, idle and stolen included) this VM spent running anything: how much of the
     machine a run kept busy (two sides at equal work but unequal busy shares spin or idle differently)."""
-    if not before or not after:
-        return None
-    delta = {k: after[k] - before[k] for k in FIELDS}
-    total = sum(delta.values())
+    delta = _delta(before, after)
+    total = sum(delta.values()) if delta else 0
     return sum(delta[k] for k in BUSY if k != "steal") / total if total > 0 else None
 
 
