@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_grpo_vs_trl import rlhf_ray_config  # noqa: E402
+from bench_grpo_vs_trl import BETA, LR, SEED, rlhf_ray_config  # noqa: E402
 
 
 def main() -> int:
@@ -33,6 +33,9 @@ def main() -> int:
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--natural-length", action="store_true")
+    parser.add_argument("--lr", type=float, default=LR)  # as bench_grpo_vs_trl.py
+    parser.add_argument("--beta", type=float, default=BETA)
+    parser.add_argument("--seed", type=int, default=SEED)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--json", help="also write the raw rows here")
     args = parser.parse_args()
