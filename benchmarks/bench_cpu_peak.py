@@ -1,12 +1,16 @@
 """This machine's matmul peak: fp32 and bf16 GFLOP/s of torch.matmul on square matrices, all cores and 1 thread.
 
     flock /tmp/rlhf_ray_heavy.lock .venv/bin/python benchmarks/bench_cpu_peak.py [--sizes 2048 4096]
-        [--threads 0 1] [--json PATH]
+        [--threads 0 1] [--json PATH] [--decode]
 
 Not a test. One process; for each thread count (0: every core, os.cpu_count()), dtype and size: two warm-up
 matmuls, then repeated matmuls for at least --seconds; GFLOP/s = 2 n^3 x repeats / elapsed. The "peak" of a dtype
 and thread count is the best size: benchmarks/bench_grpo_vs_trl.py divides model FLOPs per second by it
 (training FLOP utilisation). Prints a markdown table and one JSON line (also written to --json).
+
+--decode adds what bounds generation instead: the memory read bandwidth (a sum over 512 MB) and decode-shaped
+matmuls, 16 rows (the GRPO bench's 16 sequences) x SmolLM2's 576 -> 1536 MLP weight, over 200 distinct weights so
+each comes from memory as in a decode step: ms per matmul, GB/s of weights read and GFLOP/s.
 """
 from __future__ import annotations
 
@@ -65,6 +69,45 @@ def measure(sizes=(2048, 4096), threads=(0, 1), seconds: float = 1.0) -> dict:
             "peak_gflops": peak, "runs": runs}
 
 
+def read_gbps(mbytes: int = 512) -> float:
+    import torch
+
+    a = torch.ones(mbytes * 2**20 // 4)
+    a.sum()
+    start = time.perf_counter()
+    for _ in range(5):
+        a.sum()
+    return a.numel() * 4 * 5 / (time.perf_counter() - start) / 1e9
+
+
+def decode_matmul(dtype_name: str, rows: int = 16, k: int = 576, n: int = 1536, weights: int = 200) -> dict:
+    import torch
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    ws, x = [torch.randn(n, k, dtype=dtype) for _ in range(weights)], torch.randn(rows, k, dtype=dtype)
+    for w in ws[:10]:
+        x @ w.t()
+    start = time.perf_counter()
+    for w in ws:
+        x @ w.t()
+    each = (time.perf_counter() - start) / weights
+    return {"dtype": dtype_name, "shape": [rows, k, n], "ms": round(each * 1e3, 3),
+            "weight_gbps": round(n * k * ws[0].element_size() / each / 1e9, 2),
+            "gflops": round(2 * rows * k * n / each / 1e9, 1)}
+
+
+def measure_decode(threads=(0, 1)) -> list[dict]:
+    import torch
+
+    out = []
+    for t in threads:
+        t = t or os.cpu_count()
+        torch.set_num_threads(t)
+        out.append({"threads": t, "read_gbps": round(read_gbps(), 1),
+                    "matmuls": [decode_matmul(d) for d in DTYPES]})
+    return out
+
+
 def table(result: dict) -> str:
     lines = ["| threads | dtype | n | GFLOP/s |", "|---|---|---|---|"]
     lines += [f"| {r['threads']} | {r['dtype']} | {r['n']} | {r['gflops']:.0f} |" for r in result["runs"]]
@@ -72,6 +115,10 @@ def table(result: dict) -> str:
     lines.append("peak (best size): " + "; ".join(f"{d} {t} thread(s) {v:.0f}" for d in DTYPES
                                                   for t, v in peak[d].items())
                  + f" GFLOP/s; flags {' '.join(result['cpu_flags']) or 'none'}")
+    for d in result.get("decode", []):
+        lines.append(f"decode, {d['threads']} thread(s): memory read {d['read_gbps']:.1f} GB/s; " + "; ".join(
+            f"{m['dtype']} {m['shape'][0]}x{m['shape'][1]}x{m['shape'][2]} {m['ms']:.3f} ms ({m['weight_gbps']:.1f} "
+            f"GB/s of weights, {m['gflops']:.0f} GFLOP/s)" for m in d["matmuls"]))
     return "\n".join(lines)
 
 
@@ -81,8 +128,11 @@ def main() -> int:
     parser.add_argument("--threads", type=int, nargs="+", default=[0, 1], help="0: every core")
     parser.add_argument("--seconds", type=float, default=1.0, help="minimum timed seconds per measurement")
     parser.add_argument("--json", help="also write the JSON here")
+    parser.add_argument("--decode", action="store_true", help="also memory bandwidth and decode-shaped matmuls")
     args = parser.parse_args()
     result = measure(args.sizes, args.threads, args.seconds)
+    if args.decode:
+        result["decode"] = measure_decode(args.threads)
     print(table(result))
     print(json.dumps(result))
     if args.json:
