@@ -280,12 +280,13 @@ def run_trl(args) -> dict:
 
 
 # --------------------------------------------------------------------------------------------------- driver
-def side(name: str, precision: str, layout: str) -> dict:
-    """One side in a fresh process; {'error': ...} instead of raising, so one broken row leaves the others."""
+def side(name: str, precision: str, layout: str, env: dict | None = None) -> dict:
+    """One side in a fresh process (with `env` added to its environment); {'error': ...} instead of raising, so one
+    broken row leaves the others."""
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         launched, before = time.time(), host_cpu.ticks()
         rc = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--side", name, "--precision", precision,
-                             "--layout", layout, "--result", f.name]).returncode
+                             "--layout", layout, "--result", f.name], env={**os.environ, **(env or {})}).returncode
         after = host_cpu.ticks()
         host = {"host_steal": host_cpu.steal_share(before, after), "host_busy": host_cpu.busy_share(before, after)}
         if rc != 0:
@@ -420,7 +421,9 @@ def markdown(report: dict) -> str:
         if "median_s" in ours:
             lines.append(f"{name}: rlhf_ray start-up {ours['startup_s']:.0f} s, start-up + 10 it "
                          f"{ours['startup_plus_10']}; layout {ours['layout']}; workers {ours['devices']}")
-    lines.append(f"Overrides: {a['set'] or 'none'}. Model FLOPs: 6 x (N_body {report['params']['body'] / 1e6:.1f}M x "
+    env = a.get("rlhf_ray_env") or "unchanged"
+    lines.append(f"Overrides: {a['set'] or 'none'}; added to rlhf_ray's environment: {env}. "
+                 f"Model FLOPs: 6 x (N_body {report['params']['body'] / 1e6:.1f}M x "
                  f"prompt+response tokens + N_head {report['params']['head'] / 1e6:.1f}M x response tokens) per "
                  f"iteration / train-phase s / peak at the row's dtype.")
     return "\n".join(lines)
@@ -459,7 +462,7 @@ def one_round(args, rows, sides, prompt_tokens, n_seq, params, peak, layout_key,
             if layout != "separate" and not layout_key:
                 ours[name] = {"skipped": "placement.layout is not in this tree's config"}
                 continue
-            r = side("rlhf_ray", precision, layout)
+            r = side("rlhf_ray", precision, layout, dict(e.split("=", 1) for e in args.rlhf_ray_env))
             ours[name] = r if "error" in r else {**summarise(r, prompt_tokens, n_seq, params, peak[precision]),
                                                  "layout": r["layout"], "devices": r["devices"], "raw": r}
 
@@ -486,6 +489,9 @@ def parse_args(argv=None):
     parser.add_argument("--natural-length", action="store_true", help="let EOS end completions (default: exact length)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="an rlhf_ray config override, e.g. generation.num_engines=2 (repeatable)")
+    parser.add_argument("--rlhf-ray-env", action="append", default=[], metavar="NAME=VALUE",
+                        help="an environment variable for the rlhf_ray side only (repeatable), e.g. "
+                             "OMP_WAIT_POLICY=PASSIVE: its Ray workers inherit it")
     parser.add_argument("--rounds", type=int, default=1,
                         help="repeat the comparison, alternating which side runs first; report medians over rounds")
     parser.add_argument("--peak-json", help="bench_cpu_peak.py's JSON (default: measure it first, ~15 s)")
@@ -511,6 +517,9 @@ def main() -> int:
         raise SystemExit(f"unknown --rows/--sides entries {unknown}; rows: {', '.join(ROWS)}; sides: trl, rlhf_ray")
     if args.rounds < 1:
         raise SystemExit("--rounds must be >= 1")
+    malformed = [e for e in args.rlhf_ray_env if "=" not in e or not e.partition("=")[0]]
+    if malformed:
+        raise SystemExit(f"--rlhf-ray-env {malformed}: give NAME=VALUE")
     fixed = [s for s in args.set if s.partition("=")[0] in ROW_KEYS]
     if fixed:
         raise SystemExit(f"--set {fixed}: {' and '.join(ROW_KEYS)} are chosen per row by --rows")

@@ -109,7 +109,7 @@ class PPOTrainer:
         from rlhf_ray.env import check_agreement
         from rlhf_ray.groups import placement_plan
         from rlhf_ray.models.loading import load_tokenizer
-        from rlhf_ray.resources import init_ray
+        from rlhf_ray.resources import init_ray, peak_concurrent_threads
 
         validate_ppo(cfg)  # before anything starts
         check_value_models(cfg)
@@ -122,7 +122,7 @@ class PPOTrainer:
         self.ptx_rows = load_stage_dataset(cfg, "ptx", self.tokenizer) if p.ptx_coef > 0 else None
         self.kl_ctl = kl_controller(p)
         self.iteration = 0
-        init_ray(cfg)
+        init_ray(cfg, concurrent_threads=peak_concurrent_threads(cfg))
         self.uses_critic = p.advantage_estimator == "gae"
         self.reuses_train_logprobs = reuses_train_logprobs(cfg)
         self.plan: dict = {}

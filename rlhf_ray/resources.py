@@ -79,14 +79,50 @@ def machine_cores() -> int:
         return os.cpu_count() or 1
 
 
-def oversubscribed_env(num_cpus: int, cores: int, environ=os.environ) -> dict[str, str]:
+def oversubscribed_env(num_cpus: int, cores: int, environ=os.environ, concurrent_threads: Optional[int] = None
+                       ) -> dict[str, str]:
     """Worker environment for a local cluster with more logical CPUs than cores, where the workers' OpenMP threads
-    share cores: idle threads wait passively instead of spinning on cores the others need. Three SmolLM2 forward
+    may share cores: idle threads wait passively instead of spinning on cores the others need. Three SmolLM2 forward
     loops with 2 threads each on 2 cores took 81.2 s at once with the default and 21.1 s with passive waiting
-    (benchmarks/results/omp_wait_policy.md). An OMP_WAIT_POLICY the user set is left alone."""
-    if num_cpus > cores and "OMP_WAIT_POLICY" not in environ:
+    (benchmarks/results/omp_wait_policy.md). When the run's processes never compute on more threads at once than
+    there are cores (`concurrent_threads`, peak_concurrent_threads), OpenMP's default (a short spin) stays: there
+    passive waiting only slows the many small parallel regions of decoding and training (on a VM the sleeping vCPUs
+    also meet more steal): the GRPO bench's rlhf_ray side spinning gave TRL / rlhf_ray 1.10, 1.08 (fp32) and 1.38,
+    2.03 (bf16) where passive waiting gave 1.01, 0.98, 1.01 and 1.19, 1.30, 1.36 (grpo_vs_trl.md, 2026-12-03).
+    `concurrent_threads` None: not known, passive. An OMP_WAIT_POLICY the user set is left alone."""
+    fits = concurrent_threads is not None and concurrent_threads <= cores
+    if num_cpus > cores and not fits and "OMP_WAIT_POLICY" not in environ:
         return {"OMP_WAIT_POLICY": "PASSIVE"}
     return {}
+
+
+def peak_concurrent_threads(cfg: Config) -> int:
+    """The most OpenMP threads this run's processes compute on at one time, over every stage a run may start on its
+    cluster (the pipeline's first stage starts it for the others). A worker computes on its Ray CPUs' worth of
+    threads (at least 1). SFT and RM: every Ray Train worker at once. PPO, rollout.mode off, one phase after another:
+    generate (the engines; hybrid: the actor's ranks), score (reference, the reward model unless rule functions
+    replace it, the actor's old log-probs unless the training pass gives them, the critic's values), train (the
+    actor, then the critic). Async modes: generation beside scoring or training."""
+    from rlhf_ray.config import reuses_train_logprobs
+
+    def threads(res, workers: Optional[int] = None) -> int:
+        return max(1, math.ceil(res.cpus_per_worker)) * (res.num_workers if workers is None else workers)
+
+    p, g, placement = cfg.ppo, cfg.generation, cfg.placement
+    critic = threads(placement.critic) if p.advantage_estimator == "gae" else 0
+    if placement.layout == "hybrid":
+        generate = threads(placement.actor)
+    else:
+        generate = threads(placement.generator, g.num_engines * g.tensor_parallel_size)
+    rule_only = bool(p.reward_functions) and p.reward_function_mode == "replace"
+    # as PPOTrainer.make_experience: async rollouts without a correction take the engines' own log-probs
+    engines_old = cfg.rollout.mode != "off" and p.off_policy_correction == "none"
+    actor_old = not (reuses_train_logprobs(cfg) or engines_old)
+    score = (threads(placement.reference) + (0 if rule_only else threads(placement.reward))
+             + (threads(placement.actor) if actor_old else 0) + critic)
+    train = max(threads(placement.actor), critic)
+    ppo = max(generate, score, train) if cfg.rollout.mode == "off" else generate + max(score, train)
+    return max(threads(cfg.sft), threads(cfg.rm), ppo)
 
 
 def local_num_cpus(cfg: Config, extra_cpus: float = 1.0) -> int:
@@ -106,8 +142,10 @@ def ray_address(cfg: Config) -> Optional[str]:
     return None if address == LOCAL else address
 
 
-def init_ray(cfg: Config, **kwargs):
-    """Attach to the cluster given (ray_address), or start a private local one sized by the convention above."""
+def init_ray(cfg: Config, concurrent_threads: Optional[int] = None, **kwargs):
+    """Attach to the cluster given (ray_address), or start a private local one sized by the convention above.
+    `concurrent_threads`: the most threads the command computes on at once (peak_concurrent_threads for the training
+    stages); None (a command that does not say) keeps passive OpenMP waiting on an oversubscribed local cluster."""
     import ray
 
     if ray.is_initialized():
@@ -125,7 +163,7 @@ def init_ray(cfg: Config, **kwargs):
         if logging.getLogger().getEffectiveLevel() > logging.DEBUG:  # no State API here: env.quiet_state_api_warning
             env_vars[QUIET_STATE_API_ENV] = "1"
         num_cpus, cores = local_num_cpus(cfg), machine_cores()
-        env_vars.update(oversubscribed_env(num_cpus, cores))
+        env_vars.update(oversubscribed_env(num_cpus, cores, concurrent_threads=concurrent_threads))
         why = "ray.address: local" if cfg.ray.address == LOCAL else "no ray.address or RAY_ADDRESS given"
         log.info("starting a private local Ray cluster with %d logical CPUs (%d cores%s): %s", num_cpus, cores,
                  ", OpenMP threads wait passively" if env_vars.get("OMP_WAIT_POLICY") == "PASSIVE" else "", why)

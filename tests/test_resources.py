@@ -121,3 +121,36 @@ def test_workers_of_an_oversubscribed_local_cluster_wait_passively(ray_cluster):
     assert oversubscribed_env(8, 2, environ={}) == {"OMP_WAIT_POLICY": "PASSIVE"}
     assert oversubscribed_env(8, 8, environ={}) == {}
     assert oversubscribed_env(8, 2, environ={"OMP_WAIT_POLICY": "ACTIVE"}) == {}
+
+
+def test_passive_waiting_only_where_processes_compute_on_more_threads_than_cores():
+    """Pure logic: an oversubscribed local cluster keeps OpenMP's default (spinning briefly) when no phase of the run
+    computes on more threads than there are cores, and waits passively otherwise or when the command does not say."""
+    from rlhf_ray.resources import oversubscribed_env, peak_concurrent_threads
+
+    assert oversubscribed_env(8, 2, environ={}, concurrent_threads=2) == {}
+    assert oversubscribed_env(8, 2, environ={}, concurrent_threads=3) == {"OMP_WAIT_POLICY": "PASSIVE"}
+    assert oversubscribed_env(8, 2, environ={}, concurrent_threads=None) == {"OMP_WAIT_POLICY": "PASSIVE"}
+
+    # the GRPO bench's layout: one hybrid actor rank on 2 CPUs, the reference on 2, the rule reward alone, the
+    # training pass giving the old log-probs: every phase computes on 2 threads
+    grpo = {"placement.layout": "hybrid", "placement.actor.num_workers": 1, "placement.actor.cpus_per_worker": 2,
+            "placement.reference.cpus_per_worker": 2, "generation.max_restarts": 0,
+            "ppo.advantage_estimator": "grpo", "ppo.kl_penalty": "loss", "ppo.kl_estimator": "k3", "ppo.ppo_epochs": 1,
+            "ppo.rollout_batch_size": 4, "generation.n_samples_per_prompt": 4, "ppo.mini_batch_size": 16,
+            "ppo.reward_functions": ["rlhf_ray.data.builtin.rule_reward"], "ppo.reward_function_mode": "replace",
+            "sft.num_workers": 1, "rm.num_workers": 1}
+    assert peak_concurrent_threads(load_config(None, grpo)) == 2
+    # a reward model scores beside the reference; the actor's old log-probs beside it (two mini-batches)
+    assert peak_concurrent_threads(load_config(None, {**grpo, "ppo.reward_function_mode": "add"})) == 3
+    assert peak_concurrent_threads(load_config(None, {**grpo, "ppo.mini_batch_size": 8})) == 4
+    # generation beside training (async rollouts); the critic beside the reference (GAE)
+    assert peak_concurrent_threads(load_config(None, {**grpo, "rollout.mode": "one_step"})) == 4
+    assert peak_concurrent_threads(load_config(None, {**grpo, "ppo.advantage_estimator": "gae",
+                                                      "placement.critic.num_workers": 1})) == 3
+    # every Ray Train worker at once, whichever stage the cluster is started by
+    assert peak_concurrent_threads(load_config(None, {**grpo, "sft.num_workers": 3,
+                                                      "sft.deepspeed.global_batch_size": 6})) == 3
+    # the separate layout: engines x tensor parallel ranks generate together
+    assert peak_concurrent_threads(load_config(None, {**grpo, "placement.layout": "separate",
+                                                      "generation.num_engines": 3})) == 3

@@ -643,7 +643,7 @@ def run_stage(config: Config | str | Path, stage: str, overrides: Optional[list[
 
     from rlhf_ray.data import load_stage_dataset
     from rlhf_ray.io import atomic_directory
-    from rlhf_ray.resources import init_ray
+    from rlhf_ray.resources import init_ray, peak_concurrent_threads
 
     cfg = _as_config(config, overrides)
     task = stage_task(stage)
@@ -651,7 +651,7 @@ def run_stage(config: Config | str | Path, stage: str, overrides: Optional[list[
     output_dir = stage_output_dir(cfg, stage)
     work_dir = output_dir.with_name(output_dir.name + "_train")
     started = time.time()
-    init_ray(cfg)
+    init_ray(cfg, concurrent_threads=peak_concurrent_threads(cfg))
 
     tokenizer = task.load_tokenizer(cfg)
     train_rows = task.rows(load_stage_dataset(cfg, stage, tokenizer, split="train"))
