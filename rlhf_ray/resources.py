@@ -19,7 +19,7 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
-from rlhf_ray.config import Config, RoleResources
+from rlhf_ray.config import Config, RoleResources, reuses_train_logprobs
 from rlhf_ray.console import quiet_ray_driver_logger, route_worker_output
 from rlhf_ray.env import QUIET_STATE_API_ENV, worker_env_vars
 
