@@ -20,6 +20,8 @@ import sys
 import time
 from collections import defaultdict
 
+import host_cpu  # benchmarks/, this file's folder: the host's ticks from /proc/stat
+
 HZ = os.sysconf("SC_CLK_TCK")
 
 
@@ -40,23 +42,18 @@ def process_ticks() -> dict[int, tuple[str, int]]:
     return out
 
 
-def host_ticks() -> list[int]:
-    with open("/proc/stat") as f:
-        return [int(x) for x in f.readline().split()[1:]]
-
-
 def sample(interval: float, out, stop) -> None:
-    prev, prev_host = process_ticks(), host_ticks()
+    prev, prev_host = process_ticks(), host_cpu.ticks()
     while not stop():
         time.sleep(interval)
-        now, now_host = process_ticks(), host_ticks()
-        d = [a - b for a, b in zip(now_host, prev_host)]
-        busy = d[0] + d[1] + d[2] + d[5] + d[6]  # user nice system irq softirq
+        now, now_host = process_ticks(), host_cpu.ticks()
+        d = {k: now_host[k] - prev_host[k] for k in host_cpu.FIELDS}
+        busy = sum(d[k] for k in host_cpu.BUSY if k != "steal")
         use = {f"{name}:{pid}": round((ticks - prev[pid][1]) / HZ / interval, 2)
                for pid, (name, ticks) in now.items() if pid in prev and ticks > prev[pid][1]}
         top = dict(sorted(use.items(), key=lambda kv: -kv[1])[:6])
         out.write(json.dumps({"t": round(time.time(), 2), "busy_cores": round(busy / HZ / interval, 2),
-                              "steal_cores": round(d[7] / HZ / interval, 2), "procs": top}) + "\n")
+                              "steal_cores": round(d["steal"] / HZ / interval, 2), "procs": top}) + "\n")
         out.flush()
         prev, prev_host = now, now_host
 
