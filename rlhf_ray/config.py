@@ -689,6 +689,13 @@ def reuses_train_logprobs(cfg: Config) -> bool:
             and p.mini_batch_size == p.rollout_batch_size * cfg.generation.n_samples_per_prompt)
 
 
+def old_logprobs_from_engines(cfg: Config) -> bool:
+    """Whether the PPO ratio is taken against the engines' own sampling log-probs (no actor forward while scoring):
+    asynchronous rollouts without an off-policy correction (which would take it against the learner's recomputed
+    log-probs, a proximal policy, and weigh the tokens by the correction)."""
+    return cfg.rollout.mode != "off" and cfg.ppo.off_policy_correction == "none"
+
+
 def _validate_hybrid(cfg: Config, need) -> None:
     """placement.layout hybrid: what the one-rank hybrid (rlhf_ray/hybrid.py) does not do is refused here."""
     if cfg.placement.layout != "hybrid":

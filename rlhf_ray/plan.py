@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from rlhf_ray.config import (ClusterConfig, Config, ConfigError, PPOLearnerConfig, load_config, ppo_learner,
-                              ppo_precision, reuses_train_logprobs, validate)
+                              ppo_precision, old_logprobs_from_engines, reuses_train_logprobs, validate)
 from rlhf_ray.resources import RoleLayout, ppo_layout
 
 GIB = 1024**3
@@ -718,7 +718,8 @@ def _estimate_time(cfg: Config, plan: Plan) -> None:
                 plan, procs, shape.params, 2 if procs[0].gpus else 4, ds, math.ceil(seqs / (n * ds.micro_batch_size)),
                 cross=1 if learner else 0))  # frozen scorers keep their hpZ copy for the whole run
 
-    if not reuses_train_logprobs(cfg):  # else the training pass supplies the old log-probs (experience.py)
+    # else the training pass (experience.py) or the engines (asynchronous rollouts) supply the old log-probs
+    if not (reuses_train_logprobs(cfg) or old_logprobs_from_engines(cfg)):
         forward("actor", a, True)
     forward("reference", a, False)
     forward("critic", cr, True)

@@ -27,7 +27,8 @@ from typing import Optional
 import torch
 
 from rlhf_ray import rl
-from rlhf_ray.config import Config, ConfigError, PPOConfig, reuses_train_logprobs, validate_ppo
+from rlhf_ray.config import (Config, ConfigError, PPOConfig, old_logprobs_from_engines, reuses_train_logprobs,
+                             validate_ppo)
 from rlhf_ray.experience import (PromptStream, answered_rollout, build_batch, compute_advantages,
                                  drop_nonfinite_samples, full_width, length_penalised, request_seed,
                                  response_slice, rollout_with_signal)
@@ -299,9 +300,7 @@ class PPOTrainer:
         import ray
 
         p, reuse = self.cfg.ppo, self.reuses_train_logprobs
-        # Asynchronous rollouts: the ratio is taken against the engines' own log-probs, unless an off-policy correction
-        # takes it against the learner's recomputed ones (a proximal policy) and weighs the tokens by the correction.
-        behaviour_old = self.cfg.rollout.mode != "off" and p.off_policy_correction == "none"
+        behaviour_old = old_logprobs_from_engines(self.cfg)  # asynchronous rollouts without an off-policy correction
         P = batch["prompt_width"]
         ref = ray.put(batch)  # every group reads the rollout from the object store
         futures = {"ref": self.reference.logprobs(ref, as_ref=True)}

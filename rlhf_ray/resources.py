@@ -19,7 +19,7 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
-from rlhf_ray.config import Config, RoleResources, reuses_train_logprobs
+from rlhf_ray.config import Config, RoleResources, old_logprobs_from_engines, reuses_train_logprobs
 from rlhf_ray.console import quiet_ray_driver_logger, route_worker_output
 from rlhf_ray.env import QUIET_STATE_API_ENV, worker_env_vars
 
@@ -103,8 +103,6 @@ def peak_concurrent_threads(cfg: Config) -> int:
     generate (the engines; hybrid: the actor's ranks), score (reference, the reward model unless rule functions
     replace it, the actor's old log-probs unless the training pass gives them, the critic's values), train (the
     actor, then the critic). Async modes: generation beside scoring or training."""
-    from rlhf_ray.config import reuses_train_logprobs
-
     def threads(res, workers: Optional[int] = None) -> int:
         return max(1, math.ceil(res.cpus_per_worker)) * (res.num_workers if workers is None else workers)
 
@@ -115,9 +113,7 @@ def peak_concurrent_threads(cfg: Config) -> int:
     else:
         generate = threads(placement.generator, g.num_engines * g.tensor_parallel_size)
     rule_only = bool(p.reward_functions) and p.reward_function_mode == "replace"
-    # as PPOTrainer.make_experience: async rollouts without a correction take the engines' own log-probs
-    engines_old = cfg.rollout.mode != "off" and p.off_policy_correction == "none"
-    actor_old = not (reuses_train_logprobs(cfg) or engines_old)
+    actor_old = not (reuses_train_logprobs(cfg) or old_logprobs_from_engines(cfg))
     score = (threads(placement.reference) + (0 if rule_only else threads(placement.reward))
              + (threads(placement.actor) if actor_old else 0) + critic)
     train = max(threads(placement.actor), critic)

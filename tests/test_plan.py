@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from rlhf_ray.cli import main
-from rlhf_ray.config import ConfigError, load_config, reuses_train_logprobs
+from rlhf_ray.config import ConfigError, load_config, old_logprobs_from_engines, reuses_train_logprobs
 from rlhf_ray.plan import (GIB, MODEL_CONFIGS, with_overrides, model_shape, placement_given, plan, shape_from_config,
                            suggest_placement, zero_model_state_bytes)
 
@@ -665,4 +665,18 @@ def test_on_policy_kl_in_loss_skips_the_actor_forward_while_scoring():
     ranks = {r: len([x for x in plan(cfg).procs if x.role == r]) for r in ("actor", "reference")}
     forward = 2 * model_shape("facebook/opt-13b").params * 96 * 512 / (ranks["actor"] * 312e12 * 0.2)
     assert plan(cfg).parts["experience"]["compute"] - plan(on_policy).parts["experience"]["compute"] == \
+        pytest.approx(forward)
+
+
+def test_async_rollouts_without_correction_take_old_logprobs_from_the_engines():
+    """rollout.mode one_step with ppo.off_policy_correction none takes the ratio against the engines' sampling
+    log-probs (config.old_logprobs_from_engines): the experience phase has no actor forward; a correction (tis)
+    recomputes them on the actor."""
+    cfg = launcher("opt13b_1node", SEPARATE_13B)
+    engines = with_overrides(cfg, {"rollout.mode": "one_step"})
+    corrected = with_overrides(engines, {"ppo.off_policy_correction": "tis"})
+    assert old_logprobs_from_engines(engines) and not old_logprobs_from_engines(corrected)
+    actors = len([x for x in plan(cfg).procs if x.role == "actor"])
+    forward = 2 * model_shape("facebook/opt-13b").params * 96 * 512 / (actors * 312e12 * 0.2)
+    assert plan(corrected).parts["experience"]["compute"] - plan(engines).parts["experience"]["compute"] == \
         pytest.approx(forward)
