@@ -28,6 +28,7 @@ def _done(folder: Path, marker: str) -> bool:
 
 def run_pipeline(cfg: Config, redo: tuple[str, ...] = ()) -> dict[str, Path]:
     from rlhf_ray.ppo import run_ppo
+    from rlhf_ray.resources import init_ray, peak_concurrent_threads
     from rlhf_ray.train.common import stage_output_dir
     from rlhf_ray.train.rm import run_rm
     from rlhf_ray.train.sft import run_sft
@@ -36,6 +37,7 @@ def run_pipeline(cfg: Config, redo: tuple[str, ...] = ()) -> dict[str, Path]:
     if unknown:
         raise ValueError(f"--redo: unknown stage(s) {sorted(unknown)}; choose from {', '.join(STAGES)}")
     validate_ppo(cfg)  # the last stage's rules fail now, not after SFT and RM
+    init_ray(cfg, concurrent_threads=peak_concurrent_threads(cfg))  # one cluster for every stage: sized for all
     out: dict[str, Path] = {}
     out["sft"] = stage_output_dir(cfg, "sft")
     if _done(out["sft"], "config.json") and "sft" not in redo:

@@ -123,7 +123,7 @@ class PPOTrainer:
         self.ptx_rows = load_stage_dataset(cfg, "ptx", self.tokenizer) if p.ptx_coef > 0 else None
         self.kl_ctl = kl_controller(p)
         self.iteration = 0
-        init_ray(cfg, concurrent_threads=peak_concurrent_threads(cfg))
+        init_ray(cfg, concurrent_threads=peak_concurrent_threads(cfg, stages=("ppo",)))  # the pipeline's: every stage
         self.uses_critic = p.advantage_estimator == "gae"
         self.reuses_train_logprobs = reuses_train_logprobs(cfg)
         self.plan: dict = {}

@@ -96,13 +96,17 @@ def oversubscribed_env(num_cpus: int, cores: int, environ=os.environ, concurrent
     return {}
 
 
-def peak_concurrent_threads(cfg: Config) -> int:
-    """The most OpenMP threads this run's processes compute on at one time, over every stage a run may start on its
-    cluster (the pipeline's first stage starts it for the others). A worker computes on its Ray CPUs' worth of
-    threads (at least 1). SFT and RM: every Ray Train worker at once. PPO, rollout.mode off, one phase after another:
+STAGES = ("sft", "rm", "ppo")
+
+
+def peak_concurrent_threads(cfg: Config, stages: tuple[str, ...] = STAGES) -> int:
+    """The most OpenMP threads this run's processes compute on at one time, over the `stages` the command runs on the
+    cluster it starts (`rlhf-ray sft`: that stage; the pipeline: every stage). A worker computes on its Ray CPUs'
+    worth of threads (at least 1). SFT and RM: every Ray Train worker at once. PPO, rollout.mode off, one phase after another:
     generate (the engines; hybrid: the actor's ranks), score (reference, the reward model unless rule functions
     replace it, the actor's old log-probs unless the training pass gives them, the critic's values), train (the
     actor, then the critic). Async modes: generation beside scoring or training."""
+
     def threads(res, workers: Optional[int] = None) -> int:
         return max(1, math.ceil(res.cpus_per_worker)) * (res.num_workers if workers is None else workers)
 
@@ -118,7 +122,7 @@ def peak_concurrent_threads(cfg: Config) -> int:
              + (threads(placement.actor) if actor_old else 0) + critic)
     train = max(threads(placement.actor), critic)
     ppo = max(generate, score, train) if cfg.rollout.mode == "off" else generate + max(score, train)
-    return max(threads(cfg.sft), threads(cfg.rm), ppo)
+    return max({"sft": threads(cfg.sft), "rm": threads(cfg.rm), "ppo": ppo}[stage] for stage in stages)
 
 
 def local_num_cpus(cfg: Config, extra_cpus: float = 1.0) -> int:

@@ -123,6 +123,27 @@ def test_workers_of_an_oversubscribed_local_cluster_wait_passively(ray_cluster):
     assert oversubscribed_env(8, 2, environ={"OMP_WAIT_POLICY": "ACTIVE"}) == {}
 
 
+def test_commands_count_the_threads_of_the_stages_they_run(monkeypatch, tmp_path):
+    """`rlhf-ray sft` sizes its cluster's OpenMP waiting by SFT's threads alone; the pipeline by every stage's, before
+    its first stage starts the cluster. Pure logic: init_ray is replaced by a recorder that stops the command."""
+    import rlhf_ray.resources as resources
+    from rlhf_ray.pipeline import run_pipeline
+    from rlhf_ray.train.common import run_stage
+
+    seen = []
+
+    def record(cfg, concurrent_threads=None, **kwargs):
+        seen.append(concurrent_threads)
+        raise KeyboardInterrupt  # stop before any cluster or data
+
+    monkeypatch.setattr(resources, "init_ray", record)
+    cfg = load_config(None, {"run.output_dir": str(tmp_path)})  # default placement: PPO scores on 6 threads
+    for run in (lambda: run_stage(cfg, "sft"), lambda: run_pipeline(cfg)):
+        with pytest.raises(KeyboardInterrupt):
+            run()
+    assert seen == [2, 6]
+
+
 def test_passive_waiting_only_where_processes_compute_on_more_threads_than_cores():
     """Pure logic: an oversubscribed local cluster keeps OpenMP's default (spinning briefly) when no phase of the run
     computes on more threads than there are cores, and waits passively otherwise or when the command does not say."""
@@ -148,9 +169,14 @@ def test_passive_waiting_only_where_processes_compute_on_more_threads_than_cores
     assert peak_concurrent_threads(load_config(None, {**grpo, "rollout.mode": "one_step"})) == 4
     assert peak_concurrent_threads(load_config(None, {**grpo, "ppo.advantage_estimator": "gae",
                                                       "placement.critic.num_workers": 1})) == 3
-    # every Ray Train worker at once, whichever stage the cluster is started by
-    assert peak_concurrent_threads(load_config(None, {**grpo, "sft.num_workers": 3,
-                                                      "sft.deepspeed.global_batch_size": 6})) == 3
+    # every Ray Train worker at once, whichever stage the cluster is started by (the pipeline counts every stage);
+    # a command that runs one stage counts that stage only
+    three_sft = load_config(None, {**grpo, "sft.num_workers": 3, "sft.deepspeed.global_batch_size": 6})
+    assert peak_concurrent_threads(three_sft) == 3 and peak_concurrent_threads(three_sft, stages=("sft",)) == 3
+    assert peak_concurrent_threads(three_sft, stages=("ppo",)) == 2
+    assert peak_concurrent_threads(three_sft, stages=("rm",)) == 1
+    base = load_config(None, {})  # default placement: PPO's scoring phase runs on more threads than SFT's 2 workers
+    assert peak_concurrent_threads(base, stages=("sft",)) == 2 < peak_concurrent_threads(base)
     # the separate layout: engines x tensor parallel ranks generate together
     assert peak_concurrent_threads(load_config(None, {**grpo, "placement.layout": "separate",
                                                       "generation.num_engines": 3})) == 3

@@ -651,7 +651,7 @@ def run_stage(config: Config | str | Path, stage: str, overrides: Optional[list[
     output_dir = stage_output_dir(cfg, stage)
     work_dir = output_dir.with_name(output_dir.name + "_train")
     started = time.time()
-    init_ray(cfg, concurrent_threads=peak_concurrent_threads(cfg))
+    init_ray(cfg, concurrent_threads=peak_concurrent_threads(cfg, stages=(stage,)))  # the pipeline's: every stage
 
     tokenizer = task.load_tokenizer(cfg)
     train_rows = task.rows(load_stage_dataset(cfg, stage, tokenizer, split="train"))
