@@ -1,7 +1,7 @@
 """This machine's matmul peak: fp32 and bf16 GFLOP/s of torch.matmul on square matrices, all cores and 1 thread.
 
     flock /tmp/rlhf_ray_heavy.lock .venv/bin/python benchmarks/bench_cpu_peak.py [--sizes 2048 4096]
-        [--threads 0 1] [--json PATH] [--decode]
+        [--threads 0 1] [--max-seconds 60] [--json PATH] [--decode]
 
 Not a test. One process; for each thread count (0: every core, os.cpu_count()), dtype and size: two warm-up
 matmuls, then repeated matmuls for at least --seconds; GFLOP/s = 2 n^3 x repeats / elapsed. The "peak" of a dtype
@@ -35,6 +35,19 @@ def cpu_flags() -> list[str]:
     return sorted(f for f in flags if f.startswith("amx") or f in ("avx512_bf16", "avx512_fp16", "avx512_vnni"))
 
 
+PROBE_N = 512  # one matmul of this size first estimates each larger one's time (--max-seconds)
+
+
+def one_matmul_seconds(n: int, dtype_name: str) -> float:
+    import torch
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    start = time.perf_counter()
+    torch.matmul(a, b)
+    return time.perf_counter() - start
+
+
 def matmul_gflops(n: int, dtype_name: str, seconds: float) -> float:
     import torch
 
@@ -51,22 +64,34 @@ def matmul_gflops(n: int, dtype_name: str, seconds: float) -> float:
             return 2 * n ** 3 * repeats / elapsed / 1e9
 
 
-def measure(sizes=(2048, 4096), threads=(0, 1), seconds: float = 1.0) -> dict:
-    """{"peak_gflops": {"fp32": {"2": best, "1": best}, "bf16": {...}}, "runs": [...], ...}; thread keys as strings."""
+def measure(sizes=(2048, 4096), threads=(0, 1), seconds: float = 1.0, max_seconds: float = 60.0) -> dict:
+    """{"peak_gflops": {"fp32": {"2": best, "1": best}, "bf16": {...}}, "runs": [...], ...}; thread keys as strings.
+    A size whose five matmuls (two warm-up, three timed) would take longer than `max_seconds`, estimated from one
+    PROBE_N matmul, is skipped (listed in "skipped"): bf16 without native support (no AVX-512 BF16 or AMX) runs
+    at ~1 GFLOP/s, a 4096 matmul 2-3 minutes. Where every size is skipped, the probe's rate is the peak."""
     import torch
 
-    runs, peak = [], {d: {} for d in DTYPES}
+    runs, peak, skipped = [], {d: {} for d in DTYPES}, []
     for t in threads:
         t = t or os.cpu_count()
         torch.set_num_threads(t)
         for dtype_name in DTYPES:
-            for n in sizes:
+            one_matmul_seconds(PROBE_N, dtype_name)  # warm-up
+            probe_s = one_matmul_seconds(PROBE_N, dtype_name)
+            fit = [n for n in sizes if 5 * probe_s * (n / PROBE_N) ** 3 <= max_seconds]
+            skipped += [{"threads": t, "dtype": dtype_name, "n": n,
+                         "estimated_s": round(5 * probe_s * (n / PROBE_N) ** 3, 1)} for n in sizes if n not in fit]
+            if not fit:
+                gflops = 2 * PROBE_N ** 3 / probe_s / 1e9
+                runs.append({"threads": t, "dtype": dtype_name, "n": PROBE_N, "gflops": round(gflops, 1)})
+                peak[dtype_name][str(t)] = round(gflops, 1)
+            for n in fit:
                 gflops = matmul_gflops(n, dtype_name, seconds)
                 runs.append({"threads": t, "dtype": dtype_name, "n": n, "gflops": round(gflops, 1)})
                 peak[dtype_name][str(t)] = max(peak[dtype_name].get(str(t), 0.0), round(gflops, 1))
     return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu_count": os.cpu_count(),
             "cpu": platform.processor() or platform.machine(), "cpu_flags": cpu_flags(), "torch": torch.__version__,
-            "peak_gflops": peak, "runs": runs}
+            "peak_gflops": peak, "runs": runs, "skipped": skipped}
 
 
 def read_gbps(mbytes: int = 512) -> float:
@@ -115,6 +140,9 @@ def table(result: dict) -> str:
     lines.append("peak (best size): " + "; ".join(f"{d} {t} thread(s) {v:.0f}" for d in DTYPES
                                                   for t, v in peak[d].items())
                  + f" GFLOP/s; flags {' '.join(result['cpu_flags']) or 'none'}")
+    for r in result.get("skipped", []):
+        lines.append(f"skipped: {r['dtype']} n={r['n']} on {r['threads']} thread(s), estimated {r['estimated_s']:.0f} s "
+                     f"(> --max-seconds)")
     for d in result.get("decode", []):
         lines.append(f"decode, {d['threads']} thread(s): memory read {d['read_gbps']:.1f} GB/s; " + "; ".join(
             f"{m['dtype']} {m['shape'][0]}x{m['shape'][1]}x{m['shape'][2]} {m['ms']:.3f} ms ({m['weight_gbps']:.1f} "
@@ -127,10 +155,12 @@ def main() -> int:
     parser.add_argument("--sizes", type=int, nargs="+", default=[2048, 4096])
     parser.add_argument("--threads", type=int, nargs="+", default=[0, 1], help="0: every core")
     parser.add_argument("--seconds", type=float, default=1.0, help="minimum timed seconds per measurement")
+    parser.add_argument("--max-seconds", type=float, default=60.0,
+                        help="skip a size whose measurement would take longer (estimated from one 512 matmul)")
     parser.add_argument("--json", help="also write the JSON here")
     parser.add_argument("--decode", action="store_true", help="also memory bandwidth and decode-shaped matmuls")
     args = parser.parse_args()
-    result = measure(args.sizes, args.threads, args.seconds)
+    result = measure(args.sizes, args.threads, args.seconds, args.max_seconds)
     if args.decode:
         result["decode"] = measure_decode(args.threads)
     print(table(result))
