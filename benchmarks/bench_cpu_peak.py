@@ -38,11 +38,17 @@ def cpu_flags() -> list[str]:
 PROBE_N = 512  # one matmul of this size first estimates each larger one's time (--max-seconds)
 
 
-def one_matmul_seconds(n: int, dtype_name: str) -> float:
+def square_operands(n: int, dtype_name: str):
     import torch
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    return torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+
+
+def one_matmul_seconds(n: int, dtype_name: str) -> float:
+    import torch
+
+    a, b = square_operands(n, dtype_name)
     start = time.perf_counter()
     torch.matmul(a, b)
     return time.perf_counter() - start
@@ -51,8 +57,7 @@ def one_matmul_seconds(n: int, dtype_name: str) -> float:
 def matmul_gflops(n: int, dtype_name: str, seconds: float) -> float:
     import torch
 
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a, b = square_operands(n, dtype_name)
     for _ in range(2):
         torch.matmul(a, b)
     repeats, start = 0, time.perf_counter()
@@ -78,9 +83,10 @@ def measure(sizes=(2048, 4096), threads=(0, 1), seconds: float = 1.0, max_second
         for dtype_name in DTYPES:
             one_matmul_seconds(PROBE_N, dtype_name)  # warm-up
             probe_s = one_matmul_seconds(PROBE_N, dtype_name)
-            fit = [n for n in sizes if 5 * probe_s * (n / PROBE_N) ** 3 <= max_seconds]
-            skipped += [{"threads": t, "dtype": dtype_name, "n": n,
-                         "estimated_s": round(5 * probe_s * (n / PROBE_N) ** 3, 1)} for n in sizes if n not in fit]
+            estimated_s = {n: 5 * probe_s * (n / PROBE_N) ** 3 for n in sizes}
+            fit = [n for n in sizes if estimated_s[n] <= max_seconds]
+            skipped += [{"threads": t, "dtype": dtype_name, "n": n, "estimated_s": round(estimated_s[n], 1)}
+                        for n in sizes if n not in fit]
             if not fit:
                 gflops = 2 * PROBE_N ** 3 / probe_s / 1e9
                 runs.append({"threads": t, "dtype": dtype_name, "n": PROBE_N, "gflops": round(gflops, 1)})

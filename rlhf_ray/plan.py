@@ -36,8 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from rlhf_ray.config import (ClusterConfig, Config, ConfigError, PPOLearnerConfig, load_config, ppo_learner,
-                              ppo_precision, old_logprobs_from_engines, reuses_train_logprobs, validate)
+from rlhf_ray.config import (ClusterConfig, Config, ConfigError, PPOLearnerConfig, load_config,
+                              old_logprobs_from_engines, ppo_learner, ppo_precision, reuses_train_logprobs, validate)
 from rlhf_ray.resources import RoleLayout, ppo_layout
 
 GIB = 1024**3

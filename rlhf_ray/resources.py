@@ -22,6 +22,7 @@ from typing import Optional
 from rlhf_ray.config import Config, RoleResources, old_logprobs_from_engines, reuses_train_logprobs
 from rlhf_ray.console import quiet_ray_driver_logger, route_worker_output
 from rlhf_ray.env import QUIET_STATE_API_ENV, worker_env_vars
+from rlhf_ray.pipeline import STAGES
 
 log = logging.getLogger(__name__)
 
@@ -96,16 +97,13 @@ def oversubscribed_env(num_cpus: int, cores: int, environ=os.environ, concurrent
     return {}
 
 
-STAGES = ("sft", "rm", "ppo")
-
-
 def peak_concurrent_threads(cfg: Config, stages: tuple[str, ...] = STAGES) -> int:
     """The most OpenMP threads this run's processes compute on at one time, over the `stages` the command runs on the
     cluster it starts (`rlhf-ray sft`: that stage; the pipeline: every stage). A worker computes on its Ray CPUs'
-    worth of threads (at least 1). SFT and RM: every Ray Train worker at once. PPO, rollout.mode off, one phase after another:
-    generate (the engines; hybrid: the actor's ranks), score (reference, the reward model unless rule functions
-    replace it, the actor's old log-probs unless the training pass gives them, the critic's values), train (the
-    actor, then the critic). Async modes: generation beside scoring or training."""
+    worth of threads (at least 1). SFT and RM: every Ray Train worker at once. PPO, rollout.mode off, one phase after
+    another: generate (the engines; hybrid: the actor's ranks), score (reference, the reward model unless rule
+    functions replace it, the actor's old log-probs unless the training pass gives them, the critic's values), train
+    (the actor, then the critic). Async modes: generation beside scoring or training."""
 
     def threads(res, workers: Optional[int] = None) -> int:
         return max(1, math.ceil(res.cpus_per_worker)) * (res.num_workers if workers is None else workers)
