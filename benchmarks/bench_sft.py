@@ -2,7 +2,7 @@
 
     flock /tmp/rlhf_ray_heavy.lock .venv/bin/python benchmarks/bench_sft.py [--model builtin:tiny-llama]
         [--workers 2] [--zero-stage 2] [--micro-batch 2] [--global-batch 8] [--steps 40] [--precision fp32|bf16]
-        [--no-one-rank]
+        [--no-one-rank] [--grad-reduction auto|per_micro_batch|per_step ...]
 
 Not a test. Both sides train the same model on the same built-in SFT rows with the same micro-batch and global
 batch (the bare loop accumulates workers x accumulation micro-batches per optimizer step), and count the same
@@ -19,6 +19,9 @@ bare loop under torch.autocast(cpu, bfloat16) over fp32 weights (torch's own mix
 run with bf16=True on CPU: the matmuls in bf16 like DeepSpeed's, fp32 weights and optimizer like its master copy).
 The bare loop uses torch's fused AdamW (common.build_optimizer(fused=True)), what CPU workers use (one worker on
 the parameters, several on their ZeRO partitions): the stronger baseline for both rows.
+--grad-reduction (sft.deepspeed.grad_reduction; default auto) runs the multi-worker row once per value given, each
+against the same bare loop: `--grad-reduction per_micro_batch per_step` compares ZeRO-2's reduction in every
+micro-batch's backward with one per optimizer step, side by side in one run.
 Each rate is printed with the host's steal share while that side ran (benchmarks/host_cpu.py): sides measured under
 very different steal were not measured under the same conditions.
 """
@@ -82,6 +85,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     ap.add_argument("--no-one-rank", action="store_true", help="skip the one-worker row")
+    ap.add_argument("--grad-reduction", nargs="+", default=["auto"], choices=("auto", "per_micro_batch", "per_step"),
+                    help="sft.deepspeed.grad_reduction of the multi-worker row; several values: one row each")
     args = ap.parse_args()
     threads = torch.get_num_threads()
 
@@ -93,7 +98,10 @@ def main() -> None:
             "sft.log_every": 1, "sft.eval_every": 0, "sft.checkpoint_every": 0,
             "data.eval_fraction": 0.0, "sft.optim.lr": 1e-4, "sft.deepspeed.precision": args.precision})
 
-        result, ray_rate, ray_wall, ray_steal = fit(cfg)
+        rows_by_mode = {mode: fit(dataclasses.replace(cfg, sft=dataclasses.replace(
+            cfg.sft, deepspeed=dataclasses.replace(cfg.sft.deepspeed, grad_reduction=mode))))
+            for mode in args.grad_reduction}
+        result = next(iter(rows_by_mode.values()))[0]
         one = None
         if not args.no_one_rank:
             one_cfg = dataclasses.replace(cfg, sft=dataclasses.replace(cfg.sft, num_workers=1, cpus_per_worker=threads))
@@ -111,10 +119,13 @@ def main() -> None:
     plan = result.plan
     print(f"\nmodel {args.model}, {args.precision}: {args.steps} steps, global batch {plan.global_batch_size} = micro "
           f"{plan.micro_batch_size} x {plan.num_ranks} workers x {plan.accumulation} accumulation, ZeRO-{args.zero_stage}")
-    print(f"Ray Train + DeepSpeed ({plan.num_ranks} workers): {ray_rate:,.0f} tokens/s over the training steps; "
-          f"fit wall {ray_wall:.1f}s incl. start-up; {host_cpu.describe(ray_steal)}")
     print(f"bare torch loop (1 process, {threads} threads): {bare_rate:,.0f} tokens/s; {host_cpu.describe(bare_steal)}")
-    print(f"ratio ray/bare: {ray_rate / bare_rate:.2f}")
+    for mode, (run, ray_rate, ray_wall, ray_steal) in rows_by_mode.items():
+        [start] = [r for r in read_metrics(run.metrics_file) if r["event"] == "start"]
+        print(f"Ray Train + DeepSpeed ({plan.num_ranks} workers, grad_reduction {mode}: ran "
+              f"{start['grad_reduction']}): {ray_rate:,.0f} tokens/s over the training steps; "
+              f"fit wall {ray_wall:.1f}s incl. start-up; {host_cpu.describe(ray_steal)}")
+        print(f"ratio ray/bare ({mode}): {ray_rate / bare_rate:.2f}")
     if one is not None:
         print(f"Ray Train + DeepSpeed (1 worker, {threads} CPUs, ZeRO stage run: "
               f"{zero_stage(cfg.sft.deepspeed, 1)}): {one[1]:,.0f} tokens/s; fit wall {one[2]:.1f}s; "

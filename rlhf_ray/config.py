@@ -125,6 +125,12 @@ class DeepSpeedConfig:
     offload_params: bool = False  # GPU only, ZeRO-3: parameters offloaded to CPU
     gradient_checkpointing: bool = False
     micro_batch_size: int = 2  # per rank
+    # When ZeRO-2 reduces the gradient over the ranks. per_micro_batch: in every micro-batch's backward (each rank
+    # then keeps only its partition of the gradient); per_step: once per optimizer step, after the last micro-batch
+    # (DeepSpeed's coalesce_grad_reduction: each rank holds a whole gradient until then, ZeRO-1's gradient memory).
+    # auto: per_step on CPU, where a reduction cannot overlap the backward, per_micro_batch on GPU; decided by each
+    # worker on its own device. Other stages: ZeRO-0/1 reduce once per step anyway, ZeRO-3 per micro-batch.
+    grad_reduction: Literal["auto", "per_micro_batch", "per_step"] = "auto"
     # ZeRO++ (Wang et al. 2023, arXiv 2306.10209; DeepSpeed zero_optimization keys), ZeRO-3 only, also for the
     # scorers that follow this learner. hpz_partition_size: a second copy of the weights partitioned over this many
     # ranks (a node's GPUs) so gathers after the first forward of a step stay inside the node; quantized_weights:

@@ -47,9 +47,10 @@ from rlhf_ray.config import Config, ModelConfig, PPOConfig, PPOLearnerConfig, pp
 from rlhf_ray.groups import Batch, DistributedWorker, ModelGroup, RolePlacement, batch_rows, mean_stats, shard_batch
 from rlhf_ray.models.attention import use_fp32_attention_backward
 from rlhf_ray.models.loading import resolve_model_path
+from rlhf_ray.train.accumulation import StepWindow
 from rlhf_ray.train.common import (build_optimizer, build_partitioned, hf_model_config, is_zero3,
                                    skip_one_rank_allreduce)
-from rlhf_ray.train.deepspeed_config import autocast_bf16, deepspeed_config, precision
+from rlhf_ray.train.deepspeed_config import autocast_bf16, deepspeed_config, precision, reduces_once_per_step
 
 log = logging.getLogger(__name__)
 
@@ -242,9 +243,13 @@ class EngineWorker(DistributedWorker, abc.ABC):
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config)
         skip_one_rank_allreduce(self.engine)
+        self.once_per_step = reduces_once_per_step(self.stage.deepspeed, self.world_size, self.cuda)
         self.device = self.engine.device
         if self.ppo.ema_decay is not None:
             self.ema = {name: self._local(p).detach().float().clone() for name, p in self._trainable()}
+
+    def describe(self) -> dict:
+        return {**super().describe(), "grad_reduction": "per_step" if self.once_per_step else "deepspeed"}
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
         """ppo.<role>.disable_dropout, deepspeed.gradient_checkpointing and lora.* applied to the built model; on CPU
@@ -394,30 +399,29 @@ class EngineWorker(DistributedWorker, abc.ABC):
         for _ in range(self.ppo.ppo_epochs):
             for mini in micro_batches(experience, per_rank_mini):  # one optimizer step each
                 aggregation = self._mini_batch_aggregation(mini)
-                for micro in micro_batches(mini, self.stage.deepspeed.micro_batch_size):
-                    loss, stats = micro_loss(to_device(micro, self.device), index, aggregation)
-                    index += 1
-                    window.append(stats)
-                    window_finite &= bool(torch.isfinite(loss.detach()).all())
-                    boundary = self.engine.is_gradient_accumulation_boundary()
-                    skip = boundary and self._any_rank(not window_finite)
-                    if skip:  # NaN gradients everywhere: every rank's optimizer wrapper then discards the step
-                        loss = loss * float("nan")
-                    self.engine.backward(loss)
-                    if not boundary:
-                        self.engine.step()  # accumulation only
-                        continue
-                    steps_before = self.engine.global_steps
-                    applied = self._boundary_step(skip)
-                    steps += self._optimizer_step_taken(steps_before)
-                    skipped += not applied
-                    for stats in window:
-                        target = sums if applied else skipped_sums
-                        for k, v in stats.items():
-                            target[k] = target.get(k, 0.0) + float(v)
-                    count, skipped_count = count + applied * len(window), skipped_count + (not applied) * len(window)
-                    window, window_finite = [], True
-                    self.nonfinite.record(skipped=not applied)
+                micros = list(micro_batches(mini, self.stage.deepspeed.micro_batch_size))  # the step's accumulation
+                with StepWindow(self.engine, self.once_per_step) as accumulation:
+                    for i, micro in enumerate(micros):
+                        loss, stats = micro_loss(to_device(micro, self.device), index, aggregation)
+                        index += 1
+                        window.append(stats)
+                        window_finite &= bool(torch.isfinite(loss.detach()).all())
+                        last = i == len(micros) - 1
+                        skip = last and self._any_rank(not window_finite)
+                        if skip:  # NaN gradients everywhere: every rank's optimizer wrapper then discards the step
+                            loss = loss * float("nan")
+                        accumulation.backward(loss, last)
+                steps_before = self.engine.global_steps
+                applied = self._boundary_step(skip)
+                steps += self._optimizer_step_taken(steps_before)
+                skipped += not applied
+                for stats in window:
+                    target = sums if applied else skipped_sums
+                    for k, v in stats.items():
+                        target[k] = target.get(k, 0.0) + float(v)
+                count, skipped_count = count + applied * len(window), skipped_count + (not applied) * len(window)
+                window, window_finite = [], True
+                self.nonfinite.record(skipped=not applied)
         if not count:
             sums, count = skipped_sums, skipped_count
         return self._finish_stats(sums, count, steps, skipped)

@@ -39,6 +39,7 @@ from typing import Any, Optional
 from rlhf_ray.config import (ClusterConfig, Config, ConfigError, PPOLearnerConfig, load_config,
                               old_logprobs_from_engines, ppo_learner, ppo_precision, reuses_train_logprobs, validate)
 from rlhf_ray.resources import RoleLayout, ppo_layout
+from rlhf_ray.train.deepspeed_config import reduces_once_per_step
 
 GIB = 1024**3
 MODEL_CONFIGS = Path(__file__).parent / "model_configs"
@@ -327,6 +328,8 @@ def _learner_memory(shape: ModelShape, s: PPOLearnerConfig, ranks: int, seq: int
     total = shape.params + lora
     trainable = lora if (lora and s.lora.only_optimize_lora) else total
     states = zero_model_state_bytes(total, ds.zero_stage, ranks, mixed, trainable)
+    if reduces_once_per_step(ds, ranks, on_gpu):  # ZeRO-2 coalesced: a whole gradient per rank until the step
+        states["grads"] = trainable * adam_bytes(mixed)[1]
     wb = adam_bytes(mixed)[0]
     m = Memory(**states)
     gathered = min(2 * shape.layer_params, total) * wb
@@ -747,7 +750,9 @@ def _estimate_time(cfg: Config, plan: Plan) -> None:
             # (2 x the gradient bytes); stages 2-3 reduce-scatter them in every micro-step's backward, stage 2 then
             # all-gathers the updated weights (stage 3 gathers them in the next forward, counted above).
             quantized = 0.25 if ds.zero_quantized_gradients and procs[0].gpus else 1.0  # ZeRO++ qgZ: int4
-            passes = 2 if ds.zero_stage <= 1 else micro_steps * quantized + (1 if ds.zero_stage == 2 else 0)
+            # deepspeed.grad_reduction per_step (auto on CPU): ZeRO-2 reduces once per step, as stages 0-1 do.
+            once = ds.zero_stage <= 1 or reduces_once_per_step(ds, n, bool(procs[0].gpus))
+            passes = 2 if once else micro_steps * quantized + (1 if ds.zero_stage == 2 else 0)
             add("training", "gradient reduce", steps * passes * trainable * wb * (n - 1) / n / _link_gbs(plan, procs))
         if ds.offload_optimizer and procs[0].gpus:  # gradients down, updated weights up, every step
             add("training", "offload (PCIe)", steps * trainable * (4 + wb) / n / (c.pcie_gbs * 1e9))

@@ -192,6 +192,8 @@ for _section in ("sft", "rm", "ppo.actor", "ppo.critic"):
     REGISTRY[f"{_section}.disable_dropout"] = _T + "test_learner_keys_reach_model_optimizer_and_schedule"
     REGISTRY[f"{_section}.deepspeed.gradient_checkpointing"] = \
         _T + "test_learner_keys_reach_model_optimizer_and_schedule"
+    REGISTRY[f"{_section}.deepspeed.grad_reduction"] = \
+        "tests/test_accumulation.py::test_auto_reduces_once_per_step_on_cpu_and_per_micro_batch_on_gpu"
     for _key in ("zero_hpz_partition_size", "zero_quantized_weights", "zero_quantized_gradients"):  # ZeRO++
         REGISTRY[f"{_section}.deepspeed.{_key}"] = \
             "tests/test_plan.py::test_zero_plus_plus_keys_reach_the_deepspeed_configs"

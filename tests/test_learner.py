@@ -244,6 +244,8 @@ def test_two_cpu_ranks_all_reduce_through_the_shm_kernel_and_leave_no_shm_name(z
     import os
 
     assert [r["allreduce"] for r in zero2.reports] == ["shm", "shm"]
+    # deepspeed.grad_reduction auto on CPU: ZeRO-2 reduces once per optimizer step (tests/test_accumulation.py)
+    assert [r["grad_reduction"] for r in zero2.reports] == ["per_step", "per_step"]
     addr, port = zero2.apply(lambda w: (os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]))[0]
     assert glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_*") == []
 

@@ -565,6 +565,18 @@ def _hpz_rank(rank: int, world: int, port: int, queue) -> None:
         queue.put((rank, None, repr(e)))
 
 
+def test_gradient_reduced_once_per_step_is_modelled():
+    """deepspeed.grad_reduction per_step: a ZeRO-2 learner reduces once per step instead of in every micro-batch's
+    backward, and holds a whole gradient per rank; auto is per_micro_batch on GPUs."""
+    cfg = launcher("opt13b_1node", {"ppo.critic.deepspeed.micro_batch_size": 1})  # 4 micro-batches a step
+    assert cfg.ppo.critic.deepspeed.zero_stage == 2 and cfg.ppo.critic.deepspeed.grad_reduction == "auto"
+    hooks = plan(cfg)
+    once = plan(with_overrides(cfg, {"ppo.critic.deepspeed.grad_reduction": "per_step"}))
+    critic = lambda p: next(x.memory for x in p.procs if x.role == "critic")  # noqa: E731
+    assert critic(once).grads == pytest.approx(8 * critic(hooks).grads)  # not partitioned over the 8 ranks
+    assert once.parts["training"]["gradient reduce"] < hooks.parts["training"]["gradient reduce"]
+
+
 def test_zero_plus_plus_hpz_trains_on_two_cpu_ranks():
     """DeepSpeed runs hpZ on CPU (gloo); the quantized options need its CUDA quantizer (rejected on CPU above).
     Checked by hand: the losses equal those of zero_hpz_partition_size 1."""

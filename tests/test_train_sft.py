@@ -143,6 +143,7 @@ def test_schedule_and_gradient_accumulation_from_the_reports(zero3):
     dtype = precision_dtype("auto", "cpu")  # what auto is on this machine's CPU
     assert [(w["rank"], w["device"], w["backend"], w["dtype"]) for w in start["workers"]] == [
         (0, "cpu", "gloo", dtype), (1, "cpu", "gloo", dtype)]
+    assert start["grad_reduction"] == "deepspeed"  # ZeRO-3: per micro-batch, grad_reduction has no say
 
 
 def test_zero3_output_loads_in_vllm(zero3, ray_cluster):
@@ -227,6 +228,7 @@ def test_zero2_on_two_cpu_workers_trains_like_one_worker(ray_cluster, tiny_llama
     one = run_sft(sft_config(tmp_path / "one", tiny_llama, **common, **{"sft.num_workers": 1}))
     [start] = [r for r in read_metrics(two.metrics_file) if r["event"] == "start"]
     assert [w["allreduce"] for w in start["workers"]] == ["shm", "shm"]  # ZeRO's all-reduces took the kernel
+    assert start["grad_reduction"] == "per_step"  # auto on CPU: once per step, coalesced (tests/test_accumulation.py)
     assert (two.plan.accumulation, one.plan.accumulation) == (2, 4)
     losses = lambda result: [r["loss"] for r in reports(result) if r["step"] > 0]  # noqa: E731
     assert losses(two) == pytest.approx(losses(one), rel=1e-5)

@@ -442,7 +442,8 @@ def train_loop(loop_cfg: dict) -> Optional[dict]:
     import torch.distributed as dist
     from ray.train import Checkpoint
 
-    from rlhf_ray.train.deepspeed_config import deepspeed_config, precision
+    from rlhf_ray.train.accumulation import StepWindow
+    from rlhf_ray.train.deepspeed_config import deepspeed_config, precision, reduces_once_per_step
 
     _setup_worker_logging()
     cfg: Config = loop_cfg["cfg"]
@@ -459,12 +460,14 @@ def train_loop(loop_cfg: dict) -> Optional[dict]:
     allreduce = init_deepspeed_world(cuda, world, ctx.get_local_world_size())  # wraps Ray Train's process group
     chosen = {"role": stage, "rank": rank, "device": device_type, "backend": backend, "allreduce": allreduce,
               "dtype": PRECISION_DTYPES[precision(stage_cfg, cuda)], "pid": os.getpid(),
-              "node": ray.util.get_node_ip_address()}
+              "node": ray.util.get_node_ip_address(),
+              "grad_reduction": "per_step" if reduces_once_per_step(stage_cfg.deepspeed, world, cuda) else "deepspeed"}
     workers: list = [None] * world
     dist.all_gather_object(workers, chosen)  # every rank's own choice, checked and logged by rank 0
     devices = check_agreement(workers)
-    if len({w["allreduce"] for w in workers}) > 1:  # a rank on shm and one on gloo would wait for each other forever
-        raise RuntimeError(f"{stage} workers disagree on the all-reduce path: {[w['allreduce'] for w in workers]}")
+    for key in ("allreduce", "grad_reduction"):  # ranks that reduce differently would wait for each other forever
+        if len({w[key] for w in workers}) > 1:
+            raise RuntimeError(f"{stage} workers disagree on {key}: {[w[key] for w in workers]}")
     if allreduce == "shm":
         release_shm_name(rank)
 
@@ -494,11 +497,13 @@ def train_loop(loop_cfg: dict) -> Optional[dict]:
         start_step = int(client_state["step"])
     metrics_log = MetricsLog(loop_cfg["metrics_file"] if rank == 0 else None)
     metrics_log.write({"event": "start", "start_step": start_step, "total_steps": plan.total_steps,
-                       "restored_from": checkpoint.path if checkpoint is not None else None, "workers": workers})
+                       "restored_from": checkpoint.path if checkpoint is not None else None, "workers": workers,
+                       "grad_reduction": chosen["grad_reduction"]})
     if rank == 0:
-        log.info("%s: %d ranks (%s), %d steps (%d per epoch), global batch %d = %d x %d ranks x %d accumulation%s",
-                 stage, world, devices, plan.total_steps, plan.steps_per_epoch, plan.global_batch_size,
-                 plan.micro_batch_size, world, plan.accumulation,
+        log.info("%s: %d ranks (%s), %d steps (%d per epoch), global batch %d = %d x %d ranks x %d accumulation, "
+                 "gradient reduced %s%s", stage, world, devices, plan.total_steps, plan.steps_per_epoch,
+                 plan.global_batch_size, plan.micro_batch_size, world, plan.accumulation,
+                 "once per step (coalesced)" if chosen["grad_reduction"] == "per_step" else "as DeepSpeed schedules it",
                  f", resumed at step {start_step}" if checkpoint is not None else "")
 
     def run_eval() -> dict:
@@ -520,13 +525,15 @@ def train_loop(loop_cfg: dict) -> Optional[dict]:
     engine.train()
     for step in range(start_step, plan.total_steps):
         maybe_inject_fault(step + 1, rank)
-        for micro in range(plan.accumulation):
-            rows = [train_rows[i] for i in micro_batch_indices(plan, step, micro, rank)]
-            batch = {k: v.to(device) for k, v in task.collate(rows, pad_id).items()}
-            loss, tokens = task.train_loss(engine, batch)
-            engine.backward(loss)
-            engine.step()  # DeepSpeed steps the optimizer and schedule at the accumulation boundary
-            window_loss, window_micro, window_tokens = window_loss + loss.item(), window_micro + 1, window_tokens + tokens
+        with StepWindow(engine, once_per_step=chosen["grad_reduction"] == "per_step") as accumulation:
+            for micro in range(plan.accumulation):
+                rows = [train_rows[i] for i in micro_batch_indices(plan, step, micro, rank)]
+                batch = {k: v.to(device) for k, v in task.collate(rows, pad_id).items()}
+                loss, tokens = task.train_loss(engine, batch)
+                accumulation.backward(loss, last=micro == plan.accumulation - 1)
+                window_loss, window_micro = window_loss + loss.item(), window_micro + 1
+                window_tokens += tokens
+        engine.step()  # DeepSpeed steps the optimizer and schedule at the accumulation boundary
         done = step + 1
         last = done == plan.total_steps
         do_eval, do_checkpoint, do_log = step_actions(stage_cfg, done, plan.total_steps)

@@ -77,6 +77,15 @@ def zero_stage(ds: DeepSpeedConfig, num_ranks: int) -> int:
     return ds.zero_stage
 
 
+def reduces_once_per_step(ds: DeepSpeedConfig, num_ranks: int, cuda: bool) -> bool:
+    """Whether this engine's ZeRO-2 gradient reduction is coalesced into one per optimizer step (grad_reduction; auto:
+    on CPU). Only ZeRO-2 with ranks to reduce over has a choice: ZeRO-0/1 reduce once per step anyway, ZeRO-3 per
+    micro-batch. Measured on CPU (2 SmolLM2 ranks, 2 micro-batches a step): benchmarks/results/learner_speed.md."""
+    if zero_stage(ds, num_ranks) != 2:
+        return False
+    return ds.grad_reduction == "per_step" or (ds.grad_reduction == "auto" and not cuda)
+
+
 def autocast_bf16(precision: str, cuda: bool) -> bool:
     """Whether bf16 training (SFT, RM, PPO learners) runs as torch autocast over fp32 weights (CPU) rather than
     DeepSpeed's bf16 mode (GPU: bf16 weights, fp32 master copies in the optimizer, what DeepSpeed-Chat and OpenRLHF
