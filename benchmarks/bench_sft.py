@@ -120,10 +120,9 @@ def main() -> None:
     print(f"\nmodel {args.model}, {args.precision}: {args.steps} steps, global batch {plan.global_batch_size} = micro "
           f"{plan.micro_batch_size} x {plan.num_ranks} workers x {plan.accumulation} accumulation, ZeRO-{args.zero_stage}")
     print(f"bare torch loop (1 process, {threads} threads): {bare_rate:,.0f} tokens/s; {host_cpu.describe(bare_steal)}")
-    for mode, (run, ray_rate, ray_wall, ray_steal) in rows_by_mode.items():
-        [start] = [r for r in read_metrics(run.metrics_file) if r["event"] == "start"]
-        print(f"Ray Train + DeepSpeed ({plan.num_ranks} workers, grad_reduction {mode}: ran "
-              f"{start['grad_reduction']}): {ray_rate:,.0f} tokens/s over the training steps; "
+    for mode, (_, ray_rate, ray_wall, ray_steal, ran) in rows_by_mode.items():
+        print(f"Ray Train + DeepSpeed ({plan.num_ranks} workers, grad_reduction {mode}: ran {ran}): "
+              f"{ray_rate:,.0f} tokens/s over the training steps; "
               f"fit wall {ray_wall:.1f}s incl. start-up; {host_cpu.describe(ray_steal)}")
         print(f"ratio ray/bare ({mode}): {ray_rate / bare_rate:.2f}")
     if one is not None:
@@ -134,12 +133,15 @@ def main() -> None:
 
 
 def fit(cfg):
-    """run_sft, its tokens/s over the training steps after the first (steady_tokens_per_s), the fit's wall time and
-    the host's steal share during the fit."""
+    """run_sft, its tokens/s over the training steps after the first (steady_tokens_per_s), the fit's wall time,
+    the host's steal share during the fit and the gradient reduction the workers ran (read while the run's folder
+    exists)."""
     start, before = time.perf_counter(), host_cpu.ticks()
     result = run_sft(cfg)
     wall, steal = time.perf_counter() - start, host_cpu.steal_share(before, host_cpu.ticks())
-    return result, steady_tokens_per_s(read_metrics(result.metrics_file)), wall, steal
+    records = read_metrics(result.metrics_file)
+    ran = next(r for r in records if r["event"] == "start")["grad_reduction"]
+    return result, steady_tokens_per_s(records), wall, steal, ran
 
 
 def steady_tokens_per_s(records: list[dict]) -> float:
