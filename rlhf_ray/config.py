@@ -129,7 +129,8 @@ class DeepSpeedConfig:
     # then keeps only its partition of the gradient); per_step: once per optimizer step, after the last micro-batch
     # (DeepSpeed's coalesce_grad_reduction: each rank holds a whole gradient until then, ZeRO-1's gradient memory).
     # auto: per_step on CPU, where a reduction cannot overlap the backward, per_micro_batch on GPU; decided by each
-    # worker on its own device. Other stages: ZeRO-0/1 reduce once per step anyway, ZeRO-3 per micro-batch.
+    # worker on its own device. Other stages: ZeRO-0/1 reduce once per step anyway, ZeRO-3 per micro-batch (per_step
+    # with zero_stage 3 is refused at load).
     grad_reduction: Literal["auto", "per_micro_batch", "per_step"] = "auto"
     # ZeRO++ (Wang et al. 2023, arXiv 2306.10209; DeepSpeed zero_optimization keys), ZeRO-3 only, also for the
     # scorers that follow this learner. hpz_partition_size: a second copy of the weights partitioned over this many
@@ -726,6 +727,9 @@ def _validate_learner(s: PPOLearnerConfig, name: str, need) -> None:
     need(ds.micro_batch_size >= 1, f"{name}.deepspeed.micro_batch_size must be >= 1")
     need(not ds.offload_params or ds.zero_stage == 3, f"{name}.deepspeed.offload_params needs zero_stage 3")
     need(ds.zero_hpz_partition_size >= 1, f"{name}.deepspeed.zero_hpz_partition_size must be >= 1")
+    need(ds.grad_reduction != "per_step" or ds.zero_stage != 3,
+         f"{name}.deepspeed.grad_reduction per_step needs zero_stage 0-2: ZeRO-3 partitions the gradient as each "
+         f"micro-batch's backward makes it (leave it auto)")
     need(ds.zero_stage == 3 or (ds.zero_hpz_partition_size == 1 and not ds.zero_quantized_weights
                                 and not ds.zero_quantized_gradients),
          f"{name}.deepspeed.zero_hpz_partition_size / zero_quantized_weights / zero_quantized_gradients (ZeRO++) "

@@ -82,6 +82,8 @@ def test_int_is_accepted_for_float_but_bool_is_not_int():
     (["--ppo.dual_clip", "0.5"], "ppo.dual_clip must be > 1"),
     (["--data.data_split", "2,4"], "data.data_split must be three"),
     (["--sft.deepspeed.offload_params", "true"], "offload_params needs zero_stage 3"),
+    (["--rm.deepspeed.zero_stage", "3", "--rm.deepspeed.grad_reduction", "per_step"],
+     "rm.deepspeed.grad_reduction per_step needs zero_stage 0-2"),
     (["--generation.top_p", "0"], "generation.top_p"),
 ])
 def test_cross_field_validation_names_keys(override, message):
