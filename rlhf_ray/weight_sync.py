@@ -96,9 +96,10 @@ def checksum_on_device(t: torch.Tensor, full_shape: Iterable[int], dim: int = 0,
     """checksum_slice as an int64 scalar on t's device, congruent to the checksum mod 2^32 (computed there; read it
     with `int(x) & CHECKSUM_MASK` when needed: a sender on GPU reads all its checksums once, at the end of a sync).
     A slice that is a word-aligned run of the full tensor's bytes (whole rows, the usual case) is read as int32 words:
-    one int32 dot product per chunk against cached index weights plus the chunk's sum times its offset
-    (benchmarks/results/phase_overheads.md: 5x less than int64 lanes on CPU). Other slices (TP column shards,
-    odd-sized 16-bit rows) weigh each element by its word and its place in it."""
+    per chunk, one int32 dot product against cached index weights shifted by the chunk's offset (on GPU: against the
+    weights, plus the chunk's sum times its offset; benchmarks/results/phase_overheads.md: int32 lanes cost a fifth
+    of int64 ones on CPU). Other slices (TP column shards, odd-sized 16-bit rows) weigh each element by its word and
+    its place in it."""
     full = tuple(int(s) for s in full_shape)
     t = t.detach()
     if t.dim() <= 1:
@@ -133,7 +134,12 @@ def checksum_on_device(t: torch.Tensor, full_shape: Iterable[int], dim: int = 0,
         for s in range(0, words.numel(), chunk_elems):
             b = words[s:s + chunk_elems]
             # word j of the chunk has index base + s + j: weight (j*G + 1) + (base + s)*G
-            total += _dot32(b, _index_weights(b.numel(), dev)) + b.sum() * ((base + s) * _GOLDEN & CHECKSUM_MASK)
+            c = (base + s) * _GOLDEN & CHECKSUM_MASK
+            if dev.type == "cpu":  # one dot against weights shifted by c (int32, wrapping): torch's int32 sum first
+                # copies to int64; it took 60% of a checksum (torch.profiler, SmolLM2's 538 MB: 177 -> 87 ms)
+                total += _dot32(b, _index_weights(b.numel(), dev) + (c - (1 << 32) if c >= 1 << 31 else c))
+            else:
+                total += _dot32(b, _index_weights(b.numel(), dev)) + b.sum() * c
         return total
     bits = bits.reshape(rows, cols)
     if per == 1:

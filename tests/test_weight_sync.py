@@ -10,14 +10,15 @@ from __future__ import annotations
 import sys
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import ray.cloudpickle
 import torch
 
 from rlhf_ray.config import load_config
-from rlhf_ray.weight_sync import (CHECKSUM_MASK, BucketSender, ModelSource, WeightSyncError, checksum_slice,
-                                  combine_pieces, compare_checksums, from_numpy, iter_buckets, lora_merged_parameters,
-                                  resolve_transport, tensor_checksum, to_numpy)
+from rlhf_ray.weight_sync import (CHECKSUM_CHUNK, CHECKSUM_MASK, BucketSender, ModelSource, WeightSyncError,
+                                  checksum_slice, combine_pieces, compare_checksums, from_numpy, iter_buckets,
+                                  lora_merged_parameters, resolve_transport, tensor_checksum, to_numpy)
 
 from helpers import perturbed
 
@@ -70,6 +71,12 @@ def test_checksum_is_exact_position_sensitive_and_additive_over_shards():
     paired = h.clone()
     paired[0, 0], paired[0, 1] = h[0, 1], h[0, 0]  # a swap inside one word
     assert tensor_checksum(paired) != tensor_checksum(h)
+    # Several default-size chunks (CPU: one int32 dot per chunk against weights shifted by the chunk's offset, the
+    # shifted weights wrapping): the definition, in numpy's wrapping uint64 (exact mod 2^32).
+    big = torch.randn(2 * CHECKSUM_CHUNK + 5)
+    words = big.view(torch.int32).numpy().view(np.uint32).astype(np.uint64)
+    weights = np.arange(words.size, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15) + np.uint64(1)
+    assert tensor_checksum(big) == int((words * weights).sum()) & CHECKSUM_MASK
 
 
 def test_combine_pieces_counts_replicas_once_and_rejects_gaps():
