@@ -274,6 +274,22 @@ def get_all(refs: list) -> list:
     return ray.get(refs)
 
 
+def start_concurrently(start: Callable[[str], Any], roles: list[str]) -> tuple[dict[str, Any], Optional[BaseException]]:
+    """`start(role)` for every role at once, a thread each: each blocks in its own ray.get while its ranks import,
+    load and set up, so the roles' processes do that side by side instead of one after another (start-up is the
+    slowest role's, not the sum). Waits for every one, so nothing is still starting when this returns. Returns the
+    groups that started, by role, and the first failure in `roles` order (None if all started): the caller keeps
+    what started, so that it can shut those down."""
+    from concurrent.futures import ThreadPoolExecutor, wait
+
+    with ThreadPoolExecutor(max(1, len(roles)), thread_name_prefix="rlhf-start") as pool:
+        futures = {role: pool.submit(start, role) for role in roles}
+        wait(futures.values())
+    started = {role: f.result() for role, f in futures.items() if f.exception() is None}
+    failure = next((f.exception() for f in futures.values() if f.exception() is not None), None)
+    return started, failure
+
+
 class ModelGroup:
     """K ranks of `worker_cls` in one torch.distributed world, inside `placement` (or a placement group of their
     own). Blocking calls return plain values; `*_async` / `as_ref=True` return ObjectRefs."""

@@ -108,7 +108,7 @@ class PPOTrainer:
         from rlhf_ray.control import start_control
         from rlhf_ray.data import load_stage_dataset
         from rlhf_ray.env import check_agreement
-        from rlhf_ray.groups import placement_plan
+        from rlhf_ray.groups import placement_plan, start_concurrently
         from rlhf_ray.models.loading import load_tokenizer
         from rlhf_ray.resources import init_ray, peak_concurrent_threads
 
@@ -143,8 +143,18 @@ class PPOTrainer:
         try:
             self.control = start_control(cfg)  # `rlhf-ray engines` reaches the run through it (rlhf_ray/control.py)
             self.plan = placement_plan(cfg)  # every role's placement group, ready (or a PlacementError)
-            for role in ("actor", "reference", "reward", "critic", "generators"):
-                setattr(self, role, self.start_group(role))
+            # The roles start side by side (groups.start_concurrently); a hybrid generator group is the actor's own
+            # ranks, so it follows the actor. start_group's modules are imported here first, not by four threads.
+            import rlhf_ray.generator, rlhf_ray.hybrid, rlhf_ray.learner, rlhf_ray.scorer  # noqa: E401, F401
+            hybrid = cfg.placement.layout == "hybrid"
+            roles = ["actor", "reference", "reward", "critic"] + ([] if hybrid else ["generators"])
+            started_groups, failure = start_concurrently(self.start_group, roles)
+            for role, group in started_groups.items():
+                setattr(self, role, group)
+            if failure is not None:
+                raise failure
+            if hybrid:
+                self.generators = self.start_group("generators")
             # Every worker chose its device, backend, dtype (and the engines their transport) in its own process;
             # the driver only checks that they agree (a DeviceMismatchError names the roles that do not).
             self.devices = check_agreement(self.worker_reports())

@@ -11,7 +11,7 @@ import torch
 
 from rlhf_ray.config import RoleResources, load_config
 from rlhf_ray.groups import (DistributedWorker, ModelGroup, concat_results, placement_plan, remove_placement,
-                             shard_batch)
+                             shard_batch, start_concurrently)
 from rlhf_ray.resources import PlacementError, ppo_layout
 
 
@@ -44,6 +44,27 @@ def world_facts(worker: DistributedWorker) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- pure logic
+def test_roles_start_side_by_side_and_every_start_is_waited_for_before_a_failure_is_reported():
+    import threading
+    import time
+
+    together = threading.Barrier(4, timeout=10)  # passes only if the four starts run at the same time
+    finished = []
+
+    def start(role: str):
+        together.wait()
+        time.sleep(0.3 if role == "slow" else 0.0)  # a slow role still loading when the others have failed
+        finished.append(role)
+        if role.startswith("broken"):
+            raise RuntimeError(f"{role} failed")
+        return f"{role} group"
+
+    started, failure = start_concurrently(start, ["actor", "broken2", "slow", "broken1"])
+    assert sorted(finished) == ["actor", "broken1", "broken2", "slow"]  # none still starting on return
+    assert started == {"actor": "actor group", "slow": "slow group"}  # kept, so the caller can shut them down
+    assert str(failure) == "broken2 failed"  # the first failure in role order, not in time
+
+
 def test_shard_batch_pads_to_equal_rows_and_concat_drops_padding():
     batch = {"x": torch.arange(5.0), "text": list("abcde"), "temperature": 0.7}
     shards = [shard_batch(batch, r, 2) for r in range(2)]
