@@ -187,7 +187,7 @@ class GenerationConfig:
     top_k: int = -1  # -1 or 0: off
     n_samples_per_prompt: int = 1
     stop: list[str] = field(default_factory=list)
-    max_model_len: Optional[int] = None  # None: the model config's own limit
+    max_model_len: Optional[int] = None  # None: the model config's own limit, or less if the KV cache holds less
     kv_cache_gib: float = 1.0  # CPU engines only: vLLM kv_cache_memory_bytes (fractions allowed, e.g. 0.25)
     gpu_memory_utilization: float = 0.5  # GPU engines only: their share of the GPU, KV cache included
     enforce_eager: bool = True

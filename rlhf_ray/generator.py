@@ -179,7 +179,7 @@ class VLLMEngine:
             kwargs["kv_cache_memory_bytes"] = cpu_kv_cache_bytes(gen)
         self.llm = LLM(model=model_path, tokenizer=tokenizer or model_path, dtype=self.dtype,
                        trust_remote_code=trust_remote_code,  # models.actor.trust_remote_code
-                       tensor_parallel_size=gen.tensor_parallel_size, max_model_len=gen.max_model_len,
+                       tensor_parallel_size=gen.tensor_parallel_size, max_model_len=engine_max_model_len(gen),
                        enforce_eager=gen.enforce_eager, seed=seed, gpu_memory_utilization=gen.gpu_memory_utilization,
                        enable_sleep_mode=self.sleep_enabled, worker_extension_cls=WORKER_EXTENSION,
                        # sample log-probs of the distribution sampled from, log-softmax(logits / T), as the learners
@@ -437,6 +437,13 @@ def engine_cores(gen: GenerationConfig, engine_index: int, ncpu: Optional[int] =
     ncpu = ncpu or os.cpu_count() or 1
     tp = gen.tensor_parallel_size
     return "|".join(str((engine_index * tp + rank) % ncpu) for rank in range(tp))
+
+
+def engine_max_model_len(gen: GenerationConfig) -> int:
+    """vLLM's max_model_len for generation.max_model_len: the key when set; unset, -1, vLLM's auto-fit (the model's own
+    limit, cut to the longest context the KV cache holds). Without it a small cache failed at start: the built-in demo
+    (kv_cache_gib 0.25) on a CPU without bf16 runs SmolLM2 in fp32, whose 8192 tokens need 0.35 GiB of KV cache."""
+    return gen.max_model_len if gen.max_model_len is not None else -1
 
 
 def cpu_kv_cache_bytes(gen: GenerationConfig) -> int:

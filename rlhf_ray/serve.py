@@ -57,15 +57,14 @@ def vllm_serve_args(path: str, cfg: Config, cuda: bool, host: str, port: int, na
     """vLLM OpenAI server arguments (`vllm serve`'s) for `path` with the run's engine settings on this device."""
     from rlhf_ray.config import ppo_precision
     from rlhf_ray.env import precision_dtype
-    from rlhf_ray.generator import cpu_kv_cache_bytes
+    from rlhf_ray.generator import cpu_kv_cache_bytes, engine_max_model_len
 
     gen, actor = cfg.generation, cfg.models.actor
     args = ["--model", path, "--host", host, "--port", str(port), "--served-model-name", name,
             "--dtype", precision_dtype(ppo_precision(cfg), "cuda" if cuda else "cpu"),
             "--tensor-parallel-size", str(gen.tensor_parallel_size), "--seed", str(cfg.run.seed),
             "--tokenizer", actor.tokenizer or path]
-    if gen.max_model_len:
-        args += ["--max-model-len", str(gen.max_model_len)]
+    args += ["--max-model-len", str(engine_max_model_len(gen))]  # unset: vLLM's auto-fit to the KV cache
     if gen.enforce_eager:
         args.append("--enforce-eager")
     if actor.trust_remote_code:

@@ -269,3 +269,18 @@ def test_tp2_engine_matches_tp1_and_syncs_its_shards(ray_cluster, tiny_llama, hf
             [hf_greedy_with_logprobs(model, p, 12)[0] for p in PROMPTS]
     finally:
         g.shutdown()
+
+
+def test_unset_max_model_len_fits_the_kv_cache_instead_of_failing_at_start(ray_cluster, tiny_llama):
+    """generation.max_model_len unset and a KV cache smaller than the model's own 512 tokens need (fp32: 1 KiB a
+    token): the engine starts with the longest context the cache holds (vLLM's auto-fit), refuses a longer prompt by
+    name and generates a shorter one. It used to fail at start, as the built-in demo did on a CPU without bf16."""
+    cfg = load_config(None, {"ray.address": "local", "generation.kv_cache_gib": 300 * 1024 / 2**30})
+    g = GeneratorGroup(cfg, tiny_llama, precision="fp32")
+    try:
+        assert 0 < g.max_model_len < 512
+        with pytest.raises(PromptTooLongError, match="max_model_len"):
+            g.generate([[7] * g.max_model_len], GREEDY)
+        assert len(g.generate([PROMPTS[0]], GREEDY).samples[0].token_ids) == 12
+    finally:
+        g.shutdown()
