@@ -7,7 +7,8 @@ config: actor, reference, rule-reward scorer, one vLLM engine).
         [--pairs 2] [--set KEY=VALUE ...]
 
 Not a test. One Ray cluster for the whole run, started by an untimed warm-up start-up (which also warms the file
-caches), so each timing is the groups' start-up, not Ray's; the order alternates (sequential first in even pairs). Prints every timing, the medians and the ratio sequential / concurrent.
+caches), so each timing is the groups' start-up, not Ray's; the order alternates (sequential first in even pairs).
+Prints every timing, the medians and the ratio sequential / concurrent.
 """
 from __future__ import annotations
 

@@ -83,12 +83,14 @@ def _index_weights(n: int, device: torch.device) -> torch.Tensor:
     return w[:n]
 
 
-def _dot32(b: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """sum(b * w) mod 2^32 (as int64) of two int32 vectors: one pass (torch.dot, int32 lanes that wrap) on CPU;
-    CUDA has no integer dot, so there the products wrap in int32 and their sum is exact in int64."""
+def _shifted_dot32(b: torch.Tensor, w: torch.Tensor, shift: int) -> torch.Tensor:
+    """sum(b * (w + shift)) mod 2^32 (as int64) of two int32 vectors and a shift in [0, 2^32). On CPU one dot product
+    (int32 lanes that wrap) against the shifted weights: torch's int32 sum first copies to int64, which took 60% of a
+    checksum (torch.profiler, SmolLM2's 538 MB: 177 -> 87 ms). CUDA has no integer dot: there the products wrap in
+    int32 and their sum is exact in int64, plus b's sum times the shift."""
     if b.device.type == "cpu":
-        return torch.dot(b, w).to(torch.int64)
-    return (b * w).sum()
+        return torch.dot(b, w + (shift - (1 << 32) if shift >= 1 << 31 else shift)).to(torch.int64)
+    return (b * w).sum() + b.sum() * shift
 
 
 def checksum_on_device(t: torch.Tensor, full_shape: Iterable[int], dim: int = 0, start: int = 0,
@@ -134,12 +136,7 @@ def checksum_on_device(t: torch.Tensor, full_shape: Iterable[int], dim: int = 0,
         for s in range(0, words.numel(), chunk_elems):
             b = words[s:s + chunk_elems]
             # word j of the chunk has index base + s + j: weight (j*G + 1) + (base + s)*G
-            c = (base + s) * _GOLDEN & CHECKSUM_MASK
-            if dev.type == "cpu":  # one dot against weights shifted by c (int32, wrapping): torch's int32 sum first
-                # copies to int64; it took 60% of a checksum (torch.profiler, SmolLM2's 538 MB: 177 -> 87 ms)
-                total += _dot32(b, _index_weights(b.numel(), dev) + (c - (1 << 32) if c >= 1 << 31 else c))
-            else:
-                total += _dot32(b, _index_weights(b.numel(), dev)) + b.sum() * c
+            total += _shifted_dot32(b, _index_weights(b.numel(), dev), (base + s) * _GOLDEN & CHECKSUM_MASK)
         return total
     bits = bits.reshape(rows, cols)
     if per == 1:
