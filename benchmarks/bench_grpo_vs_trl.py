@@ -115,6 +115,8 @@ def rlhf_ray_config(args, out_dir: str, row_overrides: dict | None = None):
     for item in args.set:
         key, _, value = item.partition("=")
         overrides[key] = yaml.safe_load(value)  # as the CLI's dotted overrides
+    if overrides.get("placement.layout") == "hybrid":  # the engine lives in the learner's rank: no engine restarts
+        overrides.setdefault("generation.max_restarts", 0)  # (config.py refuses them); every bench that asks hybrid
     return load_config(None, overrides)
 
 
@@ -135,8 +137,6 @@ def run_rlhf_ray(args) -> dict:
     row = {"ppo.actor.deepspeed.precision": args.precision}
     if has_layout_key():
         row["placement.layout"] = args.layout
-        if args.layout == "hybrid":  # the engine lives in the learner's rank: no engine restarts (config.py)
-            row["generation.max_restarts"] = 0
     elif args.layout != "separate":
         raise SystemExit("placement.layout is not in this tree's config")
     try:  # the run's folder (checkpoint and final model, ~0.5 GB on SmolLM2) goes once its metrics are read

@@ -45,8 +45,7 @@ def main() -> None:
     # what rlhf_ray_config reads from bench_grpo_vs_trl's arguments (its defaults)
     bench = argparse.Namespace(model="builtin:smollm2", prompts=4, group=4, max_new_tokens=32, steps=1, lr=LR,
                                beta=BETA, seed=SEED, natural_length=False, set=args.set)
-    row = {"ppo.actor.deepspeed.precision": "fp32", "placement.layout": args.layout,
-           **({"generation.max_restarts": 0} if args.layout == "hybrid" else {})}  # as bench_grpo_vs_trl's rows
+    row = {"ppo.actor.deepspeed.precision": "fp32", "placement.layout": args.layout}  # as bench_grpo_vs_trl's rows
     from rlhf_ray import groups
     from rlhf_ray.ppo import PPOTrainer
 

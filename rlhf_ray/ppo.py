@@ -108,7 +108,7 @@ class PPOTrainer:
         from rlhf_ray.control import start_control
         from rlhf_ray.data import load_stage_dataset
         from rlhf_ray.env import check_agreement
-        from rlhf_ray.groups import placement_plan, start_concurrently
+        from rlhf_ray.groups import placement_plan
         from rlhf_ray.models.loading import load_tokenizer
         from rlhf_ray.resources import init_ray, peak_concurrent_threads
 
@@ -143,18 +143,7 @@ class PPOTrainer:
         try:
             self.control = start_control(cfg)  # `rlhf-ray engines` reaches the run through it (rlhf_ray/control.py)
             self.plan = placement_plan(cfg)  # every role's placement group, ready (or a PlacementError)
-            # The roles start side by side (groups.start_concurrently); a hybrid generator group is the actor's own
-            # ranks, so it follows the actor. start_group's modules are imported here first, not by four threads.
-            import rlhf_ray.generator, rlhf_ray.hybrid, rlhf_ray.learner, rlhf_ray.scorer  # noqa: E401, F401
-            hybrid = cfg.placement.layout == "hybrid"
-            roles = ["actor", "reference", "reward", "critic"] + ([] if hybrid else ["generators"])
-            started_groups, failure = start_concurrently(self.start_group, roles)
-            for role, group in started_groups.items():
-                setattr(self, role, group)
-            if failure is not None:
-                raise failure
-            if hybrid:
-                self.generators = self.start_group("generators")
+            self.start_groups(["actor", "reference", "reward", "critic", "generators"])
             # Every worker chose its device, backend, dtype (and the engines their transport) in its own process;
             # the driver only checks that they agree (a DeviceMismatchError names the roles that do not).
             self.devices = check_agreement(self.worker_reports())
@@ -179,6 +168,23 @@ class PPOTrainer:
         except BaseException:
             self.shutdown()
             raise
+
+    def start_groups(self, roles: list[str]) -> None:
+        """Start `roles`' groups side by side (groups.start_concurrently) and set them on the trainer: at start-up, and
+        when recovery replaces several. A hybrid generator group is the actor's own ranks, so it follows the actor.
+        Every start has ended when this raises the first failure; what started is set, so shutdown releases it."""
+        # start_group's modules imported once here, not by several threads at the same time
+        import rlhf_ray.generator, rlhf_ray.hybrid, rlhf_ray.learner, rlhf_ray.scorer  # noqa: E401, F401
+        from rlhf_ray.groups import start_concurrently
+
+        after_actor = ["generators"] if self.cfg.placement.layout == "hybrid" and "generators" in roles else []
+        started, failure = start_concurrently(self.start_group, [r for r in roles if r not in after_actor])
+        for role, group in started.items():
+            setattr(self, role, group)
+        if failure is not None:
+            raise failure
+        for role in after_actor:
+            setattr(self, role, self.start_group(role))
 
     def start_group(self, role: str):
         """One role's group in its placement group (self.plan): at start-up, and again when recovery replaces it."""

@@ -79,8 +79,7 @@ def recover(trainer, error: BaseException) -> RecoveryLog:
         group = getattr(trainer, role)
         group.shutdown() if role == "generators" else group.shutdown(remove_placement_group=False)  # plans stay
         setattr(trainer, role, None)
-    for role in replaced:
-        setattr(trainer, role, trainer.start_group(role))
+    trainer.start_groups(replaced)  # side by side, as at start-up
     position = trainer.prompts.position
     if any(role in LEARNERS for role in dead):
         latest = trainer.checkpoints.latest() if trainer.checkpoints is not None else None

@@ -465,3 +465,33 @@ def test_next_chunk_continues_only_samples_cut_by_their_chunk_from_their_prefix(
     assert g.chunks == 1 and g.samples[1] is cut  # the batch in flight is not changed in place
     next_chunk(out, Engines(64), GenerationConfig(max_new_tokens=8), 3, 7)
     assert len(calls) == 2 and calls[-1][1] == 2  # the last chunk asks only for what is left of max_new_tokens (8 - 6)
+
+
+@pytest.mark.parametrize("layout", ["separate", "hybrid"])
+def test_start_groups_starts_roles_side_by_side_and_a_hybrid_engine_after_its_actor(layout):
+    """PPOTrainer.start_groups, as start-up and recovery call it, on a stand-in start_group: the roles start at the
+    same time (a barrier only passes if they overlap); a hybrid generator group waits for its actor's ranks."""
+    import threading
+    import types
+
+    from rlhf_ray.ppo import PPOTrainer
+
+    hybrid = layout == "hybrid"
+    together = threading.Barrier(2 if hybrid else 3, timeout=10)
+    events = []
+
+    def start_group(role):
+        events.append(f"start {role}")
+        if not (hybrid and role == "generators"):
+            together.wait()  # actor and reference (and separate engines) all starting before any goes on
+        events.append(f"up {role}")
+        return f"{role} group"
+
+    cfg = types.SimpleNamespace(placement=types.SimpleNamespace(layout=layout))  # all start_groups reads of it
+    trainer = types.SimpleNamespace(cfg=cfg, start_group=start_group,
+                                    actor=None, reference=None, generators=None)
+    PPOTrainer.start_groups(trainer, ["actor", "reference", "generators"])  # recovery's replaced list, e.g.
+    assert (trainer.actor, trainer.reference, trainer.generators) == ("actor group", "reference group",
+                                                                     "generators group")
+    if hybrid:  # the engine is the actor's ranks: started only once the actor is up
+        assert events.index("start generators") > events.index("up actor")
