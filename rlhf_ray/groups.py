@@ -29,6 +29,7 @@ from __future__ import annotations
 import functools
 import os
 import socket
+import threading
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Callable, Optional
@@ -274,6 +275,29 @@ def get_all(refs: list) -> list:
     return ray.get(refs)
 
 
+_ports_starting: set[tuple[str, int]] = set()  # (node, port) a rank 0 picked whose world is not up yet
+_ports_lock = threading.Lock()
+
+
+def reserve_port(node: str, pick: Callable[[], int], attempts: int = 8) -> int:
+    """A port from `pick()` (rank 0's pick_master_port) that no other group starting in this driver holds on `node`.
+    pick_master_port binds and releases, so two groups starting side by side with ranks 0 on one node can be handed
+    the same port before either rendezvous binds it. Give it back with release_port once the world is up."""
+    with _ports_lock:
+        for _ in range(attempts):
+            port = pick()
+            if (node, port) not in _ports_starting:
+                _ports_starting.add((node, port))
+                return port
+    raise RuntimeError(f"no free rendezvous port on node {node} after {attempts} tries: each one picked is held by "
+                       f"another group starting on it")
+
+
+def release_port(node: str, port: int) -> None:
+    with _ports_lock:
+        _ports_starting.discard((node, port))
+
+
 def start_concurrently(start: Callable[[str], Any], roles: list[str]) -> tuple[dict[str, Any], Optional[BaseException]]:
     """`start(role)` for every role at once, a thread each: each blocks in its own ray.get while its ranks import,
     load and set up, so the roles' processes do that side by side instead of one after another (start-up is the
@@ -324,11 +348,14 @@ class ModelGroup:
                 ).remote(role=role, rank=rank, world_size=num_workers, placement_group_id=pg.id.hex(),
                          **(worker_kwargs or {})))
             nodes = ray.get([w.node_info.remote() for w in self.workers], timeout=setup_timeout_s)
-            port = ray.get(self.workers[0].pick_master_port.remote())
+            port = reserve_port(nodes[0][0], lambda: ray.get(self.workers[0].pick_master_port.remote()))
             ranks_on_node = [[r for r, (n, _) in enumerate(nodes) if n == node] for node, _ in nodes]
-            paths = ray.get([w.init_distributed.remote(nodes[0][1], port, ranks_on_node[r].index(r),
-                                                       len(ranks_on_node[r]))
-                             for r, w in enumerate(self.workers)], timeout=setup_timeout_s)
+            try:  # once the world is up, rank 0's rendezvous holds the port bound
+                paths = ray.get([w.init_distributed.remote(nodes[0][1], port, ranks_on_node[r].index(r),
+                                                           len(ranks_on_node[r]))
+                                 for r, w in enumerate(self.workers)], timeout=setup_timeout_s)
+            finally:
+                release_port(nodes[0][0], port)
             if len(set(paths)) > 1:  # a rank on shm and one on gloo would wait for each other forever
                 raise RuntimeError(f"{role} ranks disagree on the all-reduce path: {paths}")
             ray.get([w.setup.remote() for w in self.workers], timeout=setup_timeout_s)

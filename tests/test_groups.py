@@ -65,6 +65,22 @@ def test_roles_start_side_by_side_and_every_start_is_waited_for_before_a_failure
     assert str(failure) == "broken2 failed"  # the first failure in role order, not in time
 
 
+def test_groups_starting_side_by_side_never_share_a_rendezvous_port_on_one_node():
+    from rlhf_ray.groups import release_port, reserve_port
+
+    picks = iter([29500, 29500, 29501, 29500, 29500, 29500])  # what bind-then-release may hand out
+    first = reserve_port("node-a", lambda: next(picks))
+    second = reserve_port("node-a", lambda: next(picks))  # the same port picked again: asked once more
+    other_node = reserve_port("node-b", lambda: next(picks))
+    assert (first, second, other_node) == (29500, 29501, 29500)
+    with pytest.raises(RuntimeError, match="no free rendezvous port on node node-a after 2 tries"):
+        reserve_port("node-a", lambda: 29500, attempts=2)
+    release_port("node-a", first)  # its world is up: the rendezvous holds it now
+    assert reserve_port("node-a", lambda: 29500) == 29500
+    for node, port in [("node-a", 29500), ("node-a", 29501), ("node-b", 29500)]:
+        release_port(node, port)
+
+
 def test_shard_batch_pads_to_equal_rows_and_concat_drops_padding():
     batch = {"x": torch.arange(5.0), "text": list("abcde"), "temperature": 0.7}
     shards = [shard_batch(batch, r, 2) for r in range(2)]
