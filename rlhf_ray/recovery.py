@@ -4,9 +4,10 @@ A rank of a group killed (SIGKILL, the OOM killer, a lost node) surfaces in the 
 call it was serving. `recover(trainer, error)` then:
   1. finds the dead groups: each group's ranks are pinged (a rank whose actor is dead makes its group dead; one busy
      with a call is not). Nothing dead: the error was something else, and it is raised again.
-  2. replaces each dead group in its own placement group (the bundles the dead ranks freed): its surviving ranks are
-     killed first (they share a torch.distributed world with the dead one, which cannot be repaired). Hybrid layout:
-     the engine lives in the actor's ranks, so the generator group goes with the actor.
+  2. replaces each dead group in its own placement group (the bundles the dead ranks freed), several side by side as
+     at start-up (PPOTrainer.start_groups): its surviving ranks are killed first (they share a torch.distributed
+     world with the dead one, which cannot be repaired). Hybrid layout: the engine lives in the actor's ranks, so the
+     generator group goes with the actor.
   3. when a learner (actor or critic) died, its weights and optimizer state since the last checkpoint are gone: both
      learners and the controller (iteration, data position, KL controller, RNG states) go back to the latest complete
      checkpoint (or to the run's start when none was written yet), and the engines take the restored weights under a
