@@ -308,6 +308,10 @@ class PlacementConfig:
     generator: RoleResources = field(default_factory=RoleResources)
     colocate_actor_reference: bool = False
     colocate_critic_reward: bool = False
+    # The reference scored by the actor's own ranks as its base model with the LoRA adapters disabled (TRL's and
+    # veRL's way with LoRA): no reference group, no second copy of the weights. Needs ppo.actor.lora.dim > 0 with
+    # only_optimize_lora (the base stays the initial weights) and models.reference unset; placement.reference unused.
+    reference_in_actor: bool = False
     # separate: every engine in a placement group of its own (generation.num_engines); hybrid: one vLLM engine inside
     # the actor learner's rank process (rlhf_ray/hybrid.py), fed from the learner's parameters in-process
     layout: Literal["separate", "hybrid"] = "separate"
@@ -653,6 +657,7 @@ def validate(cfg: Config) -> Config:
          "placement.generator.num_workers: engines are counted by generation.num_engines, each with "
          "generation.tensor_parallel_size workers of placement.generator's resources; leave it 1")
     _validate_hybrid(cfg, need)
+    _validate_reference_in_actor(cfg, need)
     need(cfg.checkpoint.every >= 0 and cfg.checkpoint.keep_last >= 1,
          "checkpoint.every must be >= 0 and checkpoint.keep_last >= 1")
     need(cfg.logging.log_every >= 1, "logging.log_every must be >= 1")
@@ -701,6 +706,23 @@ def old_logprobs_from_engines(cfg: Config) -> bool:
     asynchronous rollouts without an off-policy correction (which would take it against the learner's recomputed
     log-probs, a proximal policy, and weigh the tokens by the correction)."""
     return cfg.rollout.mode != "off" and cfg.ppo.off_policy_correction == "none"
+
+
+def _validate_reference_in_actor(cfg: Config, need) -> None:
+    if not cfg.placement.reference_in_actor:
+        return
+    lora, why = cfg.ppo.actor.lora, "placement.reference_in_actor scores the reference as the actor's base model " \
+                                    "with its LoRA adapters disabled"
+    need(lora.dim > 0, f"ppo.actor.lora.dim is 0: {why}; train the actor with LoRA (lora.dim > 0), or set "
+                       f"placement.reference_in_actor false (full-weight training moves the base: the reference "
+                       f"needs its own copy)")
+    need(lora.only_optimize_lora, f"ppo.actor.lora.only_optimize_lora is false: {why}, which must stay the initial "
+                                  f"weights; set it true or placement.reference_in_actor false")
+    need(cfg.models.reference is None or cfg.models.reference == cfg.models.actor,
+         f"models.reference is {cfg.models.reference and cfg.models.reference.path}: {why} (models.actor); unset "
+         f"models.reference or set placement.reference_in_actor false")
+    need(not cfg.placement.colocate_actor_reference, f"placement.colocate_actor_reference is true: {why}, so there "
+                                                     f"is no reference group to colocate; set one of them false")
 
 
 def _validate_hybrid(cfg: Config, need) -> None:

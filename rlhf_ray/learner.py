@@ -635,6 +635,16 @@ class PolicyLearner(EngineWorker):
                for mb in micro_batches(batch, self.stage.deepspeed.micro_batch_size)]
         return torch.cat(out)
 
+    @torch.no_grad()
+    def reference_logprobs(self, batch: Batch) -> torch.Tensor:
+        """The reference's log-probs (as ReferenceScorer.logprobs) from this rank's base model: the actor with its
+        LoRA adapters disabled (placement.reference_in_actor; config checks the base is frozen and is the reference)."""
+        if not hasattr(self.module, "disable_adapter"):
+            raise RuntimeError(f"{self.role} rank {self.rank}: reference log-probs from the actor need LoRA adapters to "
+                               f"disable (ppo.actor.lora.dim > 0)")
+        with self.module.disable_adapter():  # peft: every adapter layer off inside the block
+            return self.logprobs(batch)
+
     def _lm_loss(self, batch: Batch) -> torch.Tensor:
         from rlhf_ray.models.value_head import position_ids_from_mask
 
@@ -787,6 +797,25 @@ class PolicyGroup(_LearnerGroup):
 
     def lm_loss(self, batch: Batch) -> float:
         return self.run("lm_loss", batch)[0]
+
+
+class ActorReference:
+    """placement.reference_in_actor: the reference scorer's interface (ReferenceGroup.logprobs) served by the actor's
+    own ranks with their LoRA adapters disabled. No processes, placement group or weights of its own; it asks for the
+    trainer's current actor group each time (recovery may replace that group)."""
+
+    role = "reference"
+    workers: list = []  # nothing of its own to ping (recovery), report (check_agreement) or shut down
+    reports: list = []
+
+    def __init__(self, actor: Callable[[], PolicyGroup]):
+        self._actor = actor
+
+    def logprobs(self, batch, as_ref: bool = False):
+        return self._actor().run_sharded("reference_logprobs", batch, as_ref=as_ref)
+
+    def shutdown(self, remove_placement_group: bool = True) -> None:
+        """Nothing to stop: the actor's group is shut down as the actor."""
 
 
 class CriticGroup(_LearnerGroup):

@@ -724,7 +724,10 @@ def _estimate_time(cfg: Config, plan: Plan) -> None:
     # else the training pass (experience.py) or the engines (asynchronous rollouts) supply the old log-probs
     if not (reuses_train_logprobs(cfg) or old_logprobs_from_engines(cfg)):
         forward("actor", a, True)
-    forward("reference", a, False)
+    if cfg.placement.reference_in_actor:  # the actor's ranks, adapters disabled: a second actor forward
+        forward("actor", a, True)
+    else:
+        forward("reference", a, False)
     forward("critic", cr, True)
     forward("reward", cr, False)
 
@@ -906,6 +909,10 @@ def suggest_placement(cfg: Config) -> tuple[dict[str, Any], Plan]:
                         cand |= {"placement.reward.num_workers": cr, "placement.reward.gpus_per_worker": 1.0}
                     candidates.append(cand)
     candidates += _colocated_candidates(cfg, critic)
+    if cfg.placement.reference_in_actor:  # no reference group to size or colocate: the actor's ranks score it
+        candidates = [{k: v for k, v in cand.items()
+                       if k not in ("placement.reference.num_workers", "placement.colocate_actor_reference")}
+                      for cand in candidates]
     if not candidates:
         raise ConfigError(f"no GPU split of {total} GPU(s) keeps ppo.mini_batch_size a multiple of "
                           f"ppo.actor/ppo.critic deepspeed.micro_batch_size x ranks; adjust the batch sizes")

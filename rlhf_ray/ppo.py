@@ -148,8 +148,9 @@ class PPOTrainer:
             # the driver only checks that they agree (a DeviceMismatchError names the roles that do not).
             self.devices = check_agreement(self.worker_reports())
             log.info("devices: %s", self.devices)
-            log.info("groups up in %.1fs: actor x%d, reference x%d, reward x%d, critic x%s, %d engine(s) x TP%d",
-                     time.time() - started, cfg.placement.actor.num_workers, cfg.placement.reference.num_workers,
+            log.info("groups up in %.1fs: actor x%d, reference %s, reward x%d, critic x%s, %d engine(s) x TP%d",
+                     time.time() - started, cfg.placement.actor.num_workers,
+                     "in the actor" if cfg.placement.reference_in_actor else f"x{cfg.placement.reference.num_workers}",
                      cfg.placement.reward.num_workers, cfg.placement.critic.num_workers if self.critic else 0,
                      cfg.generation.num_engines, cfg.generation.tensor_parallel_size)
             self.engines_sleep = engines_sleep(cfg.generation.enable_sleep_mode, self.generators.info)
@@ -190,7 +191,7 @@ class PPOTrainer:
         """One role's group in its placement group (self.plan): at start-up, and again when recovery replaces it."""
         from rlhf_ray.generator import GeneratorGroup
         from rlhf_ray.hybrid import HybridGeneratorGroup, HybridPolicyGroup
-        from rlhf_ray.learner import CriticGroup, PolicyGroup
+        from rlhf_ray.learner import ActorReference, CriticGroup, PolicyGroup
         from rlhf_ray.models.loading import resolve_model_path
         from rlhf_ray.scorer import ReferenceGroup, RewardGroup
 
@@ -198,8 +199,9 @@ class PPOTrainer:
         hybrid = cfg.placement.layout == "hybrid"  # the engine lives in the actor's rank (rlhf_ray/hybrid.py)
         if role == "actor":
             return (HybridPolicyGroup if hybrid else PolicyGroup)(cfg, placement=plan["actor"])
-        if role == "reference":
-            return ReferenceGroup(cfg, placement=plan["reference"])
+        if role == "reference":  # placement.reference_in_actor: the actor's ranks, adapters disabled
+            return ActorReference(lambda: self.actor) if cfg.placement.reference_in_actor else \
+                ReferenceGroup(cfg, placement=plan["reference"])
         if role == "reward":
             return RewardGroup(cfg, placement=plan["reward"])
         if role == "critic":

@@ -50,6 +50,8 @@ def alive(group) -> bool:
     import ray
     from ray.exceptions import RayActorError
 
+    if not group.workers:  # a handle served by another group (learner.ActorReference): that group is pinged
+        return True
     pings = [w.__ray_ready__.remote() for w in group.workers]
     answered, _ = ray.wait(pings, num_returns=len(pings), timeout=PING_TIMEOUT_S)
     for ping in answered:

@@ -56,8 +56,9 @@ def ppo_layout(cfg: Config) -> list[RoleLayout]:
     if p.colocate_actor_reference:
         layouts.append(RoleLayout("actor+reference", actor, "PACK"))
     else:
-        layouts += [RoleLayout("actor", actor, "PACK"),
-                    RoleLayout("reference", role_bundles(p.reference, p.reference.num_workers), "PACK")]
+        layouts.append(RoleLayout("actor", actor, "PACK"))
+        if not p.reference_in_actor:  # else the actor's ranks score the reference (its adapters disabled)
+            layouts.append(RoleLayout("reference", role_bundles(p.reference, p.reference.num_workers), "PACK"))
     reward = role_bundles(p.reward, p.reward.num_workers)
     if needs_critic and p.colocate_critic_reward:
         layouts.append(RoleLayout("critic+reward", role_bundles(p.critic, p.critic.num_workers), "PACK"))
@@ -116,8 +117,9 @@ def peak_concurrent_threads(cfg: Config, stages: tuple[str, ...] = STAGES) -> in
         generate = threads(placement.generator, g.num_engines * g.tensor_parallel_size)
     rule_only = bool(p.reward_functions) and p.reward_function_mode == "replace"
     actor_old = not (reuses_train_logprobs(cfg) or old_logprobs_from_engines(cfg))
-    score = (threads(placement.reference) + (0 if rule_only else threads(placement.reward))
-             + (threads(placement.actor) if actor_old else 0) + critic)
+    reference = 0 if placement.reference_in_actor else threads(placement.reference)  # else on the actor's ranks
+    score = (reference + (0 if rule_only else threads(placement.reward))
+             + (threads(placement.actor) if actor_old or placement.reference_in_actor else 0) + critic)
     train = max(threads(placement.actor), critic)
     ppo = max(generate, score, train) if cfg.rollout.mode == "off" else generate + max(score, train)
     return max({"sft": threads(cfg.sft), "rm": threads(cfg.rm), "ppo": ppo}[stage] for stage in stages)

@@ -128,3 +128,19 @@ def test_ppo_learners_are_checked_on_the_mini_batch_not_the_sft_global_batch():
     assert cfg.ppo.actor.deepspeed.micro_batch_size == 4
     with pytest.raises(ConfigError, match="mini_batch_size"):
         load_config(None, {"ppo.actor.deepspeed.micro_batch_size": 4, "ppo.mini_batch_size": 6})
+
+
+@pytest.mark.parametrize("override, key", [
+    ({}, None),
+    ({"ppo.actor.lora.dim": 0}, r"ppo\.actor\.lora\.dim is 0"),
+    ({"ppo.actor.lora.only_optimize_lora": False}, r"ppo\.actor\.lora\.only_optimize_lora is false"),
+    ({"models.reference.path": "other/model"}, r"models\.reference is other/model"),
+    ({"placement.colocate_actor_reference": True}, r"placement\.colocate_actor_reference is true"),
+])
+def test_reference_in_actor_needs_a_frozen_lora_base_that_is_the_reference(override, key):
+    settings = {"placement.reference_in_actor": True, "ppo.actor.lora.dim": 4, **override}
+    if key is None:
+        assert load_config(None, settings).placement.reference_in_actor
+        return
+    with pytest.raises(ConfigError, match=key):
+        load_config(None, settings)

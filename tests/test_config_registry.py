@@ -161,6 +161,8 @@ REGISTRY: dict[str, str | dict] = {
     "placement.colocate_actor_reference": "tests/test_resources.py::test_layout_follows_colocation_and_estimator",
     "placement.colocate_critic_reward": "tests/test_resources.py::test_layout_follows_colocation_and_estimator",
     "placement.layout": "tests/test_hybrid.py::test_hybrid_places_no_generator_group",
+    "placement.reference_in_actor":
+        "tests/test_ppo.py::test_a_lora_actor_scores_the_reference_itself_with_its_adapters_disabled",
     # logging, checkpoint
     "logging.log_every": _T + "test_metrics_logger_follows_the_logging_section",
     "logging.metrics_file": _T + "test_metrics_logger_follows_the_logging_section",

@@ -75,8 +75,18 @@ def test_hybrid_handoff_is_verified_and_a_stale_engine_is_caught(ray_cluster, ti
         prompts = [[5, 17, 33, 9], [40, 41, 42]]
         greedy = Sampling(max_new_tokens=8, temperature=0.0, ignore_eos=True)
         before = [s.token_ids for s in generators.generate(prompts, greedy).samples]
+        lora = "ppo.actor.lora.dim" in learner
+        if lora:  # placement.reference_in_actor: the actor's base model (adapters disabled) is the reference
+            ids = torch.randint(3, 200, (2, 10), generator=torch.Generator().manual_seed(7))
+            scored = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+            reference = lambda: actor.run_sharded("reference_logprobs", scored)  # noqa: E731
+            reference_before, actor_before = reference(), actor.logprobs(scored)
 
         _train_once(actor, seed=0)
+        if lora:  # the reference never moves while the actor does
+            assert torch.equal(reference_before, actor_before)  # LoRA starts as the identity
+            assert torch.equal(reference(), reference_before)
+            assert (actor.logprobs(scored) - actor_before).abs().max() > 1e-3  # while the actor did move
         assert generators.sync_weights(actor) == 1
         report = generators.last_sync
         assert report.transport == "in_process" and report.verified and report.engines[0]["probe_max_diff"] >= 0

@@ -692,3 +692,19 @@ def test_async_rollouts_without_correction_take_old_logprobs_from_the_engines():
     forward = 2 * model_shape("facebook/opt-13b").params * 96 * 512 / (actors * 312e12 * 0.2)
     assert plan(corrected).parts["experience"]["compute"] - plan(engines).parts["experience"]["compute"] == \
         pytest.approx(forward)
+
+
+def test_reference_in_actor_plans_no_reference_copy_and_suggests_layouts_without_one():
+    """placement.reference_in_actor (LoRA): no reference processes or memory in the plan, its forward counted on the
+    actor's ranks, and the suggestion search still finds layouts (its candidates colocate a reference otherwise)."""
+    lora = {"ppo.actor.lora.dim": 16, "ppo.actor.lora.module_names": ["q_proj", "v_proj"],
+            "placement.colocate_actor_reference": False}
+    separate = plan(launcher("opt13b_1node", lora))
+    inside = plan(launcher("opt13b_1node", {**lora, "placement.reference_in_actor": True}))
+    assert any(x.role == "reference" for x in separate.procs)
+    assert not any(x.role == "reference" for x in inside.procs)
+    assert [x.memory for x in inside.procs if x.role == "actor"] == \
+        [x.memory for x in separate.procs if x.role == "actor"]
+    assert inside.times["experience"] > 0
+    overrides, p = suggest_placement(launcher("opt13b_1node", {**lora, "placement.reference_in_actor": True}))
+    assert "placement.colocate_actor_reference" not in overrides and not any(x.role == "reference" for x in p.procs)

@@ -90,6 +90,27 @@ def test_grpo_learns_the_rule_without_a_critic(ray_cluster, tiny_llama, tiny_val
     assert all(h["reward/shaped_mean"] == pytest.approx(h["reward/mean"]) for h in history)
 
 
+def test_a_lora_actor_scores_the_reference_itself_with_its_adapters_disabled(ray_cluster, tiny_llama,
+                                                                            tiny_value_model, tmp_path):
+    """placement.reference_in_actor: no reference placement group or process (the two actor ranks score it); the KL
+    to the reference is 0 before the adapters train (LoRA starts as the identity) and > 0 after: the reference is the
+    base model, not the trained actor (which would give 0 throughout)."""
+    cfg = ppo_config(tmp_path, tiny_llama, tiny_value_model, **{
+        "ppo.advantage_estimator": "grpo", "ppo.actor.lora.dim": 8, "placement.reference_in_actor": True})
+    trainer = PPOTrainer(cfg)
+    history = []
+    try:
+        assert "reference" not in trainer.plan
+        assert sorted(r["role"] for r in trainer.worker_reports()) == ["actor", "actor", "generator", "reward"]
+        for _ in range(3):
+            history.append(trainer.step())
+            trainer.iteration += 1
+    finally:
+        trainer.shutdown()
+    kl = [h["kl/mean"] for h in history]
+    assert abs(kl[0]) < 1e-6 and all(k > 1e-6 for k in kl[1:]), kl
+
+
 TIMING = ("time/", "throughput/")
 
 

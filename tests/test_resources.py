@@ -25,6 +25,8 @@ def test_layout_follows_colocation_and_estimator():
     grpo = load_config(None, {"ppo.advantage_estimator": "grpo", "generation.n_samples_per_prompt": 4})
     assert "critic" not in [lay.role for lay in ppo_layout(grpo)]  # no critic group without GAE
     assert all(lay.strategy == "STRICT_PACK" for lay in ppo_layout(cfg) if lay.role.startswith("generator"))
+    in_actor = load_config(None, {"placement.reference_in_actor": True, "ppo.actor.lora.dim": 4})
+    assert [lay.role for lay in ppo_layout(in_actor)] == ["actor", "critic", "reward", "generator[0]"]
 
 
 def test_full_ppo_layout_is_placeable_on_this_machine(ray_cluster, base_config):
@@ -165,6 +167,9 @@ def test_passive_waiting_only_where_processes_compute_on_more_threads_than_cores
     # a reward model scores beside the reference; the actor's old log-probs beside it (two mini-batches)
     assert peak_concurrent_threads(load_config(None, {**grpo, "ppo.reward_function_mode": "add"})) == 3
     assert peak_concurrent_threads(load_config(None, {**grpo, "ppo.mini_batch_size": 8})) == 4
+    # the reference scored by the actor's ranks (LoRA), one call after the other on them: the actor's 2 threads
+    assert peak_concurrent_threads(load_config(None, {**grpo, "ppo.mini_batch_size": 8, "ppo.actor.lora.dim": 4,
+                                                      "placement.reference_in_actor": True})) == 2
     # generation beside training (async rollouts); the critic beside the reference (GAE)
     assert peak_concurrent_threads(load_config(None, {**grpo, "rollout.mode": "one_step"})) == 4
     assert peak_concurrent_threads(load_config(None, {**grpo, "ppo.advantage_estimator": "gae",
