@@ -377,7 +377,8 @@ def test_load_peak_counts_where_it_exceeds_the_steady_state():
     zero3 = plan(with_overrides(cfg, {"sft.deepspeed.zero_stage": 3}))
     assert zero3.stages["sft"][2]
     # A replicated bf16 reference on CPU keeps 2 bytes per parameter but loads 4 first.
-    cpu = load_config(LAUNCHERS[0].parent / "cpu_demo.yaml", {"ppo.actor.deepspeed.precision": "bf16"})
+    cpu = load_config(LAUNCHERS[0].parent / "cpu_demo.yaml", {"ppo.actor.deepspeed.precision": "bf16",
+                                                              "placement.reference_in_actor": False})
     ref = next(x for x in plan(cpu).procs if x.role == "reference").memory
     smol = model_shape("builtin:smollm2").params
     assert ref.weights == 2 * smol
