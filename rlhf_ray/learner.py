@@ -23,7 +23,7 @@ whole run, config.ppo_precision; 'auto': bf16 on GPU or a CPU with native bf16, 
 optimizer/parameter offload (GPU only: ignored with a warning on CPU), gradient checkpointing, LoRA (peft), gradient
 clipping, micro-batch size. The optimizer-step batch of a PPO learner is
 ppo.mini_batch_size samples across ranks: gradient accumulation = mini_batch / (micro_batch x ranks).
-Optimizer: torch AdamW on CPU (fused at one rank; no JIT build), FusedAdam on GPU, DeepSpeedCPUAdam with offload.
+Optimizer: torch's fused AdamW (CPU and GPU; no JIT build), DeepSpeedCPUAdam with ZeRO-Offload.
 One rank runs ZeRO-1/2 as stage 0 (nothing to partition; deepspeed_config.zero_stage).
 
 Options (DeepSpeed-Chat): ppo.ema_decay keeps an exponential moving average of the trainable weights
@@ -48,7 +48,7 @@ from rlhf_ray.groups import Batch, DistributedWorker, ModelGroup, RolePlacement,
 from rlhf_ray.models.attention import use_fp32_attention_backward
 from rlhf_ray.models.loading import resolve_model_path
 from rlhf_ray.train.accumulation import StepWindow
-from rlhf_ray.train.common import (build_optimizer, build_partitioned, hf_model_config, is_zero3,
+from rlhf_ray.train.common import (build_optimizer, build_partitioned, hf_model_config, is_zero3, load_dtype,
                                    skip_one_rank_allreduce)
 from rlhf_ray.train.deepspeed_config import autocast_bf16, deepspeed_config, precision, reduces_once_per_step
 
@@ -218,7 +218,8 @@ class EngineWorker(DistributedWorker, abc.ABC):
     # -- construction
     @abc.abstractmethod
     def build_model(self) -> torch.nn.Module:
-        """The fp32 model this learner trains (under ZeRO-3 called inside build_partitioned: loads into partitions)."""
+        """The model this learner trains, loaded in train.common.load_dtype(self.ds_config) (under ZeRO-3 called
+        inside build_partitioned: loads into partitions)."""
 
     def lora_target(self, model: torch.nn.Module) -> torch.nn.Module:
         return model
@@ -613,7 +614,7 @@ class PolicyLearner(EngineWorker):
         kwargs = {}
         if self.stage.disable_dropout and not self.model_cfg.gguf_file:
             kwargs["config"] = hf_model_config(path, True, trust_remote_code=self.model_cfg.trust_remote_code)
-        return load_causal_lm(self.model_cfg, dtype=torch.float32, **kwargs)  # fp32 master; DeepSpeed casts
+        return load_causal_lm(self.model_cfg, dtype=load_dtype(self.ds_config), **kwargs)
 
     def setup(self) -> None:
         super().setup()
@@ -709,7 +710,7 @@ class CriticLearner(EngineWorker):
         kwargs = {"trust_remote_code": self.model_cfg.trust_remote_code}
         if self.stage.disable_dropout:
             kwargs["config"] = hf_model_config(path, True, trust_remote_code=self.model_cfg.trust_remote_code)
-        return ValueHeadModel.from_pretrained(path, dtype=torch.float32, **kwargs)
+        return ValueHeadModel.from_pretrained(path, dtype=load_dtype(self.ds_config), **kwargs)
 
     def lora_target(self, model):
         return model.backbone

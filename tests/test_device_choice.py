@@ -190,12 +190,10 @@ def test_a_gpu_driver_decides_nothing_for_cpu_workers(ray_cluster, tiny_llama, t
 
 
 @pytest.mark.gpu
-def test_each_worker_reports_its_own_device_on_a_gpu_node(ray_cluster, tiny_llama):
-    """On a GPU node: an engine with a GPU picks cuda / bfloat16 / nccl, a rank with a GPU cuda / nccl, and a rank
-    without one the CPU (gloo), although CUDA is visible to it (Ray 2.60 leaves CUDA_VISIBLE_DEVICES alone)."""
-    from rlhf_ray.config import GenerationConfig, RoleResources
+def test_an_engine_with_a_gpu_reports_cuda_bf16_and_nccl(ray_cluster, tiny_llama):
+    """On a GPU node an engine given a GPU picks cuda / bfloat16 / nccl itself (vLLM's platform)."""
+    from rlhf_ray.config import GenerationConfig
     from rlhf_ray.generator import start_engine
-    from rlhf_ray.groups import DistributedWorker, ModelGroup
     from rlhf_ray.resources import ready_placement_group
 
     pg = ready_placement_group("generator", [{"CPU": 1, "GPU": 1}], timeout_s=60)
@@ -206,6 +204,15 @@ def test_each_worker_reports_its_own_device_on_a_gpu_node(ray_cluster, tiny_llam
     finally:
         ray.kill(engine)
         ray.util.remove_placement_group(pg)
+
+
+@pytest.mark.gpu
+def test_a_rank_with_a_gpu_picks_cuda_and_one_without_the_cpu_on_a_gpu_node(ray_cluster):
+    """A rank with a GPU picks cuda / nccl, a rank without one the CPU (gloo), although CUDA is visible to it (Ray
+    2.60 leaves CUDA_VISIBLE_DEVICES alone)."""
+    from rlhf_ray.config import RoleResources
+    from rlhf_ray.groups import DistributedWorker, ModelGroup
+
     for gpus, expected in ((1, ("cuda", "nccl")), (0, ("cpu", "gloo"))):
         group = ModelGroup("probe", DistributedWorker, 1, resources=RoleResources(1, 1.0, gpus))
         try:

@@ -499,25 +499,60 @@ def test_auto_on_a_bf16_cpu_computes_in_bf16_over_fp32_weights(ray_cluster, tiny
 
 
 # ------------------------------------------------------------------------------------------------ GPU
+# ppo_config pins fp32 on both learners, and a restated precision decides the run's one (config.ppo_precision): 'auto'
+# on both, so that the GPU ranks resolve it (bf16)
+AUTO_PRECISION = {"ppo.actor.deepspeed.precision": "auto", "ppo.critic.deepspeed.precision": "auto"}
+
+
 @pytest.mark.gpu
 def test_policy_on_gpu_bf16_zero3_offload(ray_cluster, tiny_llama, tiny_value_model, batch, hf_model):
     cfg = ppo_config(tiny_llama, tiny_value_model, **{
         "placement.actor": {"num_workers": 1, "cpus_per_worker": 1, "gpus_per_worker": 1},
         "placement.critic": {"num_workers": 1, "cpus_per_worker": 1, "gpus_per_worker": 1},
-        "ppo.mini_batch_size": 2, "ppo.actor.deepspeed.zero_stage": 3, "ppo.actor.deepspeed.precision": "auto",
+        "ppo.mini_batch_size": 2, "ppo.actor.deepspeed.zero_stage": 3, **AUTO_PRECISION,
         "ppo.actor.deepspeed.offload_optimizer": True, "ppo.actor.deepspeed.gradient_checkpointing": True})
     group = PolicyGroup(cfg)
     try:
         assert group.apply(lambda w: str(next(w.module.parameters()).dtype))[0] == "torch.bfloat16"
         lp = group.logprobs(batch)
-        real = batch["attention_mask"][:, 1:].bool()
-        assert (lp - transformers_logprobs(hf_model, batch))[real].abs().mean() < 0.1  # bf16 vs fp32
+        act = batch["action_mask"].bool()  # the scored columns (logits_to_keep: earlier ones are 0)
+        assert (lp - transformers_logprobs(hf_model, batch))[act].abs().mean() < 0.1  # bf16 vs fp32
         start = lp
         for _ in range(3):
             group.train(experience(batch, lp, advantage=1.0))
             lp = group.logprobs(batch)
-        assert (lp - start)[batch["action_mask"].bool()].mean() > 0
+        assert (lp - start)[act].mean() > 0
         assert len(exported(group)) == len(list(hf_model.parameters()))
+    finally:
+        group.shutdown()
+
+
+@pytest.mark.gpu
+def test_lora_actor_scores_the_reference_with_its_adapters_disabled_under_zero3_on_gpu(ray_cluster, tiny_llama,
+                                                                                          tiny_value_model, batch):
+    """placement.reference_in_actor on a GPU rank with ZeRO-3 and bf16: the adapters-off forward gathers the frozen
+    base like any forward, gives the reference's log-probs before training and exactly those after it, while the
+    adapters-on log-probs of the same rank have moved."""
+    cfg = ppo_config(tiny_llama, tiny_value_model, **{
+        "placement.actor": {"num_workers": 1, "cpus_per_worker": 1, "gpus_per_worker": 1},
+        "placement.critic": {"num_workers": 1, "cpus_per_worker": 1}, "placement.reference_in_actor": True,
+        "ppo.actor.lora.dim": 4, "ppo.actor.lora.module_names": ["q_proj", "v_proj"], "ppo.actor.optim.lr": 1e-2,
+        "ppo.mini_batch_size": 2,
+        "ppo.actor.deepspeed.zero_stage": 3, **AUTO_PRECISION})
+    group = PolicyGroup(cfg)
+    try:
+        assert group.apply(lambda w: (w.device.type, str(next(w.module.parameters()).dtype))) == [
+            ("cuda", "torch.bfloat16")]
+        reference = lambda: group.run_sharded("reference_logprobs", batch)  # noqa: E731
+        before, lp = reference(), group.logprobs(batch)
+        act = batch["action_mask"].bool()
+        assert torch.equal(before[act], lp[act])  # lora_B starts at 0: adapters on or off, the base model
+        start = lp
+        for _ in range(3):
+            group.train(experience(batch, lp, advantage=1.0))
+            lp = group.logprobs(batch)
+        assert (lp - start)[act].mean() > 0  # the adapters trained ...
+        assert torch.equal(reference()[act], before[act])  # ... and the reference is still the base
     finally:
         group.shutdown()
 

@@ -789,7 +789,8 @@ def test_nccl_sync_from_a_learner_on_another_gpu(ray_cluster, tiny_llama):
         "generation.sync_transport": "nccl", "generation.gpu_memory_utilization": 0.3,
         "generation.max_model_len": 256, "placement.generator.gpus_per_worker": 1,
         "placement.actor": {"num_workers": 1, "cpus_per_worker": 1, "gpus_per_worker": 1}, "ppo.mini_batch_size": 2,
-        "ppo.actor.deepspeed.zero_stage": 3, "ppo.actor.deepspeed.micro_batch_size": 2})
+        "placement.critic.num_workers": 1, "ppo.actor.deepspeed.zero_stage": 3,
+        "ppo.actor.deepspeed.micro_batch_size": 2})
     learner = PolicyGroup(cfg)
     g = GeneratorGroup(cfg, tiny_llama)
     try:
@@ -835,7 +836,7 @@ def test_gpu_sync_keeps_buckets_and_checksums_on_the_device(ray_cluster, tiny_ll
     cfg = load_config(None, {
         "ray.address": "local", "models.actor.path": tiny_llama,
         "placement.actor": {"num_workers": 1, "cpus_per_worker": 1, "gpus_per_worker": 1}, "ppo.mini_batch_size": 2,
-        "ppo.actor.deepspeed.zero_stage": 3, "ppo.actor.deepspeed.micro_batch_size": 2,
+        "placement.critic.num_workers": 1, "ppo.actor.deepspeed.zero_stage": 3, "ppo.actor.deepspeed.micro_batch_size": 2,
         "ppo.actor.deepspeed.precision": "fp32"})
     learner = PolicyGroup(cfg)
     try:  # ipc with no engines: the sender's whole path on the learner's GPU, nothing to receive
