@@ -1,4 +1,4 @@
-"""Attention in CPU bf16 training: torch's sdpa in bf16 vs rlhf_ray's sdpa_fp32_backward (models/attention.py).
+"""Attention in CPU bf16 training: torch's sdpa in bf16 vs rlhf_ray's sdpa_fp32 (models/attention.py).
 
     flock /tmp/rlhf_ray_heavy.lock .venv/bin/python benchmarks/bench_attention.py [--pairs 3] [--threads 2]
 
@@ -9,7 +9,7 @@ a machine whose speed drifts (shared hosts) slows both alike; medians and the ra
      (16 rows x 9 heads x 76 tokens x 64, causal + left padding mask), and forward only (no_grad);
   2. one PPO training step of bench_ppo_learner.py's bare loop (SmolLM2, 16 x (40 + 32) tokens, k3 KL in the loss,
      autocast bf16 over fp32 weights, fused AdamW), the model switched between attn_implementation "sdpa" and
-     "sdpa_fp32_backward" before each step.
+     "sdpa_fp32" before each step.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from rlhf_ray.models.attention import NAME, use_fp32_attention_backward  # noqa: E402
+from rlhf_ray.models.attention import NAME, use_fp32_attention  # noqa: E402
 
 
 def op_times(reps: int = 8, calls: int = 5) -> dict[str, float]:
@@ -96,7 +96,7 @@ def step_times(pairs: int) -> tuple[dict[str, list[float]], dict[str, list[float
             if name == "sdpa":
                 model.set_attn_implementation("sdpa")
             else:
-                use_fp32_attention_backward(model)
+                use_fp32_attention(model)
             start, cpu = time.perf_counter(), time.process_time()
             stats = one_step()
             times[name].append(time.perf_counter() - start)

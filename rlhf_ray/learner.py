@@ -45,7 +45,7 @@ import torch
 from rlhf_ray import rl
 from rlhf_ray.config import Config, ModelConfig, PPOConfig, PPOLearnerConfig, ppo_learner
 from rlhf_ray.groups import Batch, DistributedWorker, ModelGroup, RolePlacement, batch_rows, mean_stats, shard_batch
-from rlhf_ray.models.attention import use_fp32_attention_backward
+from rlhf_ray.models.attention import use_fp32_attention
 from rlhf_ray.models.loading import resolve_model_path
 from rlhf_ray.train.accumulation import StepWindow
 from rlhf_ray.train.common import (build_optimizer, build_partitioned, hf_model_config, is_zero3, load_dtype,
@@ -254,9 +254,9 @@ class EngineWorker(DistributedWorker, abc.ABC):
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
         """ppo.<role>.disable_dropout, deepspeed.gradient_checkpointing and lora.* applied to the built model; on CPU
-        its sdpa attention computes in fp32 under autograd (models/attention.py: bf16's CPU backward is slow)."""
+        its sdpa attention computes in fp32 (models/attention.py: as its scorers; bf16's CPU backward is slow)."""
         if not self.cuda:
-            use_fp32_attention_backward(model)
+            use_fp32_attention(model)
         if self.stage.disable_dropout:
             for module in model.modules():
                 if isinstance(module, torch.nn.Dropout):

@@ -214,6 +214,7 @@ class ScorerWorker(DistributedWorker, abc.ABC):
         import deepspeed
 
         from rlhf_ray.env import PRECISION_DTYPES
+        from rlhf_ray.models.attention import use_fp32_attention
 
         torch.manual_seed(self.seed)
         if self.model_cfg is None:
@@ -226,6 +227,13 @@ class ScorerWorker(DistributedWorker, abc.ABC):
         self.autocast = autocast_bf16(precision, cuda)
         dtype = torch.float32 if self.autocast else getattr(torch, self.dtype_name)
         path = resolve_model_path(self.model_cfg.path)
+
+        def load() -> torch.nn.Module:
+            model = self.load(path, dtype)
+            if not cuda:  # attention as the CPU learners compute it (models/attention.py): in bf16 the reference's
+                use_fp32_attention(model)  # log-probs equal an unchanged actor's training forward, bit for bit
+            return model
+
         self.zero_stage = self.choose_zero_stage(path)
         if self.zero_stage == 3:
             from rlhf_ray.train.common import build_partitioned
@@ -234,13 +242,13 @@ class ScorerWorker(DistributedWorker, abc.ABC):
             config = {"train_batch_size": micro * self.world_size, "train_micro_batch_size_per_gpu": micro,
                       "zero_optimization": {"stage": 3, **zero_plus_plus(self.ds, self.world_size, cuda, False)},
                       **precision_sections(precision, self.autocast), "steps_per_print": 10**9}
-            module = build_partitioned(lambda: self.load(path, dtype), config)  # straight into partitions
+            module = build_partitioned(load, config)  # straight into partitions
             module.requires_grad_(False)
             self.model, *_ = deepspeed.initialize(model=module, config=config)
             self.device = self.model.device
         else:
             self.device = torch.device("cuda", 0) if cuda else torch.device("cpu")
-            self.model = self.load(path, dtype).to(self.device).requires_grad_(False)
+            self.model = load().to(self.device).requires_grad_(False)
         self.model.eval()
 
     def zero_stage_used(self) -> int:

@@ -96,12 +96,13 @@ def test_tiny_fixtures_have_vllm_friendly_shapes_and_a_chat_template(tiny_models
         assert tok.eos_token == "<|im_end|>" and tok.pad_token_id is not None
 
 
-def test_sdpa_fp32_backward_computes_in_fp32_only_under_autograd_on_bf16(tiny_models):
-    """models/attention.py: under CPU bf16 autocast with autograd the attention is fp32 sdpa (its result rounded to
-    bf16, gradients flowing to q, k, v); without autograd, and in fp32, it is transformers' sdpa exactly."""
+def test_sdpa_fp32_computes_in_fp32_on_bf16_with_and_without_autograd(tiny_models):
+    """models/attention.py: under CPU bf16 autocast the attention is fp32 sdpa (its result rounded to bf16, gradients
+    flowing to q, k, v), with autograd and without it alike (the training forward and the no-grad log-prob passes
+    must agree bit for bit); in fp32 it is transformers' sdpa exactly."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from rlhf_ray.models.attention import sdpa_fp32_backward
+    from rlhf_ray.models.attention import sdpa_fp32
 
     torch.manual_seed(0)
     model = load_causal_lm(ModelConfig(path=tiny_models["llama"]), dtype=torch.float32)
@@ -112,24 +113,24 @@ def test_sdpa_fp32_backward_computes_in_fp32_only_under_autograd_on_bf16(tiny_mo
     with torch.no_grad():
         exact = sdpa_attention_forward(module, q, k, v, mask)[0]
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        ours = sdpa_fp32_backward(module, q, k, v, mask)[0]
+        ours = sdpa_fp32(module, q, k, v, mask)[0]
         with torch.no_grad():
             plain_bf16 = sdpa_attention_forward(module, q, k, v, mask)[0]
-            ours_no_grad = sdpa_fp32_backward(module, q, k, v, mask)[0]
+            ours_no_grad = sdpa_fp32(module, q, k, v, mask)[0]
     assert ours.dtype == plain_bf16.dtype == torch.bfloat16
     assert torch.equal(ours, exact.to(torch.bfloat16))  # fp32 attention, rounded once
     assert not torch.equal(plain_bf16, ours)  # what bf16 attention gives instead (if ignored, this fails)
-    assert torch.equal(ours_no_grad, plain_bf16)  # scoring keeps bf16 (its forward is the faster one)
+    assert torch.equal(ours_no_grad, ours)  # no-grad passes (old log-probs, the reference) compute alike
     ours.float().sum().backward()
     assert all(t.grad is not None and t.grad.dtype == torch.float32 for t in (q, k, v))
-    assert torch.equal(sdpa_fp32_backward(module, q, k, v, mask)[0], sdpa_attention_forward(module, q, k, v, mask)[0])
+    assert torch.equal(sdpa_fp32(module, q, k, v, mask)[0], sdpa_attention_forward(module, q, k, v, mask)[0])
 
 
 def test_cpu_trainers_switch_sdpa_models_and_saved_configs_keep_no_trace(tiny_models, tmp_path):
     """SFT / RM workers (train.common.build_stage_model) switch on CPU, not on GPU; an eager model keeps eager; the
     HF folder written afterwards names no attention implementation."""
     from rlhf_ray.config import load_config
-    from rlhf_ray.models.attention import NAME, use_fp32_attention_backward
+    from rlhf_ray.models.attention import NAME, use_fp32_attention
     from rlhf_ray.train.common import build_stage_model, stage_task
     from rlhf_ray.train.deepspeed_config import deepspeed_config
 
@@ -141,8 +142,8 @@ def test_cpu_trainers_switch_sdpa_models_and_saved_configs_keep_no_trace(tiny_mo
             model = build_stage_model(stage_task(stage), cfg, getattr(cfg, stage), ds_config, cuda=cuda)
             assert getattr(model, "backbone", model).config._attn_implementation == expected, (stage, cuda)
     model = load_causal_lm(ModelConfig(path=tiny_models["llama"]), dtype=torch.float32)
-    assert use_fp32_attention_backward(model)
+    assert use_fp32_attention(model)
     model.save_pretrained(tmp_path / "saved")
     assert "attn_implementation" not in (tmp_path / "saved" / "config.json").read_text()
     eager = load_causal_lm(ModelConfig(path=tiny_models["llama"]), dtype=torch.float32, attn_implementation="eager")
-    assert not use_fp32_attention_backward(eager) and eager.config._attn_implementation == "eager"
+    assert not use_fp32_attention(eager) and eager.config._attn_implementation == "eager"

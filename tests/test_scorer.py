@@ -218,8 +218,9 @@ def test_replica_reference_equals_transformers_and_size_picks_zero_stage(tiny_ll
 
 def test_bf16_scorers_on_cpu_compute_in_bf16_over_fp32_weights(tiny_llama, tiny_value_model, monkeypatch):
     """On CPU a bf16 reference or reward scorer computes as the bf16 learners do (deepspeed_config.autocast_bf16):
-    fp32 weights loaded as such, its matmuls in bf16 under autocast, so that the reference and the actor start from
-    identical log-probs. fp32 scorers stay fp32 throughout."""
+    fp32 weights loaded as such, its matmuls in bf16 under autocast, its attention in fp32 (models/attention.py), so
+    that the reference and the actor start from identical log-probs. fp32 scorers stay fp32 throughout."""
+    import rlhf_ray.models.attention as attention
     import rlhf_ray.models.loading as loading
 
     asked = []
@@ -232,6 +233,7 @@ def test_bf16_scorers_on_cpu_compute_in_bf16_over_fp32_weights(tiny_llama, tiny_
                        RewardScorer("reward", 0, 1, model=ModelConfig(path=tiny_value_model), deepspeed=ds)):
             scorer.setup()
             assert {p.dtype for p in scorer.model.parameters()} == {weights}
+            assert getattr(scorer.model, "backbone", scorer.model).config._attn_implementation == attention.NAME
             assert scorer.autocast == (precision == "bf16") and scorer.dtype_name == str(compute).removeprefix("torch.")
             q_proj = next(m for n, m in scorer.model.named_modules() if n.endswith("layers.0.self_attn.q_proj"))
             seen = []

@@ -1,25 +1,27 @@
-"""Attention for training in bf16 on CPU: transformers' sdpa, computed in fp32 while autograd records it.
+"""Attention for bf16 on CPU: transformers' sdpa, computed in fp32 in every forward of a CPU bf16 model.
 
 torch's CPU scaled_dot_product_attention backward is slow in bf16 on short sequences: on SmolLM2's shapes (16 rows x
 9 heads x 76 tokens x 64) forward + backward took 2.2-3.6x as long in bf16 as on q, k, v upcast to fp32, and it was
-17 % of a bf16 PPO training step, while the bf16 forward alone is as fast or faster (`benchmarks/bench_attention.py`,
-`benchmarks/results/learner_speed.md`). So under autograd, on CPU, attention that sdpa would run in bf16 runs in fp32
-(its result rounded to bf16, what sdpa would have returned); without autograd (the reference and reward scorers,
-log-probs under no_grad) and on GPU it is sdpa unchanged. sdpa is on autocast's list of ops cast to bf16, so the fp32
-call runs with autocast off. Registered with transformers' AttentionInterface / AttentionMaskInterface under its own
-name (sdpa's masks), and chosen per model by `use_fp32_attention_backward` in the process that trains.
+17 % of a bf16 PPO training step (`benchmarks/bench_attention.py`, `benchmarks/results/learner_speed.md`). So
+attention that sdpa would run in bf16 runs in fp32 (its result rounded to bf16, what sdpa would have returned).
+It does so without autograd too (log-probs under no_grad, the reference and reward scorers): the PPO ratio of an
+unchanged policy must be 1 and its KL to the reference 0, which needs the training forward and the no-grad passes to
+compute alike, bit for bit (with fp32 attention only under autograd they were up to 0.1 nats apart). On GPU it is
+sdpa unchanged. sdpa is on autocast's list of ops cast to bf16, so the fp32 call runs with autocast off. Registered
+with transformers' AttentionInterface / AttentionMaskInterface under its own name (sdpa's masks), and chosen per
+model by `use_fp32_attention` in the CPU process that trains or scores.
 """
 from __future__ import annotations
 
 import torch
 
-NAME = "sdpa_fp32_backward"
+NAME = "sdpa_fp32"
 
 
-def sdpa_fp32_backward(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask, **kwargs):
+def sdpa_fp32(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask, **kwargs):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    if query.device.type == "cpu" and torch.is_grad_enabled() and _runs_in_bf16(query, key, value):
+    if query.device.type == "cpu" and _runs_in_bf16(query, key, value):
         with torch.autocast("cpu", enabled=False):  # autocast would cast sdpa's inputs back to bf16
             out, weights = sdpa_attention_forward(module, query.float(), key.float(), value.float(), attention_mask,
                                                   **kwargs)
@@ -38,15 +40,15 @@ def _register() -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-    AttentionInterface.register(NAME, sdpa_fp32_backward)
+    AttentionInterface.register(NAME, sdpa_fp32)
     AttentionMaskInterface.register(NAME, sdpa_mask)
 
 
-def use_fp32_attention_backward(model: torch.nn.Module) -> bool:
-    """Switch a transformers model (or a ValueHeadModel's backbone) that attends with sdpa to sdpa_fp32_backward
-    (every sub-model: set_attn_implementation walks them); the checkpoints it saves keep no trace of it. Called by
-    CPU trainers (in fp32 it is sdpa itself); returns whether it switched (eager, flash or a model's own attention
-    stay as they are)."""
+def use_fp32_attention(model: torch.nn.Module) -> bool:
+    """Switch a transformers model (or a ValueHeadModel's backbone) that attends with sdpa to sdpa_fp32 (every
+    sub-model: set_attn_implementation walks them); the checkpoints it saves keep no trace of it. Called by CPU
+    trainers and scorers (in fp32 it is sdpa itself); returns whether it switched (eager, flash or a model's own
+    attention stay as they are)."""
     model = getattr(model, "backbone", model)
     config = getattr(model, "config", None)
     if getattr(config, "_attn_implementation", None) != "sdpa" or not hasattr(model, "set_attn_implementation"):
