@@ -48,7 +48,7 @@ from rlhf_ray.groups import Batch, DistributedWorker, ModelGroup, RolePlacement,
 from rlhf_ray.models.attention import use_fp32_attention
 from rlhf_ray.models.loading import resolve_model_path
 from rlhf_ray.train.accumulation import StepWindow
-from rlhf_ray.train.common import (build_optimizer, build_partitioned, hf_model_config, is_zero3, load_dtype,
+from rlhf_ray.train.common import (build_optimizer, build_partitioned, hf_model_config, is_zero3,
                                    skip_one_rank_allreduce)
 from rlhf_ray.train.deepspeed_config import autocast_bf16, deepspeed_config, precision, reduces_once_per_step
 
@@ -218,8 +218,7 @@ class EngineWorker(DistributedWorker, abc.ABC):
     # -- construction
     @abc.abstractmethod
     def build_model(self) -> torch.nn.Module:
-        """The model this learner trains, loaded in train.common.load_dtype(self.ds_config) (under ZeRO-3 called
-        inside build_partitioned: loads into partitions)."""
+        """The fp32 model this learner trains (under ZeRO-3 called inside build_partitioned: loads into partitions)."""
 
     def lora_target(self, model: torch.nn.Module) -> torch.nn.Module:
         return model
@@ -614,7 +613,7 @@ class PolicyLearner(EngineWorker):
         kwargs = {}
         if self.stage.disable_dropout and not self.model_cfg.gguf_file:
             kwargs["config"] = hf_model_config(path, True, trust_remote_code=self.model_cfg.trust_remote_code)
-        return load_causal_lm(self.model_cfg, dtype=load_dtype(self.ds_config), **kwargs)
+        return load_causal_lm(self.model_cfg, dtype=torch.float32, **kwargs)  # fp32 master; DeepSpeed casts
 
     def setup(self) -> None:
         super().setup()
@@ -710,7 +709,7 @@ class CriticLearner(EngineWorker):
         kwargs = {"trust_remote_code": self.model_cfg.trust_remote_code}
         if self.stage.disable_dropout:
             kwargs["config"] = hf_model_config(path, True, trust_remote_code=self.model_cfg.trust_remote_code)
-        return ValueHeadModel.from_pretrained(path, dtype=load_dtype(self.ds_config), **kwargs)
+        return ValueHeadModel.from_pretrained(path, dtype=torch.float32, **kwargs)
 
     def lora_target(self, model):
         return model.backbone
