@@ -14,9 +14,9 @@ The bare loop runs in this process with all cores (torch's default threads); eac
 OMP_NUM_THREADS = its CPUs. Prints both rates and the ratio ray / bare. A second row (unless --no-one-rank) runs
 the same training as ONE Ray Train worker with all cores (sft.cpus_per_worker = the bare loop's threads) against the
 same bare loop: the learner's own overhead at equal threads, without data-parallel communication.
-Precision: fp32 both sides, or bf16: DeepSpeed's bf16 mode (bf16 weights and compute, fp32 master weights) vs the
-bare loop under torch.autocast(cpu, bfloat16) over fp32 weights (torch's own mixed precision, what HF Trainer / TRL
-run with bf16=True on CPU: the matmuls in bf16 like DeepSpeed's, fp32 weights and optimizer like its master copy).
+Precision: fp32 both sides, or bf16 both sides as torch.autocast(cpu, bfloat16) over fp32 weights: what the SFT
+workers run for bf16 on CPU (deepspeed_config.autocast_bf16, DeepSpeed's torch_autocast section) and what HF Trainer /
+TRL run with bf16=True on CPU; the attention in fp32 on the workers' side (models/attention.py).
 The bare loop uses torch's fused AdamW (common.build_optimizer(fused=True)), what CPU workers use (one worker on
 the parameters, several on their ZeRO partitions): the stronger baseline for both rows.
 --grad-reduction (sft.deepspeed.grad_reduction; default auto) runs the multi-worker row once per value given, each
