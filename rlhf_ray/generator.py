@@ -119,7 +119,7 @@ class SyncReport:
     buckets: int
     max_bucket_bytes: int
     verified: bool
-    engines: list[dict] = field(default_factory=list)  # per engine: load / verify seconds, probe difference
+    engines: list[dict] = field(default_factory=list)  # per engine: load / checksum / verify seconds, probe difference
     sender: dict = field(default_factory=dict)  # where the buckets were made: checksum_s, transfer_s, seconds
     checksums: Optional[dict] = field(default=None, repr=False)  # sender's {HF name: (shape, checksum)}
     probe: Optional[tuple] = field(default=None, repr=False)  # (probe ids, source log-probs, tolerance)
@@ -326,7 +326,10 @@ class VLLMEngine:
         report = {"engine": self.engine_index, "finish_s": time.perf_counter() - started,
                   "load_s": self._load_s, "transfer_groups": self.transfer_groups}
         if expected is not None:
-            report.update(self.verify_weights(version, expected, probe, received=transport not in ("nccl", "ipc")))
+            received = transport not in ("nccl", "ipc")
+            report.update(self.verify_weights(version, expected, probe, received=received))
+            if received:  # the workers' checksums of what arrived, inside load_s (gloo: inside the transfer)
+                report["receive_checksum_s"] = max(self.llm.collective_rpc("rlhf_receive_checksum_s"))
         self.weight_version = version
         return report
 

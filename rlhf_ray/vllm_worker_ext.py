@@ -18,6 +18,7 @@ kernel (`cpu_linear` applied to an identity matrix), so the checksum covers what
 """
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
@@ -252,6 +253,7 @@ class WorkerExtension:
         if getattr(self, "_rlhf_reloading", False):  # an update cut short (a sync that failed midway) is finalised
             self.rlhf_finish_update()                # first: a reload is not re-entrant; this one replaces its weights
         self._rlhf_received = {} if verify else None
+        self._rlhf_checksum_s = 0.0
         with set_current_vllm_config(self.vllm_config):
             initialize_layerwise_reload(self._rlhf_model())
         self._rlhf_reloading = True
@@ -259,7 +261,9 @@ class WorkerExtension:
     def rlhf_load_bucket(self, bucket: list[tuple[str, torch.Tensor]]) -> int:
         received = getattr(self, "_rlhf_received", None)
         if received is not None:
+            started = time.perf_counter()
             checksum_received(bucket, received)
+            self._rlhf_checksum_s += time.perf_counter() - started
         return self._rlhf_load(bucket)
 
     def _rlhf_load(self, bucket: list[tuple[str, torch.Tensor]]) -> int:
@@ -272,6 +276,10 @@ class WorkerExtension:
     def rlhf_received_checksums(self) -> dict:
         """{HF name: (shape, checksum)} of what this worker received since rlhf_begin_update(verify=True)."""
         return dict(getattr(self, "_rlhf_received", None) or {})
+
+    def rlhf_receive_checksum_s(self) -> float:
+        """Seconds this worker spent checksumming what it received in this update (part of its load)."""
+        return float(getattr(self, "_rlhf_checksum_s", 0.0))
 
     def rlhf_finish_update(self) -> None:
         from vllm.config import set_current_vllm_config
@@ -289,9 +297,12 @@ class WorkerExtension:
 
     def rlhf_receive_gloo(self, plan: SyncPlan, rank_offset: int) -> dict:
         """Join the sync's gloo channel as rank_offset + this worker's TP rank (or reuse this worker's group) and load
-        every bucket it receives, checksummed as it arrives when the plan verifies: {"buckets": n, "new_group": ...}."""
+        every bucket it receives, checksummed as it arrives when the plan verifies: {"buckets": n, "new_group": ...,
+        "checksum_s": ...}."""
         self._rlhf_received = {} if plan.verify else None
-        return gloo_receive(plan, rank_offset + self.rank, self._rlhf_load, self._rlhf_received)
+        got = gloo_receive(plan, rank_offset + self.rank, self._rlhf_load, self._rlhf_received)
+        self._rlhf_checksum_s = got["checksum_s"]
+        return got
 
     def rlhf_checksum_pieces(self) -> list[dict]:
         return hf_pieces(self._rlhf_model())

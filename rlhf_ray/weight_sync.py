@@ -587,23 +587,25 @@ def gloo_receive(plan: SyncPlan, rank: int, load: Callable[[Bucket], Any], check
     """Receiver side of the gloo transport (runs inside a vLLM worker): join the channel's group as `rank` (or reuse
     it), receive every bucket the sender announces in the store and hand it to `load`. With `checksums`, each tensor
     is checksummed into it as soon as it has arrived, while the rest of its bucket is still coming
-    (checksum_received). Returns the number of buckets and whether this sync created the group. A failure closes
-    this end: the next sync opens a new channel."""
+    (checksum_received). Returns the number of buckets, whether this sync created the group and the seconds spent
+    checksumming. A failure closes this end: the next sync opens a new channel."""
     where = f"sync {plan.sync_id}, receiver rank {rank} (pid {os.getpid()})"
     try:
         (pg, store), created = channel_end(plan, lambda: gloo_group(plan.host, plan.port, rank, plan.world_size,
                                                                     plan.channel, plan.timeout_s), receiver=True)
-        n = 0
+        n, checksum_s = 0, 0.0
         while (meta := parse_bucket_meta(store.get(meta_key(plan.sync_id, n)), where)) is not None:
             bucket = [(name, torch.empty(shape, dtype=dtype)) for name, shape, dtype in meta]
             works = [pg.broadcast(t, 0) for _, t in bucket]  # all posted: gloo's threads receive in order
             for item, work in zip(bucket, works):
                 wait_unless_aborted(work, store, plan.timeout_s)
                 if checksums is not None:
+                    started = time.perf_counter()
                     checksum_received([item], checksums)
+                    checksum_s += time.perf_counter() - started
             load(bucket)
             n += 1
-        return {"buckets": n, "new_group": created}
+        return {"buckets": n, "new_group": created, "checksum_s": checksum_s}
     except BaseException:
         close_channel(plan.channel, broken_timeout_s=plan.timeout_s)
         raise

@@ -90,6 +90,7 @@ def test_hybrid_handoff_is_verified_and_a_stale_engine_is_caught(ray_cluster, ti
         assert generators.sync_weights(actor) == 1
         report = generators.last_sync
         assert report.transport == "in_process" and report.verified and report.engines[0]["probe_max_diff"] >= 0
+        assert 0 < report.engines[0]["receive_checksum_s"] < report.engines[0]["load_s"]  # the loader's checksums
         # the sender's checksums are those of the learner's own export (the separate layout's path), every tensor
         exported = {name: (tuple(t.shape), tensor_checksum(t, getattr(torch, generators.dtype)))
                     for ref in actor.export_params() for name, t in ray.get(ref)}

@@ -394,7 +394,8 @@ def test_verification_off_skips_checksums_and_probe(group, tiny_llama):
         group.sync_weights(ShiftedProbe(model, 1.0))  # a wrong probe is not even looked at
     finally:
         group.gen = before
-    assert not group.last_sync.verified and all("verify_s" not in e for e in group.last_sync.engines)
+    assert not group.last_sync.verified
+    assert all("verify_s" not in e and "receive_checksum_s" not in e for e in group.last_sync.engines)
     with pytest.raises(RuntimeError, match="no verified sync"):
         group.verify()
     assert greedy_outputs(group, PROMPTS[:1]) == [greedy_hf(model, PROMPTS[0], 10)]
@@ -425,6 +426,7 @@ def test_sync_checks_what_the_engines_received_not_a_second_pass_over_their_weig
         group.sync_weights(ModelSource(model))
         report = group.last_sync
         assert report.verified and all(e["probe_max_diff"] < 1e-3 for e in report.engines)
+        assert all(e["receive_checksum_s"] > 0 for e in report.engines)  # reported: the share of the load it took
         received = ray.get(group.engines[0].collective_rpc.remote("rlhf_received_checksums"))[0]
         assert received == report.checksums and len(received) == len(dict(lora_merged_parameters(model)))
         with pytest.raises(RuntimeError, match="live-parameter readback"):  # group.verify() still reads them back
