@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import resource
 import statistics
 import sys
 import tempfile
@@ -53,6 +54,7 @@ def make_config(args, out_dir: str):
         "placement.actor.num_workers": args.workers, "placement.actor.cpus_per_worker": args.cpus,
         "generation.n_samples_per_prompt": args.group, "generation.max_new_tokens": args.completion_tokens,
         "generation.temperature": 1.0,
+        **({"placement.layout": "hybrid", "generation.max_restarts": 0} if args.layout == "hybrid" else {}),
     })
 
 
@@ -84,15 +86,23 @@ def ray_side(cfg, batch: dict, steps: int, profile: str = "") -> tuple[list[floa
 
     import ray
 
+    from rlhf_ray.generator import Sampling
+    from rlhf_ray.hybrid import HybridPolicyGroup
     from rlhf_ray.learner import PolicyGroup
     from rlhf_ray.resources import init_ray
 
     init_ray(cfg, logging_level="WARNING")
-    group = PolicyGroup(cfg)
+    hybrid = cfg.placement.layout == "hybrid"
+    group = (HybridPolicyGroup if hybrid else PolicyGroup)(cfg)
     try:
         ref = ray.put(batch)
         times, first, spy = [], None, None
+        prompts = [row[row != 0][:8].tolist() for row in batch["input_ids"][::cfg.generation.n_samples_per_prompt]]
+        sampling = Sampling(n=cfg.generation.n_samples_per_prompt, max_new_tokens=cfg.generation.max_new_tokens,
+                            ignore_eos=True, seed=SEED)
         for step in range(steps + 1):
+            if hybrid:  # as in a GRPO iteration: the rank's engine generates, then the learner trains (timed)
+                ray.get(group.workers[0].generate.remote(prompts, sampling))
             if step == 1 and profile:  # py-spy on rank 0's process over the timed steps
                 spy = subprocess.Popen([str(Path(sys.executable).with_name("py-spy")), "record", "--pid",
                                         str(group.reports[0]["pid"]), "--format", "raw", "--rate", "100",
@@ -147,10 +157,11 @@ def bare_side(cfg, batch: dict, steps: int, threads: int, precision: str, fused:
 
     times, first = [], None
     for _ in range(steps + 1):
-        start = time.perf_counter()
+        faults, start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
         stats = one_step()
         times.append(time.perf_counter() - start)
-        first = first or stats
+        first = first or {**stats, "page_faults": []}
+        first["page_faults"].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults)
     if torch_profile:  # one more step under torch.profiler: where the bare loop's time goes, op by op
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             one_step()
@@ -170,6 +181,9 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=1, help="learner ranks (Ray actors)")
     ap.add_argument("--cpus", type=int, default=2, help="CPUs (threads) per rank; the bare loop's threads")
     ap.add_argument("--zero-stage", type=int, default=2)
+    ap.add_argument("--layout", choices=("separate", "hybrid"), default="separate",
+                    help="hybrid: the rank also hosts its vLLM engine (placement.layout hybrid), which generates "
+                         "before each (timed) training step, as in a GRPO iteration")
     ap.add_argument("--skip-ray", action="store_true", help="bare loop only (profiling)")
     ap.add_argument("--profile", default="", help="write a py-spy raw profile of learner rank 0's timed steps here")
     ap.add_argument("--torch-profile", action="store_true",
@@ -192,6 +206,7 @@ def main() -> None:
           f"{args.completion_tokens} completion) tokens = {tokens} real tokens, one optimizer step, kl in the loss")
     print(f"bare torch loop ({args.workers * args.cpus} threads): {bare:.2f} s/step "
           f"({tokens / bare:,.0f} tokens/s); steps {[round(t, 2) for t in bare_times]}")
+    print(f"  minor page faults per step (warm-up first): {bare_stats['page_faults']}")
     print(f"  first step: policy_loss {bare_stats['policy_loss']:.6f} kl_loss {bare_stats['kl_loss']:.6f} "
           f"entropy {bare_stats['entropy']:.5f}")
     if ray_times:

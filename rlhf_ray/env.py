@@ -36,7 +36,11 @@ def _process_defaults() -> dict[str, str]:
         # training step's logits, activations and gradients (tens to hundreds of MB) come back as fresh pages the
         # kernel must zero: ~0.5-1.2M page faults per PPO step on SmolLM2. A fixed mmap threshold, a large top pad
         # and no trimming keep the heap: the fp32 train phase went 11.7 -> 9.3 s (benchmarks/results/learner_speed.md).
+        # glibc caps that threshold at 32 MiB, so blocks above it (the logits and their softmax, the embedding's and
+        # LM head's gradients: ~300k faults a step left) were still mmapped afresh each step; no mmap at all keeps
+        # them in the heap too: 0 faults a step after the first, a bf16 step 3.30 -> 3.01 s (learner_speed.md).
         "MALLOC_MMAP_THRESHOLD_": str(32 << 20),
+        "MALLOC_MMAP_MAX_": "0",
         "MALLOC_TOP_PAD_": str(256 << 20),
         "MALLOC_TRIM_THRESHOLD_": str(64 << 30),
     }

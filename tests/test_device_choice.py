@@ -131,10 +131,11 @@ def test_no_device_choice_is_shipped_to_the_workers(monkeypatch):
 
 
 def test_workers_keep_their_heap_unless_the_user_set_the_allocator(monkeypatch):
-    for key in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_TRIM_THRESHOLD_"):
+    for key in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_MMAP_MAX_", "MALLOC_TOP_PAD_", "MALLOC_TRIM_THRESHOLD_"):
         monkeypatch.delenv(key, raising=False)
     env = worker_env_vars()
     assert int(env["MALLOC_TRIM_THRESHOLD_"]) >= 1 << 30 and int(env["MALLOC_MMAP_THRESHOLD_"]) == 32 << 20
+    assert env["MALLOC_MMAP_MAX_"] == "0"  # blocks above glibc's 32 MiB threshold cap stay in the heap too
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "131072")  # the user's own choice is shipped as is
     assert worker_env_vars()["MALLOC_TRIM_THRESHOLD_"] == "131072"
 

@@ -32,7 +32,7 @@ MIB = 2**20
 # rlhf_ray's workers keep their heap for speed (rlhf_ray/env.py); this measurement wants glibc's documented trim and
 # top-pad defaults back, so that freed memory leaves RssAnon.
 MEASURED_ALLOCATOR = {"MALLOC_MMAP_THRESHOLD_": str(256 * 1024), "MALLOC_TRIM_THRESHOLD_": str(128 * 1024),
-                      "MALLOC_TOP_PAD_": str(128 * 1024)}
+                      "MALLOC_TOP_PAD_": str(128 * 1024), "MALLOC_MMAP_MAX_": str(65536)}  # glibc's default
 
 
 def status_mib(*keys: str) -> dict[str, float]:
