@@ -38,7 +38,7 @@ def _process_defaults() -> dict[str, str]:
         # and no trimming keep the heap: the fp32 train phase went 11.7 -> 9.3 s (benchmarks/results/learner_speed.md).
         # glibc caps that threshold at 32 MiB, so blocks above it (the logits and their softmax, the embedding's and
         # LM head's gradients: ~300k faults a step left) were still mmapped afresh each step; no mmap at all keeps
-        # them in the heap too: 0 faults a step after the first, a bf16 step 3.30 -> 3.01 s (learner_speed.md).
+        # them in the heap too: 0 faults a step after the first, a bare bf16 PPO step 1.08x faster (bench_malloc.py).
         "MALLOC_MMAP_THRESHOLD_": str(32 << 20),
         "MALLOC_MMAP_MAX_": "0",
         "MALLOC_TOP_PAD_": str(256 << 20),
