@@ -97,7 +97,9 @@ def ray_side(cfg, batch: dict, steps: int, profile: str = "") -> tuple[list[floa
     try:
         ref = ray.put(batch)
         times, first, spy = [], None, None
-        prompts = [row[row != 0][:8].tolist() for row in batch["input_ids"][::cfg.generation.n_samples_per_prompt]]
+        group_rows = slice(None, None, cfg.generation.n_samples_per_prompt)  # one prompt per GRPO group
+        prompts = [ids[mask.bool()][:8].tolist()
+                   for ids, mask in zip(batch["input_ids"][group_rows], batch["attention_mask"][group_rows])]
         sampling = Sampling(n=cfg.generation.n_samples_per_prompt, max_new_tokens=cfg.generation.max_new_tokens,
                             ignore_eos=True, seed=SEED)
         for step in range(steps + 1):

@@ -259,12 +259,15 @@ class WorkerExtension:
         self._rlhf_reloading = True
 
     def rlhf_load_bucket(self, bucket: list[tuple[str, torch.Tensor]]) -> int:
-        received = getattr(self, "_rlhf_received", None)
-        if received is not None:
-            started = time.perf_counter()
-            checksum_received(bucket, received)
-            self._rlhf_checksum_s += time.perf_counter() - started
+        if getattr(self, "_rlhf_received", None) is not None:
+            self._rlhf_checksum(bucket)
         return self._rlhf_load(bucket)
+
+    def _rlhf_checksum(self, named: list[tuple[str, torch.Tensor]]) -> None:
+        """Checksum tensors as they arrive (rlhf_received_checksums), timed (rlhf_receive_checksum_s)."""
+        started = time.perf_counter()
+        checksum_received(named, self._rlhf_received)
+        self._rlhf_checksum_s += time.perf_counter() - started
 
     def _rlhf_load(self, bucket: list[tuple[str, torch.Tensor]]) -> int:
         from vllm.config import set_current_vllm_config
@@ -297,12 +300,10 @@ class WorkerExtension:
 
     def rlhf_receive_gloo(self, plan: SyncPlan, rank_offset: int) -> dict:
         """Join the sync's gloo channel as rank_offset + this worker's TP rank (or reuse this worker's group) and load
-        every bucket it receives, checksummed as it arrives when the plan verifies: {"buckets": n, "new_group": ...,
-        "checksum_s": ...}."""
-        self._rlhf_received = {} if plan.verify else None
-        got = gloo_receive(plan, rank_offset + self.rank, self._rlhf_load, self._rlhf_received)
-        self._rlhf_checksum_s = got["checksum_s"]
-        return got
+        every bucket it receives, checksummed as it arrives when the plan verifies: {"buckets": n, "new_group": ...}."""
+        self._rlhf_received, self._rlhf_checksum_s = ({} if plan.verify else None), 0.0
+        return gloo_receive(plan, rank_offset + self.rank, self._rlhf_load,
+                            self._rlhf_checksum if plan.verify else None)
 
     def rlhf_checksum_pieces(self) -> list[dict]:
         return hf_pieces(self._rlhf_model())

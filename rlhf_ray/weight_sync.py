@@ -583,29 +583,28 @@ def close_sender(sync_id: str) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ receiver
-def gloo_receive(plan: SyncPlan, rank: int, load: Callable[[Bucket], Any], checksums: Optional[dict] = None) -> dict:
+def gloo_receive(plan: SyncPlan, rank: int, load: Callable[[Bucket], Any],
+                 on_arrival: Optional[Callable[[Bucket], Any]] = None) -> dict:
     """Receiver side of the gloo transport (runs inside a vLLM worker): join the channel's group as `rank` (or reuse
-    it), receive every bucket the sender announces in the store and hand it to `load`. With `checksums`, each tensor
-    is checksummed into it as soon as it has arrived, while the rest of its bucket is still coming
-    (checksum_received). Returns the number of buckets, whether this sync created the group and the seconds spent
-    checksumming. A failure closes this end: the next sync opens a new channel."""
+    it), receive every bucket the sender announces in the store and hand it to `load`. `on_arrival` gets each tensor
+    as soon as it has arrived, while the rest of its bucket is still coming (the worker checksums it there:
+    checksum_received). Returns the number of buckets and whether this sync created the group. A failure closes
+    this end: the next sync opens a new channel."""
     where = f"sync {plan.sync_id}, receiver rank {rank} (pid {os.getpid()})"
     try:
         (pg, store), created = channel_end(plan, lambda: gloo_group(plan.host, plan.port, rank, plan.world_size,
                                                                     plan.channel, plan.timeout_s), receiver=True)
-        n, checksum_s = 0, 0.0
+        n = 0
         while (meta := parse_bucket_meta(store.get(meta_key(plan.sync_id, n)), where)) is not None:
             bucket = [(name, torch.empty(shape, dtype=dtype)) for name, shape, dtype in meta]
             works = [pg.broadcast(t, 0) for _, t in bucket]  # all posted: gloo's threads receive in order
             for item, work in zip(bucket, works):
                 wait_unless_aborted(work, store, plan.timeout_s)
-                if checksums is not None:
-                    started = time.perf_counter()
-                    checksum_received([item], checksums)
-                    checksum_s += time.perf_counter() - started
+                if on_arrival is not None:
+                    on_arrival([item])
             load(bucket)
             n += 1
-        return {"buckets": n, "new_group": created, "checksum_s": checksum_s}
+        return {"buckets": n, "new_group": created}
     except BaseException:
         close_channel(plan.channel, broken_timeout_s=plan.timeout_s)
         raise
