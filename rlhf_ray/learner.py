@@ -45,7 +45,7 @@ import torch
 from rlhf_ray import rl
 from rlhf_ray.config import Config, ModelConfig, PPOConfig, PPOLearnerConfig, ppo_learner
 from rlhf_ray.groups import Batch, DistributedWorker, ModelGroup, RolePlacement, batch_rows, mean_stats, shard_batch
-from rlhf_ray.models.attention import use_fp32_attention
+from rlhf_ray.models.attention import use_cpu_attention
 from rlhf_ray.models.loading import resolve_model_path
 from rlhf_ray.train.accumulation import StepWindow
 from rlhf_ray.train.common import (build_optimizer, build_partitioned, hf_model_config, is_zero3,
@@ -253,9 +253,9 @@ class EngineWorker(DistributedWorker, abc.ABC):
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
         """ppo.<role>.disable_dropout, deepspeed.gradient_checkpointing and lora.* applied to the built model; on CPU
-        its sdpa attention computes in fp32 (models/attention.py: as its scorers; bf16's CPU backward is slow)."""
+        its sdpa attention is models/attention.py's CPU attention (as its scorers: faster on short sequences)."""
         if not self.cuda:
-            use_fp32_attention(model)
+            use_cpu_attention(model)
         if self.stage.disable_dropout:
             for module in model.modules():
                 if isinstance(module, torch.nn.Dropout):
@@ -323,8 +323,10 @@ class EngineWorker(DistributedWorker, abc.ABC):
 
     def _grads_finite(self) -> bool:
         grads = [p.grad for _, p in self._trainable() if p.grad is not None]
-        # max |g| of every tensor in one fused call (NaN and inf propagate): finite exactly when every element is
-        return not grads or bool(torch.stack(torch._foreach_norm(grads, float("inf"))).isfinite().all())
+        # the L2 norm of every tensor in one fused call, finite when every element is (NaN and inf propagate) and the
+        # norm does not overflow (a gradient no step should take). Not the inf-norm: on CPU it was 8x slower, 0.18 s
+        # a step on SmolLM2 (benchmarks/results/learner_speed.md)
+        return not grads or bool(torch.stack(torch._foreach_norm(grads, 2.0)).isfinite().all())
 
     def _boundary_step(self, skip: bool) -> bool:
         """The optimizer step at a gradient-accumulation boundary, or its skip on every rank; True when applied.

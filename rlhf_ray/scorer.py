@@ -214,7 +214,7 @@ class ScorerWorker(DistributedWorker, abc.ABC):
         import deepspeed
 
         from rlhf_ray.env import PRECISION_DTYPES
-        from rlhf_ray.models.attention import use_fp32_attention
+        from rlhf_ray.models.attention import use_cpu_attention
 
         torch.manual_seed(self.seed)
         if self.model_cfg is None:
@@ -231,7 +231,7 @@ class ScorerWorker(DistributedWorker, abc.ABC):
         def load() -> torch.nn.Module:
             model = self.load(path, dtype)
             if not cuda:  # attention as the CPU learners compute it (models/attention.py): in bf16 the reference's
-                use_fp32_attention(model)  # log-probs equal an unchanged actor's training forward, bit for bit
+                use_cpu_attention(model)  # log-probs equal an unchanged actor's training forward, bit for bit
             return model
 
         self.zero_stage = self.choose_zero_stage(path)

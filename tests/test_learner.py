@@ -433,21 +433,27 @@ def _computed_in(worker, batch) -> tuple[str, str, str]:
 
 
 def _attention_dtypes(worker, batch) -> dict[str, set]:
-    """The dtypes torch's sdpa computed in, in the learner's training forward (autograd on) and in its log-prob pass
-    (no_grad): a spy around torch.nn.functional.scaled_dot_product_attention in the rank's process."""
+    """How and in which dtype the attention computed, in the learner's training forward (autograd on) and in its
+    log-prob pass (no_grad): spies around models/attention.py's matmul path and torch's sdpa in the rank's process."""
     import torch.nn.functional as F
 
+    import rlhf_ray.models.attention as attention
     from rlhf_ray.learner import to_device
 
-    seen, original = {"train": set(), "logprobs": set()}, F.scaled_dot_product_attention
+    seen = {"train": set(), "logprobs": set()}
+    originals = F.scaled_dot_product_attention, attention.matmul_attention
     phase = "train"
 
-    def spy(query, key, value, *args, **kwargs):
+    def sdpa_spy(query, key, value, *args, **kwargs):
         cast = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
-        seen[phase].add(str(torch.bfloat16 if cast else query.dtype))
-        return original(query, key, value, *args, **kwargs)
+        seen[phase].add(f"sdpa {torch.bfloat16 if cast else query.dtype}")
+        return originals[0](query, key, value, *args, **kwargs)
 
-    F.scaled_dot_product_attention = spy
+    def matmul_spy(module, query, *args, **kwargs):
+        seen[phase].add(f"matmul {query.dtype}")
+        return originals[1](module, query, *args, **kwargs)
+
+    F.scaled_dot_product_attention, attention.matmul_attention = sdpa_spy, matmul_spy
     try:
         worker.engine.train()
         with torch.enable_grad():  # the forward decides; its graph (dropped here) would run the backward in fp32
@@ -455,7 +461,7 @@ def _attention_dtypes(worker, batch) -> dict[str, set]:
         phase = "logprobs"
         worker.logprobs(batch)
     finally:
-        F.scaled_dot_product_attention = original
+        F.scaled_dot_product_attention, attention.matmul_attention = originals
     return seen
 
 
@@ -516,8 +522,9 @@ def test_auto_on_a_bf16_cpu_computes_in_bf16_over_fp32_weights(ray_cluster, tiny
         assert group.apply(lambda w: (w.ds_config["torch_autocast"], w.ds_config["bf16"]["enabled"]))[0] == (
             {"enabled": True, "dtype": "bfloat16"}, False)
         assert group.apply(_computed_in, batch)[0] == ("torch.float32", "torch.bfloat16", "torch.float32")
-        # attention: fp32 with autograd and without it (models/attention.py)
-        assert group.apply(_attention_dtypes, batch)[0] == {"train": {"torch.float32"}, "logprobs": {"torch.float32"}}
+        # attention on these short rows: bf16 matmuls with autograd and without it (models/attention.py)
+        assert group.apply(_attention_dtypes, batch)[0] == {"train": {"matmul torch.bfloat16"},
+                                                            "logprobs": {"matmul torch.bfloat16"}}
         before = group.apply(_precision_state)[0]
         stats = group.train(experience(batch, group.logprobs(batch), advantage=1.0))
         assert stats["optimizer_steps"] == 2  # 8 rows, mini-batches of 4
@@ -618,7 +625,10 @@ def test_one_rank_learner_steps_like_a_bare_torch_loop(ray_cluster, tiny_llama, 
 
     import copy
 
+    from rlhf_ray.models.attention import use_cpu_attention
+
     model = copy.deepcopy(hf_model).train()
+    use_cpu_attention(model)  # the attention the CPU learner computes with (equal to sdpa's to fp32 rounding)
     optim = cfg.ppo.actor.optim
     optimizer = torch.optim.AdamW(model.parameters(), lr=optim.lr, betas=tuple(optim.betas),
                                   weight_decay=optim.weight_decay)

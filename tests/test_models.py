@@ -96,41 +96,93 @@ def test_tiny_fixtures_have_vllm_friendly_shapes_and_a_chat_template(tiny_models
         assert tok.eos_token == "<|im_end|>" and tok.pad_token_id is not None
 
 
-def test_sdpa_fp32_computes_in_fp32_on_bf16_with_and_without_autograd(tiny_models):
-    """models/attention.py: under CPU bf16 autocast the attention is fp32 sdpa (its result rounded to bf16, gradients
-    flowing to q, k, v), with autograd and without it alike (the training forward and the no-grad log-prob passes
-    must agree bit for bit); in fp32 it is transformers' sdpa exactly."""
+def test_cpu_attention_long_keys_compute_sdpa_in_fp32_on_bf16_with_and_without_autograd(tiny_models):
+    """models/attention.py, keys longer than MATH_MAX_KEYS: under CPU bf16 autocast the attention is fp32 sdpa (its
+    result rounded to bf16, gradients flowing to q, k, v), with autograd and without it alike (the training forward
+    and the no-grad log-prob passes must agree bit for bit); in fp32 it is transformers' sdpa exactly."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from rlhf_ray.models.attention import sdpa_fp32
+    from rlhf_ray.models.attention import MATH_MAX_KEYS, cpu_attention
 
     torch.manual_seed(0)
     model = load_causal_lm(ModelConfig(path=tiny_models["llama"]), dtype=torch.float32)
     module = model.model.layers[0].self_attn
-    q, k, v = (torch.randn(2, module.config.num_attention_heads, 6, module.head_dim, requires_grad=True)
+    t = MATH_MAX_KEYS[torch.bfloat16] + 1
+    q, k, v = (torch.randn(2, module.config.num_attention_heads, t, module.head_dim, requires_grad=True)
                for _ in range(3))
-    mask = torch.ones(6, 6, dtype=torch.bool).tril()[None, None].expand(2, 1, 6, 6)
+    mask = torch.ones(t, t, dtype=torch.bool).tril()[None, None].expand(2, 1, t, t)
     with torch.no_grad():
         exact = sdpa_attention_forward(module, q, k, v, mask)[0]
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        ours = sdpa_fp32(module, q, k, v, mask)[0]
+        ours = cpu_attention(module, q, k, v, mask)[0]
         with torch.no_grad():
             plain_bf16 = sdpa_attention_forward(module, q, k, v, mask)[0]
-            ours_no_grad = sdpa_fp32(module, q, k, v, mask)[0]
+            ours_no_grad = cpu_attention(module, q, k, v, mask)[0]
     assert ours.dtype == plain_bf16.dtype == torch.bfloat16
     assert torch.equal(ours, exact.to(torch.bfloat16))  # fp32 attention, rounded once
     assert not torch.equal(plain_bf16, ours)  # what bf16 attention gives instead (if ignored, this fails)
     assert torch.equal(ours_no_grad, ours)  # no-grad passes (old log-probs, the reference) compute alike
     ours.float().sum().backward()
     assert all(t.grad is not None and t.grad.dtype == torch.float32 for t in (q, k, v))
-    assert torch.equal(sdpa_fp32(module, q, k, v, mask)[0], sdpa_attention_forward(module, q, k, v, mask)[0])
+    assert torch.equal(cpu_attention(module, q, k, v, mask)[0], sdpa_attention_forward(module, q, k, v, mask)[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_cpu_attention_short_keys_are_matmuls_matching_eager_attention(dtype, monkeypatch):
+    """models/attention.py, keys up to MATH_MAX_KEYS: q k^T, an fp32 softmax and p v in the compute dtype (bf16 under
+    autocast), grouped-query heads without repeated k, v. It equals transformers' eager attention (repeat_kv and an
+    additive mask) on left-padded causal masks, in fp32 to rounding and in bf16 bit for bit, except that a query with
+    no key to attend to gets 0, as from sdpa; with and without autograd alike; gradients reach q, k, v; sdpa is not
+    called."""
+    import torch.nn.functional as F
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    from rlhf_ray.models.attention import MATH_MAX_KEYS, cpu_attention
+
+    torch.manual_seed(0)
+    t, heads, kv_heads, dim = min(MATH_MAX_KEYS.values()), 6, 2, 8
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal, module.training = heads // kv_heads, True, False
+    q = torch.randn(3, heads, t, dim, requires_grad=True)
+    k, v = (torch.randn(3, kv_heads, t, dim, requires_grad=True) for _ in range(2))
+    pad = torch.tensor([0, 5, t - 1])  # left padding per row: the last row has one real token
+    keys = torch.arange(t)[None, :] >= pad[:, None]
+    mask = torch.ones(t, t, dtype=torch.bool).tril()[None, None] & keys[:, None, None, :]
+
+    calls = []
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **kw: calls.append(1))
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
+    with autocast:
+        ours = cpu_attention(module, q, k, v, mask, scaling=dim ** -0.5)[0]
+        with torch.no_grad():
+            ours_no_grad = cpu_attention(module, q, k, v, mask, scaling=dim ** -0.5)[0]
+            causal_none = cpu_attention(module, q, k, v, None, scaling=dim ** -0.5)[0]
+    assert not calls and ours.dtype == dtype and torch.isfinite(ours).all()
+    assert torch.equal(ours_no_grad, ours)
+    cast = [x.detach().to(dtype) for x in (q, k, v)]
+    additive = torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, torch.finfo(dtype).min)  # eager's mask
+    eager = eager_attention_forward(module, *cast, additive, scaling=dim ** -0.5)[0]
+    keyless = ~mask.any(-1)[:, 0]  # (B, T): left-padding queries that may attend to no key
+    assert keyless.any() and (ours[keyless] == 0).all()  # as sdpa gives them (eager: the mean of every value)
+    if dtype == torch.bfloat16:
+        assert torch.equal(ours[~keyless], eager[~keyless])
+    else:
+        torch.testing.assert_close(ours[~keyless], eager[~keyless])
+    monkeypatch.undo()
+    with torch.no_grad():
+        full = sdpa_attention_forward(module, *cast, torch.ones(t, t, dtype=torch.bool).tril()[None, None])[0]
+    torch.testing.assert_close(causal_none.float(), full.float(), atol=3e-2 if dtype == torch.bfloat16 else 1e-5,
+                               rtol=0)  # no mask: causal, as sdpa's is_causal
+    ours.float().sum().backward()
+    assert all(x.grad is not None and x.grad.dtype == torch.float32 and x.grad.abs().sum() > 0 for x in (q, k, v))
 
 
 def test_cpu_trainers_switch_sdpa_models_and_saved_configs_keep_no_trace(tiny_models, tmp_path):
     """SFT / RM workers (train.common.build_stage_model) switch on CPU, not on GPU; an eager model keeps eager; the
     HF folder written afterwards names no attention implementation."""
     from rlhf_ray.config import load_config
-    from rlhf_ray.models.attention import NAME, use_fp32_attention
+    from rlhf_ray.models.attention import NAME, use_cpu_attention
     from rlhf_ray.train.common import build_stage_model, stage_task
     from rlhf_ray.train.deepspeed_config import deepspeed_config
 
@@ -142,8 +194,8 @@ def test_cpu_trainers_switch_sdpa_models_and_saved_configs_keep_no_trace(tiny_mo
             model = build_stage_model(stage_task(stage), cfg, getattr(cfg, stage), ds_config, cuda=cuda)
             assert getattr(model, "backbone", model).config._attn_implementation == expected, (stage, cuda)
     model = load_causal_lm(ModelConfig(path=tiny_models["llama"]), dtype=torch.float32)
-    assert use_fp32_attention(model)
+    assert use_cpu_attention(model)
     model.save_pretrained(tmp_path / "saved")
     assert "attn_implementation" not in (tmp_path / "saved" / "config.json").read_text()
     eager = load_causal_lm(ModelConfig(path=tiny_models["llama"]), dtype=torch.float32, attn_implementation="eager")
-    assert not use_fp32_attention(eager) and eager.config._attn_implementation == "eager"
+    assert not use_cpu_attention(eager) and eager.config._attn_implementation == "eager"

@@ -90,6 +90,21 @@ def test_max_nonfinite_steps_in_a_row_stop_with_a_clear_error(tiny_llama):
         counter.record(True)
 
 
+def test_gradient_check_catches_nan_inf_and_an_overflowing_norm(tiny_llama):
+    """PolicyLearner._grads_finite, the check a plain optimizer's step takes (ZeRO-0): finite gradients pass; one NaN
+    or inf element anywhere, or a norm that overflows float32, fails it (no Ray: the worker object in-process)."""
+    cfg = load_config(None, {"models.actor.path": tiny_llama})
+    worker = PolicyLearner("actor", 0, 1, model=cfg.models.actor, stage=ppo_learner(cfg, "actor"), ppo=cfg.ppo)
+    params = [torch.nn.Parameter(torch.zeros(3, 4)), torch.nn.Parameter(torch.zeros(5))]
+    worker._trainable = lambda: [(str(i), p) for i, p in enumerate(params)]
+    for bad in (None, float("nan"), float("inf"), -float("inf"), 3e38):
+        for p in params:
+            p.grad = torch.ones_like(p)
+        if bad is not None:
+            params[1].grad[2] = bad
+        assert worker._grads_finite() == (bad is None), bad
+
+
 # ------------------------------------------------------------------------------------------ real learner
 def make_experience(pad_id: int, vocab: int, nan_rows: tuple[int, ...] = (), seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)

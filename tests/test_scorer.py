@@ -218,7 +218,7 @@ def test_replica_reference_equals_transformers_and_size_picks_zero_stage(tiny_ll
 
 def test_bf16_scorers_on_cpu_compute_in_bf16_over_fp32_weights(tiny_llama, tiny_value_model, monkeypatch):
     """On CPU a bf16 reference or reward scorer computes as the bf16 learners do (deepspeed_config.autocast_bf16):
-    fp32 weights loaded as such, its matmuls in bf16 under autocast, its attention in fp32 (models/attention.py), so
+    fp32 weights loaded as such, its matmuls in bf16 under autocast, its attention models/attention.py's, so
     that the reference and the actor start from identical log-probs. fp32 scorers stay fp32 throughout."""
     import rlhf_ray.models.attention as attention
     import rlhf_ray.models.loading as loading

@@ -229,12 +229,12 @@ def build_partitioned(build, ds_config: dict) -> torch.nn.Module:
 def build_stage_model(task, cfg: Config, stage_cfg: TrainStageConfig, ds_config: dict,
                       cuda: bool = False) -> torch.nn.Module:
     """The SFT / RM worker's trainable model, as deepspeed.initialize takes it (partitioned under ZeRO-3); on CPU
-    its sdpa attention computes in fp32 (models/attention.py: as the PPO scorers; bf16's CPU backward is slow)."""
-    from rlhf_ray.models.attention import use_fp32_attention
+    its sdpa attention is models/attention.py's CPU attention (as the PPO scorers)."""
+    from rlhf_ray.models.attention import use_cpu_attention
 
     model = build_partitioned(lambda: task.build_model(cfg, stage_cfg, dtype=load_dtype(ds_config)), ds_config)
     if not cuda:
-        use_fp32_attention(model)  # a PeftModel (LoRA) hands the call to the model it wraps
+        use_cpu_attention(model)  # a PeftModel (LoRA) hands the call to the model it wraps
     return model
 
 
