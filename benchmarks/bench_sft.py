@@ -16,7 +16,7 @@ the same training as ONE Ray Train worker with all cores (sft.cpus_per_worker = 
 same bare loop: the learner's own overhead at equal threads, without data-parallel communication.
 Precision: fp32 both sides, or bf16 both sides as torch.autocast(cpu, bfloat16) over fp32 weights: what the SFT
 workers run for bf16 on CPU (deepspeed_config.autocast_bf16, DeepSpeed's torch_autocast section) and what HF Trainer /
-TRL run with bf16=True on CPU; the attention in fp32 on the workers' side (models/attention.py).
+TRL run with bf16=True on CPU; models/attention.py's CPU attention on the workers' side (the bare loop: transformers' sdpa).
 The bare loop uses torch's fused AdamW (common.build_optimizer(fused=True)), what CPU workers use (one worker on
 the parameters, several on their ZeRO partitions): the stronger baseline for both rows.
 --grad-reduction (sft.deepspeed.grad_reduction; default auto) runs the multi-worker row once per value given, each
