@@ -2,7 +2,7 @@
 
     flock /tmp/rlhf_ray_heavy.lock .venv/bin/python benchmarks/bench_ppo_learner.py [--model builtin:smollm2]
         [--precision fp32|bf16] [--steps 3] [--sequences 16] [--prompt-tokens 40] [--completion-tokens 32]
-        [--workers 1] [--cpus 2] [--zero-stage 2] [--skip-ray] [--torch-profile]
+        [--workers 1] [--cpus 2] [--zero-stage 2] [--skip-ray] [--torch-profile] [--phase-times]
 
 Not a test. One experience batch like bench_grpo_vs_trl.py's (16 sequences = 4 prompts x 4 completions, a
 left-padded ~40-token prompt + 32 completion tokens, GRPO advantages, reference log-probs with the k3 KL in the
@@ -13,9 +13,11 @@ gradient checkpointing).
              CPUs each (Ray sets OMP_NUM_THREADS to them), DeepSpeed ZeRO --zero-stage, gloo; timed at the driver.
   bare:      this process, torch.set_num_threads(--cpus), the same model, AdamW and the same loss code
              (learner.causal_logprobs + learner.policy_objective + rl.py), backward, grad clip, step.
-Precision: fp32 both sides, or bf16: DeepSpeed's bf16 mode (bf16 weights and compute, fp32 master weights in its
-optimizer wrapper) vs torch.autocast(cpu, bfloat16) over fp32 weights (torch's documented mixed precision, what
-HF Trainer / TRL do with bf16=True on CPU: the matmuls run in bf16 like DeepSpeed's, weights and optimizer fp32).
+Precision: fp32 both sides, or bf16 both sides as torch.autocast(cpu, bfloat16) over fp32 weights (the CPU learners'
+bf16, deepspeed_config.autocast_bf16; torch's documented mixed precision, what HF Trainer / TRL do with bf16=True on
+CPU). The learner's attention is models/attention.py's; the bare loop's transformers' sdpa.
+--phase-times: seconds per timed step in rank 0's pieces (DeepSpeed's forward, backward and step, the learner's loss
+forward, boundary step and gradient check), timers wrapped around them in the rank's process.
 Timed: every step after the first (warm-up); reported: median seconds per step, tokens/s, ratio ray / bare (bare
 time / ray time), and both sides' first-step losses (the same math on the same batch and weights: they must agree).
 """
@@ -79,7 +81,33 @@ def experience_batch(args, vocab: int, pad_id: int) -> dict:
 
 
 # --------------------------------------------------------------------------------------------- rlhf_ray side
-def ray_side(cfg, batch: dict, steps: int, profile: str = "") -> tuple[list[float], dict]:
+def _install_phase_timers(worker) -> None:
+    """In the learner rank's process: accumulate wall seconds per piece of its training step (--phase-times)."""
+    import collections
+    import functools
+
+    totals = worker.bench_phase_times = collections.defaultdict(list)
+
+    def timed(owner, name: str, label: str) -> None:
+        original = getattr(owner, name)
+
+        @functools.wraps(original)
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                totals[label].append(time.perf_counter() - start)
+        setattr(owner, name, wrapper)
+
+    for name in ("forward", "backward", "step"):
+        timed(worker.engine, name, f"deepspeed engine.{name}")
+    timed(worker.engine.optimizer, "step", f"optimizer.step ({type(worker.engine.optimizer).__name__})")
+    for name in ("_forward", "_boundary_step", "_grads_finite"):
+        timed(worker, name, f"learner.{name}")
+
+
+def ray_side(cfg, batch: dict, steps: int, profile: str = "", phase_times: bool = False) -> tuple[list[float], dict]:
     import os
     import signal
     import subprocess
@@ -110,10 +138,14 @@ def ray_side(cfg, batch: dict, steps: int, profile: str = "") -> tuple[list[floa
                                         str(group.reports[0]["pid"]), "--format", "raw", "--rate", "100",
                                         "--idle", "-o", profile])
                 time.sleep(1.0)
+            if step == 1 and phase_times:
+                ray.get(group.workers[0].apply.remote(_install_phase_timers))
             start = time.perf_counter()
             stats = group.train(ref, kl_coef=BETA)
             times.append(time.perf_counter() - start)
             first = first or stats
+        if phase_times:
+            first["phase_times"] = ray.get(group.workers[0].apply.remote(lambda w: dict(w.bench_phase_times)))
         first["zero_stage_run"] = group.apply(lambda w: w.engine.zero_optimization_stage())[0]
         if spy is not None:
             os.kill(spy.pid, signal.SIGINT)
@@ -188,6 +220,8 @@ def main() -> None:
                          "before each (timed) training step, as in a GRPO iteration")
     ap.add_argument("--skip-ray", action="store_true", help="bare loop only (profiling)")
     ap.add_argument("--profile", default="", help="write a py-spy raw profile of learner rank 0's timed steps here")
+    ap.add_argument("--phase-times", action="store_true",
+                    help="seconds per timed step in learner rank 0's pieces (forward, backward, step, gradient check)")
     ap.add_argument("--torch-profile", action="store_true",
                     help="after the bare loop's timed steps, one more under torch.profiler; print its ops by self CPU time")
     args = ap.parse_args()
@@ -199,7 +233,8 @@ def main() -> None:
         tokenizer = load_tokenizer(cfg.models.actor)
         batch = experience_batch(args, len(tokenizer), tokenizer.pad_token_id)
         tokens = int(batch["attention_mask"].sum())
-        ray_times, ray_stats = ([], None) if args.skip_ray else ray_side(cfg, batch, args.steps, args.profile)
+        ray_times, ray_stats = ([], None) if args.skip_ray else ray_side(cfg, batch, args.steps, args.profile,
+                                                                         args.phase_times)
         bare_times, bare_stats = bare_side(cfg, batch, args.steps, args.workers * args.cpus, args.precision,
                                            fused=args.workers == 1, torch_profile=args.torch_profile)
 
@@ -219,6 +254,8 @@ def main() -> None:
         print(f"  first step: policy_loss {ray_stats['policy_loss']:.6f} kl_loss {ray_stats['kl_loss']:.6f} "
               f"entropy {ray_stats['entropy']:.5f}")
         print(f"ratio ray/bare (tokens/s): {bare / ray:.2f}")
+        for label, seconds in sorted(ray_stats.get("phase_times", {}).items(), key=lambda kv: -sum(kv[1])):
+            print(f"  rank 0 {label}: {sum(seconds) / len(ray_times):.3f} s per step ({len(seconds)} calls)")
 
 
 if __name__ == "__main__":
