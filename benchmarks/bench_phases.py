@@ -8,6 +8,9 @@ Not a test. Runs one warm-up iteration plus --steps timed ones, then prints per 
   score     the phase, and the reference and the reward scorer alone on the same batch (run again afterwards)
   sync      SyncReport: driver steps (start / push / probe / finish), the sender's checksum and transfer seconds,
             each engine's load, finish (reload + prefix cache) and verify (checksums + probe) seconds
+  --learner-timers: also the train phase inside actor rank 0 (bench_ppo_learner.py --phase-times' timers: DeepSpeed's
+            forward, backward and step, the learner's loss forward and boundary step) and the minor page faults the
+            rank took during the iteration
 """
 from __future__ import annotations
 
@@ -25,6 +28,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_grpo_vs_trl import BETA, LR, SEED, rlhf_ray_config  # noqa: E402
 
 
+def _learner_counters(worker) -> tuple[dict[str, float], int]:
+    """In the actor rank's process: the timers' seconds since the last call (then cleared) and its minor page faults
+    so far."""
+    import resource
+
+    pieces = {label: sum(seconds) for label, seconds in worker.bench_phase_times.items()}
+    worker.bench_phase_times.clear()
+    return pieces, resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="builtin:smollm2")
@@ -38,6 +51,8 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=SEED)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--json", help="also write the raw rows here")
+    parser.add_argument("--learner-timers", action="store_true",
+                        help="the train phase inside actor rank 0: seconds per piece and page faults per iteration")
     args = parser.parse_args()
 
     import ray
@@ -65,6 +80,11 @@ def main() -> int:
             return make_experience(batch, info)
 
         trainer.make_experience = keep_batch
+        if args.learner_timers:
+            from bench_ppo_learner import _install_phase_timers
+
+            trainer.actor.workers[0].apply.remote(_install_phase_timers)
+            faults = ray.get(trainer.actor.workers[0].apply.remote(_learner_counters))[1]
         for _ in range(args.steps + 1):
             rollouts.clear()
             stats = trainer.step()
@@ -83,6 +103,9 @@ def main() -> int:
                            "reward_alone_s": reward_s, "sync_s": sync.seconds, "sync_steps_s": sync.steps_s,
                            "sender": sync.sender, "engines": sync.engines, "buckets": sync.buckets,
                            "bytes": sync.bytes, "transport": sync.transport})
+            if args.learner_timers:
+                pieces, now = ray.get(trainer.actor.workers[0].apply.remote(_learner_counters))
+                rows[-1]["learner"], faults = {**pieces, "page_faults": now - faults}, now
     finally:
         trainer.shutdown()
     for i, r in enumerate(rows):
@@ -91,7 +114,9 @@ def main() -> int:
         print(f"  generate {r['time/generate_s']:.2f}s (engines' calls {r['engine_generate_s']:.2f}s)")
         print(f"  score {r['time/score_s']:.2f}s (reference alone {r['reference_alone_s']:.2f}s, reward alone "
               f"{r['reward_alone_s']:.2f}s)")
-        print(f"  train {r['time/train_s']:.2f}s")
+        print(f"  train {r['time/train_s']:.2f}s" + ("; rank 0: " + ", ".join(
+            f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in r["learner"].items())
+            if "learner" in r else ""))
         print(f"  sync {r['time/sync_s']:.2f}s: report {r['sync_s']:.2f}s over {r['transport']}, {r['buckets']} "
               f"bucket(s), {r['bytes'] / 1e6:.0f} MB; driver steps "
               + ", ".join(f"{k} {v:.2f}" for k, v in r["sync_steps_s"].items())
