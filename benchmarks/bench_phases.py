@@ -28,16 +28,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_grpo_vs_trl import BETA, LR, SEED, rlhf_ray_config  # noqa: E402
 
 
-def _learner_counters(worker) -> tuple[dict[str, float], int]:
-    """In the actor rank's process: the timers' seconds since the last call (then cleared) and its minor page faults
-    so far."""
-    import resource
-
-    pieces = {label: sum(seconds) for label, seconds in worker.bench_phase_times.items()}
-    worker.bench_phase_times.clear()
-    return pieces, resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="builtin:smollm2")
@@ -81,10 +71,10 @@ def main() -> int:
 
         trainer.make_experience = keep_batch
         if args.learner_timers:
-            from bench_ppo_learner import _install_phase_timers
+            from bench_ppo_learner import _install_phase_timers, read_phase_timers
 
-            trainer.actor.workers[0].apply.remote(_install_phase_timers)
-            faults = ray.get(trainer.actor.workers[0].apply.remote(_learner_counters))[1]
+            ray.get(trainer.actor.workers[0].apply.remote(_install_phase_timers))
+            faults = ray.get(trainer.actor.workers[0].apply.remote(read_phase_timers))[1]
         for _ in range(args.steps + 1):
             rollouts.clear()
             stats = trainer.step()
@@ -104,8 +94,9 @@ def main() -> int:
                            "sender": sync.sender, "engines": sync.engines, "buckets": sync.buckets,
                            "bytes": sync.bytes, "transport": sync.transport})
             if args.learner_timers:
-                pieces, now = ray.get(trainer.actor.workers[0].apply.remote(_learner_counters))
-                rows[-1]["learner"], faults = {**pieces, "page_faults": now - faults}, now
+                pieces, now = ray.get(trainer.actor.workers[0].apply.remote(read_phase_timers))
+                rows[-1]["learner"] = {label: seconds for label, (seconds, _) in pieces.items()}
+                rows[-1]["learner"]["page_faults"], faults = now - faults, now
     finally:
         trainer.shutdown()
     for i, r in enumerate(rows):

@@ -107,6 +107,16 @@ def _install_phase_timers(worker) -> None:
         timed(worker, name, f"learner.{name}")
 
 
+def read_phase_timers(worker) -> tuple[dict[str, tuple[float, int]], int]:
+    """In the learner rank's process: {piece: (seconds, calls)} since the timers were installed or last read (then
+    cleared), and the process's minor page faults so far."""
+    import resource
+
+    totals = {label: (sum(seconds), len(seconds)) for label, seconds in worker.bench_phase_times.items()}
+    worker.bench_phase_times.clear()
+    return totals, resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def ray_side(cfg, batch: dict, steps: int, profile: str = "", phase_times: bool = False) -> tuple[list[float], dict]:
     import os
     import signal
@@ -145,7 +155,7 @@ def ray_side(cfg, batch: dict, steps: int, profile: str = "", phase_times: bool 
             times.append(time.perf_counter() - start)
             first = first or stats
         if phase_times:
-            first["phase_times"] = ray.get(group.workers[0].apply.remote(lambda w: dict(w.bench_phase_times)))
+            first["phase_times"] = ray.get(group.workers[0].apply.remote(read_phase_timers))[0]
         first["zero_stage_run"] = group.apply(lambda w: w.engine.zero_optimization_stage())[0]
         if spy is not None:
             os.kill(spy.pid, signal.SIGINT)
@@ -254,8 +264,8 @@ def main() -> None:
         print(f"  first step: policy_loss {ray_stats['policy_loss']:.6f} kl_loss {ray_stats['kl_loss']:.6f} "
               f"entropy {ray_stats['entropy']:.5f}")
         print(f"ratio ray/bare (tokens/s): {bare / ray:.2f}")
-        for label, seconds in sorted(ray_stats.get("phase_times", {}).items(), key=lambda kv: -sum(kv[1])):
-            print(f"  rank 0 {label}: {sum(seconds) / len(ray_times):.3f} s per step ({len(seconds)} calls)")
+        for label, (seconds, calls) in sorted(ray_stats.get("phase_times", {}).items(), key=lambda kv: -kv[1][0]):
+            print(f"  rank 0 {label}: {seconds / len(ray_times):.3f} s per step ({calls} calls)")
 
 
 if __name__ == "__main__":
