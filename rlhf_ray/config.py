@@ -204,6 +204,9 @@ class GenerationConfig:
     sync_timeout_s: float = 600.0
     verify_weights: bool = True  # after each sync: live-parameter checksums and probe log-probs vs the learner's
     verify_probe_len: int = 16  # tokens of the fixed probe sequence
+    # probe on every N-th sync (always on an engine's first sync after it starts, restarts or joins); the checksums
+    # check every sync. On CPU the two 16-token forwards are ~1/3 of a small model's in-process sync
+    verify_probe_every: int = 1
     verify_probe_atol: Optional[float] = None  # max |engine - learner| probe log-prob; None: PROBE_ATOL[dtype]
 
 
@@ -568,6 +571,7 @@ def validate(cfg: Config) -> Config:
     need(g.max_restarts >= 0, "generation.max_restarts must be >= 0")
     need(g.sync_bucket_mb > 0 and g.sync_timeout_s > 0, "generation.sync_bucket_mb and sync_timeout_s must be > 0")
     need(g.verify_probe_len >= 2, "generation.verify_probe_len must be >= 2")
+    need(g.verify_probe_every >= 1, "generation.verify_probe_every must be >= 1 (1: probe every sync)")
     need(g.verify_probe_atol is None or g.verify_probe_atol >= 0, "generation.verify_probe_atol must be >= 0")
     p = cfg.ppo
     need(p.kl_coef >= 0, "ppo.kl_coef must be >= 0")

@@ -353,18 +353,18 @@ class VLLMEngine:
                 live = self.checksums()
                 compare_checksums(expected, live, where)
                 self._live_shapes = {name: shape for name, (shape, _) in live.items()}
-            checksum_s, diff = time.perf_counter() - started, 0.0
-            if probe is not None:
+            checksum_s = time.perf_counter() - started
+            if probe is not None:  # none between probes (generation.verify_probe_every): no probe_max_diff
                 token_ids, reference, atol = probe
                 mine = self.probe_logprobs(token_ids)
                 if reference is None:
                     out["probe_logprobs"] = mine
                 else:
-                    diff = compare_probe(mine, reference, atol, where)
+                    out["probe_max_diff"] = compare_probe(mine, reference, atol, where)
         except WeightSyncError:
             self.weight_version = -1
             raise
-        return {"verify_s": time.perf_counter() - started, "checksum_s": checksum_s, "probe_max_diff": diff, **out}
+        return {"verify_s": time.perf_counter() - started, "checksum_s": checksum_s, **out}
 
     def reject_weights(self) -> None:
         """The driver found this engine's probe off the source's: it holds no verified version."""
@@ -545,6 +545,7 @@ class GeneratorGroup:
         self._source = None  # what the current version came from (re-syncs restarted engines)
         self._expected: Optional[dict] = None  # the version's sender checksums
         self._probe_ref: Optional[tuple] = None  # (probe ids, the source's log-probs, tolerance)
+        self._unprobed_syncs: Optional[int] = None  # syncs since the last probed one (None: none probed yet)
         self._load = [0] * len(self.engines)  # outstanding work per engine
         self._inflight: dict = {}  # ObjectRef -> (engine index, work)
         # rollout.mode one_step / bounded: the engines generate while the learners train, so the learners may already
@@ -715,7 +716,7 @@ class GeneratorGroup:
                 raise RuntimeError("generator group: every engine is dead (generation.max_restarts exhausted)")
             started = time.perf_counter()
             try:
-                report = self._push(source, targets, version)
+                report = self._push(source, targets, version, probe=self._probe_due(bool(failures)))
                 break
             except Exception as error:
                 seconds = time.perf_counter() - started  # from the attempt's start to its failure
@@ -732,12 +733,23 @@ class GeneratorGroup:
         report.engine_failures = failures
         self.awaiting_sync.clear()  # every live engine took this version
         self.last_sync, self.weight_version, self._source = report, version, source
-        self._expected, self._probe_ref = report.checksums, report.probe
+        self._expected, self._probe_ref = report.checksums, report.probe  # verify(): no probe if this sync had none
+        self._unprobed_syncs = 0 if report.probe is not None else (self._unprobed_syncs or 0) + 1
         return version
 
-    def _push(self, source, targets: list[int], version: int, recorded: Optional[dict] = None) -> SyncReport:
+    def _probe_due(self, engine_restarted: bool) -> bool:
+        """Whether this sync scores the probe (generation.verify_probe_every): on the group's first sync, on one that
+        brings back an engine that restarted, and every N-th sync. Re-syncs of one engine (_push with `recorded`:
+        restart, resize) always do."""
+        if engine_restarted or self.awaiting_sync or self._unprobed_syncs is None:
+            return True
+        return self._unprobed_syncs + 1 >= self.gen.verify_probe_every
+
+    def _push(self, source, targets: list[int], version: int, recorded: Optional[dict] = None,
+              probe: bool = True) -> SyncReport:
         """Sync `targets` to `version` from `source`. `recorded`: the version's checksums from its first sync (a
-        re-sync must reproduce them)."""
+        re-sync must reproduce them). `probe`: with generation.verify_weights, score the probe too (else checksums
+        only)."""
         import ray
 
         from rlhf_ray.weight_sync import BucketSender, SyncPlan, WeightSyncError, resolve_transport
@@ -775,14 +787,15 @@ class GeneratorGroup:
             raise
         if channel is not None:
             channel.sync_done(plan, stats["buckets"])
-        expected = None
+        expected, scored = None, probe
         probe = None
         if gen.verify_weights:
             expected = stats["checksums"]
             if recorded is not None and expected != recorded:
                 raise WeightSyncError(f"re-sync of engines {targets} to weight version {version}: the source no "
                                       f"longer holds that version (its checksums changed since the sync)")
-            probe = (self.probe_ids, None, self.probe_atol_for(source))
+            if scored:
+                probe = (self.probe_ids, None, self.probe_atol_for(source))
         finish_started = time.perf_counter()
         # The engines finish, check their checksums and score the probe while the source scores it.
         finishing = [e.finish_weight_update.remote(version, transport, expected, probe) for e in engines]
@@ -870,7 +883,8 @@ class GeneratorGroup:
             self._channel = None
 
     def verify(self) -> list[dict]:
-        """Re-check every live engine against the current version (checksums and probe); raises WeightSyncError."""
+        """Re-check every live engine against the current version: the checksums of its live parameters, and the
+        probe when the version's sync scored one (generation.verify_probe_every); raises WeightSyncError."""
         import ray
 
         if self._expected is None:

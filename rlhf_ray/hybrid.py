@@ -106,13 +106,17 @@ class HybridPolicyLearner(PolicyLearner):
                 yield self._merge_lora({name: p.data.detach() for u in bucket for name, p in u})
             bucket, size = [], 0
 
-    def load_into_engine(self, bucket: list[tuple[str, torch.Tensor]]) -> None:
-        self.vllm.llm.collective_rpc("rlhf_load_bucket", args=(bucket,))  # in-process: tensors by reference
+    def load_into_engine(self, bucket: list[tuple[str, torch.Tensor]], dtype: torch.dtype) -> None:
+        """In-process, tensors by reference. The worker casts each tensor to the engine's dtype as it loads it: no copy
+        where the weights are in that dtype (fp32; GPU bf16); CPU bf16 learners keep fp32 weights under autocast
+        (autocast_bf16), and a tensor at a time is cast, checksummed and loaded while it is in the cache."""
+        self.vllm.llm.collective_rpc("rlhf_load_bucket", args=(bucket, dtype))
 
-    def sync_engine(self, version: int, verify: bool, probe_ids: list[int], probe_atol: float,
+    def sync_engine(self, version: int, verify: bool, probe_ids: Optional[list[int]], probe_atol: float,
                     recorded: Optional[dict], bucket_bytes: int) -> dict:
         """Load this rank's parameters into its own engine and verify them there (every tensor reached the engine's
-        loader, checksummed there; probe log-probs of this learner vs the engine's). Returns the sync's stats."""
+        loader, checksummed there; with `probe_ids`, probe log-probs of this learner vs the engine's). Returns the
+        sync's stats."""
         from rlhf_ray.weight_sync import WeightSyncError
 
         engine, started = self.vllm, time.perf_counter()
@@ -126,14 +130,11 @@ class HybridPolicyLearner(PolicyLearner):
         buckets = nbytes = max_bucket = 0
         load_s = 0.0
         for bucket in self.live_buckets(bucket_bytes):
-            # no copy where the weights are in the engine's dtype (fp32; GPU bf16); CPU bf16 learners keep fp32 weights
-            # under autocast (autocast_bf16): their bucket is cast, one bucket at a time
-            bucket = [(name, t.to(dtype)) for name, t in bucket]
             sent.update((name, tuple(t.shape)) for name, t in bucket)
             t0 = time.perf_counter()
-            self.load_into_engine(bucket)
+            self.load_into_engine(bucket, dtype)
             load_s += time.perf_counter() - t0
-            size = sum(t.numel() * t.element_size() for _, t in bucket)
+            size = sum(t.numel() * dtype.itemsize for _, t in bucket)
             buckets, nbytes, max_bucket = buckets + 1, nbytes + size, max(max_bucket, size)
         checksums = None
         if verify:
@@ -150,7 +151,7 @@ class HybridPolicyLearner(PolicyLearner):
             raise WeightSyncError(f"re-sync of the hybrid engine (pid {os.getpid()}) to weight version {version}: the "
                                   f"learner no longer holds that version (its checksums changed since the sync)")
         probe, probe_s = None, 0.0
-        if verify:  # before the finish: on a second thread beside it, it competed for the cores and took longer
+        if verify and probe_ids:  # before the finish: on a second thread beside it, it competed for the cores
             mine, probe_s = self._timed_probe(probe_ids)
             probe = (probe_ids, mine, probe_atol)
         pushed = time.perf_counter() - started
@@ -199,14 +200,15 @@ class HybridGeneratorGroup(GeneratorGroup):
         raise ValueError(f"engines: {engines}; with placement.layout hybrid the engines live in the actor's ranks, "
                          f"one per rank: their number is placement.actor.num_workers, fixed for the run")
 
-    def _push(self, source, targets: list[int], version: int, recorded: Optional[dict] = None) -> SyncReport:
+    def _push(self, source, targets: list[int], version: int, recorded: Optional[dict] = None,
+              probe: bool = True) -> SyncReport:
         import ray
 
         if getattr(source, "group", source) is not self.actor:
             raise ValueError("a hybrid engine is fed only by the learner rank it lives in (its HybridPolicyGroup)")
         gen, started = self.gen, time.perf_counter()
         [got] = ray.get([self.engines[i].sync_engine.remote(
-            version, gen.verify_weights, self.probe_ids, self.probe_atol_for(source), recorded,
+            version, gen.verify_weights, self.probe_ids if probe else None, self.probe_atol_for(source), recorded,
             int(gen.sync_bucket_mb * (1 << 20))) for i in targets])
         report = SyncReport(version, TRANSPORT, time.perf_counter() - started, got["bytes"], got["buckets"],
                             got["max_bucket_bytes"], gen.verify_weights, [got["engine"]], got["sender"],

@@ -19,7 +19,7 @@ kernel (`cpu_linear` applied to an identity matrix), so the checksum covers what
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Iterable, Iterator, Optional
 
 import torch
 
@@ -258,10 +258,19 @@ class WorkerExtension:
             initialize_layerwise_reload(self._rlhf_model())
         self._rlhf_reloading = True
 
-    def rlhf_load_bucket(self, bucket: list[tuple[str, torch.Tensor]]) -> int:
+    def rlhf_load_bucket(self, bucket: list[tuple[str, torch.Tensor]], dtype: Optional[torch.dtype] = None) -> int:
+        """Load (HF name, tensor) pairs into the reload under way one tensor at a time: cast to `dtype` when given
+        (the hybrid learner's fp32 tensors), checksummed when verifying, and loaded while it is still in the cache
+        (a whole bucket checksummed first was read from memory twice). Returns the number of tensors."""
+        named = ((name, t.to(dtype)) for name, t in bucket) if dtype is not None else iter(bucket)
         if getattr(self, "_rlhf_received", None) is not None:
-            self._rlhf_checksum(bucket)
-        return self._rlhf_load(bucket)
+            named = self._rlhf_checksummed(named)
+        return self._rlhf_load(named)
+
+    def _rlhf_checksummed(self, named: Iterator[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+        for name, t in named:
+            self._rlhf_checksum([(name, t)])
+            yield name, t
 
     def _rlhf_checksum(self, named: list[tuple[str, torch.Tensor]]) -> None:
         """Checksum tensors as they arrive (rlhf_received_checksums), timed (rlhf_receive_checksum_s)."""
@@ -269,12 +278,20 @@ class WorkerExtension:
         checksum_received(named, self._rlhf_received)
         self._rlhf_checksum_s += time.perf_counter() - started
 
-    def _rlhf_load(self, bucket: list[tuple[str, torch.Tensor]]) -> int:
+    def _rlhf_load(self, bucket: Iterable[tuple[str, torch.Tensor]]) -> int:
         from vllm.config import set_current_vllm_config
 
+        loaded = 0
+
+        def counted():
+            nonlocal loaded
+            for item in bucket:
+                loaded += 1
+                yield item
+
         with set_current_vllm_config(self.vllm_config), torch.no_grad():
-            self._rlhf_model().load_weights(iter(bucket))
-        return len(bucket)
+            self._rlhf_model().load_weights(counted())
+        return loaded
 
     def rlhf_received_checksums(self) -> dict:
         """{HF name: (shape, checksum)} of what this worker received since rlhf_begin_update(verify=True)."""

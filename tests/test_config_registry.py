@@ -112,6 +112,7 @@ REGISTRY: dict[str, str | dict] = {
     "generation.verify_weights": _SYNC + "test_verification_off_skips_checksums_and_probe",
     "generation.verify_probe_len": _SYNC + "test_sync_from_model_reaches_every_engine_verified_and_bucketed",
     "generation.verify_probe_atol": _SYNC + "test_probe_logprobs_are_checked_against_the_tolerance",
+    "generation.verify_probe_every": _SYNC + "test_probe_every_n_syncs_checksums_every_sync",
     # ppo: controller and RL math
     "ppo.advantage_estimator":
         "tests/test_ppo_unit.py::test_group_estimators_center_each_group_and_penalise_kl_per_token",

@@ -3,6 +3,8 @@ vLLM in one Ray actor on tiny models: the in-process hand-off verified, a stale 
 load, and one GRPO learning run."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import ray
 import torch
@@ -108,7 +110,7 @@ def test_hybrid_handoff_is_verified_and_a_stale_engine_is_caught(ray_cluster, ti
 
         # a stale engine: the learner trains, the load into the engine does nothing -> the sync fails verification
         _train_once(actor, seed=1)
-        actor.apply(lambda w: setattr(w, "load_into_engine", lambda bucket: None))
+        actor.apply(lambda w: setattr(w, "load_into_engine", lambda bucket, dtype: None))
         with pytest.raises(WeightSyncError, match="weight version 2: learner tensor .* never reached the engine's loader"):
             generators.sync_weights(actor)
         with pytest.raises(StaleWeightsError):  # and it refuses work until a sync succeeds
@@ -116,6 +118,13 @@ def test_hybrid_handoff_is_verified_and_a_stale_engine_is_caught(ray_cluster, ti
         actor.apply(lambda w: delattr(w, "load_into_engine"))
         assert generators.sync_weights(actor) == 2
         assert generators.verify()[0]["probe_max_diff"] <= generators.probe_atol
+        # generation.verify_probe_every 2: the next sync checksums only (no learner probe), the one after probes
+        generators.gen = replace(generators.gen, verify_probe_every=2)
+        for version, probed in ((3, False), (4, True)):
+            _train_once(actor, seed=version)
+            assert generators.sync_weights(actor) == version
+            assert (generators.last_sync.probe is not None) == probed
+            assert (generators.last_sync.sender["probe_s"] > 0) == probed and generators.last_sync.checksums
         # weights changed in place behind the group's back: caught by the check of the live parameters
         def corrupt_a_live_norm(worker) -> None:  # runs in the vLLM worker (pickled by value: defined here)
             next(p for n, p in worker.model_runner.get_model().named_parameters() if "norm" in n).data.add_(0.5)

@@ -387,6 +387,24 @@ def test_probe_logprobs_are_checked_against_the_tolerance(group, tiny_llama):
     assert group.last_sync.verified and all(0.009 < e["probe_max_diff"] < 0.011 for e in group.last_sync.engines)
 
 
+def test_probe_every_n_syncs_checksums_every_sync(group, tiny_llama):
+    group.sync_weights(ModelSource(perturbed(tiny_llama, seed=20)))  # probed: the count starts here
+    before = with_generation(group, verify_probe_every=3)
+    try:
+        for seed in (21, 22):  # a wrong probe passes unseen on the two syncs between probes; the checksums do not
+            group.sync_weights(ShiftedProbe(perturbed(tiny_llama, seed=seed), 1.0))
+            report = group.last_sync
+            assert report.verified and report.probe is None and report.checksums
+            assert all("verify_s" in e and "probe_max_diff" not in e for e in report.engines)
+        assert group.verify()  # on demand: the live checksums (this version had no probe)
+        with pytest.raises(WeightSyncError, match="probe log-probs differ"):  # the third sync probes
+            group.sync_weights(ShiftedProbe(perturbed(tiny_llama, seed=23), 1.0))
+    finally:
+        group.gen = before
+    group.sync_weights(ModelSource(perturbed(tiny_llama, seed=24)))  # every engine verified again
+    assert group.last_sync.probe is not None
+
+
 def test_verification_off_skips_checksums_and_probe(group, tiny_llama):
     model = perturbed(tiny_llama, seed=9)
     before = with_generation(group, verify_weights=False)
