@@ -10,6 +10,7 @@ MB, bf16: 269 MB, 272 tensors), against the previous formulation of the same che
 Both must give the same checksums (checked); prints the best of --repeats for each and the ratio previous / current.
 
     flock /tmp/rlhf_ray_heavy.lock .venv/bin/python benchmarks/bench_checksum.py [--dtype bfloat16] [--repeats 5]
+        [--chunks 17,18,19,20,21]   # also: the current formulation's best time per chunk size (words per dot)
 
 Not a test.
 """
@@ -43,6 +44,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--chunks", default="", help="comma-separated log2 chunk sizes to time the current checksum at")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                     help="the engines' dtype (what a sync checksums)")
     args = ap.parse_args()
@@ -71,6 +73,14 @@ def main() -> None:
     for side, seconds in best.items():
         print(f"  {side}: {seconds:.3f} s ({nbytes / seconds / 1e9:.1f} GB/s)")
     print(f"ratio previous / current: {best['previous'] / best['current']:.2f}")
+    for log2 in [int(c) for c in args.chunks.split(",") if c]:
+        seconds = float("inf")
+        for _ in range(args.repeats):
+            started = time.perf_counter()
+            for _, t in named:
+                weight_sync.checksum_slice(t, t.shape, chunk_elems=1 << log2)
+            seconds = min(seconds, time.perf_counter() - started)
+        print(f"  current, chunks of 2^{log2} words: {seconds:.3f} s")
 
 
 if __name__ == "__main__":
