@@ -716,7 +716,7 @@ class GeneratorGroup:
                 raise RuntimeError("generator group: every engine is dead (generation.max_restarts exhausted)")
             started = time.perf_counter()
             try:
-                report = self._push(source, targets, version, probe=self._probe_due(bool(failures)))
+                report = self._push(source, targets, version, with_probe=self._probe_due(bool(failures)))
                 break
             except Exception as error:
                 seconds = time.perf_counter() - started  # from the attempt's start to its failure
@@ -746,10 +746,10 @@ class GeneratorGroup:
         return self._unprobed_syncs + 1 >= self.gen.verify_probe_every
 
     def _push(self, source, targets: list[int], version: int, recorded: Optional[dict] = None,
-              probe: bool = True) -> SyncReport:
+              with_probe: bool = True) -> SyncReport:
         """Sync `targets` to `version` from `source`. `recorded`: the version's checksums from its first sync (a
-        re-sync must reproduce them). `probe`: with generation.verify_weights, score the probe too (else checksums
-        only)."""
+        re-sync must reproduce them). `with_probe`: with generation.verify_weights, score the probe too (else
+        checksums only)."""
         import ray
 
         from rlhf_ray.weight_sync import BucketSender, SyncPlan, WeightSyncError, resolve_transport
@@ -787,14 +787,14 @@ class GeneratorGroup:
             raise
         if channel is not None:
             channel.sync_done(plan, stats["buckets"])
-        expected, scored = None, probe
+        expected = None
         probe = None
         if gen.verify_weights:
             expected = stats["checksums"]
             if recorded is not None and expected != recorded:
                 raise WeightSyncError(f"re-sync of engines {targets} to weight version {version}: the source no "
                                       f"longer holds that version (its checksums changed since the sync)")
-            if scored:
+            if with_probe:
                 probe = (self.probe_ids, None, self.probe_atol_for(source))
         finish_started = time.perf_counter()
         # The engines finish, check their checksums and score the probe while the source scores it.

@@ -201,14 +201,14 @@ class HybridGeneratorGroup(GeneratorGroup):
                          f"one per rank: their number is placement.actor.num_workers, fixed for the run")
 
     def _push(self, source, targets: list[int], version: int, recorded: Optional[dict] = None,
-              probe: bool = True) -> SyncReport:
+              with_probe: bool = True) -> SyncReport:
         import ray
 
         if getattr(source, "group", source) is not self.actor:
             raise ValueError("a hybrid engine is fed only by the learner rank it lives in (its HybridPolicyGroup)")
         gen, started = self.gen, time.perf_counter()
         [got] = ray.get([self.engines[i].sync_engine.remote(
-            version, gen.verify_weights, self.probe_ids if probe else None, self.probe_atol_for(source), recorded,
+            version, gen.verify_weights, self.probe_ids if with_probe else None, self.probe_atol_for(source), recorded,
             int(gen.sync_bucket_mb * (1 << 20))) for i in targets])
         report = SyncReport(version, TRANSPORT, time.perf_counter() - started, got["bytes"], got["buckets"],
                             got["max_bucket_bytes"], gen.verify_weights, [got["engine"]], got["sender"],

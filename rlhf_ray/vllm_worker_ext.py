@@ -258,10 +258,10 @@ class WorkerExtension:
             initialize_layerwise_reload(self._rlhf_model())
         self._rlhf_reloading = True
 
-    def rlhf_load_bucket(self, bucket: list[tuple[str, torch.Tensor]], dtype: Optional[torch.dtype] = None) -> int:
+    def rlhf_load_bucket(self, bucket: list[tuple[str, torch.Tensor]], dtype: Optional[torch.dtype] = None) -> None:
         """Load (HF name, tensor) pairs into the reload under way one tensor at a time: cast to `dtype` when given
         (the hybrid learner's fp32 tensors), checksummed when verifying, and loaded while it is still in the cache
-        (a whole bucket checksummed first was read from memory twice). Returns the number of tensors."""
+        (a whole bucket checksummed first was read from memory twice)."""
         named = ((name, t.to(dtype)) for name, t in bucket) if dtype is not None else iter(bucket)
         if getattr(self, "_rlhf_received", None) is not None:
             named = self._rlhf_checksummed(named)
@@ -278,20 +278,11 @@ class WorkerExtension:
         checksum_received(named, self._rlhf_received)
         self._rlhf_checksum_s += time.perf_counter() - started
 
-    def _rlhf_load(self, bucket: Iterable[tuple[str, torch.Tensor]]) -> int:
+    def _rlhf_load(self, bucket: Iterable[tuple[str, torch.Tensor]]) -> None:
         from vllm.config import set_current_vllm_config
 
-        loaded = 0
-
-        def counted():
-            nonlocal loaded
-            for item in bucket:
-                loaded += 1
-                yield item
-
         with set_current_vllm_config(self.vllm_config), torch.no_grad():
-            self._rlhf_model().load_weights(counted())
-        return loaded
+            self._rlhf_model().load_weights(iter(bucket))
 
     def rlhf_received_checksums(self) -> dict:
         """{HF name: (shape, checksum)} of what this worker received since rlhf_begin_update(verify=True)."""

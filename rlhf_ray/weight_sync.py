@@ -58,8 +58,7 @@ CHECKSUM_MASK = (1 << 32) - 1  # checksums are 32-bit: int32 words cost a fifth 
 ABORT_POLL_S = 1.0  # a gloo party blocked in an operation checks this often whether the driver aborted the sync
 CHECKSUM_CHUNK = 1 << 19  # words per dot (bench_checksum.py --chunks, bf16: 2^18 0.033 s, 2^19-2^21 0.027 s)
 _GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)  # odd 64-bit multiplier (only its low 32 bits matter), as a signed int64
-_WEIGHTS: dict[str, torch.Tensor] = {}  # device -> _index_weights
-_ONES: dict[str, torch.Tensor] = {}  # device -> _ones32
+_CHUNK_VECTORS: dict[tuple[bool, str], torch.Tensor] = {}  # (ones, device) -> _chunk_vector's cache
 _BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
@@ -75,21 +74,25 @@ def checksum_slice(t: torch.Tensor, full_shape: Iterable[int], dim: int = 0, sta
     return int(checksum_on_device(t, full_shape, dim, start, chunk_elems)) & CHECKSUM_MASK
 
 
+def _chunk_vector(ones: bool, n: int, device: torch.device) -> torch.Tensor:
+    """The first n words of a cached int32 vector (per device, at least a chunk long): the index weights
+    (j * G + 1) mod 2^32, or with `ones` n ones (a chunk's sum mod 2^32 as a wrapping dot product)."""
+    key = (ones, str(device))
+    v = _CHUNK_VECTORS.get(key)
+    if v is None or v.numel() < n:
+        size = max(n, CHECKSUM_CHUNK)
+        if ones:
+            v = torch.ones(size, dtype=torch.int32, device=device)
+        else:
+            j = torch.arange(size, dtype=torch.int64, device=device)
+            v = ((j * _GOLDEN + 1) & CHECKSUM_MASK).to(torch.int32)  # wraps into int32
+        _CHUNK_VECTORS[key] = v
+    return v[:n]
+
+
 def _index_weights(n: int, device: torch.device) -> torch.Tensor:
     """(j * G + 1) mod 2^32 for j < n, as int32 (cached per device: the weights of one chunk)."""
-    w = _WEIGHTS.get(str(device))
-    if w is None or w.numel() < n:
-        j = torch.arange(max(n, CHECKSUM_CHUNK), dtype=torch.int64, device=device)
-        w = _WEIGHTS[str(device)] = ((j * _GOLDEN + 1) & CHECKSUM_MASK).to(torch.int32)  # wraps into int32
-    return w[:n]
-
-
-def _ones32(n: int, device: torch.device) -> torch.Tensor:
-    """n int32 ones (cached per device): a chunk's sum mod 2^32 as a wrapping dot product."""
-    w = _ONES.get(str(device))
-    if w is None or w.numel() < n:
-        w = _ONES[str(device)] = torch.ones(max(n, CHECKSUM_CHUNK), dtype=torch.int32, device=device)
-    return w[:n]
+    return _chunk_vector(False, n, device)
 
 
 def _shifted_dot32(b: torch.Tensor, w: torch.Tensor, shift: int) -> torch.Tensor:
@@ -149,7 +152,7 @@ def checksum_on_device(t: torch.Tensor, full_shape: Iterable[int], dim: int = 0,
                 acc += int(torch.dot(b, _index_weights(b.numel(), dev)))
                 shift = (base + s) * _GOLDEN & CHECKSUM_MASK
                 if shift:
-                    acc += shift * int(torch.dot(b, _ones32(b.numel(), dev)))
+                    acc += shift * int(torch.dot(b, _chunk_vector(True, b.numel(), dev)))
             return torch.tensor(acc & CHECKSUM_MASK, dtype=torch.int64)
         for s in range(0, words.numel(), chunk_elems):
             b = words[s:s + chunk_elems]
